@@ -1,0 +1,242 @@
+"""Shared fixtures. Integration fixtures use the real RabbitMQ, MariaDB and an nbd-server
+started per test; a missing service makes the test fail, never skip."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiomysql
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pydantic import AnyUrl
+
+from tests.nbd_harness import NbdServerProcess
+from worker.cli import serve
+from worker.metrics import Metrics, build_metrics
+from worker.repository import migrate
+from worker.settings import Settings
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
+DISK_SIZE = 16 * 1024 * 1024
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
+    server = NbdServerProcess(tmp_path / "nbd")
+    server.root.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def database_url() -> AsyncIterator[AnyUrl]:
+    name = unique("nbdtest")
+    url = AnyUrl(f"{MYSQL_URL}/{name}")
+    await migrate(url, timeout_s=5)
+    try:
+        yield url
+    finally:
+        conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root")
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractConnection]:
+    connection = await aio_pika.connect(AMQP_URL, timeout=5)
+    async with connection:
+        yield connection
+
+
+@pytest.fixture
+def disks_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "disks"
+    path.mkdir()
+    return path
+
+
+def make_disk(disks_dir: Path, name: str, fill: bytes = b"") -> Path:
+    """A sparse file standing in for a block device; `fill` is written at offset 0."""
+    path = disks_dir / name
+    with path.open("wb") as f:
+        f.truncate(DISK_SIZE)
+        f.write(fill)
+    return path
+
+
+@pytest.fixture
+async def settings(
+    tmp_path: Path,
+    nbd_server: NbdServerProcess,
+    database_url: AnyUrl,
+    disks_dir: Path,
+    amqp: AbstractConnection,
+) -> AsyncIterator[Settings]:
+    request_queue = unique("test.prepare-export")
+    reply_queue = unique("test.export-ready")
+    settings = Settings(
+        amqp_url=AMQP_URL,
+        database_url=database_url,
+        request_queue=request_queue,
+        reply_queue=reply_queue,
+        nbd_conf_dir=nbd_server.conf_dir,
+        nbd_config_file=nbd_server.config_file,
+        nbd_pid_file=nbd_server.pid_file,
+        nbd_host="127.0.0.1",
+        nbd_port=nbd_server.port,
+        link_dir=tmp_path / "links",
+        device_roots=(disks_dir,),
+        allow_regular_files=True,
+        metrics_port=0,
+        prefetch=32,
+        shutdown_grace_s=10,
+    )
+    try:
+        yield settings
+    finally:
+        channel = await amqp.channel()
+        for queue in (request_queue, f"{request_queue}.dead", reply_queue):
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+@dataclass
+class RunningWorker:
+    settings: Settings
+    metrics: Metrics
+    task: asyncio.Task[None]
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels or {})
+        return value or 0.0
+
+    async def settled_sample(
+        self, name: str, labels: dict[str, str], expected: float, timeout_s: float = 5
+    ) -> float:
+        """The sample once it reaches `expected` or the timeout passes: job counters move
+        just after the reply is confirmed, so a test may see the reply first."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.sample(name, labels) != expected:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        return self.sample(name, labels)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[RunningWorker]:
+    """The worker's real `serve` in this event loop, stopped and drained on exit."""
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    metrics = build_metrics()
+    task = asyncio.create_task(serve(settings, stop, metrics=metrics, started=started))
+    waiter = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()  # raises the start-up error
+    if waiter not in done:
+        task.cancel()
+        raise TimeoutError("worker did not start")
+    try:
+        yield RunningWorker(settings, metrics, task)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[RunningWorker]:
+    async with running_worker(settings) as running:
+        yield running
+
+
+class Scheduler:
+    """Plays the migration scheduler: publishes jobs, collects replies by correlation id."""
+
+    def __init__(self, channel: AbstractChannel, request_queue: str) -> None:
+        self.channel = channel
+        self.request_queue = request_queue
+        self.replies: dict[str, dict[str, Any]] = {}
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.reply_queue_name = ""
+
+    async def start(self) -> None:
+        queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        self.reply_queue_name = queue.name
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        corr = message.correlation_id or ""
+        body = json.loads(message.body)
+        self.replies[corr] = body
+        waiter = self._waiters.get(corr)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(body)
+
+    async def publish(self, body: bytes | dict[str, Any], *, reply_to: bool = True) -> str:
+        corr = uuid.uuid4().hex
+        self._waiters[corr] = asyncio.get_running_loop().create_future()
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                raw,
+                correlation_id=corr,
+                reply_to=self.reply_queue_name if reply_to else None,
+                content_type="application/json",
+            ),
+            routing_key=self.request_queue,
+        )
+        return corr
+
+    async def reply(self, corr: str, timeout_s: float = 30) -> dict[str, Any]:
+        return await asyncio.wait_for(self._waiters[corr], timeout_s)
+
+    async def request(self, body: bytes | dict[str, Any], timeout_s: float = 30) -> dict[str, Any]:
+        return await self.reply(await self.publish(body), timeout_s)
+
+
+@pytest.fixture
+async def scheduler(amqp: AbstractConnection, worker: RunningWorker) -> AsyncIterator[Scheduler]:
+    channel = await amqp.channel()
+    sched = Scheduler(channel, worker.settings.request_queue)
+    await sched.start()
+    try:
+        yield sched
+    finally:
+        await channel.close()
+
+
+def job(
+    vm_id: str | None = None, disk: int = 0, device: Path | str = "/dev/vdb", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "job_id": unique("job"),
+        "vm_id": vm_id or str(uuid.uuid4()),
+        "vm_name": "pgtest2",
+        "disk_unit_number": disk,
+        "device_path": str(device),
+        **extra,
+    }

@@ -1,0 +1,212 @@
+"""A real nbd-server for tests, started the way production runs it (daemon, -C, -p),
+on a free loopback port, and stopped by the pid it wrote."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Where scripts/install-system-deps.sh --with-old-server unpacks Debian 12's 3.24.
+OLD_SERVER_BIN = Path("/var/cache/nbd-export-worker/nbd-server-3.24/bin/nbd-server")
+
+
+def server_binary() -> str:
+    found = os.environ.get("NBD_SERVER_BIN") or shutil.which("nbd-server")
+    if not found:
+        raise RuntimeError("nbd-server not found: run scripts/install-system-deps.sh")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            # The greeting's first bytes, not just an accept: the server is really serving.
+            return sock.recv(8) == b"NBDMAGIC"
+    except OSError:
+        return False
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+@dataclass
+class NbdServerProcess:
+    """One nbd-server daemon with its base config, includedir and pid file under `root`."""
+
+    root: Path
+    binary: str = field(default_factory=server_binary)
+    port: int = field(default_factory=free_port)
+    pid: int = 0
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf.d"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "nbd-server.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "nbd-server.log"
+
+    def write_base_config(self) -> None:
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        placeholder = self.root / "placeholder.img"
+        placeholder.touch()
+        os.truncate(placeholder, 1024 * 1024)
+        # allowlist lets `nbd-client -l` list; a server with no export refuses to start,
+        # hence the placeholder (nbd-server-facts.md). Absolute paths only.
+        self.config_file.write_text(
+            "[generic]\n"
+            "    allowlist = true\n"
+            f"    includedir = {self.conf_dir}\n"
+            f"    port = {self.port}\n"
+            "    listenaddr = 127.0.0.1\n"
+            "[placeholder]\n"
+            f"    exportname = {placeholder}\n"
+            "    readonly = true\n"
+        )
+
+    def start(self) -> int:
+        if not self.config_file.exists():
+            self.write_base_config()
+        self.pid_file.unlink(missing_ok=True)
+        with self.log_file.open("ab") as log:
+            subprocess.run(
+                [self.binary, "-C", str(self.config_file), "-p", str(self.pid_file)],
+                check=True,
+                stdout=log,
+                stderr=log,
+                timeout=10,
+            )
+        wait_for(lambda: self.pid_file.exists() and _accepts(self.port), 10, "nbd-server")
+        self.pid = int(self.pid_file.read_text().strip())
+        return self.pid
+
+    def stop(self) -> None:
+        """SIGTERM to the main process only (it ends its children), by the pid it wrote."""
+        if self.pid and pid_running(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            wait_for(lambda: not pid_running(self.pid), 10, f"nbd-server {self.pid} to exit")
+        self.pid = 0
+
+    def listed(self) -> list[str]:
+        out = subprocess.run(
+            ["nbd-client", "-l", "127.0.0.1", str(self.port)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return [line.strip() for line in out.splitlines()[1:] if line.strip()]
+
+
+# --- a minimal NBD client: fixed newstyle, NBD_OPT_GO, simple replies ---------------------
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_GO = 7
+REP_ACK = 1
+REP_INFO = 3
+CMD_READ = 0
+CMD_DISC = 2
+
+
+class NbdError(Exception):
+    pass
+
+
+class NbdConnection:
+    """Opens one export with NBD_OPT_GO and reads from it, like the copy tool would."""
+
+    def __init__(self, port: int, name: str, *, timeout_s: float = 10.0) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        self._handle = 0
+        self.size = self._go(name)
+
+    def _recv(self, n: int) -> bytes:
+        # A loop, not MSG_WAITALL: with a timeout set the socket is non-blocking inside
+        # Python, and MSG_WAITALL then returns whatever has arrived.
+        data = bytearray()
+        while len(data) < n:
+            chunk = self._sock.recv(n - len(data))
+            if not chunk:
+                raise NbdError("connection closed by server")
+            data += chunk
+        return bytes(data)
+
+    def _go(self, name: str) -> int:
+        magic, opt_magic, flags = struct.unpack(">QQH", self._recv(18))
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+            raise NbdError("not a fixed-newstyle NBD server")
+        self._sock.sendall(struct.pack(">I", 1 | (flags & 2)))
+        encoded = name.encode()
+        data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
+        self._sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        size = -1
+        while True:
+            magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
+            payload = self._recv(length) if length else b""
+            if magic != REPLY_MAGIC:
+                raise NbdError("bad option reply magic")
+            if rtype & 0x80000000:
+                raise NbdError(f"GO refused: type {rtype:#x} {payload[4:].decode(errors='replace')}")
+            if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 0:
+                size = struct.unpack(">Q", payload[2:10])[0]
+            if rtype == REP_ACK:
+                return size
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._handle += 1
+        self._sock.sendall(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle, offset, length)
+        )
+        magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+        if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
+            raise NbdError("bad reply")
+        if error:
+            raise NbdError(f"read error {error}")
+        return self._recv(length)
+
+    def close(self) -> None:
+        try:
+            self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        except OSError:
+            pass
+        self._sock.close()

@@ -1,0 +1,1 @@
+"""nbd-export-worker: prepares NBD exports of VM disks for migration jobs."""

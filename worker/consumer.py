@@ -1,0 +1,250 @@
+"""The queue side: declares the queues, consumes jobs, runs the flow, replies, settles.
+
+The only place that acks or rejects a message, and the only place that catches Exception.
+A job is acked only after its reply is confirmed; every message read gets a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import Enum
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
+
+from worker.errors import WorkerError
+from worker.flow import ExportFlow
+from worker.messages import (
+    ErrorCode,
+    ErrorDetail,
+    ExportFailed,
+    PrepareExport,
+    Reply,
+    salvage_job_id,
+)
+from worker.metrics import Metrics
+from worker.replies import ReplyPublisher
+
+log = logging.getLogger(__name__)
+
+#: Far above any real job (a few hundred bytes); larger bodies are refused unparsed.
+MAX_BODY_BYTES = 64 * 1024
+#: Error messages in replies are cut to this many characters.
+MAX_ERROR_MESSAGE = 1000
+
+
+class Settle(Enum):
+    """How a handled message leaves the queue."""
+
+    ACK = "ack"
+    """Done: served, or refused for a reason that resending cannot change."""
+    DEAD_LETTER = "dead_letter"
+    """Rejected without requeue: the broker moves it, intact, to the dead-letter queue."""
+
+
+def request_queue_arguments(dead_letter_queue: str, delivery_limit: int) -> dict[str, Any]:
+    # Quorum: replicated on a RabbitMQ cluster, and it counts deliveries, so a job that
+    # keeps crashing workers is dead-lettered instead of looping forever.
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue,
+        "x-delivery-limit": delivery_limit,
+    }
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Field and reason for each problem, without echoing the (untrusted) input."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = ".".join(str(part) for part in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def error_reply(
+    code: ErrorCode, message: str, *, job_id: str | None, request: PrepareExport | None = None
+) -> ExportFailed:
+    return ExportFailed(
+        job_id=job_id,
+        vm_id=request.vm_id if request else None,
+        disk_unit_number=request.disk_unit_number if request else None,
+        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE]),
+    )
+
+
+class JobConsumer:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        flow: ExportFlow,
+        metrics: Metrics,
+        *,
+        request_queue: str,
+        reply_queue: str,
+        prefetch: int,
+        delivery_limit: int,
+        publish_timeout_s: float,
+    ) -> None:
+        self._channel = channel
+        self._flow = flow
+        self._metrics = metrics
+        self._request_queue = request_queue
+        self._reply_queue = reply_queue
+        self._prefetch = prefetch
+        self._delivery_limit = delivery_limit
+        self._replies = ReplyPublisher(channel.default_exchange, reply_queue, publish_timeout_s)
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self._request_queue}.dead"
+
+    async def declare(self) -> AbstractQueue:
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        await self._channel.declare_queue(
+            self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await self._channel.declare_queue(
+            self._reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        self._queue = await self._channel.declare_queue(
+            self._request_queue,
+            durable=True,
+            arguments=request_queue_arguments(self.dead_letter_queue, self._delivery_limit),
+        )
+        return self._queue
+
+    async def start(self) -> None:
+        queue = self._queue or await self.declare()
+        self._consumer_tag = await queue.consume(self.handle)
+        log.info("Consuming queue=%s prefetch=%d", self._request_queue, self._prefetch)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking jobs and waits up to `grace_s` for those in flight; the rest stay
+        unacked and the broker requeues them when the channel closes."""
+        if self._queue is not None and self._consumer_tag is not None:
+            await self._queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+        if self._in_flight:
+            log.info(
+                "Waiting for jobs in flight count=%d grace_s=%g", len(self._in_flight), grace_s
+            )
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        self._metrics.in_flight.inc()
+        started = time.monotonic()
+        try:
+            reply, settle, outcome = await self._serve(message)
+            try:
+                await self._replies.publish(
+                    reply, reply_to=message.reply_to, correlation_id=message.correlation_id
+                )
+            except Exception:
+                # No confirmed reply, so no ack: the broker redelivers the job, and handling
+                # it again is idempotent.
+                log.exception(
+                    "Reply not confirmed; returning job to the queue job_id=%s", reply.job_id
+                )
+                await message.nack(requeue=True)
+                return
+            if settle is Settle.ACK:
+                await message.ack()
+            else:
+                await message.reject(requeue=False)
+            self._metrics.jobs.labels(outcome=outcome).inc()
+            self._metrics.job_duration.observe(time.monotonic() - started)
+        finally:
+            self._metrics.in_flight.dec()
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _serve(self, message: AbstractIncomingMessage) -> tuple[Reply, Settle, str]:
+        """Turns a message into its reply, how to settle it, and the outcome label."""
+        body = message.body
+        if len(body) > MAX_BODY_BYTES:
+            return (
+                error_reply(
+                    ErrorCode.INVALID_REQUEST,
+                    f"message body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
+                    job_id=None,
+                ),
+                Settle.DEAD_LETTER,
+                "invalid",
+            )
+        try:
+            request = PrepareExport.model_validate_json(body)
+        except ValidationError as exc:
+            job_id = salvage_job_id(body)
+            log.warning(
+                "Invalid prepare-export request job_id=%s correlation_id=%s error=%s",
+                job_id,
+                message.correlation_id,
+                describe_validation_error(exc),
+            )
+            return (
+                error_reply(
+                    ErrorCode.INVALID_REQUEST,
+                    f"invalid prepare-export request: {describe_validation_error(exc)}",
+                    job_id=job_id,
+                ),
+                Settle.DEAD_LETTER,
+                "invalid",
+            )
+        try:
+            ready = await self._flow.prepare_export(request)
+        except WorkerError as exc:
+            log.warning(
+                "Job failed job_id=%s vm_id=%s disk=%d code=%s retryable=%s error=%s",
+                request.job_id,
+                request.vm_id,
+                request.disk_unit_number,
+                exc.code,
+                exc.retryable,
+                exc,
+            )
+            # A refusal (bad device, device in use) is final: ack. A transient failure is
+            # kept in the dead-letter queue so an operator can replay it.
+            settle = Settle.DEAD_LETTER if exc.retryable else Settle.ACK
+            if exc.code is ErrorCode.INVALID_REQUEST:
+                settle = Settle.DEAD_LETTER
+            return (
+                error_reply(exc.code, str(exc), job_id=request.job_id, request=request),
+                settle,
+                "failed",
+            )
+        except Exception:
+            log.exception("Unexpected error job_id=%s", request.job_id)
+            return (
+                error_reply(
+                    ErrorCode.INTERNAL_ERROR,
+                    "unexpected internal error; see the worker log",
+                    job_id=request.job_id,
+                    request=request,
+                ),
+                Settle.DEAD_LETTER,
+                "failed",
+            )
+        log.info(
+            "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
+            ready.job_id,
+            ready.vm_id,
+            ready.disk_unit_number,
+            ready.export_name,
+            ready.action,
+            ready.reused,
+        )
+        return ready, Settle.ACK, str(ready.action)

@@ -1,0 +1,72 @@
+"""The worker's errors: each maps to one reply code and says whether retrying may help.
+
+Adapters raise these, never a bare OSError or driver error; only the consumer catches
+Exception, and it reports anything it does not know as `internal_error`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from worker.messages import ErrorCode
+
+
+class WorkerError(Exception):
+    """Base class. The message is safe to send in a reply: no secrets, no tracebacks."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL_ERROR
+    retryable: ClassVar[bool] = False
+
+
+class InvalidRequest(WorkerError):
+    """The request breaks the contract; resending it unchanged can never succeed."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+
+class DeviceNotFound(WorkerError):
+    """The device path does not exist (yet): the volume may not be attached."""
+
+    code = ErrorCode.DEVICE_NOT_FOUND
+
+
+class DeviceInUse(WorkerError):
+    """Another active mapping already serves this device; nothing was changed."""
+
+    code = ErrorCode.DEVICE_IN_USE
+
+
+class ServerUnavailable(WorkerError):
+    """nbd-server is not running, not ours, too old, or did not answer a probe in time."""
+
+    code = ErrorCode.NBD_SERVER_UNAVAILABLE
+    retryable = True
+
+
+class UnsupportedServer(ServerUnavailable):
+    """The running nbd-server must not be signalled (too old); fatal at start-up."""
+
+    retryable = False
+
+
+class ExportNotVisible(WorkerError):
+    """The server was reloaded but did not list the export before the deadline."""
+
+    code = ErrorCode.EXPORT_NOT_VISIBLE
+    retryable = True
+
+
+class ConfigWriteError(WorkerError):
+    """A snippet or link could not be written (disk full, permissions)."""
+
+    retryable = True
+
+
+class TransientDatabaseError(WorkerError):
+    """Deadlock, lock wait timeout or lost connection: the transaction may be retried."""
+
+    retryable = True
+
+
+class DatabaseError(WorkerError):
+    """Any other database failure."""

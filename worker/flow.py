@@ -1,0 +1,146 @@
+"""The reuse-or-create flow: one prepare-export job in, one ExportReady out.
+
+Pure decisions plus calls through two Protocols; it imports no broker, database driver,
+subprocess or signal code (a unit test checks), so it runs the same on fakes and real adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from worker.devices import DevicePolicy
+from worker.errors import DeviceInUse
+from worker.mappings import Mapping
+from worker.messages import Action, ExportReady, PrepareExport
+
+log = logging.getLogger(__name__)
+
+
+class Mappings(Protocol):
+    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
+    async def find_active_by_device(self, device_path: str) -> Mapping | None: ...
+    async def claim(self, request: PrepareExport) -> Mapping: ...
+
+
+class ExportServer(Protocol):
+    async def is_live(self, name: str, device_path: str) -> bool: ...
+    async def ensure_export(self, name: str, device_path: str) -> bool: ...
+
+
+def decide(mapping: Mapping | None, request: PrepareExport, live: bool) -> Action:
+    """What a job needs, given its (vm, disk)'s mapping and whether that export is live
+    with the mapping's device."""
+    if mapping is None or not mapping.is_active:
+        return Action.CREATED
+    if mapping.device_path != request.device_path:
+        return Action.RELINKED
+    return Action.REUSED if live else Action.RECREATED
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, int]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class ExportFlow:
+    def __init__(
+        self,
+        mappings: Mappings,
+        server: ExportServer,
+        devices: DevicePolicy,
+        *,
+        nbd_host: str,
+        nbd_port: int,
+    ) -> None:
+        self._mappings = mappings
+        self._server = server
+        self._devices = devices
+        self._nbd_host = nbd_host
+        self._nbd_port = nbd_port
+        # Jobs for one (vm, disk) run one at a time, so two of them make one create.
+        self._keys = KeyedLocks()
+
+    def _ready(self, request: PrepareExport, action: Action, *, reused: bool) -> ExportReady:
+        return ExportReady(
+            job_id=request.job_id,
+            vm_id=request.vm_id,
+            disk_unit_number=request.disk_unit_number,
+            export_name=request.export_name,
+            device_path=request.device_path,
+            reused=reused,
+            action=action,
+            nbd_host=self._nbd_host,
+            nbd_port=self._nbd_port,
+        )
+
+    async def prepare_export(self, request: PrepareExport) -> ExportReady:
+        """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
+        self._devices.check(request.device_path)
+        name = request.export_name
+        # Fast path, no lock: the common case is a job for a disk already being served.
+        mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
+        if decide(mapping, request, live=True) is Action.REUSED and await self._server.is_live(
+            name, request.device_path
+        ):
+            log.info(
+                "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
+                request.job_id,
+                name,
+            )
+            return self._ready(request, Action.REUSED, reused=True)
+
+        async with self._keys.hold((request.vm_id, request.disk_unit_number)):
+            # Read again: a job for the same disk may have finished while this one waited.
+            mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
+            live = (
+                mapping is not None
+                and mapping.is_active
+                and await self._server.is_live(name, mapping.device_path)
+            )
+            action = decide(mapping, request, live)
+            if action is Action.REUSED:
+                return self._ready(request, action, reused=True)
+
+            holder = await self._mappings.find_active_by_device(request.device_path)
+            if holder is not None and (holder.vm_id, holder.disk_unit_number) != (
+                request.vm_id,
+                request.disk_unit_number,
+            ):
+                raise DeviceInUse(
+                    f"device {request.device_path} is already served by export {holder.export_name}"
+                )
+            log.info(
+                "Creating new VM export mapping job_id=%s export_name=%s action=%s device_path=%s",
+                request.job_id,
+                name,
+                action,
+                request.device_path,
+            )
+            # The database row first: its unique device index settles races with other
+            # workers before anything on disk or in the server changes.
+            await self._mappings.claim(request)
+            sighup_sent = await self._server.ensure_export(name, request.device_path)
+            return self._ready(request, action, reused=not sighup_sent)

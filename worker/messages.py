@@ -1,0 +1,151 @@
+"""The message contract: prepare-export jobs and their export-ready / error replies.
+
+Field names are the contract with the schedulers (and the SQL columns): never rename them.
+Everything here is pure; these models are the only gate between a message and the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+#: 8-4-4-4-12 hex digits, any variant: VMware's BIOS UUIDs are not RFC 4122 UUIDs.
+VM_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+#: Characters a device path may use: what udev puts in /dev/disk/by-*/ names, nothing a
+#: shell, an INI parser or a terminal would read specially.
+DEVICE_PATH_PATTERN = r"^/[A-Za-z0-9._:+@,=/-]{1,1023}$"
+MAX_DISK_UNIT_NUMBER = 255
+
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
+VmId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
+DiskUnitNumber = Annotated[int, Field(ge=0, le=MAX_DISK_UNIT_NUMBER, strict=True)]
+
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_DEVICE_PATH_RE = re.compile(DEVICE_PATH_PATTERN)
+
+
+def export_name(vm_id: str, disk_unit_number: int) -> str:
+    """The export's name on the server: fixed by the contract, derived only from validated ids."""
+    return f"migration-vm-{vm_id.lower()}-disk{disk_unit_number}"
+
+
+class Action(StrEnum):
+    """What the worker did to serve a job."""
+
+    REUSED = "reused"
+    """The mapping's export was live with the right device: nothing changed."""
+    CREATED = "created"
+    """No active mapping: a new snippet and mapping."""
+    RECREATED = "recreated"
+    """An active mapping whose export was not live (e.g. the server restarted): restored."""
+    RELINKED = "relinked"
+    """An active mapping with another device: its link now points at the job's device."""
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    DEVICE_NOT_FOUND = "device_not_found"
+    DEVICE_IN_USE = "device_in_use"
+    NBD_SERVER_UNAVAILABLE = "nbd_server_unavailable"
+    EXPORT_NOT_VISIBLE = "export_not_visible"
+    INTERNAL_ERROR = "internal_error"
+
+
+class PrepareExport(BaseModel):
+    """A scheduler's request: serve one disk of one VM as an NBD export."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: JobId = Field(description="The scheduler's id for this job.", examples=["job-42"])
+    vm_id: VmId = Field(
+        description="VMware VM UUID; stored lower-case.",
+        examples=["4205784a-098a-40f1-1f1e-a5cd2597fd59"],
+    )
+    vm_name: str = Field(min_length=1, max_length=255, examples=["pgtest2"])
+    disk_unit_number: DiskUnitNumber = Field(examples=[0])
+    device_path: str = Field(
+        description="Absolute, normalized path of the target block device.",
+        examples=["/dev/disk/by-id/virtio-0a1b2c3d4e5f6a7b8c9d"],
+    )
+
+    @field_validator("vm_name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("vm_name must contain printable characters only")
+        return value
+
+    @field_validator("device_path")
+    @classmethod
+    def _normalized_absolute(cls, value: str) -> str:
+        if not _DEVICE_PATH_RE.fullmatch(value):
+            raise ValueError(
+                "device_path must be an absolute path of letters, digits and ._:+@,=/- only"
+            )
+        if posixpath.normpath(value) != value or "/../" in f"{value}/" or "/./" in f"{value}/":
+            raise ValueError("device_path must be normalized (no '.', '..' or '//' parts)")
+        return value
+
+    @property
+    def export_name(self) -> str:
+        return export_name(self.vm_id, self.disk_unit_number)
+
+
+class ExportReady(BaseModel):
+    """Success reply: connect to `export_name` on `nbd_host:nbd_port`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    status: Literal["ready"] = "ready"
+    export_name: str
+    device_path: str
+    reused: bool = Field(description="True when serving the job needed no SIGHUP.")
+    action: Action
+    nbd_host: str
+    nbd_port: int
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: ErrorCode
+    message: str
+
+
+class ExportFailed(BaseModel):
+    """Error reply. `job_id` is null only when the request was unreadable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str | None
+    vm_id: str | None = None
+    disk_unit_number: int | None = None
+    status: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+Reply = ExportReady | ExportFailed
+
+
+def salvage_job_id(body: bytes) -> str | None:
+    """The job_id of a request that failed validation, if it has a well-formed one.
+
+    Lets an invalid request still get a reply the scheduler can match to its job.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    job_id = data.get("job_id") if isinstance(data, dict) else None
+    if isinstance(job_id, str) and _JOB_ID_RE.fullmatch(job_id):
+        return job_id
+    return None

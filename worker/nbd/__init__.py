@@ -1,0 +1,1 @@
+"""Everything that touches nbd-server: snippets, links, the main process, probes."""

@@ -1,0 +1,114 @@
+"""Snippets in nbd-server's includedir and the export links they point at.
+
+Both are written atomically and durably: a crash leaves the old file or the new one,
+never a torn one, and never a second file defining the same export.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.errors import ConfigWriteError
+
+#: nbd-server's includedir reads regular files ending in `.conf` only (nbd-server-facts.md),
+#: so a temporary name that does not end in `.conf` is never half-read by a reload.
+SNIPPET_SUFFIX = ".conf"
+TEMP_SUFFIX = ".tmp"
+SNIPPET_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """One export as the server sees it: a section name and the link it opens."""
+
+    name: str
+    link_path: Path
+
+
+def render_snippet(spec: ExportSpec) -> str:
+    """The config snippet for one export.
+
+    `name` and `link_path` come from validated ids and settings only: no request text
+    reaches this file. The device itself sits behind the link, so a device change never
+    needs a config edit (a reload ignores changes to existing sections anyway).
+    """
+    return (
+        "# Managed by nbd-export-worker; removing it stops the export after the next restart.\n"
+        f"[{spec.name}]\n"
+        f"exportname = {spec.link_path}\n"
+    )
+
+
+def snippet_path(conf_dir: Path, name: str) -> Path:
+    return conf_dir / f"{name}{SNIPPET_SUFFIX}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snippet(conf_dir: Path, spec: ExportSpec) -> bool:
+    """Writes the export's snippet unless an identical one is there; True if it wrote.
+
+    Raises ConfigWriteError (retryable) when the directory cannot be written.
+    """
+    target = snippet_path(conf_dir, spec.name)
+    content = render_snippet(spec).encode()
+    try:
+        if target.read_bytes() == content:
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot read snippet {target}: {exc.strerror}") from exc
+    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, SNIPPET_MODE)
+        try:
+            os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+        _fsync_dir(conf_dir)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise ConfigWriteError(f"cannot write snippet {target}: {exc.strerror}") from exc
+    return True
+
+
+def has_snippet(conf_dir: Path, name: str) -> bool:
+    return snippet_path(conf_dir, name).is_file()
+
+
+def point_link(link_path: Path, device_path: str) -> bool:
+    """Points `link_path` at `device_path` atomically; True if it changed anything.
+
+    nbd-server opens the export's path afresh for every connection and follows links,
+    so new connections open the new device while established ones keep theirs.
+    """
+    if link_target(link_path) == device_path:
+        return False
+    temp = link_path.with_name(f".{link_path.name}{TEMP_SUFFIX}")
+    try:
+        temp.unlink(missing_ok=True)
+        os.symlink(device_path, temp)
+        os.replace(temp, link_path)
+        _fsync_dir(link_path.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise ConfigWriteError(f"cannot point link {link_path}: {exc.strerror}") from exc
+    return True
+
+
+def link_target(link_path: Path) -> str | None:
+    try:
+        return os.readlink(link_path)
+    except OSError:
+        return None

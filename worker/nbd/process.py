@@ -1,0 +1,222 @@
+"""nbd-server's main process: find it, check it, gate its version, signal it, lock reloads.
+
+A SIGHUP that reaches a per-connection child kills a live migration (nbd-server-facts.md,
+"Processes and signals"), so the only signal this module sends goes to one pid read from
+the pid file and checked just before, through a pidfd so the pid cannot be recycled between
+the check and the signal. Never pkill, never a process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.errors import ServerUnavailable, UnsupportedServer
+
+#: 3.24 corrupts its heap on SIGHUP (upstream issue #143, fixed in 3.25 by PR #142).
+MIN_SERVER_VERSION = (3, 25)
+#: Where nbd-server looks when started without -C.
+DEFAULT_CONFIG_FILE = "/etc/nbd-server/config"
+_VERSION_RE = re.compile(r"nbd-server version (\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str
+    session: int
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses."""
+    fields = text[text.rindex(")") + 2 :].split()
+    # After "(comm)": state ppid pgrp session ...
+    return ProcStat(state=fields[0], session=int(fields[3]))
+
+
+def config_from_cmdline(argv: Sequence[str]) -> str:
+    """The config file an nbd-server command line uses (-C, --config-file, or the default)."""
+    config = DEFAULT_CONFIG_FILE
+    for i, arg in enumerate(argv):
+        if arg in ("-C", "--config-file") and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif arg.startswith("--config-file="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("-C") and len(arg) > 2:
+            config = arg[2:]
+    return config
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """`This is nbd-server version 3.26.1` -> (3, 26, 1). Raises ValueError if absent."""
+    match = _VERSION_RE.search(text)
+    if match is None:
+        raise ValueError(f"no nbd-server version in {text.strip()[:200]!r}")
+    return (int(match[1]), int(match[2]), int(match[3] or 0))
+
+
+def format_version(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def read_pid_file(pid_file: Path) -> int:
+    try:
+        text = pid_file.read_text().strip()
+    except OSError as exc:
+        raise ServerUnavailable(
+            f"cannot read nbd-server pid file {pid_file}: {exc.strerror}"
+        ) from exc
+    if not text.isdigit() or int(text) <= 1:
+        raise ServerUnavailable(f"nbd-server pid file {pid_file} holds no valid pid")
+    return int(text)
+
+
+def check_main_process(pid: int, config_file: Path) -> None:
+    """Raises ServerUnavailable unless `pid` is a live nbd-server main process using our config.
+
+    The main process is a session leader; its per-connection children share its session and
+    command line, so session == pid is what tells them apart (nbd-server-facts.md).
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat = parse_stat((proc / "stat").read_text())
+        argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except (OSError, ValueError, IndexError) as exc:
+        raise ServerUnavailable(f"nbd-server main process {pid} is not running") from exc
+    if stat.state in ("Z", "X"):
+        raise ServerUnavailable(f"nbd-server main process {pid} has exited (state {stat.state})")
+    if stat.session != pid:
+        raise ServerUnavailable(
+            f"process {pid} from the pid file is not a session leader: not nbd-server's "
+            "main process; refusing to signal it"
+        )
+    args = [a.decode(errors="replace") for a in argv]
+    if not args or os.path.basename(args[0]) != "nbd-server":
+        raise ServerUnavailable(f"process {pid} from the pid file is not nbd-server")
+    if config_from_cmdline(args) != str(config_file):
+        raise ServerUnavailable(
+            f"nbd-server {pid} runs with config {config_from_cmdline(args)}, "
+            f"not {config_file}; refusing to signal it"
+        )
+
+
+class MainProcess:
+    """The nbd-server main process named by the pid file and started with our config."""
+
+    def __init__(self, pid_file: Path, config_file: Path, *, version_timeout_s: float) -> None:
+        self._pid_file = pid_file
+        self._config_file = config_file
+        self._version_timeout_s = version_timeout_s
+
+    def verified_pid(self) -> int:
+        """The main pid, checked now. Raises ServerUnavailable."""
+        pid = read_pid_file(self._pid_file)
+        check_main_process(pid, self._config_file)
+        return pid
+
+    def is_alive(self, pid: int) -> bool:
+        try:
+            check_main_process(pid, self._config_file)
+        except ServerUnavailable:
+            return False
+        return True
+
+    async def check_version(self) -> tuple[int, int, int]:
+        """Reads the running binary's version; raises UnsupportedServer below 3.25.
+
+        Runs /proc/PID/exe, so it is the binary that is running, not whatever is on PATH.
+        """
+        pid = self.verified_pid()
+        exe = f"/proc/{pid}/exe"
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                exe,
+                "-V",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot run {exe} -V: {exc.strerror}") from exc
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), self._version_timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ServerUnavailable(f"{exe} -V did not answer in time") from None
+        try:
+            version = parse_version(output.decode(errors="replace"))
+        except ValueError as exc:
+            raise ServerUnavailable(f"cannot read the version of nbd-server {pid}: {exc}") from exc
+        if version[:2] < MIN_SERVER_VERSION:
+            raise UnsupportedServer(
+                f"nbd-server {format_version(version)} (pid {pid}) is too old: versions before "
+                f"{format_version(MIN_SERVER_VERSION)} corrupt their heap on SIGHUP (upstream "
+                "issue #143), and the worker adds exports by SIGHUP. Install nbd-server >= "
+                f"{format_version(MIN_SERVER_VERSION)} (scripts/install-system-deps.sh builds one)."
+            )
+        return version
+
+    def send_reload(self) -> int:
+        """SIGHUPs the verified main process only; returns its pid. Raises ServerUnavailable."""
+        pid = read_pid_file(self._pid_file)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise ServerUnavailable(f"nbd-server main process {pid} is not running") from exc
+        try:
+            # Checked after the pidfd is open: the fd pins this very process, so the pid
+            # cannot be reused by another process between the check and the signal.
+            check_main_process(pid, self._config_file)
+            signal.pidfd_send_signal(pidfd, signal.SIGHUP)
+        except ProcessLookupError as exc:
+            raise ServerUnavailable(f"nbd-server main process {pid} exited") from exc
+        finally:
+            os.close(pidfd)
+        return pid
+
+
+class ReloadLock:
+    """Serializes config edits and SIGHUPs: an asyncio.Lock within the process, and an
+    flock on a file in the config directory across worker processes on one host."""
+
+    def __init__(self, lock_file: Path, *, poll_interval_s: float = 0.005) -> None:
+        self._lock_file = lock_file
+        self._poll_interval_s = poll_interval_s
+        self._local = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, timeout_s: float) -> AsyncIterator[float]:
+        """Holds both locks; yields the seconds spent waiting. Raises TimeoutError."""
+        started = time.monotonic()
+        async with asyncio.timeout(timeout_s):
+            await self._local.acquire()
+        try:
+            fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                deadline = started + timeout_s
+                while True:
+                    try:
+                        # Non-blocking, polled: a blocking flock in a thread could not be
+                        # cancelled and would leave the lock taken after a timeout.
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError from None
+                        await asyncio.sleep(self._poll_interval_s)
+                try:
+                    yield time.monotonic() - started
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        finally:
+            self._local.release()

@@ -1,0 +1,290 @@
+"""vm_export_mappings on aiomysql: every SQL statement of the worker, its transactions,
+deadlock retry, and the schema migrations.
+
+Returns frozen Mapping models and raises the worker's errors, never driver errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiomysql
+import pymysql
+from pydantic import AnyUrl
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from worker.errors import DatabaseError, DeviceInUse, TransientDatabaseError, WorkerError
+from worker.mappings import Mapping
+from worker.messages import PrepareExport
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: MySQL error numbers worth retrying: deadlock (also Galera certification failures),
+#: lock wait timeout, server gone away / lost connection, cannot connect.
+TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003})
+ER_DUP_ENTRY = 1062
+_DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+_COLUMNS = (
+    "id, vm_id, disk_unit_number, vm_name, export_name, device_path, status, created_at, updated_at"
+)
+
+
+def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
+    return Mapping.model_validate(dict(zip(_COLUMNS.split(", "), row, strict=True)))
+
+
+def translate_error(exc: pymysql.MySQLError) -> WorkerError:
+    """Maps a driver error onto the worker's tree: transient ones may be retried."""
+    errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+    if errno in TRANSIENT_ERRNOS:
+        return TransientDatabaseError(f"database error {errno} (transient)")
+    return DatabaseError(f"database error {errno}")
+
+
+def retry_policy(*, attempts: int = 5, max_wait_s: float = 2.0) -> AsyncRetrying:
+    """Retries one transaction on transient errors: exponential backoff with full jitter."""
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("Retrying database transaction attempt=%d error=%s", state.attempt_number, exc)
+
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=0.02, max=max_wait_s),
+        retry=retry_if_exception(lambda e: isinstance(e, WorkerError) and e.retryable),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+
+
+def database_name(url: AnyUrl) -> str:
+    name = (url.path or "").lstrip("/")
+    if not _DB_NAME_RE.fullmatch(name):
+        raise ValueError("the database URL must name a database of letters, digits and _")
+    return name
+
+
+def _connect_args(url: AnyUrl, timeout_s: float) -> dict[str, Any]:
+    return {
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 3306,
+        "user": url.username or "root",
+        "password": url.password or "",
+        "connect_timeout": timeout_s,
+        "charset": "utf8mb4",
+    }
+
+
+class Repository:
+    """The worker's view of the database. Create with `Repository.connect`."""
+
+    def __init__(self, pool: aiomysql.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: AnyUrl, *, pool_size: int, timeout_s: float) -> Repository:
+        try:
+            pool = await aiomysql.create_pool(
+                minsize=1,
+                maxsize=pool_size,
+                db=database_name(url),
+                autocommit=True,
+                pool_recycle=3600,
+                **_connect_args(url, timeout_s),
+            )
+        except pymysql.MySQLError as exc:
+            raise translate_error(exc) from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, *, transaction: bool = False) -> AsyncIterator[Any]:
+        try:
+            async with self._pool.acquire() as conn:
+                if transaction:
+                    await conn.begin()
+                try:
+                    async with conn.cursor() as cur:
+                        yield cur
+                    if transaction:
+                        await conn.commit()
+                except BaseException:
+                    if transaction:
+                        with contextlib.suppress(Exception):
+                            await conn.rollback()
+                    raise
+        except pymysql.err.IntegrityError:
+            raise
+        except pymysql.MySQLError as exc:
+            raise translate_error(exc) from exc
+
+    async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in retry_policy():
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
+        """The mapping of one (vm, disk), active or not: one point lookup on uq_vm_disk."""
+
+        async def query() -> Mapping | None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
+                    "WHERE vm_id = %s AND disk_unit_number = %s",
+                    (vm_id, disk_unit_number),
+                )
+                row = await cur.fetchone()
+            return _row_to_mapping(row) if row else None
+
+        return await self._retrying(query)
+
+    async def find_active_by_device(self, device_path: str) -> Mapping | None:
+        async def query() -> Mapping | None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
+                    "WHERE active_device_path = %s",
+                    (device_path,),
+                )
+                row = await cur.fetchone()
+            return _row_to_mapping(row) if row else None
+
+        return await self._retrying(query)
+
+    async def claim(self, request: PrepareExport) -> Mapping:
+        """Makes the request's mapping active with its device, inserting or updating its row.
+
+        The unique index on active device paths is the arbiter between concurrent jobs and
+        worker processes: raises DeviceInUse, with nothing changed, when another active
+        mapping holds the device.
+        """
+
+        async def transaction() -> Mapping:
+            try:
+                async with self._cursor(transaction=True) as cur:
+                    # An explicit update-or-insert, not ON DUPLICATE KEY UPDATE: that would
+                    # also fire on the device key and overwrite the other VM's row.
+                    await cur.execute(
+                        "SELECT id FROM vm_export_mappings "
+                        "WHERE vm_id = %s AND disk_unit_number = %s FOR UPDATE",
+                        (request.vm_id, request.disk_unit_number),
+                    )
+                    row = await cur.fetchone()
+                    params = (
+                        request.vm_name,
+                        request.export_name,
+                        request.device_path,
+                        request.vm_id,
+                        request.disk_unit_number,
+                    )
+                    if row:
+                        await cur.execute(
+                            "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
+                            "device_path = %s, status = 'active' "
+                            "WHERE vm_id = %s AND disk_unit_number = %s",
+                            params,
+                        )
+                    else:
+                        await cur.execute(
+                            "INSERT INTO vm_export_mappings "
+                            "(vm_name, export_name, device_path, vm_id, disk_unit_number, status) "
+                            "VALUES (%s, %s, %s, %s, %s, 'active')",
+                            params,
+                        )
+                    await cur.execute(
+                        f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608
+                        "WHERE vm_id = %s AND disk_unit_number = %s",
+                        (request.vm_id, request.disk_unit_number),
+                    )
+                    return _row_to_mapping(await cur.fetchone())
+            except pymysql.err.IntegrityError as exc:
+                if (
+                    exc.args
+                    and exc.args[0] == ER_DUP_ENTRY
+                    and "uq_active_device_path" in str(exc.args[-1])
+                ):
+                    raise DeviceInUse(
+                        f"device {request.device_path} is already served by another active mapping"
+                    ) from exc
+                raise translate_error(exc) from exc
+
+        return await self._retrying(transaction)
+
+
+# --- schema migrations -------------------------------------------------------------------
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations_dir() -> Path:
+    """The SQL migrations: inside the installed package, or schema/ in a source checkout."""
+    packaged = Path(str(importlib.resources.files("worker"))) / "_schema" / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "schema" / "migrations"
+
+
+def split_statements(sql: str) -> list[str]:
+    """Splits a migration on `;` at line ends; migrations keep one statement per `;`."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [stmt.strip() for stmt in re.split(r";\s*$", body, flags=re.M) if stmt.strip()]
+
+
+async def migrate(url: AnyUrl, *, timeout_s: float, directory: Path | None = None) -> list[str]:
+    """Creates the database if missing and applies new migrations in order; returns their
+    names. Safe to run again and from two hosts at once: every statement is idempotent."""
+    name = database_name(url)
+    directory = directory or migrations_dir()
+    files = sorted(p for p in directory.iterdir() if _MIGRATION_RE.match(p.name))
+    applied: list[str] = []
+    try:
+        conn = await aiomysql.connect(autocommit=True, **_connect_args(url, timeout_s))
+    except pymysql.MySQLError as exc:
+        raise translate_error(exc) from exc
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+            await cur.execute(f"USE `{name}`")
+            await cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INT UNSIGNED NOT NULL PRIMARY KEY,"
+                " name VARCHAR(255) NOT NULL,"
+                " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+            )
+            await cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in await cur.fetchall()}
+            for path in files:
+                version = int(path.name[:4])
+                if version in done:
+                    continue
+                for statement in split_statements(path.read_text()):
+                    await cur.execute(statement)
+                await cur.execute(
+                    "INSERT IGNORE INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, path.name),
+                )
+                applied.append(path.name)
+                log.info("Applied migration %s to database %s", path.name, name)
+    except pymysql.MySQLError as exc:
+        raise translate_error(exc) from exc
+    finally:
+        conn.close()
+    return applied

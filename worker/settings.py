@@ -1,0 +1,120 @@
+"""Settings: the only reader of the environment (prefix EXPORT_WORKER_).
+
+Built once by the CLI and passed down; nothing else calls os.environ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AnyUrl, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def mask_url(url: str) -> str:
+    """Returns `url` with any password replaced by `***`, for logs and `check`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXPORT_WORKER_", frozen=True, extra="ignore")
+
+    # --- RabbitMQ ---
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Durable queue the schedulers publish prepare-export jobs to (the worker declares it).
+    request_queue: str = "nbd.prepare-export"
+    #: Where replies go when a job carries no reply_to.
+    reply_queue: str = "nbd.export-ready"
+    #: How many jobs run at once; reuse jobs are cheap, creates queue up on the reload lock.
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    #: A job whose delivery count passes this is dead-lettered (quorum queue x-delivery-limit).
+    delivery_limit: int = Field(default=5, ge=1, le=1000)
+    #: How long a reply may wait for the broker's publisher confirm.
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+
+    # --- MariaDB / MySQL ---
+    database_url: AnyUrl = AnyUrl("mysql://root@127.0.0.1:3306/nbd_exports")
+    db_pool_size: int = Field(default=8, ge=1, le=100)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    # --- nbd-server ---
+    #: nbd-server's `includedir`: the worker writes one `<export>.conf` snippet per export here.
+    nbd_conf_dir: Path = Path("/etc/nbd-server/conf.d")
+    #: The main config file; its path must appear on the server's command line (`-C`), which
+    #: is how the worker tells the main process from anything else holding the pid file.
+    nbd_config_file: Path = Path("/etc/nbd-server/config")
+    #: Written by `nbd-server -p`; the only way the worker finds the main process.
+    nbd_pid_file: Path = Path("/run/nbd-server.pid")
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int = Field(default=10809, ge=1, le=65535)
+    #: Listing probe; Debian 12's nbd-client is fine for `-l`.
+    nbd_client_bin: str = "nbd-client"
+    #: A probe that has not answered by then is killed: `nbd-client -l` has no timeout of its own.
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    #: How long to wait, after a SIGHUP, for new exports to be listed (reload is asynchronous).
+    reload_timeout_s: float = Field(default=10.0, gt=0)
+    reload_poll_interval_s: float = Field(default=0.02, gt=0)
+    #: How long a create may wait for the config lock before giving up (retryable).
+    lock_timeout_s: float = Field(default=60.0, gt=0)
+    #: Each export's `exportname` is a symlink here, so a device change is an atomic re-point.
+    link_dir: Path = Path("/var/lib/nbd-export-worker/links")
+
+    # --- Devices ---
+    #: A device path must resolve under one of these prefixes.
+    device_roots: Annotated[tuple[Path, ...], NoDecode] = (Path("/dev"),)
+    #: Regular files as disks: for development and tests only.
+    allow_regular_files: bool = False
+
+    # --- Metrics ---
+    #: 0 turns the metrics endpoint off.
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
+
+    #: Stop waiting for in-flight jobs this long after SIGTERM; the rest are requeued.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("device_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("device_roots")
+    @classmethod
+    def _absolute_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        if not value:
+            raise ValueError("at least one device root is required")
+        for root in value:
+            if not root.is_absolute():
+                raise ValueError(f"device root {root} is not absolute")
+        return value
+
+    @field_validator("nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # nbd-server chdir()s to / when it daemonizes: relative paths would silently differ.
+        if not value.is_absolute():
+            raise ValueError(f"{value} must be an absolute path")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _mysql_url(cls, value: AnyUrl) -> AnyUrl:
+        if value.scheme not in ("mysql", "mariadb"):
+            raise ValueError("database_url must be mysql://user[:password]@host[:port]/database")
+        return value
+
+    def masked(self) -> dict[str, object]:
+        """The effective settings with secrets masked, for `check` and start-up logs."""
+        data = self.model_dump(mode="json")
+        data["amqp_url"] = mask_url(self.amqp_url)
+        data["database_url"] = mask_url(str(self.database_url))
+        return data
