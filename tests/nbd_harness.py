@@ -3,6 +3,7 @@ on a free loopback port, and stopped by the pid it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -186,7 +187,9 @@ class NbdConnection:
             if magic != REPLY_MAGIC:
                 raise NbdError("bad option reply magic")
             if rtype & 0x80000000:
-                raise NbdError(f"GO refused: type {rtype:#x} {payload[4:].decode(errors='replace')}")
+                raise NbdError(
+                    f"GO refused: type {rtype:#x} {payload[4:].decode(errors='replace')}"
+                )
             if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 0:
                 size = struct.unpack(">Q", payload[2:10])[0]
             if rtype == REP_ACK:
@@ -205,8 +208,6 @@ class NbdConnection:
         return self._recv(length)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
-        except OSError:
-            pass
         self._sock.close()

@@ -10,6 +10,7 @@ import contextlib
 import importlib.resources
 import logging
 import re
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -248,43 +249,50 @@ def split_statements(sql: str) -> list[str]:
     return [stmt.strip() for stmt in re.split(r";\s*$", body, flags=re.M) if stmt.strip()]
 
 
+async def _apply_migrations(cur: Any, name: str, files: list[Path]) -> list[str]:
+    applied: list[str] = []
+    await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+    await cur.execute(f"USE `{name}`")
+    await cur.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INT UNSIGNED NOT NULL PRIMARY KEY,"
+        " name VARCHAR(255) NOT NULL,"
+        " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+    )
+    await cur.execute("SELECT version FROM schema_migrations")
+    done = {row[0] for row in await cur.fetchall()}
+    for path in files:
+        version = int(path.name[:4])
+        if version in done:
+            continue
+        for statement in split_statements(path.read_text()):
+            await cur.execute(statement)
+        await cur.execute(
+            "INSERT IGNORE INTO schema_migrations (version, name) VALUES (%s, %s)",
+            (version, path.name),
+        )
+        applied.append(path.name)
+        log.info("Applied migration %s to database %s", path.name, name)
+    return applied
+
+
 async def migrate(url: AnyUrl, *, timeout_s: float, directory: Path | None = None) -> list[str]:
     """Creates the database if missing and applies new migrations in order; returns their
     names. Safe to run again and from two hosts at once: every statement is idempotent."""
     name = database_name(url)
     directory = directory or migrations_dir()
     files = sorted(p for p in directory.iterdir() if _MIGRATION_RE.match(p.name))
-    applied: list[str] = []
     try:
         conn = await aiomysql.connect(autocommit=True, **_connect_args(url, timeout_s))
     except pymysql.MySQLError as exc:
         raise translate_error(exc) from exc
     try:
-        async with conn.cursor() as cur:
-            await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-            await cur.execute(f"USE `{name}`")
-            await cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version INT UNSIGNED NOT NULL PRIMARY KEY,"
-                " name VARCHAR(255) NOT NULL,"
-                " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
-            )
-            await cur.execute("SELECT version FROM schema_migrations")
-            done = {row[0] for row in await cur.fetchall()}
-            for path in files:
-                version = int(path.name[:4])
-                if version in done:
-                    continue
-                for statement in split_statements(path.read_text()):
-                    await cur.execute(statement)
-                await cur.execute(
-                    "INSERT IGNORE INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, path.name),
-                )
-                applied.append(path.name)
-                log.info("Applied migration %s to database %s", path.name, name)
+        with warnings.catch_warnings():
+            # "database exists" / "table exists" notes are the point of IF NOT EXISTS.
+            warnings.simplefilter("ignore", pymysql.Warning)
+            async with conn.cursor() as cur:
+                return await _apply_migrations(cur, name, files)
     except pymysql.MySQLError as exc:
         raise translate_error(exc) from exc
     finally:
         conn.close()
-    return applied

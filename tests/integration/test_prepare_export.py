@@ -31,7 +31,7 @@ def sighups(worker: RunningWorker) -> float:
 async def mapping_rows(settings: Settings) -> list[tuple[object, ...]]:
     url = settings.database_url
     conn = await aiomysql.connect(
-        host=url.host, port=url.port or 3306, user="root", db=url.path.lstrip("/")
+        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/")
     )
     try:
         async with conn.cursor() as cur:

@@ -1,0 +1,173 @@
+"""Start-up and the command line: the version gate, `run` as a process, `migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomysql
+import pymysql
+import pytest
+from aio_pika.abc import AbstractConnection
+from pydantic import AnyUrl
+
+from tests.conftest import MYSQL_URL, Scheduler, job, make_disk, unique
+from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
+from worker.cli import serve
+from worker.errors import UnsupportedServer
+from worker.repository import migrate
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")}
+    for key, value in settings.model_dump(mode="json").items():
+        if key == "device_roots":
+            value = ",".join(value)
+        env[f"EXPORT_WORKER_{key.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
+
+
+@pytest.fixture
+def old_server(tmp_path: Path) -> NbdServerProcess:
+    assert OLD_SERVER_BIN.exists(), "run scripts/install-system-deps.sh --with-old-server"
+    server = NbdServerProcess(tmp_path / "old", binary=str(OLD_SERVER_BIN))
+    server.root.mkdir()
+    return server
+
+
+async def test_server_older_than_3_25_is_refused_with_the_reason(
+    old_server: NbdServerProcess, settings: Settings
+) -> None:
+    old_server.start()
+    try:
+        old = settings.model_copy(
+            update={
+                "nbd_config_file": old_server.config_file,
+                "nbd_pid_file": old_server.pid_file,
+                "nbd_conf_dir": old_server.conf_dir,
+                "nbd_port": old_server.port,
+            }
+        )
+        with pytest.raises(UnsupportedServer) as caught:
+            await serve(old, asyncio.Event())
+        message = str(caught.value)
+        assert "nbd-server 3.24" in message
+        assert "SIGHUP" in message
+        assert "3.25" in message
+
+        # The command line says so too, with its own exit code, and sends no signal.
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "worker", "run"],
+            env=env_for(old),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 3, proc.stderr
+        assert "nbd-server 3.24" in proc.stderr
+        assert "corrupt their heap on SIGHUP" in proc.stderr
+        assert old_server.pid_file.read_text().strip() == str(old_server.pid)
+        assert old_server.listed() == ["placeholder"]
+    finally:
+        old_server.stop()
+
+
+async def test_run_as_a_process_serves_jobs_and_exits_cleanly_on_sigterm(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path, nbd_server: NbdServerProcess
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        env=env_for(settings),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        while True:
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, "worker exited before it was ready"
+            if b"Worker ready" in line:
+                break
+        channel = await amqp.channel()
+        scheduler = Scheduler(channel, settings.request_queue)
+        await scheduler.start()
+        reply = await scheduler.request(job(device=make_disk(disks_dir, "proc")))
+        assert reply["action"] == "created"
+        assert reply["export_name"] in nbd_server.listed()
+        await channel.close()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0
+
+
+async def test_migrate_creates_the_database_and_is_idempotent() -> None:
+    name = unique("nbdmigrate")
+    url = AnyUrl(f"{MYSQL_URL}/{name}")
+    try:
+        assert await migrate(url, timeout_s=5) == ["0001_vm_export_mappings.sql"]
+        assert await migrate(url, timeout_s=5) == []
+        conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
+        try:
+            async with conn.cursor() as cur:
+                insert = (
+                    "INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, "
+                    "export_name, device_path, status) VALUES (%s, %s, 'vm', %s, %s, %s)"
+                )
+                await cur.execute(insert, ("a" * 36, 0, "e0", "/dev/vdb", "inactive"))
+                await cur.execute(insert, ("b" * 36, 0, "e1", "/dev/vdb", "active"))
+                # Two inactive rows may name one device; two active rows may not.
+                await cur.execute(insert, ("c" * 36, 0, "e2", "/dev/vdb", "inactive"))
+                with pytest.raises(pymysql.err.IntegrityError, match="uq_active_device_path"):
+                    await cur.execute(insert, ("d" * 36, 0, "e3", "/dev/vdb", "active"))
+                with pytest.raises(pymysql.err.IntegrityError, match="uq_vm_disk"):
+                    await cur.execute(insert, ("a" * 36, 0, "e4", "/dev/vdc", "active"))
+        finally:
+            conn.close()
+    finally:
+        conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root")
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+def test_migrate_command_exit_code_and_output() -> None:
+    name = unique("nbdcli")
+    env = {**os.environ, "EXPORT_WORKER_DATABASE_URL": f"{MYSQL_URL}/{name}"}
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "worker", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert first.returncode == 0, first.stderr
+        assert "applied 1 migration(s): 0001_vm_export_mappings.sql" in first.stdout
+        again = subprocess.run(
+            [sys.executable, "-m", "worker", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 0
+        assert "applied 0 migration(s)" in again.stdout
+    finally:
+        conn = pymysql.connect(host="127.0.0.1", user="root")
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
