@@ -1,0 +1,72 @@
+"""In-memory stand-ins for the flow's Protocols, for unit tests of the flow alone."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from worker.errors import DeviceInUse
+from worker.mappings import Mapping
+from worker.messages import PrepareExport
+
+
+class InMemoryMappings:
+    """Implements flow.Mappings with the same uniqueness rules as the SQL schema."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], Mapping] = {}
+        self.claims = 0
+
+    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
+        return self.rows.get((vm_id, disk_unit_number))
+
+    async def find_active_by_device(self, device_path: str) -> Mapping | None:
+        for row in self.rows.values():
+            if row.is_active and row.device_path == device_path:
+                return row
+        return None
+
+    async def claim(self, request: PrepareExport) -> Mapping:
+        key = (request.vm_id, request.disk_unit_number)
+        holder = await self.find_active_by_device(request.device_path)
+        if holder is not None and (holder.vm_id, holder.disk_unit_number) != key:
+            raise DeviceInUse(f"device {request.device_path} is in use")
+        now = datetime.now(UTC)
+        old = self.rows.get(key)
+        self.rows[key] = Mapping(
+            id=old.id if old else len(self.rows) + 1,
+            vm_id=request.vm_id,
+            disk_unit_number=request.disk_unit_number,
+            vm_name=request.vm_name,
+            export_name=request.export_name,
+            device_path=request.device_path,
+            status="active",
+            created_at=old.created_at if old else now,
+            updated_at=now,
+        )
+        self.claims += 1
+        return self.rows[key]
+
+
+class FakeExportServer:
+    """Implements flow.ExportServer: exports are a dict, a reload is a counter."""
+
+    def __init__(self) -> None:
+        self.listed: set[str] = set()
+        self.links: dict[str, str] = {}
+        self.sighups = 0
+        self.ensure_calls = 0
+        self.delay_s = 0.0
+
+    async def is_live(self, name: str, device_path: str) -> bool:
+        return name in self.listed and self.links.get(name) == device_path
+
+    async def ensure_export(self, name: str, device_path: str) -> bool:
+        self.ensure_calls += 1
+        await asyncio.sleep(self.delay_s)
+        self.links[name] = device_path
+        if name in self.listed:
+            return False
+        self.sighups += 1
+        self.listed.add(name)
+        return True

@@ -1,0 +1,125 @@
+"""Devices, settings, the consumer's pure helpers and the repository's pure helpers."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pymysql
+import pytest
+from pydantic import AnyUrl, ValidationError
+
+from worker.consumer import describe_validation_error, request_queue_arguments
+from worker.devices import DevicePolicy
+from worker.errors import DatabaseError, DeviceNotFound, InvalidRequest, TransientDatabaseError
+from worker.messages import PrepareExport
+from worker.repository import database_name, split_statements, translate_error
+from worker.settings import Settings, mask_url
+
+
+def test_device_policy(tmp_path: Path) -> None:
+    roots = tmp_path / "dev"
+    roots.mkdir()
+    regular = roots / "disk"
+    regular.write_bytes(b"")
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"")
+    (roots / "escape").symlink_to(outside)
+    (roots / "inside").symlink_to(regular)
+
+    strict = DevicePolicy((roots,))
+    lenient = DevicePolicy((roots,), allow_regular_files=True)
+    lenient.check(str(regular))
+    lenient.check(str(roots / "inside"))
+    with pytest.raises(InvalidRequest, match="not a block device"):
+        strict.check(str(regular))
+    with pytest.raises(InvalidRequest, match="resolves outside"):
+        lenient.check(str(roots / "escape"))
+    with pytest.raises(InvalidRequest, match="not under an allowed"):
+        lenient.check(str(outside))
+    with pytest.raises(DeviceNotFound):
+        lenient.check(str(roots / "absent"))
+
+
+def test_device_policy_accepts_block_devices() -> None:
+    candidates = (f"/dev/{name}" for name in sorted(os.listdir("/dev")))
+    block = next((p for p in candidates if stat.S_ISBLK(os.stat(p).st_mode)), None)
+    assert block is not None, "this machine has no block device in /dev to test with"
+    DevicePolicy((Path("/dev"),)).check(block)
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPORT_WORKER_DEVICE_ROOTS", "/dev, /srv/disks")
+    monkeypatch.setenv("EXPORT_WORKER_ALLOW_REGULAR_FILES", "true")
+    monkeypatch.setenv("EXPORT_WORKER_DATABASE_URL", "mysql://u:secret@db:3307/x")
+    settings = Settings()
+    assert settings.device_roots == (Path("/dev"), Path("/srv/disks"))
+    assert settings.allow_regular_files is True
+    assert "secret" not in str(settings.masked())
+    assert settings.request_queue == "nbd.prepare-export"
+    assert settings.reply_queue == "nbd.export-ready"
+    assert settings.nbd_port == 10809
+    assert settings.metrics_port == 9108
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EXPORT_WORKER_NBD_CONF_DIR", "relative/conf.d"),
+        ("EXPORT_WORKER_DEVICE_ROOTS", "dev"),
+        ("EXPORT_WORKER_DATABASE_URL", "postgres://x/y"),
+        ("EXPORT_WORKER_PREFETCH", "0"),
+    ],
+)
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_mask_url() -> None:
+    assert mask_url("amqp://guest:guest@h:5672/") == "amqp://guest:***@h:5672/"
+    assert mask_url("amqp://h/") == "amqp://h/"
+
+
+def test_validation_errors_do_not_echo_input() -> None:
+    with pytest.raises(ValidationError) as caught:
+        PrepareExport.model_validate_json(b'{"job_id": "j", "vm_id": "SECRET\\nVALUE"}')
+    text = describe_validation_error(caught.value)
+    assert "vm_id:" in text
+    assert "SECRET" not in text
+    assert "\n" not in text
+
+
+def test_request_queue_is_a_quorum_queue_that_dead_letters() -> None:
+    args = request_queue_arguments("q.dead", 5)
+    assert args["x-queue-type"] == "quorum"
+    assert args["x-dead-letter-routing-key"] == "q.dead"
+    assert args["x-delivery-limit"] == 5
+
+
+def test_split_statements_ignores_comments() -> None:
+    sql = "-- header; with a semicolon\nCREATE TABLE a (x INT);\n\nCREATE TABLE b (y INT);\n"
+    assert split_statements(sql) == ["CREATE TABLE a (x INT)", "CREATE TABLE b (y INT)"]
+
+
+@pytest.mark.parametrize(
+    ("errno", "kind"),
+    [
+        (1213, TransientDatabaseError),
+        (1205, TransientDatabaseError),
+        (2013, TransientDatabaseError),
+        (1146, DatabaseError),
+    ],
+)
+def test_translate_error(errno: int, kind: type[Exception]) -> None:
+    error = translate_error(pymysql.err.OperationalError(errno, "x"))
+    assert type(error) is kind
+    assert error.retryable is (kind is TransientDatabaseError)
+
+
+def test_database_name_is_validated() -> None:
+    assert database_name(AnyUrl("mysql://root@h/nbd_exports")) == "nbd_exports"
+    with pytest.raises(ValueError, match="database"):
+        database_name(AnyUrl("mysql://root@h/bad-name"))

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import ast
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+import worker.flow
+from tests.fakes import FakeExportServer, InMemoryMappings
+from worker.devices import DevicePolicy
+from worker.errors import DeviceInUse, DeviceNotFound
+from worker.flow import ExportFlow, KeyedLocks, decide
+from worker.mappings import Mapping
+from worker.messages import Action, PrepareExport
+
+VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
+
+
+def request(device: Path | str, *, vm: str = VM, disk: int = 0, job: str = "j") -> PrepareExport:
+    return PrepareExport(
+        job_id=job, vm_id=vm, vm_name="vm", disk_unit_number=disk, device_path=str(device)
+    )
+
+
+def mapping(device: str, status: str = "active") -> Mapping:
+    now = datetime.now(UTC)
+    return Mapping.model_validate(
+        {
+            "id": 1,
+            "vm_id": VM,
+            "disk_unit_number": 0,
+            "vm_name": "vm",
+            "export_name": "e",
+            "device_path": device,
+            "status": status,
+            "created_at": now,
+            "updated_at": now,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "device", "live", "expected"),
+    [
+        (None, "/dev/vdb", False, Action.CREATED),
+        (None, "/dev/vdb", True, Action.CREATED),
+        (mapping("/dev/vdb", "inactive"), "/dev/vdb", True, Action.CREATED),
+        (mapping("/dev/vdb"), "/dev/vdb", True, Action.REUSED),
+        (mapping("/dev/vdb"), "/dev/vdb", False, Action.RECREATED),
+        (mapping("/dev/vdb"), "/dev/vdc", True, Action.RELINKED),
+        (mapping("/dev/vdb"), "/dev/vdc", False, Action.RELINKED),
+    ],
+)
+def test_decide(row: Mapping | None, device: str, live: bool, expected: Action) -> None:
+    assert decide(row, request(device), live) is expected
+
+
+def test_flow_imports_no_io_libraries() -> None:
+    tree = ast.parse(Path(worker.flow.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+            imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+    forbidden = {"aio_pika", "aiomysql", "pymysql", "asyncio.subprocess", "os.kill", "signal"}
+    assert not {name for name in imported if name.split(".")[0] in forbidden or name in forbidden}
+    assert "worker.repository" not in imported
+    assert not any(name.startswith("worker.nbd") for name in imported)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "vdb"
+    path.write_bytes(b"")
+    return path
+
+
+def make_flow(tmp_path: Path) -> tuple[ExportFlow, InMemoryMappings, FakeExportServer]:
+    mappings, server = InMemoryMappings(), FakeExportServer()
+    flow = ExportFlow(
+        mappings,
+        server,
+        DevicePolicy((tmp_path,), allow_regular_files=True),
+        nbd_host="h",
+        nbd_port=1,
+    )
+    return flow, mappings, server
+
+
+async def test_create_then_reuse(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    first = await flow.prepare_export(request(disk))
+    second = await flow.prepare_export(request(disk))
+    assert (first.action, first.reused) == (Action.CREATED, False)
+    assert (second.action, second.reused) == (Action.REUSED, True)
+    assert server.sighups == 1
+    assert mappings.claims == 1
+
+
+async def test_concurrent_jobs_for_one_disk_make_one_create(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    server.delay_s = 0.01
+    replies = await asyncio.gather(*(flow.prepare_export(request(disk)) for _ in range(10)))
+    assert sorted(r.action for r in replies) == [Action.CREATED] + [Action.REUSED] * 9
+    assert server.ensure_calls == 1
+    assert mappings.claims == 1
+
+
+async def test_device_in_use_changes_nothing(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    other = "11111111-2222-3333-4444-555555555555"
+    with pytest.raises(DeviceInUse, match="migration-vm-4205784a"):
+        await flow.prepare_export(request(disk, vm=other))
+    assert len(mappings.rows) == 1
+    assert server.ensure_calls == 1
+
+
+async def test_missing_device_touches_nothing(tmp_path: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    with pytest.raises(DeviceNotFound):
+        await flow.prepare_export(request(tmp_path / "absent"))
+    assert mappings.claims == 0
+    assert server.ensure_calls == 0
+
+
+async def test_relink_and_recreate(tmp_path: Path, disk: Path) -> None:
+    flow, _mappings, server = make_flow(tmp_path)
+    other = tmp_path / "vdc"
+    other.write_bytes(b"")
+    await flow.prepare_export(request(disk))
+    moved = await flow.prepare_export(request(other))
+    assert (moved.action, moved.reused) == (Action.RELINKED, True)
+    assert server.links[moved.export_name] == str(other)
+    server.listed.clear()  # the server restarted without the snippet
+    again = await flow.prepare_export(request(other))
+    assert (again.action, again.reused) == (Action.RECREATED, False)
+
+
+async def test_keyed_locks_are_dropped_when_free() -> None:
+    locks = KeyedLocks()
+    order: list[int] = []
+
+    async def hold(i: int) -> None:
+        async with locks.hold(("vm", 0)):
+            order.append(i)
+            await asyncio.sleep(0.001)
+            order.append(i)
+
+    await asyncio.gather(*(hold(i) for i in range(3)))
+    assert order == [0, 0, 1, 1, 2, 2]
+    assert len(locks) == 0

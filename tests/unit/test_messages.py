@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from worker.messages import ExportFailed, PrepareExport, export_name, salvage_job_id
+
+VALID: dict[str, Any] = {
+    "job_id": "job-42",
+    "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59",
+    "vm_name": "pgtest2",
+    "disk_unit_number": 0,
+    "device_path": "/dev/vdb",
+}
+
+
+def test_valid_request_is_parsed_and_vm_id_lower_cased() -> None:
+    req = PrepareExport.model_validate({**VALID, "vm_id": VALID["vm_id"].upper(), "extra": 1})
+    assert req.vm_id == VALID["vm_id"]
+    assert req.export_name == "migration-vm-4205784a-098a-40f1-1f1e-a5cd2597fd59-disk0"
+
+
+def test_export_name_follows_the_contract() -> None:
+    assert export_name("ABCDEF01-0000-0000-0000-000000000000", 12) == (
+        "migration-vm-abcdef01-0000-0000-0000-000000000000-disk12"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("job_id", ""),
+        ("job_id", "a" * 129),
+        ("job_id", "job 42"),
+        ("job_id", "job/42"),
+        ("vm_id", "4205784a-098a-40f1-1f1e-a5cd2597fd5"),
+        ("vm_id", "4205784a-098a-40f1-1f1e-a5cd2597fd59\n"),
+        ("vm_id", "4205784a-098a-40f1-1f1e-a5cd2597fd5]"),
+        ("vm_id", "4205784a098a40f11f1ea5cd2597fd59"),
+        ("vm_id", "g205784a-098a-40f1-1f1e-a5cd2597fd59"),
+        ("vm_name", ""),
+        ("vm_name", "x" * 256),
+        ("vm_name", "line\nbreak"),
+        ("vm_name", "bell\x07"),
+        ("disk_unit_number", -1),
+        ("disk_unit_number", 256),
+        ("disk_unit_number", "0"),
+        ("disk_unit_number", True),
+        ("disk_unit_number", 1.5),
+        ("device_path", "dev/vdb"),
+        ("device_path", "/dev/../etc/passwd"),
+        ("device_path", "/dev/./vdb"),
+        ("device_path", "/dev//vdb"),
+        ("device_path", "/dev/vdb/"),
+        ("device_path", "/dev/vd b"),
+        ("device_path", "/dev/vdb\n"),
+        ("device_path", "/dev/$(reboot)"),
+        ("device_path", "/dev/" + "a" * 1100),
+        ("device_path", "/"),
+    ],
+)
+def test_invalid_fields_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        PrepareExport.model_validate({**VALID, field: value})
+    assert caught.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize("field", list(VALID))
+def test_every_field_is_required(field: str) -> None:
+    body = {k: v for k, v in VALID.items() if k != field}
+    with pytest.raises(ValidationError):
+        PrepareExport.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/dev/vdb", "/dev/disk/by-id/virtio-0a1b2c3d4e5f6a7b8c9d", "/dev/disk/by-path/pci-0:05.0"],
+)
+def test_device_paths_udev_uses_are_accepted(path: str) -> None:
+    assert PrepareExport.model_validate({**VALID, "device_path": path}).device_path == path
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (json.dumps({"job_id": "job-1", "vm_id": "bad"}).encode(), "job-1"),
+        (json.dumps({"job_id": "bad id\n"}).encode(), None),
+        (json.dumps({"job_id": 42}).encode(), None),
+        (b"[1, 2]", None),
+        (b"not json", None),
+        (b"\xff\xfe", None),
+    ],
+)
+def test_salvage_job_id_only_returns_well_formed_ids(body: bytes, expected: str | None) -> None:
+    assert salvage_job_id(body) == expected
+
+
+def test_error_reply_shape() -> None:
+    reply = ExportFailed.model_validate(
+        {"job_id": None, "error": {"code": "invalid_request", "message": "m"}}
+    )
+    assert json.loads(reply.model_dump_json()) == {
+        "job_id": None,
+        "vm_id": None,
+        "disk_unit_number": None,
+        "status": "error",
+        "error": {"code": "invalid_request", "message": "m"},
+    }

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ServerUnavailable
+from worker.nbd.files import (
+    ExportSpec,
+    link_target,
+    point_link,
+    render_snippet,
+    snippet_path,
+    write_snippet,
+)
+from worker.nbd.probe import parse_listing
+from worker.nbd.process import (
+    ReloadLock,
+    check_main_process,
+    config_from_cmdline,
+    parse_stat,
+    parse_version,
+    read_pid_file,
+)
+
+
+def test_parse_listing_matches_whole_lines() -> None:
+    names = parse_listing("Negotiation: ..\nexport-disk1\nexport-disk10\n\n")
+    assert names == {"export-disk1", "export-disk10"}
+    assert "export-disk" not in names
+    assert parse_listing("Negotiation: ..\n") == frozenset()
+
+
+def test_parse_stat_handles_odd_command_names() -> None:
+    stat_line = "1234 (nbd (server) x) S 1 1234 1234 0 -1 4194560 0 0"
+    assert parse_stat(stat_line).state == "S"
+    assert parse_stat(stat_line).session == 1234
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nbd-server"], "/etc/nbd-server/config"),
+        (["nbd-server", "-C", "/a/config", "-p", "/run/x.pid"], "/a/config"),
+        (["nbd-server", "-C/a/config"], "/a/config"),
+        (["nbd-server", "--config-file", "/b"], "/b"),
+        (["nbd-server", "--config-file=/c"], "/c"),
+        (["nbd-server", "-n", "-C", "/d"], "/d"),
+    ],
+)
+def test_config_from_cmdline(argv: list[str], expected: str) -> None:
+    assert config_from_cmdline(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("This is nbd-server version 3.26.1\n", (3, 26, 1)),
+        ("This is nbd-server version 3.24", (3, 24, 0)),
+        ("junk\nThis is nbd-server version 3.25.2-rc1", (3, 25, 2)),
+    ],
+)
+def test_parse_version(text: str, expected: tuple[int, int, int]) -> None:
+    assert parse_version(text) == expected
+
+
+def test_parse_version_without_a_version() -> None:
+    with pytest.raises(ValueError, match="no nbd-server version"):
+        parse_version("command not found")
+
+
+def test_pid_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ServerUnavailable, match="cannot read"):
+        read_pid_file(tmp_path / "absent.pid")
+    bad = tmp_path / "bad.pid"
+    bad.write_text("12ab\n")
+    with pytest.raises(ServerUnavailable, match="no valid pid"):
+        read_pid_file(bad)
+    bad.write_text("1\n")
+    with pytest.raises(ServerUnavailable, match="no valid pid"):
+        read_pid_file(bad)
+
+
+def test_this_process_is_not_taken_for_nbd_server(tmp_path: Path) -> None:
+    with pytest.raises(ServerUnavailable):
+        check_main_process(os.getpid(), tmp_path / "config")
+
+
+def test_render_snippet_is_a_section_naming_the_link() -> None:
+    text = render_snippet(ExportSpec("migration-vm-x-disk0", Path("/links/migration-vm-x-disk0")))
+    assert "[migration-vm-x-disk0]\n" in text
+    assert "exportname = /links/migration-vm-x-disk0\n" in text
+
+
+def test_write_snippet_is_atomic_idempotent_and_leaves_no_temp(tmp_path: Path) -> None:
+    spec = ExportSpec("e0", tmp_path / "links" / "e0")
+    assert write_snippet(tmp_path, spec) is True
+    assert write_snippet(tmp_path, spec) is False
+    path = snippet_path(tmp_path, "e0")
+    assert path.read_text() == render_snippet(spec)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0.conf"]
+
+
+def test_point_link_repoints_atomically(tmp_path: Path) -> None:
+    link = tmp_path / "e0"
+    assert point_link(link, "/dev/vdb") is True
+    assert point_link(link, "/dev/vdb") is False
+    assert point_link(link, "/dev/vdc") is True
+    assert link_target(link) == "/dev/vdc"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0"]
+
+
+async def test_reload_lock_serializes_and_times_out(tmp_path: Path) -> None:
+    lock = ReloadLock(tmp_path / ".lock")
+    other = ReloadLock(tmp_path / ".lock")  # another process's view: only the flock is shared
+    async with lock.hold(1):
+        with pytest.raises(TimeoutError):
+            async with other.hold(0.05):
+                pass
+        with pytest.raises(TimeoutError):
+            async with lock.hold(0.05):
+                pass
+    async with other.hold(1) as waited:
+        assert waited < 1
+
+
+async def test_reload_lock_waiters_run_in_turn(tmp_path: Path) -> None:
+    lock = ReloadLock(tmp_path / ".lock")
+    inside = 0
+    peak = 0
+
+    async def critical() -> None:
+        nonlocal inside, peak
+        async with lock.hold(5):
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.001)
+            inside -= 1
+
+    await asyncio.gather(*(critical() for _ in range(10)))
+    assert peak == 1
