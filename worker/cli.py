@@ -1,7 +1,8 @@
 """`nbd-export-worker`: the command line, and the only place that wires objects together.
 
 Exit codes: 0 success; 1 a runtime failure (service unreachable, migration failed);
-2 bad usage or settings; 3 the nbd-server must not be used (too old).
+2 bad usage or settings; 3 the nbd-server must not be used (too old);
+4 `request` got no reply in time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import aio_pika
 from pydantic import ValidationError
@@ -22,10 +25,12 @@ from worker.consumer import JobConsumer
 from worker.devices import DevicePolicy
 from worker.errors import UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
+from worker.messages import write_schemas
 from worker.metrics import Metrics, build_metrics, serve_metrics
 from worker.nbd.process import format_version
 from worker.nbd.server import NbdServer
 from worker.repository import Repository, migrate
+from worker.requester import request_export
 from worker.settings import Settings, mask_url
 
 log = logging.getLogger("worker")
@@ -34,6 +39,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED_SERVER = 3
+EXIT_TIMEOUT = 4
 
 
 async def serve(
@@ -67,7 +73,9 @@ async def serve(
             settings.amqp_url, timeout=settings.db_connect_timeout_s
         )
         async with connection:
-            channel = await connection.channel(publisher_confirms=True)
+            # Confirms: a job is acked only after its reply is safely with the broker.
+            # on_return_raises: an unroutable reply raises instead of vanishing.
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             flow = ExportFlow(
                 repository,
                 server,
@@ -117,6 +125,25 @@ async def _run(settings: Settings) -> int:
     return EXIT_OK
 
 
+async def _request(settings: Settings, args: argparse.Namespace) -> int:
+    job = {
+        "job_id": args.job_id or f"cli-{uuid.uuid4().hex[:12]}",
+        "vm_id": args.vm_id,
+        "vm_name": args.vm_name,
+        "disk_unit_number": args.disk,
+        "device_path": args.device,
+    }
+    try:
+        reply = await request_export(
+            settings.amqp_url, settings.request_queue, job, timeout_s=args.timeout
+        )
+    except TimeoutError:
+        print(f"no reply within {args.timeout:g} s (is the worker running?)", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(json.dumps(reply, indent=2))
+    return EXIT_OK if reply.get("status") == "ready" else EXIT_FAILURE
+
+
 async def _migrate(settings: Settings) -> int:
     try:
         applied = await migrate(settings.database_url, timeout_s=settings.db_connect_timeout_s)
@@ -138,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="consume prepare-export jobs until SIGTERM/SIGINT")
     commands.add_parser("migrate", help="create the database if missing and apply migrations")
     commands.add_parser("show-config", help="print the effective settings, secrets masked")
+    request = commands.add_parser(
+        "request",
+        help="publish one prepare-export job and print its reply (exit 1 on an error reply)",
+    )
+    request.add_argument("--vm-id", required=True)
+    request.add_argument("--vm-name", required=True)
+    request.add_argument("--disk", type=int, default=0, help="disk_unit_number (default 0)")
+    request.add_argument("--device", required=True, help="device_path on the appliance")
+    request.add_argument("--job-id", help="default: cli-<random>")
+    request.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    schemas = commands.add_parser(
+        "schemas", help="write the JSON Schemas of the messages (default: schema/messages)"
+    )
+    schemas.add_argument("--out", type=Path, default=Path("schema/messages"))
     return parser
 
 
@@ -156,7 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "show-config":
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
         return EXIT_OK
-    runner = _run if args.command == "run" else _migrate
+    if args.command == "schemas":
+        for path in write_schemas(args.out):
+            print(path)
+        return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(runner(settings))
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+        if args.command == "request":
+            return asyncio.run(_request(settings, args))
+        return asyncio.run(_migrate(settings))
     return EXIT_FAILURE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import MYSQL_URL, Scheduler, job, make_disk, unique
+from tests.conftest import MYSQL_URL, RunningWorker, Scheduler, job, make_disk, unique
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
 from worker.cli import serve
 from worker.errors import UnsupportedServer
@@ -171,3 +172,37 @@ def test_migrate_command_exit_code_and_output() -> None:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
+
+
+async def test_request_command_prints_the_reply(
+    worker: RunningWorker, disks_dir: Path, nbd_server: NbdServerProcess
+) -> None:
+    disk = make_disk(disks_dir, "cli")
+    vm = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
+    argv = [sys.executable, "-m", "worker", "request", "--vm-id", vm, "--vm-name", "pgtest2"]
+    argv += ["--disk", "1", "--device", str(disk), "--job-id", "cli-1", "--timeout", "30"]
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        argv,
+        env=env_for(worker.settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["job_id"] == "cli-1"
+    assert reply["action"] == "created"
+    assert reply["export_name"] == f"migration-vm-{vm}-disk1"
+
+    argv[argv.index(str(disk))] = str(disks_dir / "absent")
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        argv,
+        env=env_for(worker.settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["code"] == "device_not_found"

@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from worker.messages import ExportFailed, PrepareExport, export_name, salvage_job_id
+from worker.messages import (
+    DEVICE_PATH_PATTERN,
+    JOB_ID_PATTERN,
+    ExportFailed,
+    PrepareExport,
+    export_name,
+    message_schemas,
+    salvage_job_id,
+)
 
 VALID: dict[str, Any] = {
     "job_id": "job-42",
@@ -109,3 +118,16 @@ def test_error_reply_shape() -> None:
         "status": "error",
         "error": {"code": "invalid_request", "message": "m"},
     }
+
+
+def test_schema_files_match_the_models() -> None:
+    directory = Path(__file__).resolve().parents[2] / "schema" / "messages"
+    on_disk = {p.name: p.read_text() for p in directory.glob("*.json")}
+    assert on_disk == message_schemas(), "run `nbd-export-worker schemas` and commit the result"
+
+
+def test_prepare_export_schema_carries_the_validation_patterns() -> None:
+    schema = json.loads(message_schemas()["prepare-export.json"])
+    assert set(schema["required"]) == set(VALID)
+    assert schema["properties"]["job_id"]["pattern"] == JOB_ID_PATTERN
+    assert schema["properties"]["device_path"]["pattern"] == DEVICE_PATH_PATTERN

@@ -1,0 +1,154 @@
+"""Signals reach nbd-server's main process only; probes never hang; two workers on one
+host never interleave config edits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
+from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
+from worker.errors import ServerUnavailable
+from worker.metrics import build_metrics
+from worker.nbd.probe import list_exports
+from worker.nbd.server import NbdServer
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def children_of(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+async def test_pid_file_naming_a_connection_child_is_never_signalled(
+    worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    pattern = b"child must live"
+    first = await scheduler.request(job(device=make_disk(disks_dir, "a", pattern)))
+    conn = NbdConnection(nbd_server.port, first["export_name"])
+    child = next(c for c in children_of(nbd_server.pid) if pid_running(c))
+    # A stale or tampered pid file that names the per-connection child: same command line,
+    # same config, but not a session leader.
+    wrong_pid_file = nbd_server.root / "wrong.pid"
+    wrong_pid_file.write_text(f"{child}\n")
+    server = NbdServer(
+        worker.settings.model_copy(update={"nbd_pid_file": wrong_pid_file}), build_metrics()
+    )
+
+    with pytest.raises(ServerUnavailable, match="not a session leader"):
+        server.process.send_reload()
+    with pytest.raises(ServerUnavailable, match="not a session leader"):
+        await server.ensure_export("migration-vm-x-disk0", str(disks_dir / "a"))
+
+    assert pid_running(child)
+    assert conn.read(0, len(pattern)) == pattern
+    conn.close()
+
+
+async def test_pid_file_naming_another_program_is_refused(
+    settings: Settings, nbd_server: NbdServerProcess
+) -> None:
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        pid_file = nbd_server.root / "other.pid"
+        pid_file.write_text(str(other.pid))
+        server = NbdServer(settings.model_copy(update={"nbd_pid_file": pid_file}), build_metrics())
+        with pytest.raises(ServerUnavailable, match="not nbd-server"):
+            server.process.send_reload()
+        assert other.poll() is None, "the other program must not have been signalled"
+    finally:
+        other.kill()
+        other.wait()
+
+
+async def test_a_server_with_another_config_is_refused(
+    settings: Settings, nbd_server: NbdServerProcess
+) -> None:
+    server = NbdServer(
+        settings.model_copy(update={"nbd_config_file": Path("/etc/other/config")}),
+        build_metrics(),
+    )
+    with pytest.raises(ServerUnavailable, match="refusing to signal"):
+        server.process.send_reload()
+
+
+async def test_probe_of_a_server_that_never_answers_times_out() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer"):
+            await list_exports("nbd-client", "127.0.0.1", port, timeout_s=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()
+
+
+async def test_probe_of_a_closed_port_fails_fast() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with pytest.raises(ServerUnavailable, match="failed"):
+        await list_exports("nbd-client", "127.0.0.1", port, timeout_s=5)
+
+
+async def test_two_workers_on_one_host_share_the_server_safely(
+    settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    # Two serve() instances: separate asyncio locks, so only the flock keeps them apart.
+    async with running_worker(settings) as one, running_worker(settings) as two:
+        channel = await amqp.channel()
+        scheduler = Scheduler(channel, settings.request_queue)
+        await scheduler.start()
+        devices = [make_disk(disks_dir, f"d{i}", f"disk {i:02d}".encode()) for i in range(30)]
+        corrs = [await scheduler.publish(job(device=d)) for d in devices]
+        replies = await asyncio.gather(*(scheduler.reply(c, 60) for c in corrs))
+        await channel.close()
+        served = one.sample("nbd_export_jobs_total", {"outcome": "created"}) + two.sample(
+            "nbd_export_jobs_total", {"outcome": "created"}
+        )
+    assert [r["action"] for r in replies] == ["created"] * 30
+    assert served == 30
+    assert len(list(settings.nbd_conf_dir.glob("*.conf"))) == 30
+    assert not list(settings.nbd_conf_dir.glob("*.tmp"))
+    listed = set(nbd_server.listed())
+    for i, reply in enumerate(replies):
+        assert reply["export_name"] in listed
+        conn = NbdConnection(nbd_server.port, reply["export_name"])
+        assert conn.read(0, 7) == f"disk {i:02d}".encode()
+        conn.close()
+
+
+async def test_unroutable_reply_to_falls_back_to_the_reply_queue(
+    worker: RunningWorker, scheduler: Scheduler, amqp: AbstractConnection, disks_dir: Path
+) -> None:
+    request = job(device=make_disk(disks_dir, "gone"))
+    await scheduler.channel.default_exchange.publish(
+        aio_pika.Message(json.dumps(request).encode(), reply_to="no-such-queue-for-replies"),
+        routing_key=worker.settings.request_queue,
+    )
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(worker.settings.reply_queue, passive=True)
+    message = None
+    for _ in range(200):
+        message = await queue.get(fail=False)
+        if message is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert message is not None
+    assert json.loads(message.body)["job_id"] == request["job_id"]
+    await message.ack()
+    await channel.close()
