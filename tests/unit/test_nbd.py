@@ -79,9 +79,16 @@ def test_pid_file_errors(tmp_path: Path) -> None:
     bad.write_text("12ab\n")
     with pytest.raises(ServerUnavailable, match="no valid pid"):
         read_pid_file(bad)
-    bad.write_text("1\n")
+    bad.write_text("0\n")
     with pytest.raises(ServerUnavailable, match="no valid pid"):
         read_pid_file(bad)
+    bad.write_text("1\n")
+    assert read_pid_file(bad) == 1
+
+
+def test_init_is_not_taken_for_nbd_server(tmp_path: Path) -> None:
+    with pytest.raises(ServerUnavailable):
+        check_main_process(1, tmp_path / "config")
 
 
 def test_this_process_is_not_taken_for_nbd_server(tmp_path: Path) -> None:

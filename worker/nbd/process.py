@@ -73,7 +73,9 @@ def read_pid_file(pid_file: Path) -> int:
         raise ServerUnavailable(
             f"cannot read nbd-server pid file {pid_file}: {exc.strerror}"
         ) from exc
-    if not text.isdigit() or int(text) <= 1:
+    # pid 1 is allowed: in a container sharing the server's PID namespace, the server is
+    # often its first process. check_main_process still has to accept it before a signal.
+    if not text.isdigit() or int(text) < 1:
         raise ServerUnavailable(f"nbd-server pid file {pid_file} holds no valid pid")
     return int(text)
 
