@@ -1,7 +1,7 @@
 """`nbd-export-worker`: the command line, and the only place that wires objects together.
 
-Exit codes: 0 success; 1 a runtime failure (service unreachable, migration failed);
-2 bad usage or settings; 3 the nbd-server must not be used (too old);
+Exit codes: 0 success; 1 a runtime failure (a service unreachable, an error reply, a failed
+check); 2 bad usage or settings; 3 the nbd-server must not be used (too old);
 4 `request` got no reply in time.
 """
 
@@ -9,27 +9,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import configparser
 import contextlib
 import json
 import logging
-import signal
+import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 from pydantic import ValidationError
 
 from worker.consumer import JobConsumer
-from worker.devices import DevicePolicy
-from worker.errors import UnsupportedServer, WorkerError
+from worker.devices import DevicePolicy, device_present
+from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
-from worker.messages import write_schemas
-from worker.metrics import Metrics, build_metrics, serve_metrics
+from worker.logs import setup_logging
+from worker.messages import VM_ID_PATTERN, write_schemas
+from worker.metrics import Metrics, build_metrics
+from worker.nbd.files import link_target
 from worker.nbd.process import format_version
 from worker.nbd.server import NbdServer
-from worker.repository import Repository, migrate
+from worker.ops_http import OpsServer
+from worker.reconcile import reconcile
+from worker.repository import Repository, latest_migration_version, migrate
 from worker.requester import request_export
 from worker.settings import Settings, mask_url
 
@@ -40,6 +46,52 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED_SERVER = 3
 EXIT_TIMEOUT = 4
+
+
+# --- run --------------------------------------------------------------------------------
+
+
+async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int:
+    """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
+    pid = server.process.verified_pid()
+    if pid != last_pid:
+        version = await server.process.check_version()
+        metrics.server_pid.set(pid)
+        metrics.server_info.info({"version": format_version(version), "pid": str(pid)})
+        if last_pid is not None:
+            log.warning("nbd-server restarted old_pid=%d pid=%d", last_pid, pid)
+    return pid
+
+
+async def _housekeeping(
+    settings: Settings,
+    repository: Repository,
+    server: NbdServer,
+    metrics: Metrics,
+    pid: int,
+) -> None:
+    """Refreshes gauges and reconciles periodically, until cancelled; never raises."""
+    loop = asyncio.get_running_loop()
+    next_reconcile = loop.time() + settings.reconcile_interval_s
+    while True:
+        await asyncio.sleep(settings.housekeeping_interval_s)
+        try:
+            pid = await _record_server(server, metrics, pid)
+            metrics.active_mappings.set(await repository.count_active())
+            metrics.exports_live.set(len(await server.listed_exports()))
+            if settings.reconcile_interval_s and loop.time() >= next_reconcile:
+                next_reconcile = loop.time() + settings.reconcile_interval_s
+                await _reconcile_and_record(repository, server, metrics)
+        except WorkerError as exc:
+            log.warning("Housekeeping failed: %s", exc)
+
+
+async def _reconcile_and_record(
+    repository: Repository, server: NbdServer, metrics: Metrics
+) -> None:
+    report = await reconcile(repository, server, dry_run=False)
+    for kind, count in report.drift().items():
+        metrics.drift.labels(kind=kind).set(count)
 
 
 async def serve(
@@ -55,23 +107,24 @@ async def serve(
     """
     metrics = metrics or build_metrics()
     server = NbdServer(settings, metrics)
-    version = await server.process.check_version()
-    log.info(
-        "nbd-server %s main pid=%d config=%s",
-        format_version(version),
-        server.process.verified_pid(),
-        settings.nbd_config_file,
-    )
+    pid = await _record_server(server, metrics, None)
+    log.info("nbd-server main pid=%d config=%s", pid, settings.nbd_config_file)
     settings.link_dir.mkdir(parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
         pool_size=settings.db_pool_size,
         timeout_s=settings.db_connect_timeout_s,
+        on_retry=metrics.retries.labels(operation="database").inc,
     )
+    ops: OpsServer | None = None
+    housekeeping: asyncio.Task[None] | None = None
     try:
+        if settings.reconcile_on_start:
+            await _reconcile_and_record(repository, server, metrics)
         connection = await aio_pika.connect_robust(
             settings.amqp_url, timeout=settings.db_connect_timeout_s
         )
+        connection.reconnect_callbacks.add(lambda *_: metrics.broker_reconnects.inc())
         async with connection:
             # Confirms: a job is acked only after its reply is safely with the broker.
             # on_return_raises: an unroutable reply raises instead of vanishing.
@@ -94,10 +147,42 @@ async def serve(
                 publish_timeout_s=settings.publish_timeout_s,
             )
             await consumer.start()
-            serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+
+            async def readiness() -> dict[str, str | None]:
+                checks: dict[str, str | None] = {
+                    "broker": None
+                    if consumer.is_consuming and not connection.is_closed
+                    else "not connected or not consuming"
+                }
+                try:
+                    await asyncio.wait_for(repository.ping(), settings.probe_timeout_s)
+                    checks["database"] = None
+                except (WorkerError, TimeoutError) as exc:
+                    checks["database"] = str(exc) or "timed out"
+                try:
+                    server.process.verified_pid()
+                    await server.listed_exports()
+                    checks["nbd_server"] = None
+                except WorkerError as exc:
+                    checks["nbd_server"] = str(exc)
+                return checks
+
+            if settings.metrics_port:
+                ops = OpsServer(
+                    asyncio.get_running_loop(),
+                    metrics.registry,
+                    readiness,
+                    host=settings.metrics_host,
+                    port=settings.metrics_port,
+                )
+                ops.start()
+            housekeeping = asyncio.create_task(
+                _housekeeping(settings, repository, server, metrics, pid)
+            )
             log.info(
-                "Worker ready broker=%s metrics_port=%d",
+                "Worker ready broker=%s queue=%s metrics_port=%d",
                 mask_url(settings.amqp_url),
+                settings.request_queue,
                 settings.metrics_port,
             )
             if started is not None:
@@ -106,13 +191,19 @@ async def serve(
             log.info("Stopping: no new jobs; draining those in flight")
             await consumer.stop(settings.shutdown_grace_s)
     finally:
+        if housekeeping is not None:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+        if ops is not None:
+            ops.stop()
         await repository.close()
 
 
 async def _run(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal_number("SIGTERM"), signal_number("SIGINT")):
         loop.add_signal_handler(signum, stop.set)
     try:
         await serve(settings, stop)
@@ -123,6 +214,186 @@ async def _run(settings: Settings) -> int:
         log.critical("Cannot start: %s", exc)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name))
+
+
+# --- operator commands ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdServer]]:
+    repository = await Repository.connect(
+        settings.database_url, pool_size=2, timeout_s=settings.db_connect_timeout_s
+    )
+    try:
+        yield repository, NbdServer(settings, build_metrics())
+    finally:
+        await repository.close()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    async with _adapters(settings) as (repository, server):
+        mappings = await repository.list_mappings(active_only=not args.all)
+        try:
+            listed: frozenset[str] | None = await server.listed_exports()
+        except ServerUnavailable as exc:
+            print(f"warning: cannot list exports: {exc}", file=sys.stderr)
+            listed = None
+        rows = []
+        for m in mappings:
+            is_listed = listed is not None and m.export_name in listed
+            size = await server.servable_size(m.export_name) if is_listed else None
+            rows.append(
+                {
+                    "export_name": m.export_name,
+                    "vm_id": m.vm_id,
+                    "disk_unit_number": m.disk_unit_number,
+                    "vm_name": m.vm_name,
+                    "status": m.status,
+                    "device_path": m.device_path,
+                    "device_present": device_present(m.device_path),
+                    "link_target": link_target(server.spec(m.export_name).link_path),
+                    "listed": is_listed,
+                    "servable": size is not None,
+                    "size_bytes": size,
+                    "updated_at": m.updated_at.isoformat(),
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(
+            _table(
+                rows,
+                [
+                    "export_name",
+                    "status",
+                    "device_path",
+                    "device_present",
+                    "link_target",
+                    "listed",
+                    "servable",
+                ],
+            )
+        )
+    else:
+        print("no mappings")
+    return EXIT_OK if listed is not None else EXIT_FAILURE
+
+
+async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    async with _adapters(settings) as (repository, server):
+        report = await reconcile(repository, server, dry_run=args.dry_run)
+    print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+async def _release(settings: Settings, args: argparse.Namespace) -> int:
+    async with _adapters(settings) as (repository, server):
+        # The row first: if the files' removal is interrupted, reconciliation removes the
+        # files of inactive mappings; the other order could resurrect a released export.
+        mapping = await repository.deactivate(args.vm_id.lower(), args.disk)
+        if mapping is None:
+            print(f"no mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
+            return EXIT_FAILURE
+        await server.remove_export(mapping.export_name)
+    print(json.dumps({"export_name": mapping.export_name, "status": mapping.status}))
+    return EXIT_OK
+
+
+def _read_server_config(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.read_string(path.read_text())
+    return parser
+
+
+async def _check(settings: Settings) -> int:
+    """Pre-flight: every problem found, not just the first."""
+    results: list[tuple[str, str | None]] = []
+    server = NbdServer(settings, build_metrics())
+
+    try:
+        pid = server.process.verified_pid()
+        version = await server.process.check_version()
+        results.append((f"nbd-server main process {pid}, version {format_version(version)}", None))
+    except WorkerError as exc:
+        results.append(("nbd-server main process and version", str(exc)))
+    try:
+        config = _read_server_config(settings.nbd_config_file)
+        generic = config["generic"] if config.has_section("generic") else {}
+        allowlist = str(generic.get("allowlist", "false")).strip().lower()
+        includedir = str(generic.get("includedir", "")).strip()
+        results.append(
+            (
+                "config: allowlist = true",
+                None
+                if allowlist in ("true", "1")
+                else f"{settings.nbd_config_file} [generic] allowlist is {allowlist!r}: the worker "
+                "cannot list exports",
+            )
+        )
+        results.append(
+            (
+                "config: includedir is EXPORT_WORKER_NBD_CONF_DIR",
+                None
+                if includedir == str(settings.nbd_conf_dir)
+                else f"includedir is {includedir!r}, the worker writes to {settings.nbd_conf_dir}",
+            )
+        )
+    except (OSError, configparser.Error) as exc:
+        results.append((f"config {settings.nbd_config_file} readable", str(exc)))
+    for label, directory in (
+        ("includedir", settings.nbd_conf_dir),
+        ("link directory", settings.link_dir),
+    ):
+        ok = directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+        results.append((f"{label} {directory} writable", None if ok else "missing or not writable"))
+    try:
+        await server.listed_exports()
+        results.append((f"listing exports at {settings.nbd_host}:{settings.nbd_port}", None))
+    except WorkerError as exc:
+        results.append(("listing exports", str(exc)))
+    try:
+        connection = await aio_pika.connect(
+            settings.amqp_url, timeout=settings.db_connect_timeout_s
+        )
+        await connection.close()
+        results.append((f"broker {mask_url(settings.amqp_url)} reachable", None))
+    except Exception as exc:
+        results.append((f"broker {mask_url(settings.amqp_url)} reachable", type(exc).__name__))
+    try:
+        async with _adapters(settings) as (repository, _):
+            version_db = await repository.schema_version()
+        latest = latest_migration_version()
+        results.append(
+            (
+                "database reachable and migrated",
+                None
+                if version_db >= latest
+                else f"schema version {version_db}, latest {latest}: run migrate",
+            )
+        )
+    except Exception as exc:
+        results.append(("database reachable and migrated", str(exc) or type(exc).__name__))
+
+    for label, problem in results:
+        print(
+            f"{'ok  ' if problem is None else 'FAIL'} {label}" + (f": {problem}" if problem else "")
+        )
+    return EXIT_OK if all(problem is None for _, problem in results) else EXIT_FAILURE
 
 
 async def _request(settings: Settings, args: argparse.Namespace) -> int:
@@ -154,27 +425,52 @@ async def _migrate(settings: Settings) -> int:
     return EXIT_OK
 
 
+# --- parsing ----------------------------------------------------------------------------
+
+
+def _vm_id(value: str) -> str:
+    import re
+
+    if not re.fullmatch(VM_ID_PATTERN, value):
+        raise argparse.ArgumentTypeError("expected 8-4-4-4-12 hex digits")
+    return value.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbd-export-worker",
         description="Prepares NBD exports of VM disks for migration jobs. Settings come from "
-        "EXPORT_WORKER_* environment variables (see README).",
+        "EXPORT_WORKER_* environment variables (see README). Exit codes: 0 ok, 1 failure, "
+        "2 usage or settings, 3 nbd-server too old, 4 no reply in time.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="consume prepare-export jobs until SIGTERM/SIGINT")
     commands.add_parser("migrate", help="create the database if missing and apply migrations")
-    commands.add_parser("show-config", help="print the effective settings, secrets masked")
-    request = commands.add_parser(
-        "request",
-        help="publish one prepare-export job and print its reply (exit 1 on an error reply)",
+    status = commands.add_parser(
+        "status", help="mappings with their live state (listed, servable, link, device)"
     )
-    request.add_argument("--vm-id", required=True)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--all", action="store_true", help="include inactive mappings")
+    rec = commands.add_parser(
+        "reconcile", help="make snippets, links and the server agree with the active mappings"
+    )
+    rec.add_argument("--dry-run", action="store_true", help="report only, change nothing")
+    request = commands.add_parser(
+        "request", help="publish one prepare-export job and print its reply (exit 1 on error)"
+    )
+    request.add_argument("--vm-id", required=True, type=_vm_id)
     request.add_argument("--vm-name", required=True)
     request.add_argument("--disk", type=int, default=0, help="disk_unit_number (default 0)")
     request.add_argument("--device", required=True, help="device_path on the appliance")
     request.add_argument("--job-id", help="default: cli-<random>")
     request.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    release = commands.add_parser(
+        "release", help="mark a mapping inactive and remove its link and snippet"
+    )
+    release.add_argument("--vm-id", required=True, type=_vm_id)
+    release.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    commands.add_parser("check", help="pre-flight checks; exit 1 listing what is wrong")
+    commands.add_parser("show-config", help="print the effective settings, secrets masked")
     schemas = commands.add_parser(
         "schemas", help="write the JSON Schemas of the messages (default: schema/messages)"
     )
@@ -184,16 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
     try:
         settings = Settings()
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    setup_logging(settings.log_format, settings.log_level)
     if args.command == "show-config":
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
         return EXIT_OK
@@ -201,10 +493,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in write_schemas(args.out):
             print(path)
         return EXIT_OK
+    commands = {
+        "run": lambda: _run(settings),
+        "migrate": lambda: _migrate(settings),
+        "status": lambda: _status(settings, args),
+        "reconcile": lambda: _reconcile(settings, args),
+        "release": lambda: _release(settings, args),
+        "check": lambda: _check(settings),
+        "request": lambda: _request(settings, args),
+    }
     with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "run":
-            return asyncio.run(_run(settings))
-        if args.command == "request":
-            return asyncio.run(_request(settings, args))
-        return asyncio.run(_migrate(settings))
+        try:
+            return asyncio.run(commands[args.command]())
+        except WorkerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     return EXIT_FAILURE

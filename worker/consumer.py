@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from worker.errors import WorkerError
 from worker.flow import ExportFlow
+from worker.logs import bind_job
 from worker.messages import (
     ErrorCode,
     ErrorDetail,
@@ -141,14 +142,20 @@ class JobConsumer:
             if pending:
                 await asyncio.wait(pending)
 
+    @property
+    def is_consuming(self) -> bool:
+        return self._consumer_tag is not None and not self._channel.is_closed
+
     async def handle(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         self._metrics.in_flight.inc()
+        bind_job(correlation_id=message.correlation_id)
         started = time.monotonic()
         try:
             reply, settle, outcome = await self._serve(message)
+            bind_job(outcome=outcome)
             try:
                 await self._replies.publish(
                     reply, reply_to=message.reply_to, correlation_id=message.correlation_id
@@ -159,12 +166,15 @@ class JobConsumer:
                 log.exception(
                     "Reply not confirmed; returning job to the queue job_id=%s", reply.job_id
                 )
+                self._metrics.requeued.inc()
                 await message.nack(requeue=True)
                 return
             if settle is Settle.ACK:
                 await message.ack()
             else:
                 await message.reject(requeue=False)
+                code = reply.error.code if isinstance(reply, ExportFailed) else "none"
+                self._metrics.dead_lettered.labels(code=code).inc()
             self._metrics.jobs.labels(outcome=outcome).inc()
             self._metrics.job_duration.observe(time.monotonic() - started)
         finally:
@@ -204,6 +214,12 @@ class JobConsumer:
                 Settle.DEAD_LETTER,
                 "invalid",
             )
+        bind_job(
+            job_id=request.job_id,
+            vm_id=request.vm_id,
+            disk=request.disk_unit_number,
+            export_name=request.export_name,
+        )
         try:
             ready = await self._flow.prepare_export(request)
         except WorkerError as exc:

@@ -44,3 +44,8 @@ class DevicePolicy:
         if stat.S_ISREG(mode) and self.allow_regular_files:
             return
         raise InvalidRequest(f"device_path {device_path} is not a block device")
+
+
+def device_present(device_path: str) -> bool:
+    """Whether the device (or what its link points at) exists now: a local stat, no wait."""
+    return os.path.exists(device_path)

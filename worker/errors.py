@@ -43,6 +43,10 @@ class ServerUnavailable(WorkerError):
     retryable = True
 
 
+class ProbeTimeout(ServerUnavailable):
+    """A probe got no answer in time: the server may be hung (accepts, never answers)."""
+
+
 class UnsupportedServer(ServerUnavailable):
     """The running nbd-server must not be signalled (too old); fatal at start-up."""
 

@@ -1,13 +1,14 @@
-"""Prometheus metrics: one registry per worker, built here, served on /metrics.
+"""Prometheus metrics: one registry per worker, built here.
 
-Labels take bounded values only (actions, outcomes), never job or VM ids.
+Names follow Prometheus conventions (base units, `_total` counters, `_seconds` durations);
+labels take bounded values only (actions, outcomes, codes, reasons), never job or VM ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 #: Jobs span ~1 ms (reuse) to seconds (a create on a busy server).
 JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -18,67 +19,109 @@ class Metrics:
     registry: CollectorRegistry
     jobs: Counter
     job_duration: Histogram
+    in_flight: Gauge
+    dead_lettered: Counter
+    retries: Counter
+    requeued: Counter
+    broker_reconnects: Counter
     sighups: Counter
     sighup_failures: Counter
     reload_visible: Histogram
     lock_wait: Histogram
     probe_duration: Histogram
     probe_failures: Counter
-    in_flight: Gauge
+    active_mappings: Gauge
+    exports_live: Gauge
+    drift: Gauge
+    server_pid: Gauge
+    server_info: Info
 
 
 def build_metrics() -> Metrics:
-    registry = CollectorRegistry()
+    r = CollectorRegistry()
     return Metrics(
-        registry=registry,
+        registry=r,
         jobs=Counter(
             "nbd_export_jobs",
-            "Jobs handled, by outcome (the action taken, or failed/invalid).",
+            "Jobs handled, by outcome: the action taken, failed, or invalid.",
             ["outcome"],
-            registry=registry,
+            registry=r,
         ),
         job_duration=Histogram(
             "nbd_export_job_duration_seconds",
             "Time from receiving a job to its reply being confirmed.",
             buckets=JOB_BUCKETS,
-            registry=registry,
+            registry=r,
+        ),
+        in_flight=Gauge("nbd_export_jobs_in_flight", "Jobs being handled now.", registry=r),
+        dead_lettered=Counter(
+            "nbd_export_dead_lettered",
+            "Requests rejected to the dead-letter queue, by error code.",
+            ["code"],
+            registry=r,
+        ),
+        retries=Counter(
+            "nbd_export_retries",
+            "Retries of a failed operation, by operation.",
+            ["operation"],
+            registry=r,
+        ),
+        requeued=Counter(
+            "nbd_export_requeued",
+            "Requests returned to the queue because their reply was not confirmed.",
+            registry=r,
+        ),
+        broker_reconnects=Counter(
+            "nbd_export_broker_reconnects", "Reconnections to RabbitMQ.", registry=r
         ),
         sighups=Counter(
-            "nbd_server_sighups", "SIGHUPs sent to nbd-server's main process.", registry=registry
+            "nbd_server_sighups", "SIGHUPs sent to nbd-server's main process.", registry=r
         ),
         sighup_failures=Counter(
             "nbd_server_sighup_failures",
-            "Reloads that could not be sent (main process missing or not verified).",
-            registry=registry,
+            "Reloads not sent: the main process was missing or failed verification.",
+            registry=r,
         ),
         reload_visible=Histogram(
             "nbd_server_reload_visible_seconds",
             "Time from a SIGHUP until every new export is listed.",
             buckets=JOB_BUCKETS,
-            registry=registry,
+            registry=r,
         ),
         lock_wait=Histogram(
             "nbd_export_config_lock_wait_seconds",
             "Time spent waiting for the config/reload lock.",
             buckets=JOB_BUCKETS,
-            registry=registry,
+            registry=r,
         ),
         probe_duration=Histogram(
             "nbd_server_probe_duration_seconds",
             "Duration of listing probes of nbd-server.",
             buckets=JOB_BUCKETS,
-            registry=registry,
+            registry=r,
         ),
         probe_failures=Counter(
             "nbd_server_probe_failures",
-            "Listing probes that failed or timed out.",
-            registry=registry,
+            "Listing probes that failed, by reason: timeout or unavailable.",
+            ["reason"],
+            registry=r,
         ),
-        in_flight=Gauge("nbd_export_jobs_in_flight", "Jobs being handled now.", registry=registry),
+        active_mappings=Gauge(
+            "nbd_export_active_mappings", "Active rows in vm_export_mappings.", registry=r
+        ),
+        exports_live=Gauge(
+            "nbd_server_exports_listed", "Exports the server listed at the last probe.", registry=r
+        ),
+        drift=Gauge(
+            "nbd_export_reconcile_drift",
+            "Differences found by the last reconciliation, by kind.",
+            ["kind"],
+            registry=r,
+        ),
+        server_pid=Gauge(
+            "nbd_server_main_pid",
+            "Pid of nbd-server's main process (changes on restart).",
+            registry=r,
+        ),
+        server_info=Info("nbd_server", "The running nbd-server: version and main pid.", registry=r),
     )
-
-
-def serve_metrics(metrics: Metrics, host: str, port: int) -> None:
-    """Serves /metrics from a daemon thread; port 0 means off."""
-    if port:
-        start_http_server(port, addr=host, registry=metrics.registry)

@@ -56,12 +56,17 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
     return DatabaseError(f"database error {errno}")
 
 
-def retry_policy(*, attempts: int = 5, max_wait_s: float = 2.0) -> AsyncRetrying:
-    """Retries one transaction on transient errors: exponential backoff with full jitter."""
+def retry_policy(
+    *, attempts: int = 5, max_wait_s: float = 2.0, on_retry: Callable[[], None] | None = None
+) -> AsyncRetrying:
+    """Retries one transaction on transient errors: exponential backoff with full jitter,
+    at most `attempts` tries; `on_retry` is called before each new try (to count it)."""
 
     def log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("Retrying database transaction attempt=%d error=%s", state.attempt_number, exc)
+        if on_retry is not None:
+            on_retry()
 
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
@@ -93,11 +98,19 @@ def _connect_args(url: AnyUrl, timeout_s: float) -> dict[str, Any]:
 class Repository:
     """The worker's view of the database. Create with `Repository.connect`."""
 
-    def __init__(self, pool: aiomysql.Pool) -> None:
+    def __init__(self, pool: aiomysql.Pool, on_retry: Callable[[], None] | None = None) -> None:
         self._pool = pool
+        self._on_retry = on_retry
 
     @classmethod
-    async def connect(cls, url: AnyUrl, *, pool_size: int, timeout_s: float) -> Repository:
+    async def connect(
+        cls,
+        url: AnyUrl,
+        *,
+        pool_size: int,
+        timeout_s: float,
+        on_retry: Callable[[], None] | None = None,
+    ) -> Repository:
         try:
             pool = await aiomysql.create_pool(
                 minsize=1,
@@ -109,7 +122,7 @@ class Repository:
             )
         except pymysql.MySQLError as exc:
             raise translate_error(exc) from exc
-        return cls(pool)
+        return cls(pool, on_retry)
 
     async def close(self) -> None:
         self._pool.close()
@@ -137,7 +150,7 @@ class Repository:
             raise translate_error(exc) from exc
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async for attempt in retry_policy():
+        async for attempt in retry_policy(on_retry=self._on_retry):
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
@@ -229,6 +242,60 @@ class Repository:
 
         return await self._retrying(transaction)
 
+    async def list_mappings(self, *, active_only: bool = False) -> list[Mapping]:
+        where = "WHERE status = 'active' " if active_only else ""
+
+        async def query() -> list[Mapping]:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_COLUMNS} FROM vm_export_mappings {where}"  # noqa: S608
+                    "ORDER BY vm_id, disk_unit_number"
+                )
+                return [_row_to_mapping(row) for row in await cur.fetchall()]
+
+        return await self._retrying(query)
+
+    async def count_active(self) -> int:
+        async def query() -> int:
+            async with self._cursor() as cur:
+                await cur.execute("SELECT COUNT(*) FROM vm_export_mappings WHERE status = 'active'")
+                row = await cur.fetchone()
+            return int(row[0])
+
+        return await self._retrying(query)
+
+    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
+        """Marks the mapping inactive (its device is free again); the row, or None."""
+
+        async def transaction() -> Mapping | None:
+            async with self._cursor(transaction=True) as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET status = 'inactive' "
+                    "WHERE vm_id = %s AND disk_unit_number = %s",
+                    (vm_id, disk_unit_number),
+                )
+                await cur.execute(
+                    f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608
+                    "WHERE vm_id = %s AND disk_unit_number = %s",
+                    (vm_id, disk_unit_number),
+                )
+                row = await cur.fetchone()
+            return _row_to_mapping(row) if row else None
+
+        return await self._retrying(transaction)
+
+    async def ping(self) -> None:
+        """Raises TransientDatabaseError/DatabaseError unless a trivial query answers."""
+        async with self._cursor() as cur:
+            await cur.execute("SELECT 1")
+            await cur.fetchone()
+
+    async def schema_version(self) -> int:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            row = await cur.fetchone()
+        return int(row[0])
+
 
 # --- schema migrations -------------------------------------------------------------------
 
@@ -296,3 +363,9 @@ async def migrate(url: AnyUrl, *, timeout_s: float, directory: Path | None = Non
         raise translate_error(exc) from exc
     finally:
         conn.close()
+
+
+def latest_migration_version(directory: Path | None = None) -> int:
+    directory = directory or migrations_dir()
+    versions = [int(p.name[:4]) for p in directory.iterdir() if _MIGRATION_RE.match(p.name)]
+    return max(versions, default=0)

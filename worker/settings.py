@@ -6,7 +6,7 @@ Built once by the CLI and passed down; nothing else calls os.environ.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AnyUrl, Field, field_validator
@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     nbd_pid_file: Path = Path("/run/nbd-server.pid")
     nbd_host: str = "127.0.0.1"
     nbd_port: int = Field(default=10809, ge=1, le=65535)
-    #: Listing probe; Debian 12's nbd-client is fine for `-l`.
+    #: How the worker lists exports: "nbd-client" runs `nbd-client -l` (a process and
+    #: ~50 ms per probe); "native" speaks the NBD handshake itself (~1-3 ms).
+    probe: Literal["nbd-client", "native"] = "nbd-client"
+    #: The listing probe's binary; Debian 12's nbd-client is fine for `-l`.
     nbd_client_bin: str = "nbd-client"
     #: A probe that has not answered by then is killed: `nbd-client -l` has no timeout of its own.
     probe_timeout_s: float = Field(default=5.0, gt=0)
@@ -79,6 +82,17 @@ class Settings(BaseSettings):
 
     #: Stop waiting for in-flight jobs this long after SIGTERM; the rest are requeued.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: How often gauges (active mappings, listed exports, server pid) are refreshed.
+    housekeeping_interval_s: float = Field(default=15.0, gt=0)
+    #: Reconcile mappings, snippets, links and the server this often; 0 turns it off.
+    reconcile_interval_s: float = Field(default=300.0, ge=0)
+    #: Reconcile once at start-up, before taking jobs.
+    reconcile_on_start: bool = True
+
+    # --- Logs ---
+    #: "text" (human-readable) or "json" (one object per line).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device_roots", mode="before")
     @classmethod

@@ -112,3 +112,23 @@ def link_target(link_path: Path) -> str | None:
         return os.readlink(link_path)
     except OSError:
         return None
+
+
+def remove_export_files(conf_dir: Path, spec: ExportSpec) -> None:
+    """Removes the export's snippet and link, durably; missing files are fine."""
+    try:
+        snippet_path(conf_dir, spec.name).unlink(missing_ok=True)
+        _fsync_dir(conf_dir)
+        spec.link_path.unlink(missing_ok=True)
+        _fsync_dir(spec.link_path.parent)
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot remove files of {spec.name}: {exc.strerror}") from exc
+
+
+def list_snippet_names(conf_dir: Path, prefix: str) -> set[str]:
+    """Export names of the snippets in `conf_dir` whose names start with `prefix`."""
+    return {
+        p.name[: -len(SNIPPET_SUFFIX)]
+        for p in conf_dir.glob(f"{prefix}*{SNIPPET_SUFFIX}")
+        if p.is_file()
+    }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.errors import ServerUnavailable
+from worker.errors import ProbeTimeout, ServerUnavailable
 
 NEGOTIATION_PREFIX = "Negotiation:"
 
@@ -45,7 +45,7 @@ async def list_exports(client_bin: str, host: str, port: int, timeout_s: float) 
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise ServerUnavailable(
+        raise ProbeTimeout(
             f"nbd-server at {host}:{port} did not answer a listing within {timeout_s:g} s"
         ) from None
     except asyncio.CancelledError:

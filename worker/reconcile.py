@@ -1,0 +1,111 @@
+"""Reconciliation: make the server, the snippets and the links agree with the mappings.
+
+Active mappings are the truth. Missing or wrong links and snippets are rewritten and the
+missing exports added with one SIGHUP; files of inactive mappings are removed (a stale
+link would let a new connection open a released device). What only a restart or an
+operator can fix is reported, never guessed at: snippets nobody maps, and exports stuck in
+the server's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from worker.devices import device_present
+from worker.nbd.files import has_snippet, link_target, list_snippet_names
+from worker.nbd.server import NbdServer
+from worker.repository import Repository
+
+log = logging.getLogger(__name__)
+
+#: Only exports whose names this worker gives are ours to judge.
+EXPORT_PREFIX = "migration-vm-"
+
+
+@dataclass
+class ReconcileReport:
+    dry_run: bool
+    active: int = 0
+    links_rewritten: list[str] = field(default_factory=list)
+    snippets_rewritten: list[str] = field(default_factory=list)
+    exports_added: list[str] = field(default_factory=list)
+    released_cleaned: list[str] = field(default_factory=list)
+    devices_missing: list[str] = field(default_factory=list)
+    orphan_snippets: list[str] = field(default_factory=list)
+    stuck_exports: list[str] = field(default_factory=list)
+    sighup_sent: bool = False
+
+    def drift(self) -> dict[str, int]:
+        """Counts by kind, for the drift gauge and the summary."""
+        return {
+            "link": len(self.links_rewritten),
+            "snippet": len(self.snippets_rewritten),
+            "not_listed": len(self.exports_added),
+            "released_files": len(self.released_cleaned),
+            "device_missing": len(self.devices_missing),
+            "orphan_snippet": len(self.orphan_snippets),
+            "stuck_export": len(self.stuck_exports),
+        }
+
+    def lines(self) -> list[str]:
+        verb = "would " if self.dry_run else ""
+        out = [f"active mappings: {self.active}"]
+        for label, names in (
+            (f"links {verb}rewritten", self.links_rewritten),
+            (f"snippets {verb}rewritten", self.snippets_rewritten),
+            (f"exports {verb}added (one SIGHUP)", self.exports_added),
+            (f"released exports' files {verb}removed", self.released_cleaned),
+            ("devices missing (exports kept; new connections will fail)", self.devices_missing),
+            ("snippets without an active mapping (left alone)", self.orphan_snippets),
+            ("exports stuck in the server's memory (a restart clears them)", self.stuck_exports),
+        ):
+            out.append(f"{label}: {len(names)}")
+            out.extend(f"  {name}" for name in names)
+        out.append(f"SIGHUP sent: {'yes' if self.sighup_sent else 'no'}")
+        return out
+
+
+async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool) -> ReconcileReport:
+    report = ReconcileReport(dry_run=dry_run)
+    mappings = await repository.list_mappings()
+    listed = await server.listed_exports()
+    conf_dir = server.conf_dir
+    active = {m.export_name: m for m in mappings if m.is_active}
+    report.active = len(active)
+
+    wanted: dict[str, str] = {}
+    for name, mapping in sorted(active.items()):
+        spec = server.spec(name)
+        if link_target(spec.link_path) != mapping.device_path:
+            report.links_rewritten.append(name)
+            wanted[name] = mapping.device_path
+        if not has_snippet(conf_dir, name):
+            report.snippets_rewritten.append(name)
+            wanted[name] = mapping.device_path
+        if name not in listed:
+            report.exports_added.append(name)
+            wanted[name] = mapping.device_path
+        if not device_present(mapping.device_path):
+            report.devices_missing.append(name)
+
+    released = [m.export_name for m in mappings if not m.is_active]
+    for name in sorted(released):
+        spec = server.spec(name)
+        if has_snippet(conf_dir, name) or spec.link_path.is_symlink():
+            report.released_cleaned.append(name)
+
+    mapped = {m.export_name for m in mappings}
+    report.orphan_snippets = sorted(list_snippet_names(conf_dir, EXPORT_PREFIX) - mapped)
+    report.stuck_exports = sorted(
+        n for n in listed if n.startswith(EXPORT_PREFIX) and n not in active
+    )
+
+    if not dry_run:
+        for name in report.released_cleaned:
+            await server.remove_export(name)
+        if wanted:
+            report.sighup_sent = await server.ensure_exports(wanted)
+    if any(report.drift().values()):
+        log.warning("Reconciliation found drift %s dry_run=%s", report.drift(), dry_run)
+    return report
