@@ -12,10 +12,11 @@ MIN_VERSION=3.25
 PREFIX=${NBD_SERVER_PREFIX:-/usr/local}
 CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 
-# --with-old-server: also unpack Debian 12's nbd-server 3.24 (not installed, just extracted
-# as $CACHE/nbd-server-3.24/bin/nbd-server) so the tests can show the worker refusing it.
-WITH_OLD=
-[ "${1:-}" = "--with-old-server" ] && WITH_OLD=1
+# --with-test-tools: also what only the tests use: Debian 12's nbd-server 3.24 and
+# Prometheus's promtool, both unpacked (not installed: no service starts) under $CACHE, and
+# docker-compose to validate docker-compose.yml.
+WITH_TEST_TOOLS=
+[ "${1:-}" = "--with-test-tools" ] && WITH_TEST_TOOLS=1
 
 log() { printf 'install-system-deps: %s\n' "$*" >&2; }
 
@@ -40,15 +41,21 @@ apt_install() {
 # nbd-client only lists exports (-l): Debian 12's version is fine for that.
 apt_install nbd-client
 
-OLD_DIR="$CACHE/nbd-server-3.24"
-if [ -n "$WITH_OLD" ] && [ ! -x "$OLD_DIR/bin/nbd-server" ]; then
+unpack() {  # $1 = apt package (with an optional =version), $2 = directory to unpack into
   if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+  local tmp
   tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get -o APT::Sandbox::User=root download -qq 'nbd-server=1:3.24*' >/dev/null)
-  rm -rf "$OLD_DIR" && mkdir -p "$OLD_DIR"
-  dpkg-deb -x "$tmp"/nbd-server_*.deb "$OLD_DIR"
+  (cd "$tmp" && apt-get -o APT::Sandbox::User=root download -qq "$1" >/dev/null)
+  rm -rf "$2" && mkdir -p "$2"
+  dpkg-deb -x "$tmp"/*.deb "$2"
   rm -rf "$tmp"
-  log "unpacked Debian 12's nbd-server $(version_of "$OLD_DIR/bin/nbd-server") under $OLD_DIR"
+  log "unpacked $1 under $2"
+}
+
+if [ -n "$WITH_TEST_TOOLS" ]; then
+  [ -x "$CACHE/nbd-server-3.24/bin/nbd-server" ] || unpack 'nbd-server=1:3.24*' "$CACHE/nbd-server-3.24"
+  [ -x "$CACHE/prometheus/usr/bin/promtool" ] || unpack prometheus "$CACHE/prometheus"
+  apt_install docker-compose
 fi
 
 existing=$(command -v nbd-server || true)

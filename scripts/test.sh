@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-bash scripts/bootstrap.sh --with-old-server
+bash scripts/bootstrap.sh --with-test-tools
 export PATH="$ROOT/.venv/bin:$PATH"
 
 ruff check worker tests

@@ -155,7 +155,6 @@ class JobConsumer:
         started = time.monotonic()
         try:
             reply, settle, outcome = await self._serve(message)
-            bind_job(outcome=outcome)
             try:
                 await self._replies.publish(
                     reply, reply_to=message.reply_to, correlation_id=message.correlation_id
@@ -186,6 +185,8 @@ class JobConsumer:
         """Turns a message into its reply, how to settle it, and the outcome label."""
         body = message.body
         if len(body) > MAX_BODY_BYTES:
+            bind_job(outcome="invalid")
+            log.warning("Oversized request refused bytes=%d", len(body))
             return (
                 error_reply(
                     ErrorCode.INVALID_REQUEST,
@@ -199,6 +200,7 @@ class JobConsumer:
             request = PrepareExport.model_validate_json(body)
         except ValidationError as exc:
             job_id = salvage_job_id(body)
+            bind_job(job_id=job_id, outcome="invalid")
             log.warning(
                 "Invalid prepare-export request job_id=%s correlation_id=%s error=%s",
                 job_id,
@@ -223,6 +225,7 @@ class JobConsumer:
         try:
             ready = await self._flow.prepare_export(request)
         except WorkerError as exc:
+            bind_job(outcome="failed", code=str(exc.code))
             log.warning(
                 "Job failed job_id=%s vm_id=%s disk=%d code=%s retryable=%s error=%s",
                 request.job_id,
@@ -243,6 +246,7 @@ class JobConsumer:
                 "failed",
             )
         except Exception:
+            bind_job(outcome="failed", code=str(ErrorCode.INTERNAL_ERROR))
             log.exception("Unexpected error job_id=%s", request.job_id)
             return (
                 error_reply(
@@ -254,6 +258,7 @@ class JobConsumer:
                 Settle.DEAD_LETTER,
                 "failed",
             )
+        bind_job(outcome=str(ready.action))
         log.info(
             "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
             ready.job_id,

@@ -49,15 +49,19 @@ class ReconcileReport:
         }
 
     def lines(self) -> list[str]:
-        verb = "would " if self.dry_run else ""
+        """A human summary: what was done (or, in a dry run, what would be)."""
+        done = not self.dry_run
         out = [f"active mappings: {self.active}"]
         for label, names in (
-            (f"links {verb}rewritten", self.links_rewritten),
-            (f"snippets {verb}rewritten", self.snippets_rewritten),
-            (f"exports {verb}added (one SIGHUP)", self.exports_added),
-            (f"released exports' files {verb}removed", self.released_cleaned),
-            ("devices missing (exports kept; new connections will fail)", self.devices_missing),
-            ("snippets without an active mapping (left alone)", self.orphan_snippets),
+            ("links rewritten" if done else "links to rewrite", self.links_rewritten),
+            ("snippets rewritten" if done else "snippets to rewrite", self.snippets_rewritten),
+            ("exports added" if done else "exports to add", self.exports_added),
+            (
+                "released exports' files removed" if done else "released exports' files to remove",
+                self.released_cleaned,
+            ),
+            ("devices missing (new connections will fail)", self.devices_missing),
+            ("snippets without a mapping (left alone)", self.orphan_snippets),
             ("exports stuck in the server's memory (a restart clears them)", self.stuck_exports),
         ):
             out.append(f"{label}: {len(names)}")

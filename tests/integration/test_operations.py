@@ -1,0 +1,259 @@
+"""Operations: the ops endpoint, logs, the operator commands and the deployment files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
+from tests.integration.test_startup import env_for
+from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess, free_port
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMTOOL = Path("/var/cache/nbd-export-worker/prometheus/usr/bin/promtool")
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_metrics_health_and_readiness_endpoints(
+    settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    port = free_port()
+    live = settings.model_copy(update={"metrics_port": port, "metrics_host": "127.0.0.1"})
+    async with running_worker(live) as worker:
+        channel = await amqp.channel()
+        scheduler = Scheduler(channel, live.request_queue)
+        await scheduler.start()
+        await scheduler.request(job(device=make_disk(disks_dir, "m")))
+        await scheduler.request(b"not json")
+        await channel.close()
+        await worker.settled_sample("nbd_export_jobs_total", {"outcome": "invalid"}, 1)
+
+        status, body = await asyncio.to_thread(http_get, port, "/metrics")
+        assert status == 200
+        text = body.decode()
+        for name in (
+            'nbd_export_jobs_total{outcome="created"} 1.0',
+            'nbd_export_jobs_total{outcome="invalid"} 1.0',
+            "nbd_server_sighups_total 1.0",
+            'nbd_export_dead_lettered_total{code="invalid_request"} 1.0',
+            "nbd_export_job_duration_seconds_count 2.0",
+            f"nbd_server_main_pid {float(nbd_server.pid)}",
+            f'nbd_server_info{{pid="{nbd_server.pid}",version="3.26.1"}} 1.0',
+            "nbd_server_reload_visible_seconds_count 1.0",
+            "nbd_export_config_lock_wait_seconds_count 1.0",
+        ):
+            assert name in text, name
+        assert PROMTOOL.exists(), "run scripts/install-system-deps.sh --with-test-tools"
+        check = subprocess.run(
+            [str(PROMTOOL), "check", "metrics"], input=body, capture_output=True, timeout=30
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        status, body = await asyncio.to_thread(http_get, port, "/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        status, body = await asyncio.to_thread(http_get, port, "/readyz")
+        assert status == 200
+        assert json.loads(body) == {
+            "status": "ok",
+            "checks": {"broker": "ok", "database": "ok", "nbd_server": "ok"},
+        }
+
+        nbd_server.stop()
+        status, body = await asyncio.to_thread(http_get, port, "/readyz")
+        assert status == 503
+        payload = json.loads(body)
+        assert payload["status"] == "fail"
+        assert payload["checks"]["nbd_server"] != "ok"
+        assert payload["checks"]["database"] == "ok"
+        status, _ = await asyncio.to_thread(http_get, port, "/healthz")
+        assert status == 200, "a down nbd-server is not a dead worker"
+        nbd_server.start()
+        status, _ = await asyncio.to_thread(http_get, port, "/readyz")
+        assert status == 200
+
+
+async def test_json_logs_carry_the_job_fields(
+    settings: Settings, disks_dir: Path, amqp: AbstractConnection
+) -> None:
+    env = {**env_for(settings), "EXPORT_WORKER_LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    lines: list[dict[str, object]] = []
+    try:
+        assert proc.stderr is not None
+        while not any("Worker ready" in str(line.get("message")) for line in lines):
+            raw = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert raw, "worker exited"
+            lines.append(json.loads(raw))
+        channel = await amqp.channel()
+        scheduler = Scheduler(channel, settings.request_queue)
+        await scheduler.start()
+        request = job(device=make_disk(disks_dir, "logged"))
+        corr = await scheduler.publish(request)
+        await scheduler.reply(corr)
+        await channel.close()
+        while not any("Export ready" in str(line.get("message")) for line in lines):
+            raw = await asyncio.wait_for(proc.stderr.readline(), 30)
+            lines.append(json.loads(raw))
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    by_message = {str(line["message"]).split(" job_id=")[0]: line for line in lines}
+    created = by_message["Creating new VM export mapping"]
+    assert created["job_id"] == request["job_id"]
+    assert created["vm_id"] == request["vm_id"]
+    assert created["disk"] == 0
+    assert created["correlation_id"] == corr
+    assert created["export_name"] == f"migration-vm-{request['vm_id']}-disk0"
+    assert by_message["Export ready"]["outcome"] == "created"
+    assert any(
+        str(line["message"]).startswith("Added dynamic export to NBD config") for line in lines
+    )
+    assert all(line["level"] in ("info", "warning") for line in lines)
+
+
+async def test_status_release_and_reconcile_commands(
+    worker: RunningWorker,
+    scheduler: Scheduler,
+    settings: Settings,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    a = await scheduler.request(job(device=make_disk(disks_dir, "a", b"AAAA")))
+    b_job = job(device=make_disk(disks_dir, "b", b"BBBB"), disk=3)
+    b = await scheduler.request(b_job)
+
+    proc = await asyncio.to_thread(cli, settings, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["export_name"]: row for row in json.loads(proc.stdout)}
+    assert set(rows) == {a["export_name"], b["export_name"]}
+    assert rows[a["export_name"]]["listed"] is True
+    assert rows[a["export_name"]]["servable"] is True
+    assert rows[a["export_name"]]["size_bytes"] == 16 * 1024 * 1024
+    assert rows[a["export_name"]]["link_target"] == a["device_path"]
+    assert rows[a["export_name"]]["device_present"] is True
+    table = await asyncio.to_thread(cli, settings, "status")
+    assert a["export_name"] in table.stdout
+    assert "servable" in table.stdout
+
+    proc = await asyncio.to_thread(
+        cli, settings, "release", "--vm-id", b_job["vm_id"], "--disk", "3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"export_name": b["export_name"], "status": "inactive"}
+    assert not (settings.link_dir / b["export_name"]).exists()
+    assert not (settings.nbd_conf_dir / f"{b['export_name']}.conf").exists()
+    with pytest.raises(NbdError):
+        NbdConnection(nbd_server.port, b["export_name"])
+
+    # Damage: a's link and snippet gone, and the server restarted without them.
+    (settings.link_dir / a["export_name"]).unlink()
+    (settings.nbd_conf_dir / f"{a['export_name']}.conf").unlink()
+    nbd_server.stop()
+    nbd_server.start()
+    dry = await asyncio.to_thread(cli, settings, "reconcile", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"links to rewrite: 1\n  {a['export_name']}\n" in dry.stdout
+    assert f"exports to add: 1\n  {a['export_name']}\n" in dry.stdout
+    assert "exports stuck in the server's memory (a restart clears them): 0" in dry.stdout
+    assert "SIGHUP sent: no" in dry.stdout
+    assert not (settings.link_dir / a["export_name"]).exists(), "a dry run changes nothing"
+
+    done = await asyncio.to_thread(cli, settings, "reconcile")
+    assert done.returncode == 0, done.stderr
+    assert f"links rewritten: 1\n  {a['export_name']}\n" in done.stdout
+    assert "SIGHUP sent: yes" in done.stdout
+    conn = NbdConnection(nbd_server.port, a["export_name"])
+    assert conn.read(0, 4) == b"AAAA"
+    conn.close()
+    again = await asyncio.to_thread(cli, settings, "reconcile")
+    assert "SIGHUP sent: no" in again.stdout
+
+    # A prepare-export after the release brings the disk back.
+    back = await scheduler.request({**b_job, "job_id": "back"})
+    assert back["status"] == "ready"
+    conn = NbdConnection(nbd_server.port, b["export_name"])
+    assert conn.read(0, 4) == b"BBBB"
+    conn.close()
+
+
+async def test_check_command_lists_every_problem(
+    settings: Settings, nbd_server: NbdServerProcess
+) -> None:
+    settings.link_dir.mkdir(parents=True, exist_ok=True)
+    ok = await asyncio.to_thread(cli, settings, "check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "FAIL" not in ok.stdout
+    assert "version 3.26.1" in ok.stdout
+
+    broken = settings.model_copy(
+        update={
+            "nbd_conf_dir": nbd_server.root / "elsewhere",
+            "amqp_url": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        }
+    )
+    nbd_server.config_file.write_text(
+        nbd_server.config_file.read_text().replace("allowlist = true", "allowlist = false")
+    )
+    bad = await asyncio.to_thread(cli, broken, "check")
+    assert bad.returncode == 1
+    failures = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
+    assert any("allowlist" in line for line in failures)
+    assert any("includedir" in line for line in failures)
+    assert any("broker" in line for line in failures)
+    assert any("elsewhere" in line and "writable" in line for line in failures)
+    assert "guest:guest" not in bad.stdout
+
+
+def test_compose_file_is_valid() -> None:
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_cli_command_has_help() -> None:
+    for command in ("run", "migrate", "status", "reconcile", "request", "release", "check"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ},
+        )
+        assert proc.returncode == 0
+        assert "usage: nbd-export-worker " + command in proc.stdout
