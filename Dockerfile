@@ -23,6 +23,6 @@ WORKDIR /var/lib/nbd-export-worker
 
 EXPOSE 9108
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)"]
 ENTRYPOINT ["nbd-export-worker"]
 CMD ["run"]

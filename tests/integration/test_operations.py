@@ -257,3 +257,26 @@ def test_every_cli_command_has_help() -> None:
         )
         assert proc.returncode == 0
         assert "usage: nbd-export-worker " + command in proc.stdout
+
+
+@pytest.mark.parametrize("unit", ["nbd-server.service", "nbd-export-worker.service"])
+def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    text = (ROOT / "deploy/systemd" / unit).read_text()
+    # The unit names the production install path; point it at this checkout's install.
+    entry = Path(sys.executable).parent / "nbd-export-worker"
+    text = text.replace("/opt/nbd-export-worker/bin/nbd-export-worker", str(entry))
+    (tmp_path / unit).write_text(text)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        # Units it merely refers to (rabbitmq-server, mariadb) need not exist here.
+        if line.strip() and "not found" not in line
+    ]
+    assert problems == [], problems
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text or unit != "nbd-server.service"

@@ -123,3 +123,23 @@ def test_database_name_is_validated() -> None:
     assert database_name(AnyUrl("mysql://root@h/nbd_exports")) == "nbd_exports"
     with pytest.raises(ValueError, match="database"):
         database_name(AnyUrl("mysql://root@h/bad-name"))
+
+
+def test_dashboard_uses_only_metrics_the_worker_exports() -> None:
+    import json
+    import re
+
+    from worker.metrics import build_metrics
+
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "deploy/grafana/nbd-export-worker.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(nbd_[a-z_]+)\b", e)}
+    families = list(build_metrics().registry.collect())
+    exported = {sample.name for family in families for sample in family.samples}
+    # Labelled series appear only once used; derive their names from the families.
+    exported |= {f"{f.name}_total" for f in families if f.type == "counter"}
+    exported |= {f"{f.name}_bucket" for f in families if f.type == "histogram"}
+    exported |= {f.name for f in families if f.type in ("gauge", "info")}
+    assert used, "the dashboard queries nothing"
+    assert used <= exported, used - exported
