@@ -86,6 +86,7 @@ def make_disk(disks_dir: Path, name: str, fill: bytes = b"") -> Path:
 
 @pytest.fixture
 async def settings(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     nbd_server: NbdServerProcess,
     database_url: AnyUrl,
@@ -108,6 +109,8 @@ async def settings(
         device_roots=(disks_dir,),
         allow_regular_files=True,
         metrics_port=0,
+        # Parametrize a test with `settings` indirectly to run it with either probe.
+        probe=getattr(request, "param", "nbd-client"),
         prefetch=32,
         shutdown_grace_s=10,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.errors import DeviceInUse
@@ -20,15 +22,24 @@ class InMemoryMappings:
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
         return self.rows.get((vm_id, disk_unit_number))
 
-    async def find_active_by_device(self, device_path: str) -> Mapping | None:
+    async def find_active_by_device(self, device_id: str) -> Mapping | None:
         for row in self.rows.values():
-            if row.is_active and row.device_path == device_path:
+            if row.is_active and row.device_id == device_id:
                 return row
         return None
 
-    async def claim(self, request: PrepareExport) -> Mapping:
+    async def committed_device(self, export_name: str) -> str | None:
+        for row in self.rows.values():
+            if row.is_active and row.export_name == export_name:
+                return row.device_path
+        return None
+
+    async def restore(self, mapping: Mapping) -> None:
+        self.rows[(mapping.vm_id, mapping.disk_unit_number)] = mapping
+
+    async def claim(self, request: PrepareExport, device_id: str) -> Mapping:
         key = (request.vm_id, request.disk_unit_number)
-        holder = await self.find_active_by_device(request.device_path)
+        holder = await self.find_active_by_device(device_id)
         if holder is not None and (holder.vm_id, holder.disk_unit_number) != key:
             raise DeviceInUse(f"device {request.device_path} is in use")
         now = datetime.now(UTC)
@@ -40,12 +51,19 @@ class InMemoryMappings:
             vm_name=request.vm_name,
             export_name=request.export_name,
             device_path=request.device_path,
+            device_id=device_id,
             status="active",
             created_at=old.created_at if old else now,
             updated_at=now,
         )
         self.claims += 1
         return self.rows[key]
+
+
+@dataclass(frozen=True)
+class FakeEnsured:
+    sighup_sent: bool
+    changed: bool
 
 
 class FakeExportServer:
@@ -57,16 +75,26 @@ class FakeExportServer:
         self.sighups = 0
         self.ensure_calls = 0
         self.delay_s = 0.0
+        self.fail_with: Exception | None = None
 
     async def is_live(self, name: str, device_path: str) -> bool:
         return name in self.listed and self.links.get(name) == device_path
 
-    async def ensure_export(self, name: str, device_path: str) -> bool:
+    async def ensure_export(
+        self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
+    ) -> FakeEnsured:
         self.ensure_calls += 1
         await asyncio.sleep(self.delay_s)
-        self.links[name] = device_path
+        if self.fail_with is not None:
+            raise self.fail_with
+        target = await committed(name) or device_path
+        changed = self.links.get(name) != target
+        self.links[name] = target
         if name in self.listed:
-            return False
+            return FakeEnsured(sighup_sent=False, changed=changed)
         self.sighups += 1
         self.listed.add(name)
-        return True
+        return FakeEnsured(sighup_sent=True, changed=True)
+
+    async def point_export(self, name: str, device_path: str) -> None:
+        self.links[name] = device_path

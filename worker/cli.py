@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
 from worker.consumer import JobConsumer
@@ -51,7 +52,9 @@ EXIT_TIMEOUT = 4
 # --- run --------------------------------------------------------------------------------
 
 
-async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int:
+async def _record_server(
+    server: NbdServer, metrics: Metrics, last_pid: int | None
+) -> int | None:
     """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
     pid = server.process.verified_pid()
     if pid != last_pid:
@@ -68,7 +71,7 @@ async def _housekeeping(
     repository: Repository,
     server: NbdServer,
     metrics: Metrics,
-    pid: int,
+    pid: int | None,
 ) -> None:
     """Refreshes gauges and reconciles periodically, until cancelled; never raises."""
     loop = asyncio.get_running_loop()
@@ -94,6 +97,60 @@ async def _reconcile_and_record(
         metrics.drift.labels(kind=kind).set(count)
 
 
+class Readiness:
+    """/readyz: broker consuming, database answering, nbd-server verified and listing.
+
+    Results are kept for a couple of seconds: the endpoint is unauthenticated, and each
+    fresh check costs the server a connection (and a forked child).
+    """
+
+    CACHE_S = 2.0
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: JobConsumer,
+        connection: AbstractConnection,
+        repository: Repository,
+        server: NbdServer,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._connection = connection
+        self._repository = repository
+        self._server = server
+        self._last: tuple[float, dict[str, str | None]] | None = None
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> dict[str, str | None]:
+        async with self._lock:
+            now = asyncio.get_running_loop().time()
+            if self._last is not None and now - self._last[0] < self.CACHE_S:
+                return self._last[1]
+            result = await self._check_now()
+            self._last = (now, result)
+            return result
+
+    async def _check_now(self) -> dict[str, str | None]:
+        checks: dict[str, str | None] = {
+            "broker": None
+            if self._consumer.is_consuming and not self._connection.is_closed
+            else "not connected or not consuming"
+        }
+        try:
+            await asyncio.wait_for(self._repository.ping(), self._settings.probe_timeout_s)
+            checks["database"] = None
+        except (WorkerError, TimeoutError) as exc:
+            checks["database"] = str(exc) or "timed out"
+        try:
+            await self._server.process.check_version()
+            await self._server.listed_exports()
+            checks["nbd_server"] = None
+        except WorkerError as exc:
+            checks["nbd_server"] = str(exc)
+        return checks
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -107,8 +164,16 @@ async def serve(
     """
     metrics = metrics or build_metrics()
     server = NbdServer(settings, metrics)
-    pid = await _record_server(server, metrics, None)
-    log.info("nbd-server main pid=%d config=%s", pid, settings.nbd_config_file)
+    pid: int | None = None
+    try:
+        pid = await _record_server(server, metrics, None)
+        log.info("nbd-server main pid=%d config=%s", pid, settings.nbd_config_file)
+    except UnsupportedServer:
+        raise
+    except ServerUnavailable as exc:
+        # Not fatal: jobs get nbd_server_unavailable and /readyz says why until the server
+        # is back. A too-old server is fatal, and is checked again before every SIGHUP.
+        log.warning("nbd-server is not available at start-up: %s", exc)
     settings.link_dir.mkdir(parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
@@ -120,7 +185,10 @@ async def serve(
     housekeeping: asyncio.Task[None] | None = None
     try:
         if settings.reconcile_on_start:
-            await _reconcile_and_record(repository, server, metrics)
+            try:
+                await _reconcile_and_record(repository, server, metrics)
+            except WorkerError as exc:
+                log.warning("Start-up reconciliation failed: %s", exc)
         connection = await aio_pika.connect_robust(
             settings.amqp_url, timeout=settings.db_connect_timeout_s
         )
@@ -148,30 +216,13 @@ async def serve(
             )
             await consumer.start()
 
-            async def readiness() -> dict[str, str | None]:
-                checks: dict[str, str | None] = {
-                    "broker": None
-                    if consumer.is_consuming and not connection.is_closed
-                    else "not connected or not consuming"
-                }
-                try:
-                    await asyncio.wait_for(repository.ping(), settings.probe_timeout_s)
-                    checks["database"] = None
-                except (WorkerError, TimeoutError) as exc:
-                    checks["database"] = str(exc) or "timed out"
-                try:
-                    server.process.verified_pid()
-                    await server.listed_exports()
-                    checks["nbd_server"] = None
-                except WorkerError as exc:
-                    checks["nbd_server"] = str(exc)
-                return checks
+            readiness = Readiness(settings, consumer, connection, repository, server)
 
             if settings.metrics_port:
                 ops = OpsServer(
                     asyncio.get_running_loop(),
                     metrics.registry,
-                    readiness,
+                    readiness.check,
                     host=settings.metrics_host,
                     port=settings.metrics_port,
                 )
@@ -309,7 +360,7 @@ async def _release(settings: Settings, args: argparse.Namespace) -> int:
         if mapping is None:
             print(f"no mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
             return EXIT_FAILURE
-        await server.remove_export(mapping.export_name)
+        await server.remove_export(mapping.export_name, repository.committed_device)
     print(json.dumps({"export_name": mapping.export_name, "status": mapping.status}))
     return EXIT_OK
 

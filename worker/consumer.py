@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
 
 from worker.errors import WorkerError
@@ -107,18 +108,27 @@ class JobConsumer:
         return f"{self._request_queue}.dead"
 
     async def declare(self) -> AbstractQueue:
+        """Declares the queues. Raises WorkerError when one exists with other arguments
+        (e.g. a classic queue left by an older system): RabbitMQ cannot change a queue's
+        type, so an operator must delete or rename it."""
         await self._channel.set_qos(prefetch_count=self._prefetch)
-        await self._channel.declare_queue(
-            self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await self._channel.declare_queue(
-            self._reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        self._queue = await self._channel.declare_queue(
-            self._request_queue,
-            durable=True,
-            arguments=request_queue_arguments(self.dead_letter_queue, self._delivery_limit),
-        )
+        try:
+            await self._channel.declare_queue(
+                self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await self._channel.declare_queue(
+                self._reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            self._queue = await self._channel.declare_queue(
+                self._request_queue,
+                durable=True,
+                arguments=request_queue_arguments(self.dead_letter_queue, self._delivery_limit),
+            )
+        except ChannelPreconditionFailed as exc:
+            raise WorkerError(
+                f"a queue exists with other arguments than the worker's ({exc}); the worker "
+                "declares durable quorum queues: delete or rename the old queue"
+            ) from exc
         return self._queue
 
     async def start(self) -> None:
@@ -185,7 +195,7 @@ class JobConsumer:
         """Turns a message into its reply, how to settle it, and the outcome label."""
         body = message.body
         if len(body) > MAX_BODY_BYTES:
-            bind_job(outcome="invalid")
+            bind_job(outcome="failed")
             log.warning("Oversized request refused bytes=%d", len(body))
             return (
                 error_reply(
@@ -194,13 +204,13 @@ class JobConsumer:
                     job_id=None,
                 ),
                 Settle.DEAD_LETTER,
-                "invalid",
+                "failed",
             )
         try:
             request = PrepareExport.model_validate_json(body)
         except ValidationError as exc:
             job_id = salvage_job_id(body)
-            bind_job(job_id=job_id, outcome="invalid")
+            bind_job(job_id=job_id, outcome="failed")
             log.warning(
                 "Invalid prepare-export request job_id=%s correlation_id=%s error=%s",
                 job_id,
@@ -214,7 +224,7 @@ class JobConsumer:
                     job_id=job_id,
                 ),
                 Settle.DEAD_LETTER,
-                "invalid",
+                "failed",
             )
         bind_job(
             job_id=request.job_id,

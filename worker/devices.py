@@ -1,5 +1,10 @@
-"""Which device paths a job may name: under an allowed root, also after resolving links,
-existing, and a block device (regular files only when settings allow, for development)."""
+"""Which device paths a job may name, and what device they name.
+
+A path must be under an allowed root both as given and after resolving links, exist, and be
+a block device (a regular file only when settings allow, for development) that this host
+does not use itself (mounted, swap, or held by device-mapper/md). Two paths naming one
+device (/dev/vdb and its /dev/disk/by-id link) have the same `device_id`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,63 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import DeviceNotFound, InvalidRequest
+
+SECTOR_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Device:
+    path: str
+    resolved: str
+    #: "blk:MAJOR:MINOR" or, for a regular file, "file:DEV:INODE": the same for every
+    #: path that names this device, so the database can refuse a second active mapping.
+    device_id: str
+    size_bytes: int
+
+
+def _block_size(rdev: int) -> int:
+    sysfs = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size")
+    return int(sysfs.read_text()) * SECTOR_BYTES
+
+
+def _mounted_devices() -> set[str]:
+    # Field 3 of mountinfo is the mounted filesystem's MAJOR:MINOR.
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[2] for line in f}
+
+
+def _swap_rdevs() -> set[int]:
+    rdevs = set()
+    with open("/proc/swaps") as f:
+        for line in f.readlines()[1:]:
+            try:
+                rdevs.add(os.stat(line.split()[0]).st_rdev)
+            except (OSError, IndexError):
+                continue
+    return rdevs
+
+
+def host_use(rdev: int) -> str | None:
+    """Why this host itself uses the block device (or one of its partitions), or None."""
+    majmin = f"{os.major(rdev)}:{os.minor(rdev)}"
+    sysfs = Path(f"/sys/dev/block/{majmin}")
+    mounted = _mounted_devices()
+    numbers = {majmin}
+    if sysfs.is_dir():
+        numbers |= {
+            (child / "dev").read_text().strip()
+            for child in sysfs.iterdir()
+            if (child / "partition").exists() and (child / "dev").exists()
+        }
+    if numbers & mounted:
+        return "mounted by this host"
+    if rdev in _swap_rdevs():
+        return "used as swap by this host"
+    for number in numbers:
+        holders = Path(f"/sys/dev/block/{number}/holders")
+        if holders.is_dir() and any(holders.iterdir()):
+            return "held by device-mapper or md on this host"
+    return None
 
 
 @dataclass(frozen=True)
@@ -22,8 +84,8 @@ class DevicePolicy:
             for root in self.roots
         )
 
-    def check(self, device_path: str) -> None:
-        """Raises InvalidRequest or DeviceNotFound; `device_path` is already normalized.
+    def check(self, device_path: str) -> Device:
+        """The device a job names. Raises InvalidRequest or DeviceNotFound.
 
         Checked before and after resolving links: /dev/disk/by-id names are links, and a
         link that leads outside the roots must not smuggle another file in.
@@ -32,18 +94,39 @@ class DevicePolicy:
             raise InvalidRequest(f"device_path {device_path} is not under an allowed device root")
         try:
             resolved = os.path.realpath(device_path, strict=True)
-            mode = os.stat(resolved).st_mode
+            st = os.stat(resolved)
         except FileNotFoundError:
             raise DeviceNotFound(f"device {device_path} does not exist") from None
         except OSError as exc:
             raise DeviceNotFound(f"device {device_path} is not accessible: {exc.strerror}") from exc
         if not self._under_root(resolved):
             raise InvalidRequest(f"device_path {device_path} resolves outside the allowed roots")
-        if stat.S_ISBLK(mode):
-            return
-        if stat.S_ISREG(mode) and self.allow_regular_files:
-            return
+        if stat.S_ISBLK(st.st_mode):
+            reason = host_use(st.st_rdev)
+            if reason is not None:
+                raise InvalidRequest(f"device {device_path} is {reason}; refusing to export it")
+            device_id = f"blk:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            try:
+                size = _block_size(st.st_rdev)
+            except (OSError, ValueError):
+                size = -1  # unknown: no sysfs (a container without it); not checked then
+            return Device(device_path, resolved, device_id, size)
+        if stat.S_ISREG(st.st_mode) and self.allow_regular_files:
+            return Device(device_path, resolved, f"file:{st.st_dev}:{st.st_ino}", st.st_size)
         raise InvalidRequest(f"device_path {device_path} is not a block device")
+
+
+def device_size(device_path: str) -> int | None:
+    """The size in bytes of what the path names now, or None when it cannot be told."""
+    try:
+        st = os.stat(device_path)
+        if stat.S_ISBLK(st.st_mode):
+            return _block_size(st.st_rdev)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def device_present(device_path: str) -> bool:

@@ -60,6 +60,15 @@ class ExportNotVisible(WorkerError):
     retryable = True
 
 
+class RestartRequired(WorkerError):
+    """The running server serves an export differently from its config (a reload cannot
+    change an existing export); only an operator's restart of nbd-server fixes it."""
+
+
+class Superseded(WorkerError):
+    """Another job changed or released this export while this one waited for the lock."""
+
+
 class ConfigWriteError(WorkerError):
     """A snippet or link could not be written (disk full, permissions)."""
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from worker.devices import DevicePolicy
-from worker.errors import DeviceInUse
+from worker.errors import DeviceInUse, WorkerError
 from worker.mappings import Mapping
 from worker.messages import Action, ExportReady, PrepareExport
 
@@ -22,13 +22,25 @@ log = logging.getLogger(__name__)
 
 class Mappings(Protocol):
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
-    async def find_active_by_device(self, device_path: str) -> Mapping | None: ...
-    async def claim(self, request: PrepareExport) -> Mapping: ...
+    async def find_active_by_device(self, device_id: str) -> Mapping | None: ...
+    async def claim(self, request: PrepareExport, device_id: str) -> Mapping: ...
+    async def restore(self, mapping: Mapping) -> None: ...
+    async def committed_device(self, export_name: str) -> str | None: ...
+
+
+class Ensured(Protocol):
+    @property
+    def sighup_sent(self) -> bool: ...
+    @property
+    def changed(self) -> bool: ...
 
 
 class ExportServer(Protocol):
     async def is_live(self, name: str, device_path: str) -> bool: ...
-    async def ensure_export(self, name: str, device_path: str) -> bool: ...
+    async def ensure_export(
+        self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
+    ) -> Ensured: ...
+    async def point_export(self, name: str, device_path: str) -> None: ...
 
 
 def decide(mapping: Mapping | None, request: PrepareExport, live: bool) -> Action:
@@ -98,7 +110,7 @@ class ExportFlow:
 
     async def prepare_export(self, request: PrepareExport) -> ExportReady:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
-        self._devices.check(request.device_path)
+        device = self._devices.check(request.device_path)
         name = request.export_name
         # Fast path, no lock: the common case is a job for a disk already being served.
         mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
@@ -124,7 +136,7 @@ class ExportFlow:
             if action is Action.REUSED:
                 return self._ready(request, action, reused=True)
 
-            holder = await self._mappings.find_active_by_device(request.device_path)
+            holder = await self._mappings.find_active_by_device(device.device_id)
             if holder is not None and (holder.vm_id, holder.disk_unit_number) != (
                 request.vm_id,
                 request.disk_unit_number,
@@ -141,6 +153,31 @@ class ExportFlow:
             )
             # The database row first: its unique device index settles races with other
             # workers before anything on disk or in the server changes.
-            await self._mappings.claim(request)
-            sighup_sent = await self._server.ensure_export(name, request.device_path)
-            return self._ready(request, action, reused=not sighup_sent)
+            await self._mappings.claim(request, device.device_id)
+            try:
+                ensured = await self._server.ensure_export(
+                    name, request.device_path, self._mappings.committed_device
+                )
+            except WorkerError:
+                if action is Action.RELINKED and mapping is not None:
+                    await self._undo_relink(mapping)
+                raise
+            if not ensured.changed:
+                # A worker in another process served the same job first: nothing was left
+                # to do, which is what a reuse is.
+                action = Action.REUSED
+            return self._ready(request, action, reused=not ensured.sighup_sent)
+
+    async def _undo_relink(self, previous: Mapping) -> None:
+        """Puts row and link back on the old device after a failed relink, so the row never
+        frees a device that the export's link still opens."""
+        try:
+            await self._mappings.restore(previous)
+            await self._server.point_export(previous.export_name, previous.device_path)
+        except WorkerError as exc:
+            log.warning(
+                "Could not undo a failed relink; reconciliation will align it "
+                "export_name=%s error=%s",
+                previous.export_name,
+                exc,
+            )

@@ -20,6 +20,7 @@ class Mapping(BaseModel):
     vm_name: str
     export_name: str
     device_path: str
+    device_id: str
     status: Literal["active", "inactive"]
     created_at: datetime
     updated_at: datetime

@@ -43,7 +43,7 @@ def build_metrics() -> Metrics:
         registry=r,
         jobs=Counter(
             "nbd_export_jobs",
-            "Jobs handled, by outcome: the action taken, failed, or invalid.",
+            "Jobs handled, by outcome: the action taken, or failed.",
             ["outcome"],
             registry=r,
         ),

@@ -106,10 +106,13 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
     )
 
     if not dry_run:
+        # Each action re-reads its row under the config lock: a job may have changed the
+        # mapping since the snapshot above, and the job's view wins.
         for name in report.released_cleaned:
-            await server.remove_export(name)
+            await server.remove_export(name, repository.committed_device)
         if wanted:
-            report.sighup_sent = await server.ensure_exports(wanted)
+            ensured = await server.ensure_exports(wanted, repository.committed_device)
+            report.sighup_sent = ensured.sighup_sent
     if any(report.drift().values()):
         log.warning("Reconciliation found drift %s dry_run=%s", report.drift(), dry_run)
     return report

@@ -40,7 +40,8 @@ ER_DUP_ENTRY = 1062
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
-    "id, vm_id, disk_unit_number, vm_name, export_name, device_path, status, created_at, updated_at"
+    "id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, status, "
+    "created_at, updated_at"
 )
 
 
@@ -170,20 +171,56 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def find_active_by_device(self, device_path: str) -> Mapping | None:
+    async def find_active_by_device(self, device_id: str) -> Mapping | None:
+        """The active mapping serving this device, whatever path it was named by."""
+
         async def query() -> Mapping | None:
             async with self._cursor() as cur:
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
-                    "WHERE active_device_path = %s",
-                    (device_path,),
+                    "WHERE active_device_id = %s",
+                    (device_id,),
                 )
                 row = await cur.fetchone()
             return _row_to_mapping(row) if row else None
 
         return await self._retrying(query)
 
-    async def claim(self, request: PrepareExport) -> Mapping:
+    async def committed_device(self, export_name: str) -> str | None:
+        """The device path an active mapping commits this export to, or None."""
+
+        async def query() -> str | None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "SELECT device_path FROM vm_export_mappings "
+                    "WHERE export_name = %s AND status = 'active'",
+                    (export_name,),
+                )
+                row = await cur.fetchone()
+            return str(row[0]) if row else None
+
+        return await self._retrying(query)
+
+    async def restore(self, mapping: Mapping) -> None:
+        """Puts a row back as `mapping` had it (undoing a claim whose export failed)."""
+
+        async def transaction() -> None:
+            async with self._cursor(transaction=True) as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET vm_name = %s, device_path = %s, "
+                    "device_id = %s, status = %s WHERE id = %s",
+                    (
+                        mapping.vm_name,
+                        mapping.device_path,
+                        mapping.device_id,
+                        mapping.status,
+                        mapping.id,
+                    ),
+                )
+
+        await self._retrying(transaction)
+
+    async def claim(self, request: PrepareExport, device_id: str) -> Mapping:
         """Makes the request's mapping active with its device, inserting or updating its row.
 
         The unique index on active device paths is the arbiter between concurrent jobs and
@@ -206,21 +243,22 @@ class Repository:
                         request.vm_name,
                         request.export_name,
                         request.device_path,
+                        device_id,
                         request.vm_id,
                         request.disk_unit_number,
                     )
                     if row:
                         await cur.execute(
                             "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
-                            "device_path = %s, status = 'active' "
+                            "device_path = %s, device_id = %s, status = 'active' "
                             "WHERE vm_id = %s AND disk_unit_number = %s",
                             params,
                         )
                     else:
                         await cur.execute(
-                            "INSERT INTO vm_export_mappings "
-                            "(vm_name, export_name, device_path, vm_id, disk_unit_number, status) "
-                            "VALUES (%s, %s, %s, %s, %s, 'active')",
+                            "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
+                            "device_id, vm_id, disk_unit_number, status) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, 'active')",
                             params,
                         )
                     await cur.execute(
@@ -230,14 +268,16 @@ class Repository:
                     )
                     return _row_to_mapping(await cur.fetchone())
             except pymysql.err.IntegrityError as exc:
-                if (
-                    exc.args
-                    and exc.args[0] == ER_DUP_ENTRY
-                    and "uq_active_device_path" in str(exc.args[-1])
-                ):
+                key = str(exc.args[-1]) if exc.args else ""
+                duplicate = bool(exc.args) and exc.args[0] == ER_DUP_ENTRY
+                if duplicate and "uq_active_device_id" in key:
                     raise DeviceInUse(
                         f"device {request.device_path} is already served by another active mapping"
                     ) from exc
+                if duplicate and "uq_vm_disk" in key:
+                    # Another worker inserted this (vm, disk) between our SELECT and INSERT:
+                    # the retry finds its row and updates it.
+                    raise TransientDatabaseError("concurrent insert of the same disk") from exc
                 raise translate_error(exc) from exc
 
         return await self._retrying(transaction)

@@ -55,14 +55,14 @@ async def test_metrics_health_and_readiness_endpoints(
         await scheduler.request(job(device=make_disk(disks_dir, "m")))
         await scheduler.request(b"not json")
         await channel.close()
-        await worker.settled_sample("nbd_export_jobs_total", {"outcome": "invalid"}, 1)
+        await worker.settled_sample("nbd_export_jobs_total", {"outcome": "failed"}, 1)
 
         status, body = await asyncio.to_thread(http_get, port, "/metrics")
         assert status == 200
         text = body.decode()
         for name in (
             'nbd_export_jobs_total{outcome="created"} 1.0',
-            'nbd_export_jobs_total{outcome="invalid"} 1.0',
+            'nbd_export_jobs_total{outcome="failed"} 1.0',
             "nbd_server_sighups_total 1.0",
             'nbd_export_dead_lettered_total{code="invalid_request"} 1.0',
             "nbd_export_job_duration_seconds_count 2.0",
@@ -88,6 +88,7 @@ async def test_metrics_health_and_readiness_endpoints(
         }
 
         nbd_server.stop()
+        await asyncio.sleep(2.1)  # readiness results are cached for 2 s
         status, body = await asyncio.to_thread(http_get, port, "/readyz")
         assert status == 503
         payload = json.loads(body)
@@ -97,6 +98,7 @@ async def test_metrics_health_and_readiness_endpoints(
         status, _ = await asyncio.to_thread(http_get, port, "/healthz")
         assert status == 200, "a down nbd-server is not a dead worker"
         nbd_server.start()
+        await asyncio.sleep(2.1)
         status, _ = await asyncio.to_thread(http_get, port, "/readyz")
         assert status == 200
 

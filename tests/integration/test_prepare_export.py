@@ -44,6 +44,7 @@ async def mapping_rows(settings: Settings) -> list[tuple[object, ...]]:
         conn.close()
 
 
+@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
 async def test_first_job_creates_then_reuses_without_sighup(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -146,6 +147,7 @@ async def test_concurrent_jobs_for_one_disk_make_one_create(
     assert len(await mapping_rows(worker.settings)) == 1
 
 
+@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
 async def test_held_connection_survives_twenty_creates(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -185,6 +187,7 @@ async def test_held_connection_survives_twenty_creates(
     assert os.path.exists(f"/proc/{main_pid}")
 
 
+@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
 async def test_restarted_server_without_snippets_is_recreated(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:

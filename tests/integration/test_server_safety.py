@@ -46,9 +46,14 @@ async def test_pid_file_naming_a_connection_child_is_never_signalled(
     )
 
     with pytest.raises(ServerUnavailable, match="not a session leader"):
-        server.process.send_reload()
+        await server.process.send_reload()
+
+    async def committed(name: str) -> str:
+        return str(disks_dir / "b")
+
+    make_disk(disks_dir, "b")
     with pytest.raises(ServerUnavailable, match="not a session leader"):
-        await server.ensure_export("migration-vm-x-disk0", str(disks_dir / "a"))
+        await server.ensure_export("migration-vm-x-disk0", str(disks_dir / "b"), committed)
 
     assert pid_running(child)
     assert conn.read(0, len(pattern)) == pattern
@@ -64,7 +69,7 @@ async def test_pid_file_naming_another_program_is_refused(
         pid_file.write_text(str(other.pid))
         server = NbdServer(settings.model_copy(update={"nbd_pid_file": pid_file}), build_metrics())
         with pytest.raises(ServerUnavailable, match="not nbd-server"):
-            server.process.send_reload()
+            await server.process.send_reload()
         assert other.poll() is None, "the other program must not have been signalled"
     finally:
         other.kill()
@@ -79,7 +84,7 @@ async def test_a_server_with_another_config_is_refused(
         build_metrics(),
     )
     with pytest.raises(ServerUnavailable, match="refusing to signal"):
-        server.process.send_reload()
+        await server.process.send_reload()
 
 
 async def test_probe_of_a_server_that_never_answers_times_out() -> None:

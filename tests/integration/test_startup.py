@@ -126,16 +126,20 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
             async with conn.cursor() as cur:
                 insert = (
                     "INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, "
-                    "export_name, device_path, status) VALUES (%s, %s, 'vm', %s, %s, %s)"
+                    "export_name, device_path, device_id, status) "
+                    "VALUES (%s, %s, 'vm', %s, %s, %s, %s)"
                 )
-                await cur.execute(insert, ("a" * 36, 0, "e0", "/dev/vdb", "inactive"))
-                await cur.execute(insert, ("b" * 36, 0, "e1", "/dev/vdb", "active"))
-                # Two inactive rows may name one device; two active rows may not.
-                await cur.execute(insert, ("c" * 36, 0, "e2", "/dev/vdb", "inactive"))
-                with pytest.raises(pymysql.err.IntegrityError, match="uq_active_device_path"):
-                    await cur.execute(insert, ("d" * 36, 0, "e3", "/dev/vdb", "active"))
+                await cur.execute(insert, ("a" * 36, 0, "e0", "/dev/vdb", "blk:8:16", "inactive"))
+                await cur.execute(insert, ("b" * 36, 0, "e1", "/dev/vdb", "blk:8:16", "active"))
+                # Two inactive rows may name one device; two active rows may not, whatever
+                # path names it.
+                await cur.execute(insert, ("c" * 36, 0, "e2", "/dev/vdb", "blk:8:16", "inactive"))
+                with pytest.raises(pymysql.err.IntegrityError, match="uq_active_device_id"):
+                    await cur.execute(
+                        insert, ("d" * 36, 0, "e3", "/dev/disk/by-id/x", "blk:8:16", "active")
+                    )
                 with pytest.raises(pymysql.err.IntegrityError, match="uq_vm_disk"):
-                    await cur.execute(insert, ("a" * 36, 0, "e4", "/dev/vdc", "active"))
+                    await cur.execute(insert, ("a" * 36, 0, "e4", "/dev/vdc", "blk:8:32", "active"))
         finally:
             conn.close()
     finally:

@@ -10,7 +10,7 @@ import pytest
 import worker.flow
 from tests.fakes import FakeExportServer, InMemoryMappings
 from worker.devices import DevicePolicy
-from worker.errors import DeviceInUse, DeviceNotFound
+from worker.errors import DeviceInUse, DeviceNotFound, ServerUnavailable
 from worker.flow import ExportFlow, KeyedLocks, decide
 from worker.mappings import Mapping
 from worker.messages import Action, PrepareExport
@@ -34,6 +34,7 @@ def mapping(device: str, status: str = "active") -> Mapping:
             "vm_name": "vm",
             "export_name": "e",
             "device_path": device,
+            "device_id": "blk:8:16",
             "status": status,
             "created_at": now,
             "updated_at": now,
@@ -154,3 +155,27 @@ async def test_keyed_locks_are_dropped_when_free() -> None:
     await asyncio.gather(*(hold(i) for i in range(3)))
     assert order == [0, 0, 1, 1, 2, 2]
     assert len(locks) == 0
+
+
+async def test_same_device_by_another_path_is_in_use(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, _server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    alias = tmp_path / "by-id-alias"
+    alias.symlink_to(disk)
+    other = "11111111-2222-3333-4444-555555555555"
+    with pytest.raises(DeviceInUse):
+        await flow.prepare_export(request(alias, vm=other))
+    assert len(mappings.rows) == 1
+
+
+async def test_failed_relink_puts_row_and_link_back(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    first = await flow.prepare_export(request(disk))
+    other = tmp_path / "vdc"
+    other.write_bytes(b"")
+    server.fail_with = ServerUnavailable("down")
+    with pytest.raises(ServerUnavailable):
+        await flow.prepare_export(request(other))
+    row = mappings.rows[(VM, 0)]
+    assert row.device_path == str(disk)
+    assert server.links[first.export_name] == str(disk)

@@ -10,6 +10,7 @@ import pytest
 from worker.errors import ServerUnavailable
 from worker.nbd.files import (
     ExportSpec,
+    SnippetWrite,
     link_target,
     point_link,
     render_snippet,
@@ -104,12 +105,15 @@ def test_render_snippet_is_a_section_naming_the_link() -> None:
 
 def test_write_snippet_is_atomic_idempotent_and_leaves_no_temp(tmp_path: Path) -> None:
     spec = ExportSpec("e0", tmp_path / "links" / "e0")
-    assert write_snippet(tmp_path, spec) is True
-    assert write_snippet(tmp_path, spec) is False
+    assert write_snippet(tmp_path, spec) is SnippetWrite.CREATED
+    assert write_snippet(tmp_path, spec) is SnippetWrite.UNCHANGED
     path = snippet_path(tmp_path, "e0")
     assert path.read_text() == render_snippet(spec)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e0.conf"]
+    moved = ExportSpec("e0", tmp_path / "elsewhere" / "e0")
+    assert write_snippet(tmp_path, moved) is SnippetWrite.REPLACED
+    assert path.read_text() == render_snippet(moved)
 
 
 def test_point_link_repoints_atomically(tmp_path: Path) -> None:

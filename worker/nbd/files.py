@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from worker.errors import ConfigWriteError
@@ -53,16 +54,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_snippet(conf_dir: Path, spec: ExportSpec) -> bool:
-    """Writes the export's snippet unless an identical one is there; True if it wrote.
+class SnippetWrite(Enum):
+    UNCHANGED = "unchanged"
+    CREATED = "created"
+    REPLACED = "replaced"
+    """An existing snippet had other content. A reload ignores changes to a section the
+    server already has, so a listed export keeps serving the old content until a restart."""
+
+
+def write_snippet(conf_dir: Path, spec: ExportSpec) -> SnippetWrite:
+    """Writes the export's snippet unless an identical one is there.
 
     Raises ConfigWriteError (retryable) when the directory cannot be written.
     """
     target = snippet_path(conf_dir, spec.name)
     content = render_snippet(spec).encode()
+    outcome = SnippetWrite.CREATED
     try:
         if target.read_bytes() == content:
-            return False
+            return SnippetWrite.UNCHANGED
+        outcome = SnippetWrite.REPLACED
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -80,7 +91,7 @@ def write_snippet(conf_dir: Path, spec: ExportSpec) -> bool:
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise ConfigWriteError(f"cannot write snippet {target}: {exc.strerror}") from exc
-    return True
+    return outcome
 
 
 def has_snippet(conf_dir: Path, name: str) -> bool:

@@ -110,12 +110,17 @@ def check_main_process(pid: int, config_file: Path) -> None:
 
 
 class MainProcess:
-    """The nbd-server main process named by the pid file and started with our config."""
+    """The nbd-server main process named by the pid file and started with our config.
+
+    Its version is read once per pid (a restart may bring another binary) and checked
+    before every SIGHUP, not only at start-up.
+    """
 
     def __init__(self, pid_file: Path, config_file: Path, *, version_timeout_s: float) -> None:
         self._pid_file = pid_file
         self._config_file = config_file
         self._version_timeout_s = version_timeout_s
+        self._versions: dict[int, tuple[int, int, int]] = {}
 
     def verified_pid(self) -> int:
         """The main pid, checked now. Raises ServerUnavailable."""
@@ -131,11 +136,25 @@ class MainProcess:
         return True
 
     async def check_version(self) -> tuple[int, int, int]:
-        """Reads the running binary's version; raises UnsupportedServer below 3.25.
+        """The running main process's version; raises UnsupportedServer below 3.25."""
+        return await self._supported_version(self.verified_pid())
 
-        Runs /proc/PID/exe, so it is the binary that is running, not whatever is on PATH.
-        """
-        pid = self.verified_pid()
+    async def _supported_version(self, pid: int) -> tuple[int, int, int]:
+        version = self._versions.get(pid)
+        if version is None:
+            version = await self._read_version(pid)
+            self._versions = {pid: version}  # only the current pid matters
+        if version[:2] < MIN_SERVER_VERSION:
+            raise UnsupportedServer(
+                f"nbd-server {format_version(version)} (pid {pid}) is too old: versions before "
+                f"{format_version(MIN_SERVER_VERSION)} corrupt their heap on SIGHUP (upstream "
+                "issue #143), and the worker adds exports by SIGHUP. Install nbd-server >= "
+                f"{format_version(MIN_SERVER_VERSION)} (scripts/install-system-deps.sh builds one)."
+            )
+        return version
+
+    async def _read_version(self, pid: int) -> tuple[int, int, int]:
+        # /proc/PID/exe: the binary that is running, not whatever is on PATH now.
         exe = f"/proc/{pid}/exe"
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -154,20 +173,15 @@ class MainProcess:
             await proc.wait()
             raise ServerUnavailable(f"{exe} -V did not answer in time") from None
         try:
-            version = parse_version(output.decode(errors="replace"))
+            return parse_version(output.decode(errors="replace"))
         except ValueError as exc:
             raise ServerUnavailable(f"cannot read the version of nbd-server {pid}: {exc}") from exc
-        if version[:2] < MIN_SERVER_VERSION:
-            raise UnsupportedServer(
-                f"nbd-server {format_version(version)} (pid {pid}) is too old: versions before "
-                f"{format_version(MIN_SERVER_VERSION)} corrupt their heap on SIGHUP (upstream "
-                "issue #143), and the worker adds exports by SIGHUP. Install nbd-server >= "
-                f"{format_version(MIN_SERVER_VERSION)} (scripts/install-system-deps.sh builds one)."
-            )
-        return version
 
-    def send_reload(self) -> int:
-        """SIGHUPs the verified main process only; returns its pid. Raises ServerUnavailable."""
+    async def send_reload(self) -> int:
+        """SIGHUPs the verified, supported main process only; returns its pid.
+
+        Raises ServerUnavailable (UnsupportedServer when the binary is too old).
+        """
         pid = read_pid_file(self._pid_file)
         try:
             pidfd = os.pidfd_open(pid)
@@ -175,8 +189,9 @@ class MainProcess:
             raise ServerUnavailable(f"nbd-server main process {pid} is not running") from exc
         try:
             # Checked after the pidfd is open: the fd pins this very process, so the pid
-            # cannot be reused by another process between the check and the signal.
+            # cannot be reused by another process between the checks and the signal.
             check_main_process(pid, self._config_file)
+            await self._supported_version(pid)
             signal.pidfd_send_signal(pidfd, signal.SIGHUP)
         except ProcessLookupError as exc:
             raise ServerUnavailable(f"nbd-server main process {pid} exited") from exc
