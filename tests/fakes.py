@@ -77,7 +77,7 @@ class FakeExportServer:
         self.delay_s = 0.0
         self.fail_with: Exception | None = None
 
-    async def is_live(self, name: str, device_path: str) -> bool:
+    async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         return name in self.listed and self.links.get(name) == device_path
 
     async def ensure_export(

@@ -52,9 +52,7 @@ EXIT_TIMEOUT = 4
 # --- run --------------------------------------------------------------------------------
 
 
-async def _record_server(
-    server: NbdServer, metrics: Metrics, last_pid: int | None
-) -> int | None:
+async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int | None:
     """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
     pid = server.process.verified_pid()
     if pid != last_pid:

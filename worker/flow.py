@@ -36,7 +36,7 @@ class Ensured(Protocol):
 
 
 class ExportServer(Protocol):
-    async def is_live(self, name: str, device_path: str) -> bool: ...
+    async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     async def ensure_export(
         self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
     ) -> Ensured: ...
@@ -115,7 +115,7 @@ class ExportFlow:
         # Fast path, no lock: the common case is a job for a disk already being served.
         mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
         if decide(mapping, request, live=True) is Action.REUSED and await self._server.is_live(
-            name, request.device_path
+            name, request.device_path, fresh=False
         ):
             log.info(
                 "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",

@@ -56,7 +56,13 @@ class Settings(BaseSettings):
     nbd_port: int = Field(default=10809, ge=1, le=65535)
     #: How the worker lists exports: "nbd-client" runs `nbd-client -l` (a process and
     #: ~50 ms per probe); "native" speaks the NBD handshake itself (~1-3 ms).
-    probe: Literal["nbd-client", "native"] = "nbd-client"
+    probe: Literal["nbd-client", "native"] = "native"
+    #: How long the reuse path may trust a shared listing (it is dropped sooner on our
+    #: own SIGHUP or a new server pid).
+    listing_ttl_s: float = Field(default=2.0, ge=0)
+    #: Behave like the original system (a probe process per job, one SIGHUP per create,
+    #: nothing shared), for the benchmark's comparison only.
+    baseline: bool = False
     #: The listing probe's binary; Debian 12's nbd-client is fine for `-l`.
     nbd_client_bin: str = "nbd-client"
     #: A probe that has not answered by then is killed: `nbd-client -l` has no timeout of its own.

@@ -128,6 +128,18 @@ class MainProcess:
         check_main_process(pid, self._config_file)
         return pid
 
+    def running_pid(self) -> int:
+        """The pid file's pid if that process runs (cheap: no command-line check; enough
+        to tell a restart, which changes the pid). Raises ServerUnavailable."""
+        pid = read_pid_file(self._pid_file)
+        try:
+            state = parse_stat(Path(f"/proc/{pid}/stat").read_text()).state
+        except (OSError, ValueError, IndexError):
+            state = "X"
+        if state in ("Z", "X"):
+            raise ServerUnavailable(f"nbd-server main process {pid} is not running")
+        return pid
+
     def is_alive(self, pid: int) -> bool:
         try:
             check_main_process(pid, self._config_file)

@@ -1,7 +1,11 @@
 """NbdServer: the facade the flow and the CLI see (is_live, ensure_export(s), remove_export).
 
 It owns the order of a create: link, snippet, listing, SIGHUP to the verified main
-process, then polling until every new export is listed, all under the reload lock.
+process, polling until every new export is listed, and opening each as a client would,
+all under the reload lock. Two things make it fast: creates that arrive while a reload is
+being prepared join one batch (one lock hold, one SIGHUP, one verification), and the
+reuse path shares one in-flight listing, valid until our next SIGHUP, a new main pid, or
+`listing_ttl_s`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from worker.errors import (
     RestartRequired,
     ServerUnavailable,
     Superseded,
+    WorkerError,
 )
 from worker.metrics import Metrics
 from worker.nbd.files import (
@@ -53,6 +58,22 @@ class Ensured:
     changed: bool
 
 
+@dataclass
+class _PendingCreate:
+    name: str
+    device_path: str
+    committed: CommittedDevice
+    result: asyncio.Future[Ensured]
+
+
+@dataclass(frozen=True)
+class _Listing:
+    pid: int
+    generation: int
+    taken_at: float
+    names: frozenset[str]
+
+
 class NbdServer:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
@@ -65,6 +86,15 @@ class NbdServer:
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         self._lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
+        # The baseline reproduces the original system for the benchmark: a probe process
+        # per job, one SIGHUP per create, nothing shared.
+        self._probe = "nbd-client" if settings.baseline else settings.probe
+        self._pending: list[_PendingCreate] = []
+        self._drainer: asyncio.Task[None] | None = None
+        # Bumped by every SIGHUP we send: a listing taken before it is stale.
+        self._generation = 0
+        self._listing: _Listing | None = None
+        self._listing_in_flight: tuple[int, asyncio.Task[frozenset[str]]] | None = None
 
     @property
     def conf_dir(self) -> Path:
@@ -73,21 +103,25 @@ class NbdServer:
     def spec(self, name: str) -> ExportSpec:
         return ExportSpec(name=name, link_path=self._settings.link_dir / name)
 
+    # --- probes ---------------------------------------------------------------------------
+
     async def listed_exports(self) -> frozenset[str]:
-        """Names the server lists now. Raises ServerUnavailable (ProbeTimeout if hung)."""
+        """Names the server lists now (a fresh probe). Raises ServerUnavailable (ProbeTimeout
+        if the server accepts but never answers)."""
         settings = self._settings
         started = time.monotonic()
         try:
-            if settings.probe == "native":
-                return await list_exports_native(
+            if self._probe == "native":
+                names = await list_exports_native(
                     settings.nbd_host, settings.nbd_port, settings.probe_timeout_s
                 )
-            return await list_exports(
-                settings.nbd_client_bin,
-                settings.nbd_host,
-                settings.nbd_port,
-                settings.probe_timeout_s,
-            )
+            else:
+                names = await list_exports(
+                    settings.nbd_client_bin,
+                    settings.nbd_host,
+                    settings.nbd_port,
+                    settings.probe_timeout_s,
+                )
         except ProbeTimeout:
             self._metrics.probe_failures.labels(reason="timeout").inc()
             raise
@@ -96,6 +130,34 @@ class NbdServer:
             raise
         finally:
             self._metrics.probe_duration.observe(time.monotonic() - started)
+        self._metrics.exports_live.set(len(names))
+        return names
+
+    async def _shared_listing(self) -> frozenset[str]:
+        """A recent listing, shared by concurrent callers (single flight). Valid until the
+        next SIGHUP we send, a change of main pid (a restart forgets exports), or the TTL.
+        A SIGHUP from another worker only adds names: a name missing here sends the job to
+        the slow path, which probes afresh."""
+        pid = self.process.running_pid()
+        now = time.monotonic()
+        cached = self._listing
+        if (
+            cached is not None
+            and cached.pid == pid
+            and cached.generation == self._generation
+            and now - cached.taken_at < self._settings.listing_ttl_s
+        ):
+            return cached.names
+        generation = self._generation
+        in_flight = self._listing_in_flight
+        if in_flight is None or in_flight[0] != generation or in_flight[1].done():
+            in_flight = (generation, asyncio.create_task(self.listed_exports()))
+            self._listing_in_flight = in_flight
+        # Shielded: one caller's cancellation must not cancel the probe the others await.
+        names = await asyncio.shield(in_flight[1])
+        if self._generation == generation:
+            self._listing = _Listing(pid, generation, now, names)
+        return names
 
     async def servable_size(self, name: str) -> int | None:
         """Opens the export as a client would (NBD_OPT_GO); its size, or None if refused."""
@@ -103,23 +165,36 @@ class NbdServer:
             self._settings.nbd_host, self._settings.nbd_port, name, self._settings.probe_timeout_s
         )
 
-    async def is_live(self, name: str, device_path: str) -> bool:
+    async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         """Listed by the server, its snippet on disk (so a restart keeps it), and its link
-        pointing at `device_path` (so new connections open that device)."""
+        pointing at `device_path` (so new connections open that device). `fresh=False`
+        accepts the shared recent listing (the reuse fast path)."""
         spec = self.spec(name)
         if link_target(spec.link_path) != device_path:
             return False
         if not has_snippet(self._settings.nbd_conf_dir, name):
             return False
-        return name in await self.listed_exports()
+        if fresh or self._settings.baseline:
+            return name in await self.listed_exports()
+        return name in await self._shared_listing()
+
+    # --- creates --------------------------------------------------------------------------
 
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedDevice
     ) -> Ensured:
-        """Makes `name` listed, servable and opening `device_path`. Raises Superseded when
-        the database no longer commits the export to `device_path` (another job changed it
-        meanwhile), and what ensure_exports raises."""
-        ensured = await self.ensure_exports({name: device_path}, committed)
+        """Makes `name` listed, servable and opening `device_path`, in a batch with the
+        creates that arrive meanwhile. Raises Superseded when the database no longer commits
+        the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
+        ExportNotVisible, ConfigWriteError (retryable) or RestartRequired."""
+        if self._settings.baseline:
+            ensured = await self._ensure_locked({name: device_path}, committed)
+        else:
+            result: asyncio.Future[Ensured] = asyncio.get_running_loop().create_future()
+            self._pending.append(_PendingCreate(name, device_path, committed, result))
+            if self._drainer is None or self._drainer.done():
+                self._drainer = asyncio.create_task(self._drain())
+            ensured = await result
         if ensured.linked.get(name) != device_path:
             raise Superseded(
                 f"export {name} was changed or released by another job while this one "
@@ -127,44 +202,134 @@ class NbdServer:
             )
         return ensured
 
+    async def _drain(self) -> None:
+        """Serves pending creates batch by batch: each batch is what has queued up by the
+        time the lock is free, so a burst costs a few SIGHUPs, not one per job."""
+        while self._pending:
+            batch: dict[str, _PendingCreate] = {}
+            try:
+                async with self._lock.hold(self._settings.lock_timeout_s) as waited_s:
+                    self._metrics.lock_wait.observe(waited_s)
+                    later = []
+                    for item in self._pending:
+                        if item.name in batch:
+                            later.append(item)  # the same export twice: next batch
+                        else:
+                            batch[item.name] = item
+                    self._pending = later
+                    results = await self._ensure_batch(
+                        {n: (i.device_path, i.committed) for n, i in batch.items()}
+                    )
+            except TimeoutError:
+                # The lock never came: every create waiting now fails alike (retryable).
+                error = self._lock_timeout()
+                waiting = list(batch.values()) + self._pending
+                self._pending = []
+                for item in waiting:
+                    if not item.result.done():
+                        item.result.set_exception(error)
+                continue
+            except BaseException as exc:
+                # Never leave a job waiting forever on a batch that died.
+                for item in list(batch.values()) + self._pending:
+                    if not item.result.done():
+                        item.result.set_exception(exc)
+                self._pending = []
+                raise
+            for name, item in batch.items():
+                if item.result.done():
+                    continue  # the job was cancelled (shutdown)
+                outcome = results[name]
+                if isinstance(outcome, Ensured):
+                    item.result.set_result(outcome)
+                else:
+                    item.result.set_exception(outcome)
+
     async def ensure_exports(
         self, wanted: Mapping[str, str], committed: CommittedDevice
     ) -> Ensured:
-        """Points each export at the device the database commits it to *now* (read under
-        the lock, so two workers cannot leave a link disagreeing with its row), writes its
-        snippet, makes every new one listed with at most one SIGHUP, and checks each is
-        servable with the device's size. Exports no longer active are skipped.
+        """Reconciliation's create: every export in one lock hold and at most one SIGHUP.
+        Exports the database no longer has active are skipped. Raises the first error."""
+        return await self._ensure_locked(wanted, committed)
 
-        Raises ServerUnavailable, ExportNotVisible or ConfigWriteError (all retryable), and
-        RestartRequired when the running server serves an export from another path.
-        """
+    async def _ensure_locked(
+        self, wanted: Mapping[str, str], committed: CommittedDevice
+    ) -> Ensured:
         try:
             async with self._lock.hold(self._settings.lock_timeout_s) as waited_s:
                 self._metrics.lock_wait.observe(waited_s)
-                linked: dict[str, str] = {}
-                for name in wanted:
-                    device = await committed(name)
-                    if device is not None:
-                        linked[name] = device
-                changed, replaced = await asyncio.to_thread(self._write_files, linked)
-                listed = await self.listed_exports()
-                stale = sorted(replaced & listed)
-                if stale:
-                    raise RestartRequired(
-                        f"{', '.join(stale)}: the running server serves an older config for "
-                        "this export, which a reload cannot change; restart nbd-server"
-                    )
-                # Names already in the server's memory (e.g. a create that crashed before
-                # its reply) need no reload: a reload would not change them anyway.
-                missing = set(linked) - listed
-                if missing:
-                    await self._reload_until_listed(missing)
-                await self._check_servable(linked)
-                return Ensured(linked, sighup_sent=bool(missing), changed=bool(changed | missing))
+                results = await self._ensure_batch({n: (d, committed) for n, d in wanted.items()})
         except TimeoutError:
-            raise ServerUnavailable(
-                f"the config lock was not free within {self._settings.lock_timeout_s:g} s"
-            ) from None
+            raise self._lock_timeout() from None
+        linked: dict[str, str] = {}
+        sighup_sent = changed = False
+        for outcome in results.values():
+            if isinstance(outcome, WorkerError):
+                raise outcome
+            linked.update(outcome.linked)
+            sighup_sent |= outcome.sighup_sent
+            changed |= outcome.changed
+        return Ensured(linked, sighup_sent=sighup_sent, changed=changed)
+
+    def _lock_timeout(self) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"the config lock was not free within {self._settings.lock_timeout_s:g} s"
+        )
+
+    async def _ensure_batch(
+        self, items: Mapping[str, tuple[str, CommittedDevice]]
+    ) -> dict[str, Ensured | WorkerError]:
+        """The create steps for a batch; the caller holds the reload lock.
+
+        Each export is pointed at the device the database commits it to *now* (read under
+        the lock, so two workers cannot leave a link disagreeing with its row). Errors are
+        per export where they can be, for the whole batch where they cannot.
+        """
+        results: dict[str, Ensured | WorkerError] = {}
+        linked: dict[str, str] = {}
+        for name, (_requested, committed) in items.items():
+            try:
+                device = await committed(name)
+            except WorkerError as exc:
+                results[name] = exc
+                continue
+            if device is None:
+                results[name] = Ensured({}, sighup_sent=False, changed=False)
+            else:
+                linked[name] = device
+        try:
+            changed, replaced = await asyncio.to_thread(self._write_files, linked)
+            listed = await self.listed_exports()
+        except WorkerError as exc:
+            return results | dict.fromkeys(linked, exc)
+        for name in sorted(replaced & listed):
+            results[name] = RestartRequired(
+                f"{name}: the running server serves an older config for this export, which "
+                "a reload cannot change; restart nbd-server"
+            )
+            del linked[name]
+        # Names already in the server's memory (e.g. a create that crashed before its
+        # reply) need no reload: a reload would not change them anyway.
+        missing = set(linked) - listed
+        if missing:
+            try:
+                await self._reload_until_listed(missing)
+            except WorkerError as exc:
+                for name in missing:
+                    results[name] = exc
+                    del linked[name]
+        for name, device_path in linked.items():
+            try:
+                await self._check_servable(name, device_path)
+            except WorkerError as exc:
+                results[name] = exc
+                continue
+            results[name] = Ensured(
+                {name: device_path},
+                sighup_sent=name in missing,
+                changed=name in changed or name in missing,
+            )
+        return results
 
     def _write_files(self, exports: Mapping[str, str]) -> tuple[set[str], set[str]]:
         """Links and snippets; returns the names where anything changed, and those whose
@@ -183,49 +348,21 @@ class NbdServer:
                 replaced.add(name)
         return changed, replaced
 
-    async def _check_servable(self, linked: Mapping[str, str]) -> None:
-        """Listed is not servable (nbd-server-facts.md): open each export as a client
+    async def _check_servable(self, name: str, device_path: str) -> None:
+        """Listed is not servable (nbd-server-facts.md): open the export as a client
         would, and compare its size with the device's."""
-        for name, device_path in linked.items():
-            size = await self.servable_size(name)
-            if size is None:
-                raise ExportNotVisible(
-                    f"nbd-server lists {name} but refuses to open it (device {device_path} "
-                    "not readable by the server?)"
-                )
-            expected = await asyncio.to_thread(device_size, device_path)
-            if expected is not None and size != expected:
-                raise RestartRequired(
-                    f"{name} serves {size} bytes but {device_path} has {expected}: the server "
-                    "opens another path for this export; restart nbd-server"
-                )
-
-    async def point_export(self, name: str, device_path: str) -> None:
-        """Re-points the export's link only (new connections open `device_path`)."""
-        try:
-            async with self._lock.hold(self._settings.lock_timeout_s):
-                await asyncio.to_thread(point_link, self.spec(name).link_path, device_path)
-        except TimeoutError:
-            raise ServerUnavailable(
-                f"the config lock was not free within {self._settings.lock_timeout_s:g} s"
-            ) from None
-
-    async def remove_export(self, name: str, committed: CommittedDevice) -> bool:
-        """Removes the export's snippet and link unless the database (read under the lock)
-        has it active again; True if removed. New connections then fail at once,
-        established ones keep their device, and the server forgets the name at restart."""
-        try:
-            async with self._lock.hold(self._settings.lock_timeout_s):
-                if await committed(name) is not None:
-                    return False
-                await asyncio.to_thread(
-                    remove_export_files, self._settings.nbd_conf_dir, self.spec(name)
-                )
-                return True
-        except TimeoutError:
-            raise ServerUnavailable(
-                f"the config lock was not free within {self._settings.lock_timeout_s:g} s"
-            ) from None
+        size = await self.servable_size(name)
+        if size is None:
+            raise ExportNotVisible(
+                f"nbd-server lists {name} but refuses to open it (device {device_path} "
+                "not readable by the server?)"
+            )
+        expected = await asyncio.to_thread(device_size, device_path)
+        if expected is not None and size != expected:
+            raise RestartRequired(
+                f"{name} serves {size} bytes but {device_path} has {expected}: the server "
+                "opens another path for this export; restart nbd-server"
+            )
 
     async def _reload_until_listed(self, names: set[str]) -> None:
         try:
@@ -233,6 +370,7 @@ class NbdServer:
         except ServerUnavailable:
             self._metrics.sighup_failures.inc()
             raise
+        self._generation += 1
         self._metrics.sighups.inc()
         sent = time.monotonic()
         log.info("Sent SIGHUP to nbd-server main process pid=%d exports=%d", pid, len(names))
@@ -256,3 +394,29 @@ class NbdServer:
         self._metrics.reload_visible.observe(time.monotonic() - sent)
         if not self.process.is_alive(pid):
             raise ServerUnavailable(f"nbd-server main process {pid} died after SIGHUP")
+        self._listing = _Listing(pid, self._generation, time.monotonic(), listed)
+
+    # --- other changes --------------------------------------------------------------------
+
+    async def point_export(self, name: str, device_path: str) -> None:
+        """Re-points the export's link only (new connections open `device_path`)."""
+        try:
+            async with self._lock.hold(self._settings.lock_timeout_s):
+                await asyncio.to_thread(point_link, self.spec(name).link_path, device_path)
+        except TimeoutError:
+            raise self._lock_timeout() from None
+
+    async def remove_export(self, name: str, committed: CommittedDevice) -> bool:
+        """Removes the export's snippet and link unless the database (read under the lock)
+        has it active again; True if removed. New connections then fail at once,
+        established ones keep their device, and the server forgets the name at restart."""
+        try:
+            async with self._lock.hold(self._settings.lock_timeout_s):
+                if await committed(name) is not None:
+                    return False
+                await asyncio.to_thread(
+                    remove_export_files, self._settings.nbd_conf_dir, self.spec(name)
+                )
+                return True
+        except TimeoutError:
+            raise self._lock_timeout() from None
