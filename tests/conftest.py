@@ -28,6 +28,8 @@ from worker.settings import Settings
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 DISK_SIZE = 16 * 1024 * 1024
+#: The node id of single-node tests.
+NODE = "test-node"
 
 
 def unique(prefix: str) -> str:
@@ -49,7 +51,7 @@ def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
 async def database_url() -> AsyncIterator[AnyUrl]:
     name = unique("nbdtest")
     url = AnyUrl(f"{MYSQL_URL}/{name}")
-    await migrate(url, timeout_s=5)
+    await migrate(url, node_id=NODE, timeout_s=5)
     try:
         yield url
     finally:
@@ -96,6 +98,8 @@ async def settings(
     request_queue = unique("test.prepare-export")
     reply_queue = unique("test.export-ready")
     settings = Settings(
+        node_id=NODE,
+        exchange=unique("test.exports"),
         amqp_url=AMQP_URL,
         database_url=database_url,
         request_queue=request_queue,

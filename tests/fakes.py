@@ -46,6 +46,7 @@ class InMemoryMappings:
         old = self.rows.get(key)
         self.rows[key] = Mapping(
             id=old.id if old else len(self.rows) + 1,
+            node_id="n",
             vm_id=request.vm_id,
             disk_unit_number=request.disk_unit_number,
             vm_name=request.vm_name,

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
-from worker.consumer import JobConsumer
+from worker.broker import BrokerSession
+from worker.consumer import JobConsumer, QueueConfig
 from worker.devices import DevicePolicy, device_present
 from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
@@ -107,14 +107,12 @@ class Readiness:
     def __init__(
         self,
         settings: Settings,
-        consumer: JobConsumer,
-        connection: AbstractConnection,
+        broker: BrokerSession,
         repository: Repository,
         server: NbdServer,
     ) -> None:
         self._settings = settings
-        self._consumer = consumer
-        self._connection = connection
+        self._broker = broker
         self._repository = repository
         self._server = server
         self._last: tuple[float, dict[str, str | None]] | None = None
@@ -131,9 +129,7 @@ class Readiness:
 
     async def _check_now(self) -> dict[str, str | None]:
         checks: dict[str, str | None] = {
-            "broker": None
-            if self._consumer.is_consuming and not self._connection.is_closed
-            else "not connected or not consuming"
+            "broker": None if self._broker.is_consuming else "not connected or not consuming"
         }
         try:
             await asyncio.wait_for(self._repository.ping(), self._settings.probe_timeout_s)
@@ -175,6 +171,7 @@ async def serve(
     settings.link_dir.mkdir(parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
+        node_id=settings.node_id,
         pool_size=settings.db_pool_size,
         timeout_s=settings.db_connect_timeout_s,
         on_retry=metrics.retries.labels(operation="database").inc,
@@ -187,58 +184,57 @@ async def serve(
                 await _reconcile_and_record(repository, server, metrics)
             except WorkerError as exc:
                 log.warning("Start-up reconciliation failed: %s", exc)
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url, timeout=settings.db_connect_timeout_s
+        flow = ExportFlow(
+            repository,
+            server,
+            DevicePolicy(settings.device_roots, settings.allow_regular_files),
+            nbd_host=settings.advertised_host,
+            nbd_port=settings.nbd_port,
+            node_id=settings.node_id,
         )
-        connection.reconnect_callbacks.add(lambda *_: metrics.broker_reconnects.inc())
-        async with connection:
-            # Confirms: a job is acked only after its reply is safely with the broker.
-            # on_return_raises: an unroutable reply raises instead of vanishing.
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            flow = ExportFlow(
-                repository,
-                server,
-                DevicePolicy(settings.device_roots, settings.allow_regular_files),
-                nbd_host=settings.nbd_host,
-                nbd_port=settings.nbd_port,
+        queues = QueueConfig(
+            request_queue=settings.request_queue,
+            reply_queue=settings.reply_queue,
+            exchange=settings.exchange,
+            routing_key=settings.routing_key,
+            node_id=settings.node_id,
+            prefetch=settings.prefetch,
+            delivery_limit=settings.delivery_limit,
+            publish_timeout_s=settings.publish_timeout_s,
+        )
+        broker = BrokerSession(
+            settings.amqp_urls,
+            lambda channel: JobConsumer(channel, flow, metrics, queues),
+            metrics,
+            connect_timeout_s=settings.db_connect_timeout_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        )
+        readiness = Readiness(settings, broker, repository, server)
+        if settings.metrics_port:
+            ops = OpsServer(
+                asyncio.get_running_loop(),
+                metrics.registry,
+                readiness.check,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
             )
-            consumer = JobConsumer(
-                channel,
-                flow,
-                metrics,
-                request_queue=settings.request_queue,
-                reply_queue=settings.reply_queue,
-                prefetch=settings.prefetch,
-                delivery_limit=settings.delivery_limit,
-                publish_timeout_s=settings.publish_timeout_s,
-            )
-            await consumer.start()
+            ops.start()
+        housekeeping = asyncio.create_task(
+            _housekeeping(settings, repository, server, metrics, pid)
+        )
 
-            readiness = Readiness(settings, consumer, connection, repository, server)
-
-            if settings.metrics_port:
-                ops = OpsServer(
-                    asyncio.get_running_loop(),
-                    metrics.registry,
-                    readiness.check,
-                    host=settings.metrics_host,
-                    port=settings.metrics_port,
-                )
-                ops.start()
-            housekeeping = asyncio.create_task(
-                _housekeeping(settings, repository, server, metrics, pid)
-            )
+        def on_ready() -> None:
             log.info(
-                "Worker ready broker=%s queue=%s metrics_port=%d",
-                mask_url(settings.amqp_url),
+                "Worker ready node=%s queue=%s routing_key=%s metrics_port=%d",
+                settings.node_id,
                 settings.request_queue,
+                settings.routing_key,
                 settings.metrics_port,
             )
             if started is not None:
                 started.set()
-            await stop.wait()
-            log.info("Stopping: no new jobs; draining those in flight")
-            await consumer.stop(settings.shutdown_grace_s)
+
+        await broker.run(stop, on_ready)
     finally:
         if housekeeping is not None:
             housekeeping.cancel()
@@ -277,7 +273,10 @@ def signal_number(name: str) -> int:
 @contextlib.asynccontextmanager
 async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdServer]]:
     repository = await Repository.connect(
-        settings.database_url, pool_size=2, timeout_s=settings.db_connect_timeout_s
+        settings.database_url,
+        node_id=settings.node_id,
+        pool_size=2,
+        timeout_s=settings.db_connect_timeout_s,
     )
     try:
         yield repository, NbdServer(settings, build_metrics())
@@ -466,7 +465,11 @@ async def _request(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _migrate(settings: Settings) -> int:
     try:
-        applied = await migrate(settings.database_url, timeout_s=settings.db_connect_timeout_s)
+        applied = await migrate(
+            settings.database_url,
+            node_id=settings.node_id,
+            timeout_s=settings.db_connect_timeout_s,
+        )
     except WorkerError as exc:
         log.critical("Migration failed: %s", exc)
         return EXIT_FAILURE

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
@@ -68,79 +71,107 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def error_reply(
-    code: ErrorCode, message: str, *, job_id: str | None, request: PrepareExport | None = None
+    code: ErrorCode,
+    message: str,
+    *,
+    job_id: str | None,
+    node_id: str,
+    request: PrepareExport | None = None,
 ) -> ExportFailed:
     return ExportFailed(
         job_id=job_id,
         vm_id=request.vm_id if request else None,
         disk_unit_number=request.disk_unit_number if request else None,
         error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE]),
+        node_id=node_id,
     )
 
 
+@dataclass(frozen=True)
+class QueueConfig:
+    """Where jobs come from and replies go; see Settings for each field's meaning."""
+
+    request_queue: str
+    reply_queue: str
+    exchange: str
+    routing_key: str
+    node_id: str
+    prefetch: int
+    delivery_limit: int
+    publish_timeout_s: float
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.request_queue}.dead"
+
+
 class JobConsumer:
+    """Consumes one channel. A new one is made for every (re)connection."""
+
     def __init__(
-        self,
-        channel: AbstractChannel,
-        flow: ExportFlow,
-        metrics: Metrics,
-        *,
-        request_queue: str,
-        reply_queue: str,
-        prefetch: int,
-        delivery_limit: int,
-        publish_timeout_s: float,
+        self, channel: AbstractChannel, flow: ExportFlow, metrics: Metrics, config: QueueConfig
     ) -> None:
         self._channel = channel
         self._flow = flow
         self._metrics = metrics
-        self._request_queue = request_queue
-        self._reply_queue = reply_queue
-        self._prefetch = prefetch
-        self._delivery_limit = delivery_limit
-        self._replies = ReplyPublisher(channel.default_exchange, reply_queue, publish_timeout_s)
+        self._config = config
+        self._replies = ReplyPublisher(
+            channel.default_exchange, config.reply_queue, config.publish_timeout_s
+        )
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
 
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"{self._request_queue}.dead"
-
     async def declare(self) -> AbstractQueue:
-        """Declares the queues. Raises WorkerError when one exists with other arguments
-        (e.g. a classic queue left by an older system): RabbitMQ cannot change a queue's
-        type, so an operator must delete or rename it."""
-        await self._channel.set_qos(prefetch_count=self._prefetch)
+        """Declares the queues and the node's binding. Raises WorkerError when a queue exists
+        with other arguments (e.g. a classic queue left by an older system): RabbitMQ
+        cannot change a queue's type, so an operator must delete or rename it."""
+        config = self._config
+        await self._channel.set_qos(prefetch_count=config.prefetch)
         try:
             await self._channel.declare_queue(
-                self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+                config.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
             )
             await self._channel.declare_queue(
-                self._reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
+                config.reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
             )
-            self._queue = await self._channel.declare_queue(
-                self._request_queue,
+            queue = await self._channel.declare_queue(
+                config.request_queue,
                 durable=True,
-                arguments=request_queue_arguments(self.dead_letter_queue, self._delivery_limit),
+                arguments=request_queue_arguments(config.dead_letter_queue, config.delivery_limit),
             )
         except ChannelPreconditionFailed as exc:
             raise WorkerError(
                 f"a queue exists with other arguments than the worker's ({exc}); the worker "
                 "declares durable quorum queues: delete or rename the old queue"
             ) from exc
-        return self._queue
+        # Schedulers address this appliance by routing key; publishing straight to the
+        # queue (the single-node contract) keeps working too.
+        exchange = await self._channel.declare_exchange(
+            config.exchange, ExchangeType.TOPIC, durable=True
+        )
+        await queue.bind(exchange, routing_key=config.routing_key)
+        self._queue = queue
+        return queue
 
     async def start(self) -> None:
         queue = self._queue or await self.declare()
         self._consumer_tag = await queue.consume(self.handle)
-        log.info("Consuming queue=%s prefetch=%d", self._request_queue, self._prefetch)
+        log.info(
+            "Consuming queue=%s routing_key=%s prefetch=%d",
+            self._config.request_queue,
+            self._config.routing_key,
+            self._config.prefetch,
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Stops taking jobs and waits up to `grace_s` for those in flight; the rest stay
         unacked and the broker requeues them when the channel closes."""
         if self._queue is not None and self._consumer_tag is not None:
-            await self._queue.cancel(self._consumer_tag)
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception as exc:  # the channel may already be gone
+                log.warning("Could not cancel the consumer: %s", exc)
             self._consumer_tag = None
         if self._in_flight:
             log.info(
@@ -155,6 +186,25 @@ class JobConsumer:
     @property
     def is_consuming(self) -> bool:
         return self._consumer_tag is not None and not self._channel.is_closed
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, how: str, settle: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Acks, rejects or nacks; False when the channel is gone. Its delivery tag then
+        means nothing, and the broker redelivers the job, which is safe to handle again."""
+        try:
+            await settle()
+        except Exception as exc:
+            self._metrics.settle_failures.inc()
+            log.warning(
+                "Could not %s the job: its channel closed; the broker will redeliver it "
+                "delivery_tag=%s error=%s",
+                how,
+                message.delivery_tag,
+                type(exc).__name__,
+            )
+            return False
+        return True
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -176,12 +226,11 @@ class JobConsumer:
                     "Reply not confirmed; returning job to the queue job_id=%s", reply.job_id
                 )
                 self._metrics.requeued.inc()
-                await message.nack(requeue=True)
+                await self._settle(message, "nack", lambda: message.nack(requeue=True))
                 return
             if settle is Settle.ACK:
-                await message.ack()
-            else:
-                await message.reject(requeue=False)
+                await self._settle(message, "ack", message.ack)
+            elif await self._settle(message, "reject", lambda: message.reject(requeue=False)):
                 code = reply.error.code if isinstance(reply, ExportFailed) else "none"
                 self._metrics.dead_lettered.labels(code=code).inc()
             self._metrics.jobs.labels(outcome=outcome).inc()
@@ -202,6 +251,7 @@ class JobConsumer:
                     ErrorCode.INVALID_REQUEST,
                     f"message body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
                     job_id=None,
+                    node_id=self._config.node_id,
                 ),
                 Settle.DEAD_LETTER,
                 "failed",
@@ -222,6 +272,7 @@ class JobConsumer:
                     ErrorCode.INVALID_REQUEST,
                     f"invalid prepare-export request: {describe_validation_error(exc)}",
                     job_id=job_id,
+                    node_id=self._config.node_id,
                 ),
                 Settle.DEAD_LETTER,
                 "failed",
@@ -251,7 +302,13 @@ class JobConsumer:
             if exc.code is ErrorCode.INVALID_REQUEST:
                 settle = Settle.DEAD_LETTER
             return (
-                error_reply(exc.code, str(exc), job_id=request.job_id, request=request),
+                error_reply(
+                    exc.code,
+                    str(exc),
+                    job_id=request.job_id,
+                    node_id=self._config.node_id,
+                    request=request,
+                ),
                 settle,
                 "failed",
             )
@@ -263,6 +320,7 @@ class JobConsumer:
                     ErrorCode.INTERNAL_ERROR,
                     "unexpected internal error; see the worker log",
                     job_id=request.job_id,
+                    node_id=self._config.node_id,
                     request=request,
                 ),
                 Settle.DEAD_LETTER,

@@ -86,12 +86,14 @@ class ExportFlow:
         *,
         nbd_host: str,
         nbd_port: int,
+        node_id: str,
     ) -> None:
         self._mappings = mappings
         self._server = server
         self._devices = devices
         self._nbd_host = nbd_host
         self._nbd_port = nbd_port
+        self._node_id = node_id
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
 
@@ -106,6 +108,7 @@ class ExportFlow:
             action=action,
             nbd_host=self._nbd_host,
             nbd_port=self._nbd_port,
+            node_id=self._node_id,
         )
 
     async def prepare_export(self, request: PrepareExport) -> ExportReady:

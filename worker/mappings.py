@@ -15,6 +15,7 @@ class Mapping(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: int
+    node_id: str
     vm_id: str
     disk_unit_number: int
     vm_name: str

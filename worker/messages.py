@@ -114,8 +114,9 @@ class ExportReady(BaseModel):
     device_path: str
     reused: bool = Field(description="True when serving the job needed no SIGHUP.")
     action: Action
-    nbd_host: str
+    nbd_host: str = Field(description="Where clients connect: this node's advertised host.")
     nbd_port: int
+    node_id: str = Field(description="The appliance (node) whose nbd-server serves the export.")
 
 
 class ErrorDetail(BaseModel):
@@ -135,6 +136,7 @@ class ExportFailed(BaseModel):
     disk_unit_number: int | None = None
     status: Literal["error"] = "error"
     error: ErrorDetail
+    node_id: str | None = None
 
 
 Reply = ExportReady | ExportFailed

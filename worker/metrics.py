@@ -23,6 +23,7 @@ class Metrics:
     dead_lettered: Counter
     retries: Counter
     requeued: Counter
+    settle_failures: Counter
     broker_reconnects: Counter
     sighups: Counter
     sighup_failures: Counter
@@ -69,6 +70,11 @@ def build_metrics() -> Metrics:
         requeued=Counter(
             "nbd_export_requeued",
             "Requests returned to the queue because their reply was not confirmed.",
+            registry=r,
+        ),
+        settle_failures=Counter(
+            "nbd_export_settle_failures",
+            "Acks/rejects that failed because the channel had closed (the broker redelivers).",
             registry=r,
         ),
         broker_reconnects=Counter(

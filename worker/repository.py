@@ -40,8 +40,8 @@ ER_DUP_ENTRY = 1062
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
-    "id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, status, "
-    "created_at, updated_at"
+    "id, node_id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, "
+    "status, created_at, updated_at"
 )
 
 
@@ -99,8 +99,11 @@ def _connect_args(url: AnyUrl, timeout_s: float) -> dict[str, Any]:
 class Repository:
     """The worker's view of the database. Create with `Repository.connect`."""
 
-    def __init__(self, pool: aiomysql.Pool, on_retry: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, pool: aiomysql.Pool, node_id: str, on_retry: Callable[[], None] | None = None
+    ) -> None:
         self._pool = pool
+        self._node = node_id
         self._on_retry = on_retry
 
     @classmethod
@@ -108,6 +111,7 @@ class Repository:
         cls,
         url: AnyUrl,
         *,
+        node_id: str,
         pool_size: int,
         timeout_s: float,
         on_retry: Callable[[], None] | None = None,
@@ -123,7 +127,7 @@ class Repository:
             )
         except pymysql.MySQLError as exc:
             raise translate_error(exc) from exc
-        return cls(pool, on_retry)
+        return cls(pool, node_id, on_retry)
 
     async def close(self) -> None:
         self._pool.close()
@@ -163,8 +167,8 @@ class Repository:
             async with self._cursor() as cur:
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
-                    "WHERE vm_id = %s AND disk_unit_number = %s",
-                    (vm_id, disk_unit_number),
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                    (self._node, vm_id, disk_unit_number),
                 )
                 row = await cur.fetchone()
             return _row_to_mapping(row) if row else None
@@ -178,8 +182,8 @@ class Repository:
             async with self._cursor() as cur:
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
-                    "WHERE active_device_id = %s",
-                    (device_id,),
+                    "WHERE node_id = %s AND active_device_id = %s",
+                    (self._node, device_id),
                 )
                 row = await cur.fetchone()
             return _row_to_mapping(row) if row else None
@@ -193,8 +197,8 @@ class Repository:
             async with self._cursor() as cur:
                 await cur.execute(
                     "SELECT device_path FROM vm_export_mappings "
-                    "WHERE export_name = %s AND status = 'active'",
-                    (export_name,),
+                    "WHERE node_id = %s AND export_name = %s AND status = 'active'",
+                    (self._node, export_name),
                 )
                 row = await cur.fetchone()
             return str(row[0]) if row else None
@@ -235,8 +239,8 @@ class Repository:
                     # also fire on the device key and overwrite the other VM's row.
                     await cur.execute(
                         "SELECT id FROM vm_export_mappings "
-                        "WHERE vm_id = %s AND disk_unit_number = %s FOR UPDATE",
-                        (request.vm_id, request.disk_unit_number),
+                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s FOR UPDATE",
+                        (self._node, request.vm_id, request.disk_unit_number),
                     )
                     row = await cur.fetchone()
                     params = (
@@ -244,6 +248,7 @@ class Repository:
                         request.export_name,
                         request.device_path,
                         device_id,
+                        self._node,
                         request.vm_id,
                         request.disk_unit_number,
                     )
@@ -251,30 +256,30 @@ class Repository:
                         await cur.execute(
                             "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
                             "device_path = %s, device_id = %s, status = 'active' "
-                            "WHERE vm_id = %s AND disk_unit_number = %s",
+                            "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
                             params,
                         )
                     else:
                         await cur.execute(
                             "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
-                            "device_id, vm_id, disk_unit_number, status) "
-                            "VALUES (%s, %s, %s, %s, %s, %s, 'active')",
+                            "device_id, node_id, vm_id, disk_unit_number, status) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'active')",
                             params,
                         )
                     await cur.execute(
                         f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608
-                        "WHERE vm_id = %s AND disk_unit_number = %s",
-                        (request.vm_id, request.disk_unit_number),
+                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                        (self._node, request.vm_id, request.disk_unit_number),
                     )
                     return _row_to_mapping(await cur.fetchone())
             except pymysql.err.IntegrityError as exc:
                 key = str(exc.args[-1]) if exc.args else ""
                 duplicate = bool(exc.args) and exc.args[0] == ER_DUP_ENTRY
-                if duplicate and "uq_active_device_id" in key:
+                if duplicate and "active_device_id" in key:
                     raise DeviceInUse(
                         f"device {request.device_path} is already served by another active mapping"
                     ) from exc
-                if duplicate and "uq_vm_disk" in key:
+                if duplicate and "vm_disk" in key:
                     # Another worker inserted this (vm, disk) between our SELECT and INSERT:
                     # the retry finds its row and updates it.
                     raise TransientDatabaseError("concurrent insert of the same disk") from exc
@@ -282,14 +287,24 @@ class Repository:
 
         return await self._retrying(transaction)
 
-    async def list_mappings(self, *, active_only: bool = False) -> list[Mapping]:
-        where = "WHERE status = 'active' " if active_only else ""
+    async def list_mappings(
+        self, *, active_only: bool = False, node_id: str | None = None, all_nodes: bool = False
+    ) -> list[Mapping]:
+        """This node's mappings (or `node_id`'s, or every node's with all_nodes)."""
+        clauses, params = [], []
+        if not all_nodes:
+            clauses.append("node_id = %s")
+            params.append(node_id or self._node)
+        if active_only:
+            clauses.append("status = 'active'")
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
 
         async def query() -> list[Mapping]:
             async with self._cursor() as cur:
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings {where}"  # noqa: S608
-                    "ORDER BY vm_id, disk_unit_number"
+                    "ORDER BY node_id, vm_id, disk_unit_number",
+                    params,
                 )
                 return [_row_to_mapping(row) for row in await cur.fetchall()]
 
@@ -298,7 +313,11 @@ class Repository:
     async def count_active(self) -> int:
         async def query() -> int:
             async with self._cursor() as cur:
-                await cur.execute("SELECT COUNT(*) FROM vm_export_mappings WHERE status = 'active'")
+                await cur.execute(
+                    "SELECT COUNT(*) FROM vm_export_mappings "
+                    "WHERE node_id = %s AND status = 'active'",
+                    (self._node,),
+                )
                 row = await cur.fetchone()
             return int(row[0])
 
@@ -311,13 +330,13 @@ class Repository:
             async with self._cursor(transaction=True) as cur:
                 await cur.execute(
                     "UPDATE vm_export_mappings SET status = 'inactive' "
-                    "WHERE vm_id = %s AND disk_unit_number = %s",
-                    (vm_id, disk_unit_number),
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                    (self._node, vm_id, disk_unit_number),
                 )
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608
-                    "WHERE vm_id = %s AND disk_unit_number = %s",
-                    (vm_id, disk_unit_number),
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                    (self._node, vm_id, disk_unit_number),
                 )
                 row = await cur.fetchone()
             return _row_to_mapping(row) if row else None
@@ -356,8 +375,10 @@ def split_statements(sql: str) -> list[str]:
     return [stmt.strip() for stmt in re.split(r";\s*$", body, flags=re.M) if stmt.strip()]
 
 
-async def _apply_migrations(cur: Any, name: str, files: list[Path]) -> list[str]:
+async def _apply_migrations(cur: Any, name: str, files: list[Path], node_id: str) -> list[str]:
     applied: list[str] = []
+    # Migrations may use @node_id: the node running them owns rows that predate nodes.
+    await cur.execute("SET @node_id = %s", (node_id,))
     await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
     await cur.execute(f"USE `{name}`")
     await cur.execute(
@@ -383,7 +404,9 @@ async def _apply_migrations(cur: Any, name: str, files: list[Path]) -> list[str]
     return applied
 
 
-async def migrate(url: AnyUrl, *, timeout_s: float, directory: Path | None = None) -> list[str]:
+async def migrate(
+    url: AnyUrl, *, node_id: str, timeout_s: float, directory: Path | None = None
+) -> list[str]:
     """Creates the database if missing and applies new migrations in order; returns their
     names. Safe to run again and from two hosts at once: every statement is idempotent."""
     name = database_name(url)
@@ -398,7 +421,7 @@ async def migrate(url: AnyUrl, *, timeout_s: float, directory: Path | None = Non
             # "database exists" / "table exists" notes are the point of IF NOT EXISTS.
             warnings.simplefilter("ignore", pymysql.Warning)
             async with conn.cursor() as cur:
-                return await _apply_migrations(cur, name, files)
+                return await _apply_migrations(cur, name, files, node_id)
     except pymysql.MySQLError as exc:
         raise translate_error(exc) from exc
     finally:

@@ -5,12 +5,16 @@ Built once by the CLI and passed down; nothing else calls os.environ.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AnyUrl, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: A routing-key word: no `*`, `#` or spaces; dots allowed (they only split words).
+NODE_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 
 
 def mask_url(url: str) -> str:
@@ -26,8 +30,16 @@ def mask_url(url: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXPORT_WORKER_", frozen=True, extra="ignore")
 
+    #: This appliance's name: its mappings, job records, metrics and replies carry it, and
+    #: schedulers address it by routing key `prepare-export.<node_id>`.
+    node_id: str = Field(default_factory=socket.gethostname, pattern=NODE_ID_PATTERN)
+
     # --- RabbitMQ ---
+    #: One URL, or several separated by commas (the nodes of a RabbitMQ cluster): the
+    #: worker connects to the first that answers and fails over to the next.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Durable topic exchange schedulers publish to, routing by node.
+    exchange: str = "nbd.exports"
     #: Durable queue the schedulers publish prepare-export jobs to (the worker declares it).
     request_queue: str = "nbd.prepare-export"
     #: Where replies go when a job carries no reply_to.
@@ -52,7 +64,10 @@ class Settings(BaseSettings):
     nbd_config_file: Path = Path("/etc/nbd-server/config")
     #: Written by `nbd-server -p`; the only way the worker finds the main process.
     nbd_pid_file: Path = Path("/run/nbd-server.pid")
+    #: Where the worker probes the server.
     nbd_host: str = "127.0.0.1"
+    #: The host replies tell clients to connect to (default: nbd_host).
+    nbd_advertise_host: str = ""
     nbd_port: int = Field(default=10809, ge=1, le=65535)
     #: How the worker lists exports: "nbd-client" runs `nbd-client -l` (a process and
     #: ~50 ms per probe); "native" speaks the NBD handshake itself (~1-3 ms).
@@ -100,6 +115,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @property
+    def amqp_urls(self) -> list[str]:
+        return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
+
+    @property
+    def advertised_host(self) -> str:
+        return self.nbd_advertise_host or self.nbd_host
+
+    @property
+    def routing_key(self) -> str:
+        return f"prepare-export.{self.node_id}"
+
     @field_validator("device_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -135,6 +162,6 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, object]:
         """The effective settings with secrets masked, for `check` and start-up logs."""
         data = self.model_dump(mode="json")
-        data["amqp_url"] = mask_url(self.amqp_url)
+        data["amqp_url"] = ",".join(mask_url(url) for url in self.amqp_urls)
         data["database_url"] = mask_url(str(self.database_url))
         return data

@@ -20,6 +20,19 @@ from worker.settings import Settings
 pytestmark = pytest.mark.integration
 
 
+async def node_of_rows(settings: Settings) -> set[str]:
+    url = settings.database_url
+    conn = await aiomysql.connect(
+        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/")
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT DISTINCT node_id FROM vm_export_mappings")
+            return {row[0] for row in await cur.fetchall()}
+    finally:
+        conn.close()
+
+
 def snippets(settings: Settings) -> list[str]:
     return sorted(p.name for p in settings.nbd_conf_dir.glob("*.conf"))
 
@@ -65,6 +78,7 @@ async def test_first_job_creates_then_reuses_without_sighup(
         "action": "created",
         "nbd_host": "127.0.0.1",
         "nbd_port": nbd_server.port,
+        "node_id": "test-node",
     }
     assert sighups(worker) == 1
     assert name in nbd_server.listed()
@@ -85,6 +99,7 @@ async def test_first_job_creates_then_reuses_without_sighup(
     assert worker.sample("nbd_export_jobs_total", {"outcome": "created"}) == 1
     rows = await mapping_rows(worker.settings)
     assert rows == [("4205784a-098a-40f1-1f1e-a5cd2597fd59", 0, name, str(disk), "active")]
+    assert await node_of_rows(worker.settings) == {"test-node"}
 
 
 async def test_disks_of_one_vm_and_twenty_vms_at_once(

@@ -16,7 +16,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import MYSQL_URL, RunningWorker, Scheduler, job, make_disk, unique
+from tests.conftest import MYSQL_URL, NODE, RunningWorker, Scheduler, job, make_disk, unique
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
 from worker.cli import serve
 from worker.errors import UnsupportedServer
@@ -119,27 +119,34 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
     name = unique("nbdmigrate")
     url = AnyUrl(f"{MYSQL_URL}/{name}")
     try:
-        assert await migrate(url, timeout_s=5) == ["0001_vm_export_mappings.sql"]
-        assert await migrate(url, timeout_s=5) == []
+        assert await migrate(url, node_id=NODE, timeout_s=5) == [
+            "0001_vm_export_mappings.sql",
+            "0002_node_id.sql",
+        ]
+        assert await migrate(url, node_id=NODE, timeout_s=5) == []
         conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
         try:
             async with conn.cursor() as cur:
                 insert = (
-                    "INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, "
+                    "INSERT INTO vm_export_mappings (node_id, vm_id, disk_unit_number, vm_name, "
                     "export_name, device_path, device_id, status) "
-                    "VALUES (%s, %s, 'vm', %s, %s, %s, %s)"
+                    "VALUES (%s, %s, %s, 'vm', %s, %s, %s, %s)"
                 )
-                await cur.execute(insert, ("a" * 36, 0, "e0", "/dev/vdb", "blk:8:16", "inactive"))
-                await cur.execute(insert, ("b" * 36, 0, "e1", "/dev/vdb", "blk:8:16", "active"))
+                dev = "blk:8:16"
+                await cur.execute(insert, ("a", "a" * 36, 0, "e0", "/dev/vdb", dev, "inactive"))
+                await cur.execute(insert, ("a", "b" * 36, 0, "e1", "/dev/vdb", dev, "active"))
                 # Two inactive rows may name one device; two active rows may not, whatever
-                # path names it.
-                await cur.execute(insert, ("c" * 36, 0, "e2", "/dev/vdb", "blk:8:16", "inactive"))
-                with pytest.raises(pymysql.err.IntegrityError, match="uq_active_device_id"):
+                # path names it...
+                await cur.execute(insert, ("a", "c" * 36, 0, "e2", "/dev/vdb", dev, "inactive"))
+                with pytest.raises(pymysql.err.IntegrityError, match="active_device_id"):
                     await cur.execute(
-                        insert, ("d" * 36, 0, "e3", "/dev/disk/by-id/x", "blk:8:16", "active")
+                        insert, ("a", "d" * 36, 0, "e3", "/dev/disk/by-id/x", dev, "active")
                     )
-                with pytest.raises(pymysql.err.IntegrityError, match="uq_vm_disk"):
-                    await cur.execute(insert, ("a" * 36, 0, "e4", "/dev/vdc", "blk:8:32", "active"))
+                with pytest.raises(pymysql.err.IntegrityError, match="vm_disk"):
+                    await cur.execute(insert, ("a", "a" * 36, 0, "e4", "/dev/vdc", "x", "active"))
+                # ...on one node: another appliance has its own devices, exports and disks.
+                await cur.execute(insert, ("b", "d" * 36, 0, "e3", "/dev/vdb", dev, "active"))
+                await cur.execute(insert, ("b", "a" * 36, 0, "e0", "/dev/vdc", "y", "active"))
         finally:
             conn.close()
     finally:
@@ -161,7 +168,9 @@ def test_migrate_command_exit_code_and_output() -> None:
             timeout=60,
         )
         assert first.returncode == 0, first.stderr
-        assert "applied 1 migration(s): 0001_vm_export_mappings.sql" in first.stdout
+        assert "applied 2 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql" in (
+            first.stdout
+        )
         again = subprocess.run(
             [sys.executable, "-m", "worker", "migrate"],
             env=env,

@@ -29,6 +29,7 @@ def mapping(device: str, status: str = "active") -> Mapping:
     return Mapping.model_validate(
         {
             "id": 1,
+            "node_id": "n",
             "vm_id": VM,
             "disk_unit_number": 0,
             "vm_name": "vm",
@@ -88,6 +89,7 @@ def make_flow(tmp_path: Path) -> tuple[ExportFlow, InMemoryMappings, FakeExportS
         DevicePolicy((tmp_path,), allow_regular_files=True),
         nbd_host="h",
         nbd_port=1,
+        node_id="n",
     )
     return flow, mappings, server
 

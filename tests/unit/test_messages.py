@@ -117,6 +117,7 @@ def test_error_reply_shape() -> None:
         "disk_unit_number": None,
         "status": "error",
         "error": {"code": "invalid_request", "message": "m"},
+        "node_id": None,
     }
 
 
