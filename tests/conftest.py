@@ -121,10 +121,25 @@ async def settings(
     try:
         yield settings
     finally:
+        await delete_broker_objects(
+            amqp, [request_queue, f"{request_queue}.dead", reply_queue], [settings.exchange]
+        )
+
+
+async def delete_broker_objects(
+    amqp: AbstractConnection, queues: list[str], exchanges: list[str]
+) -> None:
+    # A channel per deletion: a failed one (already gone) closes its channel.
+    for queue in queues:
         channel = await amqp.channel()
-        for queue in (request_queue, f"{request_queue}.dead", reply_queue):
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(queue)
+        with contextlib.suppress(Exception):
+            await channel.close()
+    for exchange in exchanges:
+        channel = await amqp.channel()
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(exchange)
         with contextlib.suppress(Exception):
             await channel.close()
 
@@ -136,7 +151,8 @@ class RunningWorker:
     task: asyncio.Task[None]
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels or {})
+        labels = {**(labels or {}), "node": self.settings.node_id}
+        value = self.metrics.registry.get_sample_value(name, labels)
         return value or 0.0
 
     async def settled_sample(
@@ -157,7 +173,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[RunningWorker]:
     """The worker's real `serve` in this event loop, stopped and drained on exit."""
     stop = asyncio.Event()
     started = asyncio.Event()
-    metrics = build_metrics()
+    metrics = build_metrics(settings.node_id)
     task = asyncio.create_task(serve(settings, stop, metrics=metrics, started=started))
     waiter = asyncio.create_task(started.wait())
     done, _ = await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
@@ -203,18 +219,30 @@ class Scheduler:
         if waiter is not None and not waiter.done():
             waiter.set_result(body)
 
-    async def publish(self, body: bytes | dict[str, Any], *, reply_to: bool = True) -> str:
+    async def publish(
+        self,
+        body: bytes | dict[str, Any],
+        *,
+        reply_to: bool = True,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        """Publishes to the request queue, or to `exchange` with `routing_key`."""
         corr = uuid.uuid4().hex
         self._waiters[corr] = asyncio.get_running_loop().create_future()
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        await self.channel.default_exchange.publish(
+        target = (
+            await self.channel.get_exchange(exchange) if exchange else self.channel.default_exchange
+        )
+        await target.publish(
             aio_pika.Message(
                 raw,
                 correlation_id=corr,
                 reply_to=self.reply_queue_name if reply_to else None,
                 content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
-            routing_key=self.request_queue,
+            routing_key=routing_key or self.request_queue,
         )
         return corr
 

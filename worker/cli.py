@@ -156,7 +156,7 @@ async def serve(
 
     Raises UnsupportedServer before touching anything when nbd-server is older than 3.25.
     """
-    metrics = metrics or build_metrics()
+    metrics = metrics or build_metrics(settings.node_id)
     server = NbdServer(settings, metrics)
     pid: int | None = None
     try:
@@ -279,7 +279,7 @@ async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdSe
         timeout_s=settings.db_connect_timeout_s,
     )
     try:
-        yield repository, NbdServer(settings, build_metrics())
+        yield repository, NbdServer(settings, build_metrics(settings.node_id))
     finally:
         await repository.close()
 
@@ -293,29 +293,40 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    """Mappings with their live state. Only this node's server can be probed: rows of other
+    nodes (--node, --all-nodes) show the database's view, with listed/servable unknown."""
     async with _adapters(settings) as (repository, server):
-        mappings = await repository.list_mappings(active_only=not args.all)
-        try:
-            listed: frozenset[str] | None = await server.listed_exports()
-        except ServerUnavailable as exc:
-            print(f"warning: cannot list exports: {exc}", file=sys.stderr)
-            listed = None
+        mappings = await repository.list_mappings(
+            active_only=not args.all, node_id=args.node, all_nodes=args.all_nodes
+        )
+        listed: frozenset[str] | None = None
+        probe_failed = False
+        if any(m.node_id == settings.node_id for m in mappings):
+            try:
+                listed = await server.listed_exports()
+            except ServerUnavailable as exc:
+                print(f"warning: cannot list exports: {exc}", file=sys.stderr)
+                probe_failed = True
         rows = []
         for m in mappings:
+            local = m.node_id == settings.node_id
             is_listed = listed is not None and m.export_name in listed
-            size = await server.servable_size(m.export_name) if is_listed else None
+            size = await server.servable_size(m.export_name) if local and is_listed else None
             rows.append(
                 {
+                    "node_id": m.node_id,
                     "export_name": m.export_name,
                     "vm_id": m.vm_id,
                     "disk_unit_number": m.disk_unit_number,
                     "vm_name": m.vm_name,
                     "status": m.status,
                     "device_path": m.device_path,
-                    "device_present": device_present(m.device_path),
-                    "link_target": link_target(server.spec(m.export_name).link_path),
-                    "listed": is_listed,
-                    "servable": size is not None,
+                    "device_present": device_present(m.device_path) if local else None,
+                    "link_target": link_target(server.spec(m.export_name).link_path)
+                    if local
+                    else None,
+                    "listed": is_listed if local and listed is not None else None,
+                    "servable": size is not None if local and listed is not None else None,
                     "size_bytes": size,
                     "updated_at": m.updated_at.isoformat(),
                 }
@@ -323,23 +334,14 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(
-            _table(
-                rows,
-                [
-                    "export_name",
-                    "status",
-                    "device_path",
-                    "device_present",
-                    "link_target",
-                    "listed",
-                    "servable",
-                ],
-            )
-        )
+        columns = ["export_name", "status", "device_path", "device_present", "link_target"]
+        columns += ["listed", "servable"]
+        if args.node or args.all_nodes:
+            columns.insert(0, "node_id")
+        print(_table(rows, columns))
     else:
         print("no mappings")
-    return EXIT_OK if listed is not None else EXIT_FAILURE
+    return EXIT_FAILURE if probe_failed else EXIT_OK
 
 
 async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
@@ -371,7 +373,7 @@ def _read_server_config(path: Path) -> configparser.ConfigParser:
 async def _check(settings: Settings) -> int:
     """Pre-flight: every problem found, not just the first."""
     results: list[tuple[str, str | None]] = []
-    server = NbdServer(settings, build_metrics())
+    server = NbdServer(settings, build_metrics(settings.node_id))
 
     try:
         pid = server.process.verified_pid()
@@ -503,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--all", action="store_true", help="include inactive mappings")
+    status.add_argument("--node", help="another node's mappings (default: this node's)")
+    status.add_argument("--all-nodes", action="store_true", help="every node's mappings")
     rec = commands.add_parser(
         "reconcile", help="make snippets, links and the server agree with the active mappings"
     )

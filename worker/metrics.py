@@ -6,9 +6,11 @@ labels take bounded values only (actions, outcomes, codes, reasons), never job o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
 
 #: Jobs span ~1 ms (reuse) to seconds (a create on a busy server).
 JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -38,8 +40,26 @@ class Metrics:
     server_info: Info
 
 
-def build_metrics() -> Metrics:
-    r = CollectorRegistry()
+class NodeRegistry(CollectorRegistry):
+    """A registry that labels every sample with the node (appliance) it comes from, so
+    dashboards of several appliances can be filtered by node whatever the scrape config."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self._node_id = node_id
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, "node": self._node_id})
+                for sample in metric.samples
+            ]
+            yield labelled
+
+
+def build_metrics(node_id: str) -> Metrics:
+    r = NodeRegistry(node_id)
     return Metrics(
         registry=r,
         jobs=Counter(

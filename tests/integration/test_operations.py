@@ -60,16 +60,17 @@ async def test_metrics_health_and_readiness_endpoints(
         status, body = await asyncio.to_thread(http_get, port, "/metrics")
         assert status == 200
         text = body.decode()
+        node = 'node="test-node"'
         for name in (
-            'nbd_export_jobs_total{outcome="created"} 1.0',
-            'nbd_export_jobs_total{outcome="failed"} 1.0',
-            "nbd_server_sighups_total 1.0",
-            'nbd_export_dead_lettered_total{code="invalid_request"} 1.0',
-            "nbd_export_job_duration_seconds_count 2.0",
-            f"nbd_server_main_pid {float(nbd_server.pid)}",
-            f'nbd_server_info{{pid="{nbd_server.pid}",version="3.26.1"}} 1.0',
-            "nbd_server_reload_visible_seconds_count 1.0",
-            "nbd_export_config_lock_wait_seconds_count 1.0",
+            f'nbd_export_jobs_total{{{node},outcome="created"}} 1.0',
+            f'nbd_export_jobs_total{{{node},outcome="failed"}} 1.0',
+            f"nbd_server_sighups_total{{{node}}} 1.0",
+            f'nbd_export_dead_lettered_total{{code="invalid_request",{node}}} 1.0',
+            f"nbd_export_job_duration_seconds_count{{{node}}} 2.0",
+            f"nbd_server_main_pid{{{node}}} {float(nbd_server.pid)}",
+            f'nbd_server_info{{{node},pid="{nbd_server.pid}",version="3.26.1"}} 1.0',
+            f"nbd_server_reload_visible_seconds_count{{{node}}} 1.0",
+            f"nbd_export_config_lock_wait_seconds_count{{{node}}} 1.0",
         ):
             assert name in text, name
         assert PROMTOOL.exists(), "run scripts/install-system-deps.sh --with-test-tools"

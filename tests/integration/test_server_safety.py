@@ -42,7 +42,8 @@ async def test_pid_file_naming_a_connection_child_is_never_signalled(
     wrong_pid_file = nbd_server.root / "wrong.pid"
     wrong_pid_file.write_text(f"{child}\n")
     server = NbdServer(
-        worker.settings.model_copy(update={"nbd_pid_file": wrong_pid_file}), build_metrics()
+        worker.settings.model_copy(update={"nbd_pid_file": wrong_pid_file}),
+        build_metrics("test-node"),
     )
 
     with pytest.raises(ServerUnavailable, match="not a session leader"):
@@ -67,7 +68,9 @@ async def test_pid_file_naming_another_program_is_refused(
     try:
         pid_file = nbd_server.root / "other.pid"
         pid_file.write_text(str(other.pid))
-        server = NbdServer(settings.model_copy(update={"nbd_pid_file": pid_file}), build_metrics())
+        server = NbdServer(
+            settings.model_copy(update={"nbd_pid_file": pid_file}), build_metrics("test-node")
+        )
         with pytest.raises(ServerUnavailable, match="not nbd-server"):
             await server.process.send_reload()
         assert other.poll() is None, "the other program must not have been signalled"
@@ -81,7 +84,7 @@ async def test_a_server_with_another_config_is_refused(
 ) -> None:
     server = NbdServer(
         settings.model_copy(update={"nbd_config_file": Path("/etc/other/config")}),
-        build_metrics(),
+        build_metrics("test-node"),
     )
     with pytest.raises(ServerUnavailable, match="refusing to signal"):
         await server.process.send_reload()

@@ -135,7 +135,7 @@ def test_dashboard_uses_only_metrics_the_worker_exports() -> None:
     dashboard = json.loads((root / "deploy/grafana/nbd-export-worker.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = {name for e in exprs for name in re.findall(r"\b(nbd_[a-z_]+)\b", e)}
-    families = list(build_metrics().registry.collect())
+    families = list(build_metrics("n").registry.collect())
     exported = {sample.name for family in families for sample in family.samples}
     # Labelled series appear only once used; derive their names from the families.
     exported |= {f"{f.name}_total" for f in families if f.type == "counter"}

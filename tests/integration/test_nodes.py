@@ -1,0 +1,259 @@
+"""Several appliances (nodes) sharing one broker and one database, on one machine: each
+with its own nbd-server, its own directories and its own request queue."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomysql
+import pytest
+from aio_pika.abc import AbstractConnection
+from pydantic import AnyUrl
+
+from tests.conftest import (
+    AMQP_URL,
+    MYSQL_URL,
+    Scheduler,
+    delete_broker_objects,
+    job,
+    make_disk,
+    running_worker,
+    unique,
+)
+from tests.integration.test_startup import env_for
+from tests.nbd_harness import NbdServerProcess
+from tests.tcp_proxy import TcpProxy
+from worker.repository import migrate, migrations_dir
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Node:
+    settings: Settings
+    server: NbdServerProcess
+
+
+def node_settings(base: Settings, node_id: str, server: NbdServerProcess, root: Path) -> Settings:
+    return base.model_copy(
+        update={
+            "node_id": node_id,
+            "request_queue": unique(f"test.prepare-export.{node_id}"),
+            "nbd_conf_dir": server.conf_dir,
+            "nbd_config_file": server.config_file,
+            "nbd_pid_file": server.pid_file,
+            "nbd_port": server.port,
+            "link_dir": root / "links",
+        }
+    )
+
+
+@pytest.fixture
+async def nodes(
+    settings: Settings, nbd_server: NbdServerProcess, tmp_path: Path, amqp: AbstractConnection
+) -> AsyncIterator[dict[str, Node]]:
+    server_b = NbdServerProcess(tmp_path / "nbd-b")
+    server_b.root.mkdir()
+    server_b.start()
+    a = Node(node_settings(settings, "a", nbd_server, tmp_path / "a"), nbd_server)
+    b = Node(node_settings(settings, "b", server_b, tmp_path / "b"), server_b)
+    try:
+        yield {"a": a, "b": b}
+    finally:
+        server_b.stop()
+        queues = [n.settings.request_queue for n in (a, b)]
+        await delete_broker_objects(amqp, queues + [f"{q}.dead" for q in queues], [])
+
+
+async def test_jobs_are_served_by_the_node_they_are_routed_to(
+    nodes: dict[str, Node], amqp: AbstractConnection, disks_dir: Path
+) -> None:
+    a, b = nodes["a"], nodes["b"]
+    async with running_worker(a.settings), running_worker(b.settings):
+        scheduler = Scheduler(await amqp.channel(), a.settings.request_queue)
+        await scheduler.start()
+        exchange = a.settings.exchange
+        vm = str(uuid.uuid4())
+        disk = make_disk(disks_dir, "same-path-on-both")
+        on_a = await scheduler.reply(
+            await scheduler.publish(
+                job(vm, 0, disk), exchange=exchange, routing_key="prepare-export.a"
+            )
+        )
+        # The same VM, disk and device path on the other appliance: an independent mapping.
+        on_b = await scheduler.reply(
+            await scheduler.publish(
+                job(vm, 0, disk), exchange=exchange, routing_key="prepare-export.b"
+            )
+        )
+        await scheduler.channel.close()
+    assert (on_a["status"], on_a["action"], on_a["node_id"]) == ("ready", "created", "a")
+    assert (on_b["status"], on_b["action"], on_b["node_id"]) == ("ready", "created", "b")
+    assert on_a["nbd_port"] == a.server.port
+    assert on_b["nbd_port"] == b.server.port
+    name = f"migration-vm-{vm}-disk0"
+    assert name in a.server.listed()
+    assert name in b.server.listed()
+    rows = await fetch(
+        a.settings, "SELECT node_id, vm_id, status FROM vm_export_mappings ORDER BY node_id"
+    )
+    assert rows == [("a", vm, "active"), ("b", vm, "active")]
+
+
+async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
+    nodes: dict[str, Node], amqp: AbstractConnection, disks_dir: Path
+) -> None:
+    a, b = nodes["a"], nodes["b"]
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    log_readers: set[asyncio.Task[None]] = set()
+
+    async def start(node: Node) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            env=env_for(node.settings),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        while b"Worker ready" not in (line := await asyncio.wait_for(proc.stderr.readline(), 30)):
+            assert line, f"worker {node.settings.node_id} exited"
+        # Keep reading its log so a full pipe never blocks it.
+        log_readers.add(asyncio.create_task(drain(proc)))
+        procs[node.settings.node_id] = proc
+
+    await start(a)
+    await start(b)
+    scheduler = Scheduler(await amqp.channel(), a.settings.request_queue)
+    await scheduler.start()
+    routed: dict[str, str] = {}
+    try:
+        for i in range(200):
+            target = "a" if i % 2 == 0 else "b"
+            corr = await scheduler.publish(
+                job(device=make_disk(disks_dir, f"d{i}")),
+                exchange=a.settings.exchange,
+                routing_key=f"prepare-export.{target}",
+            )
+            routed[corr] = target
+        while len(scheduler.replies) < 30:
+            await asyncio.sleep(0.01)
+        procs["a"].send_signal(signal.SIGKILL)  # mid-run, whatever it is doing
+        await procs["a"].wait()
+        replied_before_restart = len(scheduler.replies)
+        await start(a)
+        replies = await asyncio.gather(*(scheduler.reply(c, timeout_s=120) for c in routed))
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 30)
+        await scheduler.channel.close()
+
+    assert replied_before_restart < 190, "the kill came too late to test anything"
+    lost = [c for c in routed if c not in scheduler.replies]
+    assert lost == []
+    failed = [r for r in replies if r["status"] != "ready"]
+    assert failed == []
+    for corr, reply in zip(routed, replies, strict=True):
+        assert reply["node_id"] == routed[corr]
+    listed = {"a": set(a.server.listed()), "b": set(b.server.listed())}
+    for corr, reply in zip(routed, replies, strict=True):
+        here, there = routed[corr], "b" if routed[corr] == "a" else "a"
+        assert reply["export_name"] in listed[here]
+        assert reply["export_name"] not in listed[there]
+    for node in (a, b):
+        snippets = {p.name for p in node.settings.nbd_conf_dir.glob("migration-vm-*.conf")}
+        assert len(snippets) == 100, node.settings.node_id
+
+
+async def drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stderr is not None
+    while await proc.stderr.readline():
+        pass
+
+
+async def test_broker_failover_to_the_next_url(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)
+    port = await proxy.start()
+    via_proxy = AMQP_URL.replace(":5672", f":{port}")
+    failover = settings.model_copy(update={"amqp_url": f"{via_proxy},{AMQP_URL}"})
+    try:
+        async with running_worker(failover) as worker:
+            scheduler = Scheduler(await amqp.channel(), settings.request_queue)
+            await scheduler.start()
+            first = await scheduler.request(job(device=make_disk(disks_dir, "f1")))
+            await proxy.stop()  # the first broker goes away
+            second = await scheduler.request(job(device=make_disk(disks_dir, "f2")), timeout_s=60)
+            await scheduler.channel.close()
+            reconnects = worker.sample("nbd_export_broker_reconnects_total")
+    finally:
+        await proxy.stop()
+    assert first["status"] == "ready"
+    assert second["status"] == "ready"
+    assert reconnects == 1
+
+
+async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Path) -> None:
+    name = unique("nbdupgrade")
+    url = AnyUrl(f"{MYSQL_URL}/{name}")
+    only_first = tmp_path / "migrations"
+    only_first.mkdir()
+    first = migrations_dir() / "0001_vm_export_mappings.sql"
+    (only_first / first.name).write_text(first.read_text())
+    try:
+        assert await migrate(url, node_id="ignored", timeout_s=5, directory=only_first) == [
+            first.name
+        ]
+        await execute(
+            url,
+            "INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, export_name, "
+            "device_path, device_id) VALUES "
+            "('4205784a-098a-40f1-1f1e-a5cd2597fd59', 0, 'pg', 'e0', '/dev/vdb', 'blk:8:16'),"
+            "('4205784a-098a-40f1-1f1e-a5cd2597fd59', 1, 'pg', 'e1', '/dev/vdc', 'blk:8:32')",
+        )
+        assert await migrate(url, node_id="appliance-1", timeout_s=5) == ["0002_node_id.sql"]
+        rows = await execute(
+            url,
+            "SELECT node_id, vm_id, disk_unit_number, export_name, device_path, status "
+            "FROM vm_export_mappings ORDER BY disk_unit_number",
+        )
+        assert rows == [
+            ("appliance-1", "4205784a-098a-40f1-1f1e-a5cd2597fd59", 0, "e0", "/dev/vdb", "active"),
+            ("appliance-1", "4205784a-098a-40f1-1f1e-a5cd2597fd59", 1, "e1", "/dev/vdc", "active"),
+        ]
+        keys = {row[2] for row in await execute(url, "SHOW INDEX FROM vm_export_mappings")}
+        assert {"uq_node_vm_disk", "uq_node_export_name", "uq_node_active_device_id"} <= keys
+        assert not keys & {"uq_vm_disk", "uq_export_name", "uq_active_device_id"}
+    finally:
+        await execute(AnyUrl(f"{MYSQL_URL}/mysql"), f"DROP DATABASE IF EXISTS `{name}`")
+
+
+async def fetch(settings: Settings, sql: str) -> list[tuple[object, ...]]:
+    return await execute(settings.database_url, sql)
+
+
+async def execute(url: AnyUrl, sql: str) -> list[tuple[object, ...]]:
+    conn = await aiomysql.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user="root",
+        db=(url.path or "").lstrip("/"),
+        autocommit=True,
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql)
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
