@@ -35,6 +35,9 @@ export EXPORT_WORKER_LINK_DIR=${EXPORT_WORKER_LINK_DIR:-$DEV/links}
 export EXPORT_WORKER_DEVICE_ROOTS=${EXPORT_WORKER_DEVICE_ROOTS:-$DEV/disks}
 export EXPORT_WORKER_ALLOW_REGULAR_FILES=${EXPORT_WORKER_ALLOW_REGULAR_FILES:-true}
 
+# The same settings for the operator commands in another terminal: `. .dev/env`.
+for var in "${!EXPORT_WORKER_@}"; do printf 'export %s=%q\n' "$var" "${!var}"; done >"$DEV/env"
+
 server_pid=""
 if [ -f "$DEV/nbd-server.pid" ] && kill -0 "$(cat "$DEV/nbd-server.pid")" 2>/dev/null; then
   echo "dev: nbd-server already running, pid $(cat "$DEV/nbd-server.pid")" >&2
