@@ -52,9 +52,11 @@ def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
 def translate_error(exc: pymysql.MySQLError) -> WorkerError:
     """Maps a driver error onto the worker's tree: transient ones may be retried."""
     errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+    # The server's own words: they name tables, keys and hosts, never passwords.
+    text = str(exc.args[1]) if len(exc.args) > 1 else type(exc).__name__
     if errno in TRANSIENT_ERRNOS:
-        return TransientDatabaseError(f"database error {errno} (transient)")
-    return DatabaseError(f"database error {errno}")
+        return TransientDatabaseError(f"database error {errno} (transient): {text}")
+    return DatabaseError(f"database error {errno}: {text}")
 
 
 def retry_policy(
