@@ -6,9 +6,8 @@ but never answers (nbd-server-facts.md), so every probe is killed at its deadlin
 
 from __future__ import annotations
 
-import asyncio
-
 from worker.errors import ProbeTimeout, ServerUnavailable
+from worker.nbd.command import run_with_deadline
 
 NEGOTIATION_PREFIX = "Negotiation:"
 
@@ -27,34 +26,19 @@ def parse_listing(output: str) -> frozenset[str]:
 
 
 async def list_exports(client_bin: str, host: str, port: int, timeout_s: float) -> frozenset[str]:
-    """Export names the server lists now. Raises ServerUnavailable (retryable)."""
+    """Export names the server lists now. Raises ServerUnavailable (retryable), ProbeTimeout
+    when the server accepts but does not answer in time."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            client_bin,
-            "-l",
-            host,
-            str(port),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        done = await run_with_deadline([client_bin, "-l", host, str(port)], timeout_s)
     except OSError as exc:
         raise ServerUnavailable(f"cannot run {client_bin}: {exc.strerror}") from exc
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise ProbeTimeout(
             f"nbd-server at {host}:{port} did not answer a listing within {timeout_s:g} s"
         ) from None
-    except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode != 0:
-        reason = (stderr or stdout).decode(errors="replace").strip().splitlines()
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
         raise ServerUnavailable(
-            f"listing exports of {host}:{port} failed: {reason[-1] if reason else proc.returncode}"
+            f"listing exports of {host}:{port} failed: {reason[-1] if reason else done.returncode}"
         )
-    return parse_listing(stdout.decode(errors="replace"))
+    return parse_listing(done.stdout.decode(errors="replace"))

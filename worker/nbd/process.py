@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import ServerUnavailable, UnsupportedServer
+from worker.nbd.command import run_with_deadline
 
 #: 3.24 corrupts its heap on SIGHUP (upstream issue #143, fixed in 3.25 by PR #142).
 MIN_SERVER_VERSION = (3, 25)
@@ -169,23 +170,14 @@ class MainProcess:
         # /proc/PID/exe: the binary that is running, not whatever is on PATH now.
         exe = f"/proc/{pid}/exe"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                exe,
-                "-V",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+            done = await run_with_deadline([exe, "-V"], self._version_timeout_s)
         except OSError as exc:
             raise ServerUnavailable(f"cannot run {exe} -V: {exc.strerror}") from exc
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), self._version_timeout_s)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise ServerUnavailable(f"{exe} -V did not answer in time") from None
         try:
-            return parse_version(output.decode(errors="replace"))
+            # Some versions print it on stdout, others on stderr.
+            return parse_version((done.stdout + done.stderr).decode(errors="replace"))
         except ValueError as exc:
             raise ServerUnavailable(f"cannot read the version of nbd-server {pid}: {exc}") from exc
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 from worker.errors import ProbeTimeout, ServerUnavailable
 
@@ -82,38 +83,48 @@ async def _close(session: _Session) -> None:
         await session.writer.wait_closed()
 
 
-async def list_exports_native(host: str, port: int, timeout_s: float) -> frozenset[str]:
-    """Export names the server lists (NBD_OPT_LIST). Raises ServerUnavailable/ProbeTimeout."""
+@contextlib.asynccontextmanager
+async def _session(host: str, port: int, timeout_s: float, what: str) -> AsyncIterator[_Session]:
+    """A handshaken session, closed on exit, the whole exchange under one deadline.
+
+    Raises ProbeTimeout at the deadline and ServerUnavailable when the server is away or
+    drops the connection."""
     try:
         async with asyncio.timeout(timeout_s):
             session = await _open(host, port)
             try:
                 await session.handshake()
-                session.send_option(OPT_LIST)
-                names = set()
-                while True:
-                    reply_type, data = await session.read_reply()
-                    if reply_type == REP_ACK:
-                        break
-                    if reply_type & REP_ERROR_BIT:
-                        raise ServerUnavailable(
-                            f"nbd-server at {host}:{port} refused to list exports "
-                            "(is allowlist = true set in [generic]?)"
-                        )
-                    if reply_type == REP_SERVER:
-                        (length,) = struct.unpack(">I", data[:4])
-                        names.add(data[4 : 4 + length].decode(errors="replace"))
-                session.send_option(OPT_ABORT)
-                await session.writer.drain()
-                return frozenset(names)
+                yield session
             finally:
                 await _close(session)
     except TimeoutError:
         raise ProbeTimeout(
-            f"nbd-server at {host}:{port} did not answer a listing within {timeout_s:g} s"
+            f"nbd-server at {host}:{port} did not answer {what} within {timeout_s:g} s"
         ) from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ServerUnavailable(f"nbd-server at {host}:{port} closed the connection") from exc
+
+
+async def list_exports_native(host: str, port: int, timeout_s: float) -> frozenset[str]:
+    """Export names the server lists (NBD_OPT_LIST). Raises ServerUnavailable/ProbeTimeout."""
+    async with _session(host, port, timeout_s, "a listing") as session:
+        session.send_option(OPT_LIST)
+        names = set()
+        while True:
+            reply_type, data = await session.read_reply()
+            if reply_type == REP_ACK:
+                break
+            if reply_type & REP_ERROR_BIT:
+                raise ServerUnavailable(
+                    f"nbd-server at {host}:{port} refused to list exports "
+                    "(is allowlist = true set in [generic]?)"
+                )
+            if reply_type == REP_SERVER:
+                (length,) = struct.unpack(">I", data[:4])
+                names.add(data[4 : 4 + length].decode(errors="replace"))
+        session.send_option(OPT_ABORT)
+        await session.writer.drain()
+        return frozenset(names)
 
 
 async def export_size(host: str, port: int, name: str, timeout_s: float) -> int | None:
@@ -123,32 +134,20 @@ async def export_size(host: str, port: int, name: str, timeout_s: float) -> int 
     or its file/device cannot be opened). Raises ServerUnavailable/ProbeTimeout.
     """
     encoded = name.encode()
-    try:
-        async with asyncio.timeout(timeout_s):
-            session = await _open(host, port)
-            try:
-                await session.handshake()
-                data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
-                session.send_option(OPT_GO, data)
-                size: int | None = None
-                while True:
-                    reply_type, payload = await session.read_reply()
-                    if reply_type & REP_ERROR_BIT:
-                        return None
-                    if reply_type == REP_INFO and len(payload) >= 12:
-                        (info_type,) = struct.unpack(">H", payload[:2])
-                        if info_type == INFO_EXPORT:
-                            (size,) = struct.unpack(">Q", payload[2:10])
-                    if reply_type == REP_ACK:
-                        break
-                session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
-                await session.writer.drain()
-                return size
-            finally:
-                await _close(session)
-    except TimeoutError:
-        raise ProbeTimeout(
-            f"nbd-server at {host}:{port} did not answer within {timeout_s:g} s"
-        ) from None
-    except (asyncio.IncompleteReadError, ConnectionError) as exc:
-        raise ServerUnavailable(f"nbd-server at {host}:{port} closed the connection") from exc
+    async with _session(host, port, timeout_s, f"opening {name}") as session:
+        data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
+        session.send_option(OPT_GO, data)
+        size: int | None = None
+        while True:
+            reply_type, payload = await session.read_reply()
+            if reply_type & REP_ERROR_BIT:
+                return None
+            if reply_type == REP_INFO and len(payload) >= 12:
+                (info_type,) = struct.unpack(">H", payload[:2])
+                if info_type == INFO_EXPORT:
+                    (size,) = struct.unpack(">Q", payload[2:10])
+            if reply_type == REP_ACK:
+                break
+        session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        await session.writer.drain()
+        return size
