@@ -381,7 +381,13 @@ async def test_invalid_requests_get_error_replies_and_change_nothing(
     # Rejected without requeue: the message is kept in the dead-letter queue.
     channel = await amqp.channel()
     dead = await channel.declare_queue(f"{worker.settings.request_queue}.dead", passive=True)
-    message = await dead.get(timeout=5, fail=True)
+    # The reply comes first, the reject just after: wait for the dead letter.
+    message = None
+    for _ in range(500):
+        message = await dead.get(fail=False)
+        if message is not None:
+            break
+        await asyncio.sleep(0.01)
     assert message is not None
     assert message.body == (body if isinstance(body, bytes) else message.body)
     await message.ack()

@@ -30,12 +30,12 @@ async def list_exports(client_bin: str, host: str, port: int, timeout_s: float) 
     when the server accepts but does not answer in time."""
     try:
         done = await run_with_deadline([client_bin, "-l", host, str(port)], timeout_s)
-    except OSError as exc:
-        raise ServerUnavailable(f"cannot run {client_bin}: {exc.strerror}") from exc
-    except TimeoutError:
+    except TimeoutError:  # before OSError: TimeoutError is one
         raise ProbeTimeout(
             f"nbd-server at {host}:{port} did not answer a listing within {timeout_s:g} s"
         ) from None
+    except OSError as exc:
+        raise ServerUnavailable(f"cannot run {client_bin}: {exc.strerror}") from exc
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
         raise ServerUnavailable(

@@ -171,10 +171,10 @@ class MainProcess:
         exe = f"/proc/{pid}/exe"
         try:
             done = await run_with_deadline([exe, "-V"], self._version_timeout_s)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            raise ServerUnavailable(f"{exe} -V did not answer in time") from None
         except OSError as exc:
             raise ServerUnavailable(f"cannot run {exe} -V: {exc.strerror}") from exc
-        except TimeoutError:
-            raise ServerUnavailable(f"{exe} -V did not answer in time") from None
         try:
             # Some versions print it on stdout, others on stderr.
             return parse_version((done.stdout + done.stderr).decode(errors="replace"))
