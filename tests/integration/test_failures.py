@@ -34,11 +34,19 @@ async def test_same_disk_on_two_workers_is_created_once(
         replies = await asyncio.gather(*(scheduler.reply(c) for c in corrs))
         await scheduler.channel.close()
         sighups = one.sample("nbd_server_sighups_total") + two.sample("nbd_server_sighups_total")
-        handled = [
-            w.sample("nbd_export_jobs_total", {"outcome": o})
-            for w in (one, two)
-            for o in ("created", "reused")
-        ]
+
+        def counted() -> list[float]:
+            return [
+                w.sample("nbd_export_jobs_total", {"outcome": o})
+                for w in (one, two)
+                for o in ("created", "reused")
+            ]
+
+        # Job counters move just after each reply is confirmed.
+        for _ in range(500):
+            if sum(handled := counted()) == 16:
+                break
+            await asyncio.sleep(0.01)
     assert all(r["status"] == "ready" for r in replies), replies
     assert sorted(r["action"] for r in replies) == ["created"] + ["reused"] * 15
     assert sighups == 1
