@@ -111,21 +111,24 @@ class ExportFlow:
             node_id=self._node_id,
         )
 
+    def _reuse(self, request: PrepareExport) -> ExportReady:
+        log.info(
+            "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
+            request.job_id,
+            request.export_name,
+        )
+        return self._ready(request, Action.REUSED, reused=True)
+
     async def prepare_export(self, request: PrepareExport) -> ExportReady:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
         device = self._devices.check(request.device_path)
         name = request.export_name
-        # Fast path, no lock: the common case is a job for a disk already being served.
+        # Fast path, no lock: the common case is a job for a disk already being served, and
+        # then one database lookup and a shared listing decide it.
         mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
-        if decide(mapping, request, live=True) is Action.REUSED and await self._server.is_live(
-            name, request.device_path, fresh=False
-        ):
-            log.info(
-                "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
-                request.job_id,
-                name,
-            )
-            return self._ready(request, Action.REUSED, reused=True)
+        could_reuse = decide(mapping, request, live=True) is Action.REUSED
+        if could_reuse and await self._server.is_live(name, request.device_path, fresh=False):
+            return self._reuse(request)
 
         async with self._keys.hold((request.vm_id, request.disk_unit_number)):
             # Read again: a job for the same disk may have finished while this one waited.
@@ -137,7 +140,7 @@ class ExportFlow:
             )
             action = decide(mapping, request, live)
             if action is Action.REUSED:
-                return self._ready(request, action, reused=True)
+                return self._reuse(request)
 
             holder = await self._mappings.find_active_by_device(device.device_id)
             if holder is not None and (holder.vm_id, holder.disk_unit_number) != (
