@@ -37,11 +37,11 @@ class InMemoryMappings:
     async def restore(self, mapping: Mapping) -> None:
         self.rows[(mapping.vm_id, mapping.disk_unit_number)] = mapping
 
-    async def claim(self, request: PrepareExport, device_id: str) -> Mapping:
+    async def claim(self, request: PrepareExport, device_id: str) -> None:
         key = (request.vm_id, request.disk_unit_number)
         holder = await self.find_active_by_device(device_id)
         if holder is not None and (holder.vm_id, holder.disk_unit_number) != key:
-            raise DeviceInUse(f"device {request.device_path} is in use")
+            raise DeviceInUse(f"device {request.device_path} is served by {holder.export_name}")
         now = datetime.now(UTC)
         old = self.rows.get(key)
         self.rows[key] = Mapping(
@@ -58,7 +58,6 @@ class InMemoryMappings:
             updated_at=now,
         )
         self.claims += 1
-        return self.rows[key]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from worker.devices import DevicePolicy
-from worker.errors import DeviceInUse, WorkerError
+from worker.errors import WorkerError
 from worker.mappings import Mapping
 from worker.messages import Action, ExportReady, PrepareExport
 
@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 
 class Mappings(Protocol):
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
-    async def find_active_by_device(self, device_id: str) -> Mapping | None: ...
-    async def claim(self, request: PrepareExport, device_id: str) -> Mapping: ...
+    async def claim(self, request: PrepareExport, device_id: str) -> None: ...
     async def restore(self, mapping: Mapping) -> None: ...
     async def committed_device(self, export_name: str) -> str | None: ...
 
@@ -60,12 +59,13 @@ class KeyedLocks:
         self._locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: tuple[str, int]) -> AsyncIterator[None]:
+    async def hold(self, key: tuple[str, int]) -> AsyncIterator[bool]:
+        """Holds the key's lock; yields whether another holder had it first."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                yield
+                yield users > 0
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -130,9 +130,12 @@ class ExportFlow:
         if could_reuse and await self._server.is_live(name, request.device_path, fresh=False):
             return self._reuse(request)
 
-        async with self._keys.hold((request.vm_id, request.disk_unit_number)):
-            # Read again: a job for the same disk may have finished while this one waited.
-            mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
+        async with self._keys.hold((request.vm_id, request.disk_unit_number)) as waited:
+            if waited:
+                # Read again: a job for the same disk may have finished meanwhile. (Had one
+                # finished without our waiting, the create below finds nothing to change
+                # and answers reused all the same.)
+                mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
             live = (
                 mapping is not None
                 and mapping.is_active
@@ -142,14 +145,6 @@ class ExportFlow:
             if action is Action.REUSED:
                 return self._reuse(request)
 
-            holder = await self._mappings.find_active_by_device(device.device_id)
-            if holder is not None and (holder.vm_id, holder.disk_unit_number) != (
-                request.vm_id,
-                request.disk_unit_number,
-            ):
-                raise DeviceInUse(
-                    f"device {request.device_path} is already served by export {holder.export_name}"
-                )
             log.info(
                 "Creating new VM export mapping job_id=%s export_name=%s action=%s device_path=%s",
                 request.job_id,
@@ -157,8 +152,8 @@ class ExportFlow:
                 action,
                 request.device_path,
             )
-            # The database row first: its unique device index settles races with other
-            # workers before anything on disk or in the server changes.
+            # The database row first: its unique device index settles races with other jobs
+            # and workers before anything on disk or in the server changes (DeviceInUse).
             await self._mappings.claim(request, device.device_id)
             try:
                 ensured = await self._server.ensure_export(

@@ -13,7 +13,7 @@ import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiomysql
 import pymysql
@@ -47,6 +47,11 @@ _COLUMNS = (
 
 def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
     return Mapping.model_validate(dict(zip(_COLUMNS.split(", "), row, strict=True)))
+
+
+def _is_duplicate(exc: pymysql.err.IntegrityError, key: str) -> bool:
+    """Whether `exc` is a duplicate entry on a unique key whose name contains `key`."""
+    return bool(exc.args) and exc.args[0] == ER_DUP_ENTRY and key in str(exc.args[-1])
 
 
 def translate_error(exc: pymysql.MySQLError) -> WorkerError:
@@ -226,68 +231,64 @@ class Repository:
 
         await self._retrying(transaction)
 
-    async def claim(self, request: PrepareExport, device_id: str) -> Mapping:
+    async def claim(self, request: PrepareExport, device_id: str) -> None:
         """Makes the request's mapping active with its device, inserting or updating its row.
 
-        The unique index on active device paths is the arbiter between concurrent jobs and
-        worker processes: raises DeviceInUse, with nothing changed, when another active
-        mapping holds the device.
+        The unique index on active devices is the arbiter between concurrent jobs and worker
+        processes: raises DeviceInUse, with nothing changed, when another active mapping
+        holds the device.
         """
+        params = (
+            request.vm_name,
+            request.export_name,
+            request.device_path,
+            device_id,
+            self._node,
+            request.vm_id,
+            request.disk_unit_number,
+        )
 
-        async def transaction() -> Mapping:
+        async def insert_or_update() -> None:
+            # Two single statements in autocommit, not SELECT ... FOR UPDATE then INSERT:
+            # that takes gap locks, and a burst of creates then deadlocks (error 1213, about
+            # one in ten in a 200-job burst: nbd-server-facts.md). Not ON DUPLICATE KEY
+            # UPDATE either: it would also fire on the device key and overwrite another
+            # VM's row.
             try:
-                async with self._cursor(transaction=True) as cur:
-                    # An explicit update-or-insert, not ON DUPLICATE KEY UPDATE: that would
-                    # also fire on the device key and overwrite the other VM's row.
+                async with self._cursor() as cur:
                     await cur.execute(
-                        "SELECT id FROM vm_export_mappings "
-                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s FOR UPDATE",
-                        (self._node, request.vm_id, request.disk_unit_number),
+                        "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
+                        "device_id, node_id, vm_id, disk_unit_number, status) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, 'active')",
+                        params,
                     )
-                    row = await cur.fetchone()
-                    params = (
-                        request.vm_name,
-                        request.export_name,
-                        request.device_path,
-                        device_id,
-                        self._node,
-                        request.vm_id,
-                        request.disk_unit_number,
-                    )
-                    if row:
-                        await cur.execute(
-                            "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
-                            "device_path = %s, device_id = %s, status = 'active' "
-                            "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                            params,
-                        )
-                    else:
-                        await cur.execute(
-                            "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
-                            "device_id, node_id, vm_id, disk_unit_number, status) "
-                            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'active')",
-                            params,
-                        )
-                    await cur.execute(
-                        f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608
-                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                        (self._node, request.vm_id, request.disk_unit_number),
-                    )
-                    return _row_to_mapping(await cur.fetchone())
             except pymysql.err.IntegrityError as exc:
-                key = str(exc.args[-1]) if exc.args else ""
-                duplicate = bool(exc.args) and exc.args[0] == ER_DUP_ENTRY
-                if duplicate and "active_device_id" in key:
-                    raise DeviceInUse(
-                        f"device {request.device_path} is already served by another active mapping"
-                    ) from exc
-                if duplicate and "vm_disk" in key:
-                    # Another worker inserted this (vm, disk) between our SELECT and INSERT:
-                    # the retry finds its row and updates it.
-                    raise TransientDatabaseError("concurrent insert of the same disk") from exc
-                raise translate_error(exc) from exc
+                if not _is_duplicate(exc, "vm_disk"):
+                    await self._raise_claim_error(exc, request, device_id)
+            else:
+                return
+            # The row exists (an earlier job, or another worker just now): update it.
+            try:
+                async with self._cursor() as cur:
+                    await cur.execute(
+                        "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
+                        "device_path = %s, device_id = %s, status = 'active' "
+                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                        params,
+                    )
+            except pymysql.err.IntegrityError as exc:
+                await self._raise_claim_error(exc, request, device_id)
 
-        return await self._retrying(transaction)
+        await self._retrying(insert_or_update)
+
+    async def _raise_claim_error(
+        self, exc: pymysql.err.IntegrityError, request: PrepareExport, device_id: str
+    ) -> NoReturn:
+        if _is_duplicate(exc, "active_device_id"):
+            holder = await self.find_active_by_device(device_id)
+            by = f"export {holder.export_name}" if holder else "another active mapping"
+            raise DeviceInUse(f"device {request.device_path} is already served by {by}") from exc
+        raise translate_error(exc) from exc
 
     async def list_mappings(
         self, *, active_only: bool = False, node_id: str | None = None, all_nodes: bool = False

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     probe_timeout_s: float = Field(default=5.0, gt=0)
     #: How long to wait, after a SIGHUP, for new exports to be listed (reload is asynchronous).
     reload_timeout_s: float = Field(default=10.0, gt=0)
-    reload_poll_interval_s: float = Field(default=0.02, gt=0)
+    #: Pause between listings while waiting for new exports (each one a short connection).
+    reload_poll_interval_s: float = Field(default=0.005, gt=0)
     #: How long a create may wait for the config lock before giving up (retryable).
     lock_timeout_s: float = Field(default=60.0, gt=0)
     #: Each export's `exportname` is a symlink here, so a device change is an atomic re-point.

@@ -299,7 +299,14 @@ class NbdServer:
                 linked[name] = device
         try:
             changed, replaced = await asyncio.to_thread(self._write_files, linked)
-            listed = await self.listed_exports()
+            # The shared listing is enough for names whose files we just wrote: a name in it
+            # is listed (names only go away with a restart, which changes the pid). A name
+            # whose files were already in place was written by someone else (another
+            # worker, a crashed attempt), who may have reloaded since: probe afresh, so a
+            # duplicate never costs a second SIGHUP.
+            listed = await self._shared_listing()
+            if (set(linked) - listed) - changed:
+                listed = await self.listed_exports()
         except WorkerError as exc:
             return results | dict.fromkeys(linked, exc)
         for name in sorted(replaced & listed):
