@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    unknown = Settings.unknown_variables(os.environ)
+    if unknown:
+        print(f"unknown settings (misspelled?): {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -23,6 +23,7 @@ from worker.errors import WorkerError
 from worker.flow import ExportFlow
 from worker.logs import bind_job
 from worker.messages import (
+    Action,
     ErrorCode,
     ErrorDetail,
     ExportFailed,
@@ -327,7 +328,9 @@ class JobConsumer:
                 "failed",
             )
         bind_job(outcome=str(ready.action))
-        log.info(
+        # A reuse has logged its own line already; at hundreds of jobs a second, one is enough.
+        log.log(
+            logging.DEBUG if ready.action is Action.REUSED else logging.INFO,
             "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
             ready.job_id,
             ready.vm_id,

@@ -6,6 +6,7 @@ Built once by the CLI and passed down; nothing else calls os.environ.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -53,7 +54,8 @@ class Settings(BaseSettings):
 
     # --- MariaDB / MySQL ---
     database_url: AnyUrl = AnyUrl("mysql://root@127.0.0.1:3306/nbd_exports")
-    db_pool_size: int = Field(default=8, ge=1, le=100)
+    #: Connections to the database; each job in flight holds one for a lookup at a time.
+    db_pool_size: int = Field(default=16, ge=1, le=100)
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- nbd-server ---
@@ -159,6 +161,13 @@ class Settings(BaseSettings):
         if value.scheme not in ("mysql", "mariadb"):
             raise ValueError("database_url must be mysql://user[:password]@host[:port]/database")
         return value
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """EXPORT_WORKER_* variables that name no setting: likely typos, which would
+        otherwise leave a default (say, the device roots) silently in force."""
+        known = {f"EXPORT_WORKER_{name.upper()}" for name in cls.model_fields}
+        return sorted(k for k in environ if k.startswith("EXPORT_WORKER_") and k not in known)
 
     def masked(self) -> dict[str, object]:
         """The effective settings with secrets masked, for `check` and start-up logs."""

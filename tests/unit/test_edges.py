@@ -143,3 +143,8 @@ def test_dashboard_uses_only_metrics_the_worker_exports() -> None:
     exported |= {f.name for f in families if f.type in ("gauge", "info")}
     assert used, "the dashboard queries nothing"
     assert used <= exported, used - exported
+
+
+def test_unknown_variables_are_reported() -> None:
+    environ = {"EXPORT_WORKER_DEVICE_ROOT": "/dev/disk/by-id", "EXPORT_WORKER_NODE_ID": "a"}
+    assert Settings.unknown_variables(environ) == ["EXPORT_WORKER_DEVICE_ROOT"]

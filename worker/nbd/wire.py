@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Final, Literal
 
 from worker.errors import ProbeTimeout, ServerUnavailable
 
@@ -127,11 +128,21 @@ async def list_exports_native(host: str, port: int, timeout_s: float) -> frozens
         return frozenset(names)
 
 
-async def export_size(host: str, port: int, name: str, timeout_s: float) -> int | None:
+#: What NBD_OPT_GO said of an export: its size when it opened, else why not.
+#: The server does not know the name (not loaded yet, or never configured).
+UNKNOWN: Final = "unknown"
+#: The server knows the name but would not serve it (its file or device cannot be opened).
+REFUSED: Final = "refused"
+ExportState = int | Literal["unknown", "refused"]
+
+REP_ERR_UNKNOWN = 0x80000006
+
+
+async def export_state(host: str, port: int, name: str, timeout_s: float) -> ExportState:
     """Opens `name` with NBD_OPT_GO, as a real client would, and disconnects at once.
 
-    Returns the export's size, or None when the server refuses to serve it (unknown name,
-    or its file/device cannot be opened). Raises ServerUnavailable/ProbeTimeout.
+    One short connection whatever the number of exports, unlike a listing that carries
+    every name. Raises ServerUnavailable/ProbeTimeout when the server is away or hung.
     """
     encoded = name.encode()
     async with _session(host, port, timeout_s, f"opening {name}") as session:
@@ -139,9 +150,15 @@ async def export_size(host: str, port: int, name: str, timeout_s: float) -> int 
         session.send_option(OPT_GO, data)
         size: int | None = None
         while True:
-            reply_type, payload = await session.read_reply()
+            try:
+                reply_type, payload = await session.read_reply()
+            except asyncio.IncompleteReadError:
+                # The per-connection child gave up opening the export and exited.
+                return REFUSED
+            if reply_type == REP_ERR_UNKNOWN:
+                return UNKNOWN
             if reply_type & REP_ERROR_BIT:
-                return None
+                return REFUSED
             if reply_type == REP_INFO and len(payload) >= 12:
                 (info_type,) = struct.unpack(">H", payload[:2])
                 if info_type == INFO_EXPORT:
@@ -150,4 +167,4 @@ async def export_size(host: str, port: int, name: str, timeout_s: float) -> int 
                 break
         session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
         await session.writer.drain()
-        return size
+        return REFUSED if size is None else size
