@@ -1,0 +1,516 @@
+"""The benchmark's sections, in one run, against one stack:
+
+1. floor    a bare loop of the same shape (bench.floor) at concurrency 1, 16 (and 64);
+2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64);
+3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
+   probe    the same single creates and reuse with EXPORT_WORKER_PROBE=nbd-client;
+5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true;
+4. scale    single creates with 2,000 and 5,000 exports on the server;
+6. the peak RSS of every worker process.
+
+Progress goes to stderr, the Markdown table to stdout, results.json and results.md to --out.
+Exit 0 when it ran; 1 when the stack could not start; 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.driver import Driver, RunResult
+from bench.report import (
+    Results,
+    Row,
+    WorkerInfo,
+    describe_machine,
+    evaluate_targets,
+    fill_ratios,
+    render_markdown,
+)
+from bench.stack import REPO_ROOT, ManagedProcess, Pair, Stack, StartFailed, scrape, total
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")
+#: A job that gets no reply by then counts as an error ("no reply in time").
+JOB_TIMEOUT_S = 60.0
+REUSED = ("reused",)
+CREATED = ("created",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    small: bool
+    floor_concurrency: tuple[int, ...]
+    floor_jobs: int
+    reuse_mappings: int
+    reuse_jobs: int
+    reuse_concurrency: tuple[int, ...]
+    warmup_jobs: int
+    single_creates: int
+    burst: int
+    scale_levels: tuple[int, ...]
+    scale_creates: int
+
+    @classmethod
+    def for_mode(cls, small: bool) -> Plan:
+        if small:
+            return cls(
+                small=True,
+                floor_concurrency=(1, 16),
+                floor_jobs=300,
+                reuse_mappings=100,
+                reuse_jobs=300,
+                reuse_concurrency=(1, 16),
+                warmup_jobs=30,
+                single_creates=5,
+                burst=20,
+                scale_levels=(200,),
+                scale_creates=5,
+            )
+        return cls(
+            small=False,
+            floor_concurrency=(1, 16, 64),
+            floor_jobs=5000,
+            reuse_mappings=1000,
+            reuse_jobs=5000,
+            reuse_concurrency=(1, 16, 64),
+            warmup_jobs=200,
+            single_creates=50,
+            burst=200,
+            scale_levels=(2000, 5000),
+            scale_creates=20,
+        )
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _describe(row: Row) -> str:
+    parts = [f"{row.jobs} jobs"]
+    if row.concurrency is not None:
+        parts.append(f"c={row.concurrency}")
+    parts.append(f"{row.jobs_per_s:,.0f} jobs/s")
+    if row.p50_ms is not None:
+        parts.append(f"p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms or 0:.2f} ms")
+    parts.append(f"{row.wall_s:.2f} s")
+    if row.errors:
+        parts.append(f"errors {row.errors}")
+    return ", ".join(parts)
+
+
+class Bench:
+    def __init__(self, plan: Plan, stack: Stack, results: Results) -> None:
+        self.plan = plan
+        self.stack = stack
+        self.results = results
+        self.driver: Driver | None = None
+        self.pairs: list[Pair] = []
+        self._job_counter = 0
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _job_id(self, tag: str) -> str:
+        self._job_counter += 1
+        return f"bench-{tag}-{self._job_counter}"
+
+    def _reuse_jobs(self, count: int, tag: str, seed: int) -> list[dict[str, Any]]:
+        order = list(self.pairs)
+        random.Random(seed).shuffle(order)  # noqa: S311 - a fixed order, not secrecy
+        return [order[i % len(order)].job(self._job_id(tag)) for i in range(count)]
+
+    def _add(self, row: Row) -> Row:
+        self.results.rows.append(row)
+        progress(f"{row.section} / {row.run}: {_describe(row)}")
+        return row
+
+    @property
+    def d(self) -> Driver:
+        assert self.driver is not None
+        return self.driver
+
+    async def _closed(
+        self,
+        queue: str,
+        jobs: list[dict[str, Any]],
+        concurrency: int,
+        section: str,
+        run: str,
+        expected: tuple[str, ...],
+        extra: dict[str, Any] | None = None,
+    ) -> Row:
+        result = await self.d.closed_loop(queue, jobs, concurrency, JOB_TIMEOUT_S)
+        return self._add(
+            Row.from_run(
+                section, run, result, concurrency=concurrency, expected=expected, extra=extra
+            )
+        )
+
+    async def _single_creates(
+        self, count: int, section: str, run: str, extra: dict[str, Any] | None = None
+    ) -> Row:
+        """`count` new (vm, disk) jobs, one at a time."""
+        pairs = [self.stack.new_pair() for _ in range(count)]
+        jobs = [p.job(self._job_id("create")) for p in pairs]
+        return await self._closed(
+            self.stack.request_queue, jobs, 1, section, run, CREATED, extra=extra
+        )
+
+    async def _burst(self, count: int, section: str, port: int) -> Row:
+        pairs = [self.stack.new_pair() for _ in range(count)]
+        jobs = [p.job(self._job_id("burst")) for p in pairs]
+        exports_before = self.stack.exports_on_disk()
+        before = await scrape(port)
+        result: RunResult = await self.d.burst(
+            self.stack.request_queue, jobs, timeout_s=max(120.0, 2.0 * count)
+        )
+        after = await scrape(port)
+        sighups = int(
+            total(after, "nbd_server_sighups_total") - total(before, "nbd_server_sighups_total")
+        )
+        return self._add(
+            Row.from_run(
+                section,
+                f"burst of {count} new, published at once ({exports_before} exports before)",
+                result,
+                concurrency=None,
+                expected=CREATED,
+                extra={"sighups": sighups, "exports_before": exports_before},
+            )
+        )
+
+    async def _worker(
+        self, label: str, settings: str, extra: dict[str, str] | None = None
+    ) -> tuple[ManagedProcess, int, WorkerInfo]:
+        progress(f"starting worker '{label}' ({settings})")
+        proc, port = await self.stack.start_worker(label, extra)
+        info = WorkerInfo(label=label, settings=settings, pid=proc.pid)
+        self.results.workers.append(info)
+        return proc, port, info
+
+    async def _stop_worker(self, proc: ManagedProcess, port: int, info: WorkerInfo) -> None:
+        with contextlib.suppress(Exception):
+            samples = await scrape(port)
+            info.metrics = {
+                name: total(samples, name)
+                for name in (
+                    "nbd_server_sighups_total",
+                    "nbd_export_jobs_total",
+                    "nbd_server_probe_failures_total",
+                    "nbd_export_dead_lettered_total",
+                    "nbd_export_requeued_total",
+                    "nbd_export_retries_total",
+                    "nbd_server_reload_visible_seconds_sum",
+                    "nbd_server_reload_visible_seconds_count",
+                    "nbd_server_probe_duration_seconds_sum",
+                    "nbd_server_probe_duration_seconds_count",
+                    "nbd_export_job_duration_seconds_sum",
+                    "nbd_export_job_duration_seconds_count",
+                )
+            }
+        info.exit_code = await proc.stop()
+        if proc.peak_rss_kib is not None:
+            info.peak_rss_mib = proc.peak_rss_kib / 1024
+        progress(
+            f"stopped worker '{info.label}': peak RSS "
+            f"{info.peak_rss_mib or 0:.1f} MiB, exit {info.exit_code}"
+        )
+
+    async def _warm_up(self, queue: str) -> None:
+        jobs = self._reuse_jobs(self.plan.warmup_jobs, "warmup", seed=0)
+        await self.d.closed_loop(queue, jobs, 16, JOB_TIMEOUT_S)
+
+    # --- sections -------------------------------------------------------------------------
+
+    async def floor(self) -> None:
+        plan = self.plan
+        proc = await self.stack.start_floor()
+        try:
+            queue = self.stack.floor_queue
+            # The same job bodies as the worker's reuse runs get.
+            await self._warm_up(queue)
+            for concurrency in plan.floor_concurrency:
+                jobs = self._reuse_jobs(plan.floor_jobs, "floor", seed=concurrency)
+                await self._closed(
+                    queue, jobs, concurrency, "floor", "bare loop (bench.floor)", REUSED
+                )
+        finally:
+            await proc.stop()
+            if proc.peak_rss_kib is not None:
+                self.results.notes.append(
+                    f"floor process peak RSS {proc.peak_rss_kib / 1024:.1f} MiB"
+                )
+
+    async def reuse_and_create(self) -> None:
+        plan = self.plan
+        proc, port, info = await self._worker("ours", "defaults (native probe), prefetch 64")
+        try:
+            queue = self.stack.request_queue
+            await self._warm_up(queue)
+            for concurrency in plan.reuse_concurrency:
+                jobs = self._reuse_jobs(plan.reuse_jobs, "reuse", seed=100 + concurrency)
+                await self._closed(
+                    queue,
+                    jobs,
+                    concurrency,
+                    "reuse",
+                    f"{plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
+                    REUSED,
+                )
+            exports = self.stack.exports_on_disk()
+            await self._single_creates(
+                plan.single_creates,
+                "create",
+                f"single new export, one at a time ({exports} exports before)",
+                extra={"exports_before": exports},
+            )
+            await self._burst(plan.burst, "create", port)
+        finally:
+            await self._stop_worker(proc, port, info)
+
+    async def probe_nbd_client(self) -> None:
+        plan = self.plan
+        proc, port, info = await self._worker(
+            "nbd-client-probe",
+            "EXPORT_WORKER_PROBE=nbd-client",
+            {"EXPORT_WORKER_PROBE": "nbd-client"},
+        )
+        try:
+            queue = self.stack.request_queue
+            await self._warm_up(queue)
+            jobs = self._reuse_jobs(plan.reuse_jobs, "probe-reuse", seed=216)
+            await self._closed(
+                queue,
+                jobs,
+                16,
+                "probe nbd-client",
+                f"reuse, {plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
+                REUSED,
+            )
+            exports = self.stack.exports_on_disk()
+            await self._single_creates(
+                plan.single_creates,
+                "probe nbd-client",
+                f"single new export, one at a time ({exports} exports before)",
+                extra={"exports_before": exports},
+            )
+        finally:
+            await self._stop_worker(proc, port, info)
+
+    async def baseline(self) -> None:
+        plan = self.plan
+        extra = {"EXPORT_WORKER_BASELINE": "true"}
+        config = await asyncio.to_thread(self.stack.show_config, extra)
+        if config is None or config.get("baseline") is not True:
+            note = (
+                "baseline: not available (the worker's show-config does not report "
+                "baseline=true with EXPORT_WORKER_BASELINE=true)"
+            )
+            self.results.notes.append(note)
+            progress(note)
+            return
+        try:
+            proc, port, info = await self._worker("baseline", "EXPORT_WORKER_BASELINE=true", extra)
+        except StartFailed as exc:
+            note = f"baseline: not available (the worker refused to start: {exc})"
+            self.results.notes.append(note.replace("\n", " / "))
+            progress(note)
+            return
+        try:
+            queue = self.stack.request_queue
+            await self._warm_up(queue)
+            jobs = self._reuse_jobs(plan.reuse_jobs, "baseline-reuse", seed=316)
+            await self._closed(
+                queue,
+                jobs,
+                16,
+                "baseline",
+                f"reuse, {plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
+                REUSED,
+            )
+            await self._burst(plan.burst, "baseline", port)
+        finally:
+            await self._stop_worker(proc, port, info)
+
+    async def scale(self) -> None:
+        plan = self.plan
+        for level in plan.scale_levels:
+            have = self.stack.exports_on_disk()
+            if have < level:
+                progress(f"scale: adding {level - have} mappings to reach {level}")
+                await self.stack.prepopulate(level - have)
+            exports = self.stack.exports_on_disk()
+            progress(f"scale: restarting nbd-server with {exports} exports")
+            await self.stack.restart_server()
+            proc, port, info = await self._worker(f"scale-{level}", "defaults (native probe)")
+            try:
+                await self._single_creates(
+                    plan.scale_creates,
+                    "scale",
+                    f"single new export with {exports} exports on the server",
+                    extra={"level": level, "exports_before": exports},
+                )
+            finally:
+                await self._stop_worker(proc, port, info)
+
+
+async def _setup(bench: Bench) -> None:
+    """Database, broker, machine description, publisher, pre-populated mappings: any
+    failure here means the stack could not start."""
+    stack, results = bench.stack, bench.results
+    try:
+        await stack.setup()
+        assert stack.connection is not None
+        rabbitmq = "?"
+        with contextlib.suppress(Exception):
+            transport: Any = stack.connection.transport
+            version = transport.connection.server_properties.get("version", "?")
+            rabbitmq = version.decode() if isinstance(version, bytes) else str(version)
+        results.machine = describe_machine(
+            nbd_server_binary=stack.nbd.binary,
+            rabbitmq=rabbitmq,
+            mariadb=await stack.mariadb_version(),
+        )
+        bench.driver = Driver(stack.connection)
+        await bench.driver.start()
+        progress(f"pre-populating {bench.plan.reuse_mappings} mappings")
+        bench.pairs = await stack.prepopulate(bench.plan.reuse_mappings)
+    except StartFailed:
+        raise
+    except Exception as exc:
+        raise StartFailed(f"set-up failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _section(results: Results, name: str, body: Callable[[], Awaitable[None]]) -> None:
+    """Runs one section; a failure is reported in the results and the run goes on. Only a
+    stack that cannot start (StartFailed from the caller's own checks) ends the run."""
+    try:
+        await body()
+    except StartFailed:
+        raise
+    except Exception as exc:
+        note = f"{name}: failed: {type(exc).__name__}: {exc}"
+        results.notes.append(note)
+        progress(note)
+        traceback.print_exc(file=sys.stderr)
+
+
+def write_results(out: Path, results: Results, markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
+    (out / "results.md").write_text(markdown)
+
+
+async def run(args: argparse.Namespace, command: str, stack: Stack) -> int:
+    plan = Plan.for_mode(args.small)
+    out: Path = args.out
+    logs = stack.logs
+    results = Results(
+        command=command,
+        mode="small" if plan.small else "full",
+        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    started = time.monotonic()
+    exit_code = 0
+    bench = Bench(plan, stack, results)
+    try:
+        await _setup(bench)
+        progress("1. floor")
+        await _section(results, "floor", bench.floor)
+        progress("2. reuse and 3. create")
+        await stack.start_server()
+        await _section(results, "reuse and create", bench.reuse_and_create)
+        progress("3b. create and reuse with the nbd-client probe")
+        await _section(results, "probe nbd-client", bench.probe_nbd_client)
+        progress("5. baseline")
+        await _section(results, "baseline", bench.baseline)
+        progress("4. scale")
+        await _section(results, "scale", bench.scale)
+    except StartFailed as exc:
+        results.notes.append(f"the stack could not start: {exc}")
+        progress(f"the stack could not start: {exc}")
+        exit_code = 1
+    except asyncio.CancelledError:
+        results.notes.append("interrupted (Ctrl-C or SIGTERM): only the runs above were made")
+        raise
+    finally:
+        progress("cleaning up")
+        if bench.driver is not None:
+            with contextlib.suppress(Exception):
+                await bench.driver.close()
+        await stack.cleanup()
+        if bench.driver is not None and bench.driver.stray_replies:
+            results.notes.append(
+                f"{bench.driver.stray_replies} replies arrived after their job had timed out"
+            )
+        results.duration_s = time.monotonic() - started
+        fill_ratios(results)
+        results.targets = evaluate_targets(results, burst_size=plan.burst, small=plan.small)
+        markdown = render_markdown(results)
+        write_results(out, results, markdown)
+        print(markdown, flush=True)
+        progress(f"wrote {out / 'results.json'} and {out / 'results.md'}; logs in {logs}")
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="./scripts/bench.sh",
+        description="Benchmarks the worker against a bare loop of the same shape (the floor) "
+        "on the real stack, and prints a Markdown table. Never fails on a timing.",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="a smoke run of well under a minute (for CI)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "bench" / "out",
+        help="where results.json, results.md and logs/ go, relative to the repository root "
+        "(default: bench/out)",
+    )
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["./scripts/bench.sh", *raw])
+    logging.basicConfig(level=logging.WARNING, format="bench: %(levelname)s %(message)s")
+
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    root = Path(tempfile.mkdtemp(prefix="nbd-bench-"))
+    stack = Stack(root, logs, amqp_url=AMQP_URL, mysql_url=MYSQL_URL)
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(args, command, stack)
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        progress("interrupted")
+        return 130
+    finally:
+        # Whatever the async clean-up could not stop (a second Ctrl-C during it).
+        stack.cleanup_now()
+        shutil.rmtree(root, ignore_errors=True)

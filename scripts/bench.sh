@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The benchmark (issue 5): drives the real stack (RabbitMQ, MariaDB, an nbd-server and the
+# worker as its own process, all started and removed by the benchmark) and prints a
+# Markdown table; results.json and results.md go to --out (default bench/out/).
+#   ./scripts/bench.sh            the full run (several minutes)
+#   ./scripts/bench.sh --small    a smoke run of well under a minute, for CI
+# It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+bash scripts/bootstrap.sh
+exec .venv/bin/python -m bench "$@"
