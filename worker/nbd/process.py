@@ -122,6 +122,7 @@ class MainProcess:
         self._config_file = config_file
         self._version_timeout_s = version_timeout_s
         self._versions: dict[int, tuple[int, int, int]] = {}
+        self._pid_seen: tuple[tuple[int, int, int], int] | None = None
 
     def verified_pid(self) -> int:
         """The main pid, checked now. Raises ServerUnavailable."""
@@ -130,14 +131,18 @@ class MainProcess:
         return pid
 
     def running_pid(self) -> int:
-        """The pid file's pid if that process runs (cheap: no command-line check; enough
-        to tell a restart, which changes the pid). Raises ServerUnavailable."""
-        pid = read_pid_file(self._pid_file)
+        """The pid file's pid if that process exists: two stats, for the reuse path. Enough
+        to tell a restart (a new pid); every signal still goes through the full checks.
+        Raises ServerUnavailable."""
         try:
-            state = parse_stat(Path(f"/proc/{pid}/stat").read_text()).state
-        except (OSError, ValueError, IndexError):
-            state = "X"
-        if state in ("Z", "X"):
+            st = os.stat(self._pid_file)
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot read nbd-server pid file {self._pid_file}") from exc
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._pid_seen is None or self._pid_seen[0] != key:
+            self._pid_seen = (key, read_pid_file(self._pid_file))
+        pid = self._pid_seen[1]
+        if not os.path.exists(f"/proc/{pid}"):
             raise ServerUnavailable(f"nbd-server main process {pid} is not running")
         return pid
 

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
+#: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
+PROBES_AT_ONCE = 4
+
 #: Looks up, in the database, the device an export is committed to (None: not active).
 CommittedDevice = Callable[[str], Awaitable[str | None]]
 
@@ -361,8 +364,16 @@ class NbdServer:
         return results
 
     async def _export_states(self, names: Iterable[str]) -> dict[str, ExportState]:
+        """NBD_OPT_GO on each name, a few at a time: every connection costs the server a
+        fork, and a burst must not swamp the server that serves live migrations."""
+        gate = asyncio.Semaphore(PROBES_AT_ONCE)
+
+        async def ask(name: str) -> ExportState:
+            async with gate:
+                return await self.export_state(name)
+
         names = list(names)
-        states = await asyncio.gather(*(self.export_state(name) for name in names))
+        states = await asyncio.gather(*(ask(name) for name in names))
         return dict(zip(names, states, strict=True))
 
     def _write_files(self, exports: Mapping[str, str]) -> tuple[set[str], set[str], set[str]]:
@@ -400,9 +411,13 @@ class NbdServer:
         waiting = set(names)
         while True:
             # The reload is asynchronous: with many exports the first probe after the
-            # signal often misses the new ones (nbd-server-facts.md).
-            states |= await self._export_states(waiting)
-            waiting = {name for name in waiting if states[name] == UNKNOWN}
+            # signal often misses the new ones (nbd-server-facts.md). It is also
+            # all-or-nothing, so one name tells when it is done; then the rest are asked.
+            sentinel = min(waiting)
+            states[sentinel] = await self.export_state(sentinel)
+            if states[sentinel] != UNKNOWN:
+                states |= await self._export_states(waiting - {sentinel})
+                waiting = {name for name in waiting if states[name] == UNKNOWN}
             if not waiting:
                 break
             if not self.process.is_alive(pid):
