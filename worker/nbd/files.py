@@ -46,7 +46,8 @@ def snippet_path(conf_dir: Path, name: str) -> Path:
     return conf_dir / f"{name}{SNIPPET_SUFFIX}"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Makes renames and new links in `directory` durable (a batch calls this once)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -62,8 +63,9 @@ class SnippetWrite(Enum):
     server already has, so a listed export keeps serving the old content until a restart."""
 
 
-def write_snippet(conf_dir: Path, spec: ExportSpec) -> SnippetWrite:
-    """Writes the export's snippet unless an identical one is there.
+def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) -> SnippetWrite:
+    """Writes the export's snippet unless an identical one is there. With sync_dir=False
+    the caller must fsync `conf_dir` itself before relying on it.
 
     Raises ConfigWriteError (retryable) when the directory cannot be written.
     """
@@ -87,7 +89,8 @@ def write_snippet(conf_dir: Path, spec: ExportSpec) -> SnippetWrite:
         finally:
             os.close(fd)
         os.replace(temp, target)
-        _fsync_dir(conf_dir)
+        if sync_dir:
+            fsync_dir(conf_dir)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise ConfigWriteError(f"cannot write snippet {target}: {exc.strerror}") from exc
@@ -98,8 +101,9 @@ def has_snippet(conf_dir: Path, name: str) -> bool:
     return snippet_path(conf_dir, name).is_file()
 
 
-def point_link(link_path: Path, device_path: str) -> bool:
-    """Points `link_path` at `device_path` atomically; True if it changed anything.
+def point_link(link_path: Path, device_path: str, *, sync_dir: bool = True) -> bool:
+    """Points `link_path` at `device_path` atomically; True if it changed anything. With
+    sync_dir=False the caller must fsync the link's directory itself.
 
     nbd-server opens the export's path afresh for every connection and follows links,
     so new connections open the new device while established ones keep theirs.
@@ -111,7 +115,8 @@ def point_link(link_path: Path, device_path: str) -> bool:
         temp.unlink(missing_ok=True)
         os.symlink(device_path, temp)
         os.replace(temp, link_path)
-        _fsync_dir(link_path.parent)
+        if sync_dir:
+            fsync_dir(link_path.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise ConfigWriteError(f"cannot point link {link_path}: {exc.strerror}") from exc
@@ -129,9 +134,9 @@ def remove_export_files(conf_dir: Path, spec: ExportSpec) -> None:
     """Removes the export's snippet and link, durably; missing files are fine."""
     try:
         snippet_path(conf_dir, spec.name).unlink(missing_ok=True)
-        _fsync_dir(conf_dir)
+        fsync_dir(conf_dir)
         spec.link_path.unlink(missing_ok=True)
-        _fsync_dir(spec.link_path.parent)
+        fsync_dir(spec.link_path.parent)
     except OSError as exc:
         raise ConfigWriteError(f"cannot remove files of {spec.name}: {exc.strerror}") from exc
 

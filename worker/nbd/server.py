@@ -20,6 +20,7 @@ from pathlib import Path
 
 from worker.devices import device_size
 from worker.errors import (
+    ConfigWriteError,
     ExportNotVisible,
     ProbeTimeout,
     RestartRequired,
@@ -31,6 +32,7 @@ from worker.metrics import Metrics
 from worker.nbd.files import (
     ExportSpec,
     SnippetWrite,
+    fsync_dir,
     has_snippet,
     link_target,
     point_link,
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
 #: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
-PROBES_AT_ONCE = 4
+PROBES_AT_ONCE = 8
 
 #: Looks up, in the database, the device an export is committed to (None: not active).
 CommittedDevice = Callable[[str], Awaitable[str | None]]
@@ -382,9 +384,11 @@ class NbdServer:
         changed, replaced, created = set(), set(), set()
         for name, device_path in exports.items():
             spec = self.spec(name)
-            if point_link(spec.link_path, device_path):
+            # Each file is written and fsynced before its rename; the two directories are
+            # fsynced once for the batch, below, before anyone relies on them.
+            if point_link(spec.link_path, device_path, sync_dir=False):
                 changed.add(name)
-            outcome = write_snippet(self._settings.nbd_conf_dir, spec)
+            outcome = write_snippet(self._settings.nbd_conf_dir, spec, sync_dir=False)
             if outcome is not SnippetWrite.UNCHANGED:
                 changed.add(name)
             if outcome is SnippetWrite.CREATED:
@@ -392,6 +396,12 @@ class NbdServer:
                 log.info("Added dynamic export to NBD config export_name=%s", name)
             elif outcome is SnippetWrite.REPLACED:
                 replaced.add(name)
+        if changed:
+            try:
+                fsync_dir(self._settings.link_dir)
+                fsync_dir(self._settings.nbd_conf_dir)
+            except OSError as exc:
+                raise ConfigWriteError(f"cannot sync the config directories: {exc}") from exc
         return changed, replaced, created
 
     async def _reload_until_known(self, names: set[str]) -> dict[str, ExportState]:
