@@ -34,6 +34,13 @@ class InMemoryMappings:
                 return row.device_path
         return None
 
+    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is None:
+            return None
+        self.rows[(vm_id, disk_unit_number)] = row.model_copy(update={"status": "inactive"})
+        return self.rows[(vm_id, disk_unit_number)]
+
     async def restore(self, mapping: Mapping) -> None:
         self.rows[(mapping.vm_id, mapping.disk_unit_number)] = mapping
 
@@ -98,3 +105,11 @@ class FakeExportServer:
 
     async def point_export(self, name: str, device_path: str) -> None:
         self.links[name] = device_path
+
+    async def remove_export(
+        self, name: str, committed: Callable[[str], Awaitable[str | None]]
+    ) -> bool:
+        if await committed(name) is not None:
+            return False
+        self.links.pop(name, None)
+        return True

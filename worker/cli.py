@@ -29,7 +29,7 @@ from worker.devices import DevicePolicy, device_present
 from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
 from worker.logs import setup_logging
-from worker.messages import VM_ID_PATTERN, write_schemas
+from worker.messages import VM_ID_PATTERN, ReleaseExport, write_schemas
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import link_target
 from worker.nbd.process import format_version
@@ -184,14 +184,7 @@ async def serve(
                 await _reconcile_and_record(repository, server, metrics)
             except WorkerError as exc:
                 log.warning("Start-up reconciliation failed: %s", exc)
-        flow = ExportFlow(
-            repository,
-            server,
-            DevicePolicy(settings.device_roots, settings.allow_regular_files),
-            nbd_host=settings.advertised_host,
-            nbd_port=settings.nbd_port,
-            node_id=settings.node_id,
-        )
+        flow = _flow(settings, repository, server)
         queues = QueueConfig(
             request_queue=settings.request_queue,
             reply_queue=settings.reply_queue,
@@ -352,16 +345,31 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _release(settings: Settings, args: argparse.Namespace) -> int:
+    """The same release as a release-export job, for when no worker runs."""
+    request = ReleaseExport(
+        type="release-export",
+        job_id=f"cli-{uuid.uuid4().hex[:12]}",
+        vm_id=args.vm_id,
+        disk_unit_number=args.disk,
+    )
     async with _adapters(settings) as (repository, server):
-        # The row first: if the files' removal is interrupted, reconciliation removes the
-        # files of inactive mappings; the other order could resurrect a released export.
-        mapping = await repository.deactivate(args.vm_id.lower(), args.disk)
-        if mapping is None:
-            print(f"no mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
-            return EXIT_FAILURE
-        await server.remove_export(mapping.export_name, repository.committed_device)
-    print(json.dumps({"export_name": mapping.export_name, "status": mapping.status}))
+        released = await _flow(settings, repository, server).release_export(request)
+    print(released.model_dump_json(indent=2))
+    if not released.was_active:
+        print(f"no active mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _flow(settings: Settings, repository: Repository, server: NbdServer) -> ExportFlow:
+    return ExportFlow(
+        repository,
+        server,
+        DevicePolicy(settings.device_roots, settings.allow_regular_files),
+        nbd_host=settings.advertised_host,
+        nbd_port=settings.nbd_port,
+        node_id=settings.node_id,
+    )
 
 
 def _read_server_config(path: Path) -> configparser.ConfigParser:

@@ -28,7 +28,9 @@ from worker.messages import (
     ErrorDetail,
     ExportFailed,
     PrepareExport,
+    ReleaseExport,
     Reply,
+    parse_request,
     salvage_job_id,
 )
 from worker.metrics import Metrics
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Far above any real job (a few hundred bytes); larger bodies are refused unparsed.
 MAX_BODY_BYTES = 64 * 1024
+#: The message types one request queue carries (the `type` field; prepare-export if none).
+MESSAGE_TYPES = ("prepare-export", "release-export")
 #: Error messages in replies are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000
 
@@ -66,7 +70,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     """Field and reason for each problem, without echoing the (untrusted) input."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = ".".join(str(part) for part in err["loc"]) or "body"
+        path = list(err["loc"])
+        if path and path[0] in MESSAGE_TYPES:
+            path = path[1:]  # the message type pydantic tells the union apart by
+        loc = ".".join(str(part) for part in path) or "body"
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
 
@@ -77,7 +84,7 @@ def error_reply(
     *,
     job_id: str | None,
     node_id: str,
-    request: PrepareExport | None = None,
+    request: PrepareExport | ReleaseExport | None = None,
 ) -> ExportFailed:
     return ExportFailed(
         job_id=job_id,
@@ -152,6 +159,7 @@ class JobConsumer:
             config.exchange, ExchangeType.TOPIC, durable=True
         )
         await queue.bind(exchange, routing_key=config.routing_key)
+        await queue.bind(exchange, routing_key=f"release-export.{config.node_id}")
         self._queue = queue
         return queue
 
@@ -258,12 +266,12 @@ class JobConsumer:
                 "failed",
             )
         try:
-            request = PrepareExport.model_validate_json(body)
+            request = parse_request(body)
         except ValidationError as exc:
             job_id = salvage_job_id(body)
             bind_job(job_id=job_id, outcome="failed")
             log.warning(
-                "Invalid prepare-export request job_id=%s correlation_id=%s error=%s",
+                "Invalid request job_id=%s correlation_id=%s error=%s",
                 job_id,
                 message.correlation_id,
                 describe_validation_error(exc),
@@ -271,7 +279,7 @@ class JobConsumer:
             return (
                 error_reply(
                     ErrorCode.INVALID_REQUEST,
-                    f"invalid prepare-export request: {describe_validation_error(exc)}",
+                    f"invalid request: {describe_validation_error(exc)}",
                     job_id=job_id,
                     node_id=self._config.node_id,
                 ),
@@ -285,6 +293,10 @@ class JobConsumer:
             export_name=request.export_name,
         )
         try:
+            if isinstance(request, ReleaseExport):
+                released = await self._flow.release_export(request)
+                bind_job(outcome="released")
+                return released, Settle.ACK, "released"
             ready = await self._flow.prepare_export(request)
         except WorkerError as exc:
             bind_job(outcome="failed", code=str(exc.code))

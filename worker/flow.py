@@ -15,7 +15,7 @@ from typing import Protocol
 from worker.devices import DevicePolicy
 from worker.errors import WorkerError
 from worker.mappings import Mapping
-from worker.messages import Action, ExportReady, PrepareExport
+from worker.messages import Action, ExportReady, ExportReleased, PrepareExport, ReleaseExport
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class Mappings(Protocol):
     async def claim(self, request: PrepareExport, device_id: str) -> None: ...
     async def restore(self, mapping: Mapping) -> None: ...
     async def committed_device(self, export_name: str) -> str | None: ...
+    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
 
 
 class Ensured(Protocol):
@@ -40,6 +41,9 @@ class ExportServer(Protocol):
         self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
     ) -> Ensured: ...
     async def point_export(self, name: str, device_path: str) -> None: ...
+    async def remove_export(
+        self, name: str, committed: Callable[[str], Awaitable[str | None]]
+    ) -> bool: ...
 
 
 def decide(mapping: Mapping | None, request: PrepareExport, live: bool) -> Action:
@@ -168,6 +172,34 @@ class ExportFlow:
                 # to do, which is what a reuse is.
                 action = Action.REUSED
             return self._ready(request, action, reused=not ensured.sighup_sent)
+
+    async def release_export(self, request: ReleaseExport) -> ExportReleased:
+        """Marks the mapping inactive, then removes its link and snippet: new connections
+        fail at once, established ones keep their device, and the server forgets the name
+        at its next restart. Releasing twice, or what was never prepared, is no error."""
+        async with self._keys.hold((request.vm_id, request.disk_unit_number)):
+            mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
+            was_active = mapping is not None and mapping.is_active
+            if was_active:
+                # The row first: should the files' removal fail, reconciliation removes the
+                # files of inactive mappings; the other order could bring a released export
+                # back.
+                await self._mappings.deactivate(request.vm_id, request.disk_unit_number)
+            await self._server.remove_export(request.export_name, self._mappings.committed_device)
+            log.info(
+                "Released VM export mapping job_id=%s export_name=%s was_active=%s",
+                request.job_id,
+                request.export_name,
+                was_active,
+            )
+            return ExportReleased(
+                job_id=request.job_id,
+                vm_id=request.vm_id,
+                disk_unit_number=request.disk_unit_number,
+                export_name=request.export_name,
+                was_active=was_active,
+                node_id=self._node_id,
+            )
 
     async def _undo_relink(self, previous: Mapping) -> None:
         """Puts row and link back on the old device after a failed relink, so the row never

@@ -173,7 +173,12 @@ async def test_status_release_and_reconcile_commands(
         cli, settings, "release", "--vm-id", b_job["vm_id"], "--disk", "3"
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"export_name": b["export_name"], "status": "inactive"}
+    released = json.loads(proc.stdout)
+    assert (released["export_name"], released["status"], released["was_active"]) == (
+        b["export_name"],
+        "released",
+        True,
+    )
     assert not (settings.link_dir / b["export_name"]).exists()
     assert not (settings.nbd_conf_dir / f"{b['export_name']}.conf").exists()
     with pytest.raises(NbdError):

@@ -14,7 +14,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from tests.conftest import RunningWorker, Scheduler, job, make_disk
-from tests.nbd_harness import NbdConnection, NbdServerProcess
+from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -415,3 +415,48 @@ async def test_reply_without_reply_to_goes_to_the_reply_queue(
     await message.ack()
     await channel.close()
     assert json.loads(message.body)["job_id"] == request["job_id"]
+
+
+async def test_release_export_job_stops_new_connections_until_prepared_again(
+    worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    request = job(device=make_disk(disks_dir, "released", b"RELEASE ME"))
+    created = await scheduler.request(request)
+    held = NbdConnection(nbd_server.port, created["export_name"])
+    release = {
+        "type": "release-export",
+        "job_id": "rel-1",
+        "vm_id": request["vm_id"],
+        "disk_unit_number": 0,
+    }
+    # Routed by node on the exchange, as a scheduler of several appliances would.
+    corr = await scheduler.publish(
+        release, exchange=worker.settings.exchange, routing_key="release-export.test-node"
+    )
+    released = await scheduler.reply(corr)
+
+    assert released == {
+        "job_id": "rel-1",
+        "vm_id": request["vm_id"],
+        "disk_unit_number": 0,
+        "status": "released",
+        "export_name": created["export_name"],
+        "was_active": True,
+        "node_id": "test-node",
+    }
+    with pytest.raises(NbdError):
+        NbdConnection(nbd_server.port, created["export_name"])
+    assert held.read(0, 10) == b"RELEASE ME", "an established connection keeps its device"
+    held.close()
+    assert snippets(worker.settings) == []
+    rows = await mapping_rows(worker.settings)
+    assert [r[4] for r in rows] == ["inactive"]
+
+    again = await scheduler.request({**release, "job_id": "rel-2"})
+    assert (again["status"], again["was_active"]) == ("released", False)
+
+    back = await scheduler.request({**request, "job_id": "back"})
+    assert back["status"] == "ready"
+    conn = NbdConnection(nbd_server.port, created["export_name"])
+    assert conn.read(0, 10) == b"RELEASE ME"
+    conn.close()

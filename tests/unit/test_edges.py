@@ -13,7 +13,7 @@ from pydantic import AnyUrl, ValidationError
 from worker.consumer import describe_validation_error, request_queue_arguments
 from worker.devices import DevicePolicy
 from worker.errors import DatabaseError, DeviceNotFound, InvalidRequest, TransientDatabaseError
-from worker.messages import PrepareExport
+from worker.messages import parse_request
 from worker.repository import database_name, split_statements, translate_error
 from worker.settings import Settings, mask_url
 
@@ -85,9 +85,9 @@ def test_mask_url() -> None:
 
 def test_validation_errors_do_not_echo_input() -> None:
     with pytest.raises(ValidationError) as caught:
-        PrepareExport.model_validate_json(b'{"job_id": "j", "vm_id": "SECRET\\nVALUE"}')
+        parse_request(b'{"job_id": "j", "vm_id": "SECRET\\nVALUE"}')
     text = describe_validation_error(caught.value)
-    assert "vm_id:" in text
+    assert text.startswith("vm_id:") or "; vm_id:" in text
     assert "SECRET" not in text
     assert "\n" not in text
 

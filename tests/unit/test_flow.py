@@ -13,7 +13,7 @@ from worker.devices import DevicePolicy
 from worker.errors import DeviceInUse, DeviceNotFound, ServerUnavailable
 from worker.flow import ExportFlow, KeyedLocks, decide
 from worker.mappings import Mapping
-from worker.messages import Action, PrepareExport
+from worker.messages import Action, PrepareExport, ReleaseExport
 
 VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
 
@@ -181,3 +181,17 @@ async def test_failed_relink_puts_row_and_link_back(tmp_path: Path, disk: Path) 
     row = mappings.rows[(VM, 0)]
     assert row.device_path == str(disk)
     assert server.links[first.export_name] == str(disk)
+
+
+async def test_release_then_prepare_again(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    created = await flow.prepare_export(request(disk))
+    release = ReleaseExport(type="release-export", job_id="r", vm_id=VM, disk_unit_number=0)
+    released = await flow.release_export(release)
+    assert released.was_active is True
+    assert mappings.rows[(VM, 0)].status == "inactive"
+    assert created.export_name not in server.links
+    assert (await flow.release_export(release)).was_active is False
+    back = await flow.prepare_export(request(disk))
+    assert back.action is Action.CREATED
+    assert server.links[back.export_name] == str(disk)

@@ -12,8 +12,10 @@ from worker.messages import (
     JOB_ID_PATTERN,
     ExportFailed,
     PrepareExport,
+    ReleaseExport,
     export_name,
     message_schemas,
+    parse_request,
     salvage_job_id,
 )
 
@@ -132,3 +134,16 @@ def test_prepare_export_schema_carries_the_validation_patterns() -> None:
     assert set(schema["required"]) == set(VALID)
     assert schema["properties"]["job_id"]["pattern"] == JOB_ID_PATTERN
     assert schema["properties"]["device_path"]["pattern"] == DEVICE_PATH_PATTERN
+
+
+def test_requests_are_told_apart_by_type() -> None:
+    assert isinstance(parse_request(json.dumps(VALID).encode()), PrepareExport)
+    typed = {**VALID, "type": "prepare-export"}
+    assert isinstance(parse_request(json.dumps(typed).encode()), PrepareExport)
+    release = {"type": "release-export", "job_id": "j", "vm_id": VALID["vm_id"].upper()}
+    parsed = parse_request(json.dumps({**release, "disk_unit_number": 3}).encode())
+    assert isinstance(parsed, ReleaseExport)
+    assert parsed.export_name == f"migration-vm-{VALID['vm_id']}-disk3"
+    for bad in ({**VALID, "type": "drop-table"}, release, {"type": 1}):
+        with pytest.raises(ValidationError):
+            parse_request(json.dumps(bad).encode())
