@@ -3,9 +3,10 @@
 # includedir reload fix (see shared nbd-server facts); nbd-client lists exports.
 FROM python:3.12-slim-trixie
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends nbd-server nbd-client \
-    && rm -rf /var/lib/apt/lists/*
+# The same script the tests' set-up runs: on trixie it installs apt's nbd-server (>= 3.25)
+# and nbd-client; on an older base it would build a good nbd-server instead.
+COPY scripts/install-system-deps.sh /tmp/install-system-deps.sh
+RUN bash /tmp/install-system-deps.sh && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -64,6 +64,7 @@ if [ -n "$existing" ] && is_new_enough "$(version_of "$existing")"; then
   exit 0
 fi
 
+if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
 candidate=$(apt-cache policy nbd-server 2>/dev/null | sed -n 's/^ *Candidate: *[0-9]*:\{0,1\}\([0-9][0-9.]*\).*/\1/p')
 if is_new_enough "$candidate"; then
   apt_install nbd-server
