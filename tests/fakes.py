@@ -41,8 +41,16 @@ class InMemoryMappings:
         self.rows[(vm_id, disk_unit_number)] = row.model_copy(update={"status": "inactive"})
         return self.rows[(vm_id, disk_unit_number)]
 
-    async def restore(self, mapping: Mapping) -> None:
-        self.rows[(mapping.vm_id, mapping.disk_unit_number)] = mapping
+    async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
+        key = (mapping.vm_id, mapping.disk_unit_number)
+        row = self.rows.get(key)
+        if row is None or not row.is_active or row.device_id != claimed_device_id:
+            return False
+        holder = await self.find_active_by_device(mapping.device_id)
+        if holder is not None and holder.id != mapping.id:
+            return False
+        self.rows[key] = mapping
+        return True
 
     async def claim(self, request: PrepareExport, device_id: str) -> None:
         key = (request.vm_id, request.disk_unit_number)
@@ -83,6 +91,8 @@ class FakeExportServer:
         self.ensure_calls = 0
         self.delay_s = 0.0
         self.fail_with: Exception | None = None
+        #: Runs inside ensure_export before anything else (to stage a race).
+        self.ensure_hook: Callable[[str], Awaitable[None]] | None = None
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         return name in self.listed and self.links.get(name) == device_path
@@ -92,6 +102,8 @@ class FakeExportServer:
     ) -> FakeEnsured:
         self.ensure_calls += 1
         await asyncio.sleep(self.delay_s)
+        if self.ensure_hook is not None:
+            await self.ensure_hook(name)
         if self.fail_with is not None:
             raise self.fail_with
         target = await committed(name) or device_path

@@ -103,6 +103,9 @@ class BrokerSession:
             connection.close_callbacks.add(_setter(lost))
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                # The broker may close just the channel (consumer_timeout, a protocol error):
+                # that is a loss too, or the worker would stay connected and consume nothing.
+                channel.close_callbacks.add(_setter(lost))
                 consumer = self._make_consumer(channel)
                 await consumer.start()
             except WorkerError:
@@ -130,6 +133,8 @@ class BrokerSession:
                 await consumer.stop(self._shutdown_grace_s)
                 await connection.close()
                 return
-            log.warning("Broker connection lost; reconnecting, next broker first")
+            log.warning("Broker connection or channel lost; reconnecting, next broker first")
             self._consumer = None
+            with contextlib.suppress(Exception):
+                await connection.close()
             index += 1

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from worker.devices import DevicePolicy
-from worker.errors import WorkerError
+from worker.errors import Superseded, WorkerError
 from worker.mappings import Mapping
 from worker.messages import Action, ExportReady, ExportReleased, PrepareExport, ReleaseExport
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Mappings(Protocol):
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
     async def claim(self, request: PrepareExport, device_id: str) -> None: ...
-    async def restore(self, mapping: Mapping) -> None: ...
+    async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool: ...
     async def committed_device(self, export_name: str) -> str | None: ...
     async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
 
@@ -163,9 +163,11 @@ class ExportFlow:
                 ensured = await self._server.ensure_export(
                     name, request.device_path, self._mappings.committed_device
                 )
+            except Superseded:
+                raise  # a newer job owns the row now: nothing of ours to undo
             except WorkerError:
                 if action is Action.RELINKED and mapping is not None:
-                    await self._undo_relink(mapping)
+                    await self._undo_relink(mapping, device.device_id)
                 raise
             if not ensured.changed:
                 # A worker in another process served the same job first: nothing was left
@@ -201,12 +203,20 @@ class ExportFlow:
                 node_id=self._node_id,
             )
 
-    async def _undo_relink(self, previous: Mapping) -> None:
-        """Puts row and link back on the old device after a failed relink, so the row never
-        frees a device that the export's link still opens."""
+    async def _undo_relink(self, previous: Mapping, claimed_device_id: str) -> None:
+        """After a failed relink, makes the link agree with the row again, so no row frees
+        a device that the export's link still opens: back on the old device if the row
+        could be restored, else on whatever the row now commits the export to."""
+        name = previous.export_name
         try:
-            await self._mappings.restore(previous)
-            await self._server.point_export(previous.export_name, previous.device_path)
+            if await self._mappings.restore(previous, claimed_device_id):
+                await self._server.point_export(name, previous.device_path)
+                return
+            device = await self._mappings.committed_device(name)
+            if device is None:
+                await self._server.remove_export(name, self._mappings.committed_device)
+            else:
+                await self._server.point_export(name, device)
         except WorkerError as exc:
             log.warning(
                 "Could not undo a failed relink; reconciliation will align it "

@@ -216,24 +216,35 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def restore(self, mapping: Mapping) -> None:
-        """Puts a row back as `mapping` had it (undoing a claim whose export failed)."""
+    async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
+        """Puts a row back as `mapping` had it, undoing this job's claim of
+        `claimed_device_id` whose export failed. Only if the row still is as the claim left
+        it (no newer job changed or released it) and the old device is still free: returns
+        whether it did."""
 
-        async def transaction() -> None:
-            async with self._cursor(transaction=True) as cur:
-                await cur.execute(
-                    "UPDATE vm_export_mappings SET vm_name = %s, device_path = %s, "
-                    "device_id = %s, status = %s WHERE id = %s",
-                    (
-                        mapping.vm_name,
-                        mapping.device_path,
-                        mapping.device_id,
-                        mapping.status,
-                        mapping.id,
-                    ),
-                )
+        async def update() -> bool:
+            try:
+                async with self._cursor() as cur:
+                    await cur.execute(
+                        "UPDATE vm_export_mappings SET vm_name = %s, device_path = %s, "
+                        "device_id = %s, status = %s "
+                        "WHERE id = %s AND status = 'active' AND device_id = %s",
+                        (
+                            mapping.vm_name,
+                            mapping.device_path,
+                            mapping.device_id,
+                            mapping.status,
+                            mapping.id,
+                            claimed_device_id,
+                        ),
+                    )
+                    return bool(cur.rowcount)
+            except pymysql.err.IntegrityError as exc:
+                if _is_duplicate(exc, "active_device_id"):
+                    return False  # another mapping has taken the old device meanwhile
+                raise translate_error(exc) from exc
 
-        await self._retrying(transaction)
+        return await self._retrying(update)
 
     async def claim(self, request: PrepareExport, device_id: str) -> None:
         """Makes the request's mapping active with its device, inserting or updating its row.

@@ -10,7 +10,7 @@ import pytest
 import worker.flow
 from tests.fakes import FakeExportServer, InMemoryMappings
 from worker.devices import DevicePolicy
-from worker.errors import DeviceInUse, DeviceNotFound, ServerUnavailable
+from worker.errors import DeviceInUse, DeviceNotFound, ServerUnavailable, Superseded
 from worker.flow import ExportFlow, KeyedLocks, decide
 from worker.mappings import Mapping
 from worker.messages import Action, PrepareExport, ReleaseExport
@@ -195,3 +195,39 @@ async def test_release_then_prepare_again(tmp_path: Path, disk: Path) -> None:
     back = await flow.prepare_export(request(disk))
     assert back.action is Action.CREATED
     assert server.links[back.export_name] == str(disk)
+
+
+async def test_a_superseded_relink_undoes_nothing(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    other = tmp_path / "vdc"
+    other.write_bytes(b"")
+    server.fail_with = Superseded("a newer job changed the export")
+    with pytest.raises(Superseded):
+        await flow.prepare_export(request(other))
+    # The row stays as this job's claim (or the newer job) left it: no stale snapshot back.
+    assert mappings.rows[(VM, 0)].device_path == str(other)
+
+
+async def test_failed_relink_whose_old_device_was_taken_follows_the_row(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    first = await flow.prepare_export(request(disk))
+    new = tmp_path / "vdc"
+    new.write_bytes(b"")
+    other_vm = "11111111-2222-3333-4444-555555555555"
+
+    async def fail_after_another_claims_the_old_device(*_: object) -> None:
+        # Meanwhile another VM's job claims the device this relink just freed.
+        other = request(disk, vm=other_vm, job="other")
+        policy = DevicePolicy((tmp_path,), allow_regular_files=True)
+        await mappings.claim(other, policy.check(str(disk)).device_id)
+        raise ServerUnavailable("lock not free")
+
+    server.ensure_hook = fail_after_another_claims_the_old_device
+    with pytest.raises(ServerUnavailable):
+        await flow.prepare_export(request(new))
+    # The old device is another mapping's now: the row keeps the new one, and so does the link.
+    assert mappings.rows[(VM, 0)].device_path == str(new)
+    assert server.links[first.export_name] == str(new)
