@@ -90,12 +90,15 @@ class FakeExportServer:
         self.sighups = 0
         self.ensure_calls = 0
         self.delay_s = 0.0
+        self.probe_delay_s = 0.0
         self.fail_with: Exception | None = None
         #: Runs inside ensure_export before anything else (to stage a race).
         self.ensure_hook: Callable[[str], Awaitable[None]] | None = None
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
-        return name in self.listed and self.links.get(name) == device_path
+        live = name in self.listed and self.links.get(name) == device_path
+        await asyncio.sleep(self.probe_delay_s)  # the answer is as of the probe's start
+        return live
 
     async def ensure_export(
         self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
@@ -123,5 +126,6 @@ class FakeExportServer:
     ) -> bool:
         if await committed(name) is not None:
             return False
+        await asyncio.sleep(self.delay_s)
         self.links.pop(name, None)
         return True

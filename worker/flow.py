@@ -80,6 +80,10 @@ class KeyedLocks:
     def __len__(self) -> int:
         return len(self._locks)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether someone holds or waits for the key's lock now."""
+        return key in self._locks
+
 
 class ExportFlow:
     def __init__(
@@ -129,12 +133,19 @@ class ExportFlow:
         name = request.export_name
         # Fast path, no lock: the common case is a job for a disk already being served, and
         # then one database lookup and a shared listing decide it.
+        key = (request.vm_id, request.disk_unit_number)
         mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
         could_reuse = decide(mapping, request, live=True) is Action.REUSED
-        if could_reuse and await self._server.is_live(name, request.device_path, fresh=False):
+        if (
+            could_reuse
+            and await self._server.is_live(name, request.device_path, fresh=False)
+            # A create, relink or release of this disk under way here (it may have started
+            # during the awaits above) goes first: then this job takes the locked path.
+            and key not in self._keys
+        ):
             return self._reuse(request)
 
-        async with self._keys.hold((request.vm_id, request.disk_unit_number)) as waited:
+        async with self._keys.hold(key) as waited:
             if waited:
                 # Read again: a job for the same disk may have finished meanwhile. (Had one
                 # finished without our waiting, the create below finds nothing to change

@@ -231,3 +231,21 @@ async def test_failed_relink_whose_old_device_was_taken_follows_the_row(
     # The old device is another mapping's now: the row keeps the new one, and so does the link.
     assert mappings.rows[(VM, 0)].device_path == str(new)
     assert server.links[first.export_name] == str(new)
+
+
+async def test_a_reuse_waits_for_a_release_of_the_same_disk_under_way(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, _mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    # The prepare's probe sees the export live, and answers only after the release has
+    # started (and, still holding the disk's lock, is removing the export's files).
+    server.probe_delay_s = 0.01
+    server.delay_s = 0.03
+    release = ReleaseExport(type="release-export", job_id="r", vm_id=VM, disk_unit_number=0)
+    after, released = await asyncio.gather(
+        flow.prepare_export(request(disk)), flow.release_export(release)
+    )
+    assert released.was_active is True
+    # The prepare came second: it must not answer "reused" for the export just released.
+    assert after.action is Action.CREATED
