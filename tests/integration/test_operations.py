@@ -255,7 +255,8 @@ def test_compose_file_is_valid() -> None:
 
 
 def test_every_cli_command_has_help() -> None:
-    for command in ("run", "migrate", "status", "reconcile", "request", "release", "check"):
+    commands = ("run", "migrate", "status", "reconcile", "request", "release", "check")
+    for command in (*commands, "show-config", "schemas"):
         proc = subprocess.run(
             [sys.executable, "-m", "worker", command, "--help"],
             capture_output=True,
@@ -288,3 +289,31 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     ]
     assert problems == [], problems
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text or unit != "nbd-server.service"
+
+
+def test_show_config_masks_secrets() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")},
+        "EXPORT_WORKER_AMQP_URL": "amqp://u:s3cret@one:5672/,amqp://u:s3cret@two:5672/",
+        "EXPORT_WORKER_DATABASE_URL": "mysql://db:s3cret@h:3306/x",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "show-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert "s3cret" not in proc.stdout
+    assert shown["amqp_url"] == "amqp://u:***@one:5672/,amqp://u:***@two:5672/"
+    typo = subprocess.run(
+        [sys.executable, "-m", "worker", "show-config"],
+        env={**env, "EXPORT_WORKER_DEVICE_ROOT": "/dev"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert typo.returncode == 2
+    assert "EXPORT_WORKER_DEVICE_ROOT" in typo.stderr
