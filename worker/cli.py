@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -241,7 +243,7 @@ async def serve(
 async def _run(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal_number("SIGTERM"), signal_number("SIGINT")):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         await serve(settings, stop)
@@ -252,12 +254,6 @@ async def _run(settings: Settings) -> int:
         log.critical("Cannot start: %s", exc)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def signal_number(name: str) -> int:
-    import signal
-
-    return int(getattr(signal, name))
 
 
 # --- operator commands ------------------------------------------------------------------
@@ -491,8 +487,6 @@ async def _migrate(settings: Settings) -> int:
 
 
 def _vm_id(value: str) -> str:
-    import re
-
     if not re.fullmatch(VM_ID_PATTERN, value):
         raise argparse.ArgumentTypeError("expected 8-4-4-4-12 hex digits")
     return value.lower()
