@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,25 @@ MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 DISK_SIZE = 16 * 1024 * 1024
 #: The node id of single-node tests.
 NODE = "test-node"
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without EXPORT_WORKER_* variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")}
+    return {**env, **extra}
+
+
+def run_worker_cli(
+    *args: str, env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`nbd-export-worker ARGS` as an operator runs it: a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def unique(prefix: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -14,7 +13,15 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
+from tests.conftest import (
+    RunningWorker,
+    Scheduler,
+    clean_environ,
+    job,
+    make_disk,
+    run_worker_cli,
+    running_worker,
+)
 from tests.integration.test_startup import env_for
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess, free_port
 from worker.settings import Settings
@@ -34,13 +41,7 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env_for(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_worker_cli(*args, env=env_for(settings))
 
 
 async def test_metrics_health_and_readiness_endpoints(
@@ -257,13 +258,7 @@ def test_compose_file_is_valid() -> None:
 def test_every_cli_command_has_help() -> None:
     commands = ("run", "migrate", "status", "reconcile", "request", "release", "check")
     for command in (*commands, "show-config", "schemas"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "worker", command, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ},
-        )
+        proc = run_worker_cli(command, "--help", env=clean_environ())
         assert proc.returncode == 0
         assert "usage: nbd-export-worker " + command in proc.stdout
 
@@ -292,28 +287,15 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
 
 
 def test_show_config_masks_secrets() -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")},
-        "EXPORT_WORKER_AMQP_URL": "amqp://u:s3cret@one:5672/,amqp://u:s3cret@two:5672/",
-        "EXPORT_WORKER_DATABASE_URL": "mysql://db:s3cret@h:3306/x",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker", "show-config"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    env = clean_environ(
+        EXPORT_WORKER_AMQP_URL="amqp://u:s3cret@one:5672/,amqp://u:s3cret@two:5672/",
+        EXPORT_WORKER_DATABASE_URL="mysql://db:s3cret@h:3306/x",
     )
+    proc = run_worker_cli("show-config", env=env)
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert "s3cret" not in proc.stdout
     assert shown["amqp_url"] == "amqp://u:***@one:5672/,amqp://u:***@two:5672/"
-    typo = subprocess.run(
-        [sys.executable, "-m", "worker", "show-config"],
-        env={**env, "EXPORT_WORKER_DEVICE_ROOT": "/dev"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    typo = run_worker_cli("show-config", env={**env, "EXPORT_WORKER_DEVICE_ROOT": "/dev"})
     assert typo.returncode == 2
     assert "EXPORT_WORKER_DEVICE_ROOT" in typo.stderr

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,17 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import MYSQL_URL, NODE, RunningWorker, Scheduler, job, make_disk, unique
+from tests.conftest import (
+    MYSQL_URL,
+    NODE,
+    RunningWorker,
+    Scheduler,
+    clean_environ,
+    job,
+    make_disk,
+    run_worker_cli,
+    unique,
+)
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
 from worker.cli import serve
 from worker.errors import UnsupportedServer
@@ -27,7 +35,7 @@ pytestmark = pytest.mark.integration
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")}
+    env = clean_environ()
     for key, value in settings.model_dump(mode="json").items():
         if key == "device_roots":
             value = ",".join(value)
@@ -66,14 +74,7 @@ async def test_server_older_than_3_25_is_refused_with_the_reason(
         assert "3.25" in message
 
         # The command line says so too, with its own exit code, and sends no signal.
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "worker", "run"],
-            env=env_for(old),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = await asyncio.to_thread(run_worker_cli, "run", env=env_for(old))
         assert proc.returncode == 3, proc.stderr
         assert "nbd-server 3.24" in proc.stderr
         assert "corrupt their heap on SIGHUP" in proc.stderr
@@ -158,26 +159,14 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
 
 def test_migrate_command_exit_code_and_output() -> None:
     name = unique("nbdcli")
-    env = {**os.environ, "EXPORT_WORKER_DATABASE_URL": f"{MYSQL_URL}/{name}"}
+    env = clean_environ(EXPORT_WORKER_DATABASE_URL=f"{MYSQL_URL}/{name}")
     try:
-        first = subprocess.run(
-            [sys.executable, "-m", "worker", "migrate"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        first = run_worker_cli("migrate", env=env)
         assert first.returncode == 0, first.stderr
         assert "applied 2 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql" in (
             first.stdout
         )
-        again = subprocess.run(
-            [sys.executable, "-m", "worker", "migrate"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        again = run_worker_cli("migrate", env=env)
         assert again.returncode == 0
         assert "applied 0 migration(s)" in again.stdout
     finally:
@@ -192,16 +181,10 @@ async def test_request_command_prints_the_reply(
 ) -> None:
     disk = make_disk(disks_dir, "cli")
     vm = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
-    argv = [sys.executable, "-m", "worker", "request", "--vm-id", vm, "--vm-name", "pgtest2"]
-    argv += ["--disk", "1", "--device", str(disk), "--job-id", "cli-1", "--timeout", "30"]
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        argv,
-        env=env_for(worker.settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    argv = ["request", "--vm-id", vm, "--vm-name", "pgtest2", "--disk", "1"]
+    argv += ["--device", str(disk), "--job-id", "cli-1", "--timeout", "30"]
+    env = env_for(worker.settings)
+    proc = await asyncio.to_thread(run_worker_cli, *argv, env=env)
     assert proc.returncode == 0, proc.stderr
     reply = json.loads(proc.stdout)
     assert reply["job_id"] == "cli-1"
@@ -209,13 +192,6 @@ async def test_request_command_prints_the_reply(
     assert reply["export_name"] == f"migration-vm-{vm}-disk1"
 
     argv[argv.index(str(disk))] = str(disks_dir / "absent")
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        argv,
-        env=env_for(worker.settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = await asyncio.to_thread(run_worker_cli, *argv, env=env)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["code"] == "device_not_found"
