@@ -138,6 +138,11 @@ async def settings(
         probe=getattr(request, "param", "nbd-client"),
         prefetch=32,
         shutdown_grace_s=10,
+        # Transient failures: two tries per delivery, two deliveries, short backoff.
+        job_attempts=2,
+        delivery_limit=1,
+        retry_backoff_s=0.01,
+        retry_backoff_max_s=0.05,
     )
     try:
         yield settings

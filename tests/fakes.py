@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from worker.devices import Device
 from worker.errors import DeviceInUse
-from worker.mappings import Mapping
+from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
 
 
@@ -17,10 +18,20 @@ class InMemoryMappings:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], Mapping] = {}
+        self.jobs: dict[str, JobRecord] = {}
         self.claims = 0
 
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
         return self.rows.get((vm_id, disk_unit_number))
+
+    async def lookup(
+        self, vm_id: str, disk_unit_number: int, job_id: str
+    ) -> tuple[Mapping | None, JobRecord | None]:
+        return self.rows.get((vm_id, disk_unit_number)), self.jobs.get(job_id)
+
+    async def record_jobs(self, records: list[JobRecord]) -> None:
+        for record in records:
+            self.jobs.setdefault(record.job_id, record)
 
     async def find_active_by_device(self, device_id: str) -> Mapping | None:
         for row in self.rows.values():
@@ -34,11 +45,13 @@ class InMemoryMappings:
                 return row.device_path
         return None
 
-    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
+    async def deactivate(self, vm_id: str, disk_unit_number: int, job_id: str) -> Mapping | None:
         row = self.rows.get((vm_id, disk_unit_number))
         if row is None:
             return None
-        self.rows[(vm_id, disk_unit_number)] = row.model_copy(update={"status": "inactive"})
+        self.rows[(vm_id, disk_unit_number)] = row.model_copy(
+            update={"status": "inactive", "last_job_id": job_id, "last_action": "released"}
+        )
         return self.rows[(vm_id, disk_unit_number)]
 
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
@@ -52,11 +65,12 @@ class InMemoryMappings:
         self.rows[key] = mapping
         return True
 
-    async def claim(self, request: PrepareExport, device_id: str) -> None:
+    async def claim(self, request: PrepareExport, device: Device, action: str) -> None:
         key = (request.vm_id, request.disk_unit_number)
+        device_id = device.device_id
         holder = await self.find_active_by_device(device_id)
         if holder is not None and (holder.vm_id, holder.disk_unit_number) != key:
-            raise DeviceInUse(f"device {request.device_path} is served by {holder.export_name}")
+            raise DeviceInUse(f"device {device.path} is served by {holder.export_name}")
         now = datetime.now(UTC)
         old = self.rows.get(key)
         self.rows[key] = Mapping(
@@ -66,11 +80,13 @@ class InMemoryMappings:
             disk_unit_number=request.disk_unit_number,
             vm_name=request.vm_name,
             export_name=request.export_name,
-            device_path=request.device_path,
+            device_path=device.path,
             device_id=device_id,
             status="active",
             created_at=old.created_at if old else now,
             updated_at=now,
+            last_job_id=request.job_id,
+            last_action=action,
         )
         self.claims += 1
 

@@ -25,11 +25,13 @@ from typing import Any
 import aio_pika
 from pydantic import ValidationError
 
+from worker import faults
 from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
 from worker.devices import DevicePolicy, device_present
 from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
+from worker.jobs import JobLedger
 from worker.logs import setup_logging
 from worker.messages import VM_ID_PATTERN, ReleaseExport, write_schemas
 from worker.metrics import Metrics, build_metrics
@@ -82,6 +84,9 @@ async def _housekeeping(
             pid = await _record_server(server, metrics, pid)
             metrics.active_mappings.set(await repository.count_active())
             metrics.exports_live.set(len(await server.listed_exports()))
+            pruned = await repository.prune_jobs(settings.job_record_retention_s)
+            if pruned:
+                log.info("Pruned job records count=%d", pruned)
             if settings.reconcile_interval_s and loop.time() >= next_reconcile:
                 next_reconcile = loop.time() + settings.reconcile_interval_s
                 await _reconcile_and_record(repository, server, metrics)
@@ -159,6 +164,7 @@ async def serve(
     Raises UnsupportedServer before touching anything when nbd-server is older than 3.25.
     """
     metrics = metrics or build_metrics(settings.node_id)
+    faults.arm(settings.crash_at)
     server = NbdServer(settings, metrics)
     pid: int | None = None
     try:
@@ -186,7 +192,8 @@ async def serve(
                 await _reconcile_and_record(repository, server, metrics)
             except WorkerError as exc:
                 log.warning("Start-up reconciliation failed: %s", exc)
-        flow = _flow(settings, repository, server)
+        ledger = JobLedger(repository)
+        flow = _flow(settings, repository, server, ledger)
         queues = QueueConfig(
             request_queue=settings.request_queue,
             reply_queue=settings.reply_queue,
@@ -196,6 +203,9 @@ async def serve(
             prefetch=settings.prefetch,
             delivery_limit=settings.delivery_limit,
             publish_timeout_s=settings.publish_timeout_s,
+            job_attempts=settings.job_attempts,
+            retry_backoff_s=settings.retry_backoff_s,
+            retry_backoff_max_s=settings.retry_backoff_max_s,
         )
         broker = BrokerSession(
             settings.amqp_urls,
@@ -230,6 +240,7 @@ async def serve(
                 started.set()
 
         await broker.run(stop, on_ready)
+        await ledger.close()
     finally:
         if housekeeping is not None:
             housekeeping.cancel()
@@ -349,7 +360,8 @@ async def _release(settings: Settings, args: argparse.Namespace) -> int:
         disk_unit_number=args.disk,
     )
     async with _adapters(settings) as (repository, server):
-        released = await _flow(settings, repository, server).release_export(request)
+        ledger = JobLedger(repository)
+        released = await _flow(settings, repository, server, ledger).release_export(request)
     print(released.model_dump_json(indent=2))
     if not released.was_active:
         print(f"no active mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
@@ -357,11 +369,19 @@ async def _release(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _flow(settings: Settings, repository: Repository, server: NbdServer) -> ExportFlow:
+def _flow(
+    settings: Settings, repository: Repository, server: NbdServer, ledger: JobLedger
+) -> ExportFlow:
     return ExportFlow(
         repository,
         server,
-        DevicePolicy(settings.device_roots, settings.allow_regular_files),
+        DevicePolicy(
+            settings.device_roots,
+            settings.allow_regular_files,
+            by_id_dir=settings.by_id_dir,
+            udev_wait_s=settings.udev_wait_s,
+        ),
+        ledger,
         nbd_host=settings.advertised_host,
         nbd_port=settings.nbd_port,
         node_id=settings.node_id,

@@ -18,8 +18,16 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from worker.errors import WorkerError
+from worker.faults import crash_point
 from worker.flow import ExportFlow
 from worker.logs import bind_job
 from worker.messages import (
@@ -27,6 +35,8 @@ from worker.messages import (
     ErrorCode,
     ErrorDetail,
     ExportFailed,
+    ExportReady,
+    ExportReleased,
     PrepareExport,
     ReleaseExport,
     Reply,
@@ -53,6 +63,8 @@ class Settle(Enum):
     """Done: served, or refused for a reason that resending cannot change."""
     DEAD_LETTER = "dead_letter"
     """Rejected without requeue: the broker moves it, intact, to the dead-letter queue."""
+    REQUEUE = "requeue"
+    """Returned to the queue, unanswered: a transient failure; a later delivery retries."""
 
 
 def request_queue_arguments(dead_letter_queue: str, delivery_limit: int) -> dict[str, Any]:
@@ -64,6 +76,12 @@ def request_queue_arguments(dead_letter_queue: str, delivery_limit: int) -> dict
         "x-dead-letter-routing-key": dead_letter_queue,
         "x-delivery-limit": delivery_limit,
     }
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times the broker delivered this message before (quorum queues count)."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) and count >= 0 else 0
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -107,6 +125,10 @@ class QueueConfig:
     prefetch: int
     delivery_limit: int
     publish_timeout_s: float
+    #: Tries of a job per delivery on transient failures, and the backoff between them.
+    job_attempts: int = 3
+    retry_backoff_s: float = 0.2
+    retry_backoff_max_s: float = 5.0
 
     @property
     def dead_letter_queue(self) -> str:
@@ -224,6 +246,13 @@ class JobConsumer:
         started = time.monotonic()
         try:
             reply, settle, outcome = await self._serve(message)
+            if reply is None:
+                # A transient failure with deliveries left: no reply yet, the job comes back.
+                self._metrics.requeued.inc()
+                await self._settle(message, "nack", lambda: message.nack(requeue=True))
+                self._metrics.jobs.labels(outcome=outcome).inc()
+                return
+            crash_point("before_reply")
             try:
                 await self._replies.publish(
                     reply, reply_to=message.reply_to, correlation_id=message.correlation_id
@@ -249,8 +278,38 @@ class JobConsumer:
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _serve(self, message: AbstractIncomingMessage) -> tuple[Reply, Settle, str]:
-        """Turns a message into its reply, how to settle it, and the outcome label."""
+    async def _run(self, request: PrepareExport | ReleaseExport) -> ExportReady | ExportReleased:
+        """Runs the flow, retrying transient failures with backoff and full jitter."""
+
+        def count_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self._metrics.retries.labels(operation="job").inc()
+            log.warning(
+                "Retrying job job_id=%s attempt=%d error=%s",
+                request.job_id,
+                state.attempt_number,
+                exc,
+            )
+
+        config = self._config
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(config.job_attempts),
+            wait=wait_random_exponential(
+                multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s
+            ),
+            retry=retry_if_exception(lambda e: isinstance(e, WorkerError) and e.retryable),
+            before_sleep=count_retry,
+            reraise=True,
+        ):
+            with attempt:
+                if isinstance(request, ReleaseExport):
+                    return await self._flow.release_export(request)
+                return await self._flow.prepare_export(request)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _serve(self, message: AbstractIncomingMessage) -> tuple[Reply | None, Settle, str]:
+        """Turns a message into its reply (None: requeue it unanswered), how to settle it,
+        and the outcome label."""
         body = message.body
         if len(body) > MAX_BODY_BYTES:
             bind_job(outcome="failed")
@@ -293,11 +352,7 @@ class JobConsumer:
             export_name=request.export_name,
         )
         try:
-            if isinstance(request, ReleaseExport):
-                released = await self._flow.release_export(request)
-                bind_job(outcome="released")
-                return released, Settle.ACK, "released"
-            ready = await self._flow.prepare_export(request)
+            answer = await self._run(request)
         except WorkerError as exc:
             bind_job(outcome="failed", code=str(exc.code))
             log.warning(
@@ -309,11 +364,34 @@ class JobConsumer:
                 exc.retryable,
                 exc,
             )
-            # A refusal (bad device, device in use) is final: ack. A transient failure is
-            # kept in the dead-letter queue so an operator can replay it.
-            settle = Settle.DEAD_LETTER if exc.retryable else Settle.ACK
-            if exc.code is ErrorCode.INVALID_REQUEST:
-                settle = Settle.DEAD_LETTER
+            if exc.retryable:
+                # The queue dead-letters a job returned more than delivery_limit times; the
+                # worker answers on that last delivery itself, then rejects it.
+                deliveries = delivery_count(message) + 1
+                if deliveries <= self._config.delivery_limit:
+                    log.info(
+                        "Returning job to the queue job_id=%s delivery=%d delivery_limit=%d",
+                        request.job_id,
+                        deliveries,
+                        self._config.delivery_limit,
+                    )
+                    return None, Settle.REQUEUE, "requeued"
+                # The last delivery the queue allows: answer, and keep the job, intact, in
+                # the dead-letter queue for an operator to replay.
+                failed = error_reply(
+                    ErrorCode.RETRIES_EXHAUSTED,
+                    f"gave up after {deliveries} deliveries: {exc}",
+                    job_id=request.job_id,
+                    node_id=self._config.node_id,
+                    request=request,
+                )
+                failed = failed.model_copy(
+                    update={"error": failed.error.model_copy(update={"cause": exc.code})}
+                )
+                return failed, Settle.DEAD_LETTER, "failed"
+            # A refusal (bad device, device in use) is final: ack. A request that breaks
+            # the contract is kept in the dead-letter queue for whoever sent it.
+            settle = Settle.DEAD_LETTER if exc.code is ErrorCode.INVALID_REQUEST else Settle.ACK
             return (
                 error_reply(
                     exc.code,
@@ -339,16 +417,19 @@ class JobConsumer:
                 Settle.DEAD_LETTER,
                 "failed",
             )
-        bind_job(outcome=str(ready.action))
+        if isinstance(answer, ExportReleased):
+            bind_job(outcome="released")
+            return answer, Settle.ACK, "released"
+        bind_job(outcome=str(answer.action))
         # A reuse has logged its own line already; at hundreds of jobs a second, one is enough.
         log.log(
-            logging.DEBUG if ready.action is Action.REUSED else logging.INFO,
+            logging.DEBUG if answer.action is Action.REUSED else logging.INFO,
             "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
-            ready.job_id,
-            ready.vm_id,
-            ready.disk_unit_number,
-            ready.export_name,
-            ready.action,
-            ready.reused,
+            answer.job_id,
+            answer.vm_id,
+            answer.disk_unit_number,
+            answer.export_name,
+            answer.action,
+            answer.reused,
         )
-        return ready, Settle.ACK, str(ready.action)
+        return answer, Settle.ACK, str(answer.action)

@@ -8,8 +8,10 @@ device (/dev/vdb and its /dev/disk/by-id link) have the same `device_id`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +75,48 @@ def host_use(rdev: int) -> str | None:
     return None
 
 
+#: /dev/disk/by-id/ prefixes under which a hypervisor's disk shows its serial: virtio-blk,
+#: then virtio-scsi (QEMU's SCSI disks), as CloudStack's KVM agent attaches volumes.
+VOLUME_LINK_PREFIXES = ("virtio-", "scsi-0QEMU_QEMU_HARDDISK_")
+#: The serial a volume shows: its UUID without hyphens, cut to virtio-blk's 20 characters.
+VOLUME_SERIAL_LENGTH = 20
+
+
+def volume_links(by_id_dir: Path, volume_id: str) -> list[str]:
+    """Where udev links a volume's disk, most likely first. `volume_id` is validated."""
+    serial = volume_id.replace("-", "").lower()[:VOLUME_SERIAL_LENGTH]
+    return [str(by_id_dir / f"{prefix}{serial}") for prefix in VOLUME_LINK_PREFIXES]
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     roots: tuple[Path, ...]
     allow_regular_files: bool = False
+    #: Where a volume_id is looked for (by its serial).
+    by_id_dir: Path = Path("/dev/disk/by-id")
+    #: How long to wait for udev to create a just-attached volume's link.
+    udev_wait_s: float = 5.0
+    udev_poll_s: float = 0.05
+
+    async def resolve(self, device_path: str | None, volume_id: str | None) -> Device:
+        """The device a job names by path or by volume. Raises InvalidRequest or
+        DeviceNotFound; never guesses: a volume is found by its serial's link or not at all."""
+        if device_path is not None:
+            return self.check(device_path)
+        if volume_id is None:
+            raise InvalidRequest("give exactly one of device_path and volume_id")
+        links = volume_links(self.by_id_dir, volume_id)
+        deadline = time.monotonic() + self.udev_wait_s
+        while True:
+            for link in links:
+                if os.path.lexists(link):  # noqa: ASYNC240 - one lstat of a /dev name
+                    return self.check(link)
+            if time.monotonic() >= deadline:
+                raise DeviceNotFound(
+                    f"no device for volume {volume_id} after {self.udev_wait_s:g} s: none of "
+                    f"{', '.join(links)} exists"
+                )
+            await asyncio.sleep(self.udev_poll_s)
 
     def _under_root(self, path: str) -> bool:
         return any(

@@ -12,20 +12,30 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from worker.devices import DevicePolicy
-from worker.errors import Superseded, WorkerError
-from worker.mappings import Mapping
+from worker.devices import Device, DevicePolicy
+from worker.errors import InvalidRequest, Superseded, WorkerError
+from worker.faults import crash_point
+from worker.mappings import JobRecord, Mapping
 from worker.messages import Action, ExportReady, ExportReleased, PrepareExport, ReleaseExport
 
 log = logging.getLogger(__name__)
 
 
 class Mappings(Protocol):
-    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
-    async def claim(self, request: PrepareExport, device_id: str) -> None: ...
+    async def lookup(
+        self, vm_id: str, disk_unit_number: int, job_id: str
+    ) -> tuple[Mapping | None, JobRecord | None]: ...
+    async def claim(self, request: PrepareExport, device: Device, action: str) -> None: ...
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool: ...
     async def committed_device(self, export_name: str) -> str | None: ...
-    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None: ...
+    async def deactivate(
+        self, vm_id: str, disk_unit_number: int, job_id: str
+    ) -> Mapping | None: ...
+
+
+class Ledger(Protocol):
+    async def record(self, record: JobRecord) -> None: ...
+    def record_later(self, record: JobRecord) -> None: ...
 
 
 class Ensured(Protocol):
@@ -46,12 +56,25 @@ class ExportServer(Protocol):
     ) -> bool: ...
 
 
-def decide(mapping: Mapping | None, request: PrepareExport, live: bool) -> Action:
-    """What a job needs, given its (vm, disk)'s mapping and whether that export is live
-    with the mapping's device."""
+def _claimed_by(mapping: Mapping | None, job_id: str) -> bool:
+    return mapping is not None and mapping.is_active and mapping.last_job_id == job_id
+
+
+def _record(reply: ExportReady | ExportReleased) -> JobRecord:
+    return JobRecord(
+        job_id=reply.job_id,
+        vm_id=reply.vm_id,
+        disk_unit_number=reply.disk_unit_number,
+        reply=reply.model_dump(mode="json"),
+    )
+
+
+def decide(mapping: Mapping | None, device_path: str, live: bool) -> Action:
+    """What a job for `device_path` needs, given its (vm, disk)'s mapping and whether that
+    export is live with the mapping's device."""
     if mapping is None or not mapping.is_active:
         return Action.CREATED
-    if mapping.device_path != request.device_path:
+    if mapping.device_path != device_path:
         return Action.RELINKED
     return Action.REUSED if live else Action.RECREATED
 
@@ -91,6 +114,7 @@ class ExportFlow:
         mappings: Mappings,
         server: ExportServer,
         devices: DevicePolicy,
+        ledger: Ledger,
         *,
         nbd_host: str,
         nbd_port: int,
@@ -99,19 +123,24 @@ class ExportFlow:
         self._mappings = mappings
         self._server = server
         self._devices = devices
+        self._ledger = ledger
         self._nbd_host = nbd_host
         self._nbd_port = nbd_port
         self._node_id = node_id
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
 
-    def _ready(self, request: PrepareExport, action: Action, *, reused: bool) -> ExportReady:
+    def _ready(
+        self, request: PrepareExport, device: Device, action: Action, *, reused: bool
+    ) -> ExportReady:
         return ExportReady(
             job_id=request.job_id,
             vm_id=request.vm_id,
             disk_unit_number=request.disk_unit_number,
             export_name=request.export_name,
-            device_path=request.device_path,
+            device_path=device.path,
+            kernel_device=device.resolved,
+            volume_id=request.volume_id,
             reused=reused,
             action=action,
             nbd_host=self._nbd_host,
@@ -119,85 +148,135 @@ class ExportFlow:
             node_id=self._node_id,
         )
 
-    def _reuse(self, request: PrepareExport) -> ExportReady:
+    def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:
         log.info(
             "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
             request.job_id,
             request.export_name,
         )
-        return self._ready(request, Action.REUSED, reused=True)
+        ready = self._ready(request, device, Action.REUSED, reused=True)
+        self._ledger.record_later(_record(ready))
+        return ready
 
     async def prepare_export(self, request: PrepareExport) -> ExportReady:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
-        device = self._devices.check(request.device_path)
+        # Checked before anything else: a redelivered job whose device has gone is refused
+        # as it would be the first time, never answered from an older record.
+        device = await self._devices.resolve(request.device_path, request.volume_id)
         name = request.export_name
+        key = (request.vm_id, request.disk_unit_number)
+        mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+        if recorded is not None:
+            return self._answer_recorded(request, recorded)
         # Fast path, no lock: the common case is a job for a disk already being served, and
         # then one database lookup and a shared listing decide it.
-        key = (request.vm_id, request.disk_unit_number)
-        mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
-        could_reuse = decide(mapping, request, live=True) is Action.REUSED
         if (
-            could_reuse
-            and await self._server.is_live(name, request.device_path, fresh=False)
+            decide(mapping, device.path, live=True) is Action.REUSED
+            and not _claimed_by(mapping, request.job_id)
+            and await self._server.is_live(name, device.path, fresh=False)
             # A create, relink or release of this disk under way here (it may have started
             # during the awaits above) goes first: then this job takes the locked path.
             and key not in self._keys
         ):
-            return self._reuse(request)
+            return self._reuse(request, device)
 
         async with self._keys.hold(key) as waited:
             if waited:
-                # Read again: a job for the same disk may have finished meanwhile. (Had one
-                # finished without our waiting, the create below finds nothing to change
-                # and answers reused all the same.)
-                mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
+                # Read again: a job for the same disk (maybe this one, duplicated) may have
+                # finished meanwhile.
+                mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+                if recorded is not None:
+                    return self._answer_recorded(request, recorded)
+            # Set when an earlier delivery of this very job claimed the row and then was cut
+            # short (a crash, a lost connection): finish its work, answer as it would have.
+            earlier = _claimed_by(mapping, request.job_id)
             live = (
                 mapping is not None
                 and mapping.is_active
                 and await self._server.is_live(name, mapping.device_path)
             )
-            action = decide(mapping, request, live)
-            if action is Action.REUSED:
-                return self._reuse(request)
+            action = decide(mapping, device.path, live)
+            if action is Action.REUSED and not earlier:
+                return self._reuse(request, device)
 
-            log.info(
-                "Creating new VM export mapping job_id=%s export_name=%s action=%s device_path=%s",
-                request.job_id,
-                name,
-                action,
-                request.device_path,
-            )
+            if not earlier:
+                log.info(
+                    "Creating new VM export mapping job_id=%s export_name=%s action=%s "
+                    "device_path=%s",
+                    request.job_id,
+                    name,
+                    action,
+                    device.path,
+                )
             # The database row first: its unique device index settles races with other jobs
             # and workers before anything on disk or in the server changes (DeviceInUse).
-            await self._mappings.claim(request, device.device_id)
+            await self._mappings.claim(request, device, str(action))
+            crash_point("after_claim")
             try:
                 ensured = await self._server.ensure_export(
-                    name, request.device_path, self._mappings.committed_device
+                    name, device.path, self._mappings.committed_device
                 )
             except Superseded:
                 raise  # a newer job owns the row now: nothing of ours to undo
             except WorkerError:
-                if action is Action.RELINKED and mapping is not None:
+                if action is Action.RELINKED and mapping is not None and not earlier:
                     await self._undo_relink(mapping, device.device_id)
                 raise
-            if not ensured.changed:
-                # A worker in another process served the same job first: nothing was left
-                # to do, which is what a reuse is.
-                action = Action.REUSED
-            return self._ready(request, action, reused=not ensured.sighup_sent)
+            if earlier and mapping is not None and mapping.last_action:
+                action = Action(mapping.last_action)
+                ready = self._ready(request, device, action, reused=action is Action.REUSED)
+            else:
+                if not ensured.changed:
+                    # A worker in another process served the same job first: nothing was
+                    # left to do, which is what a reuse is.
+                    action = Action.REUSED
+                ready = self._ready(request, device, action, reused=not ensured.sighup_sent)
+            crash_point("before_record")
+            # Durable before the reply: a redelivery of this job must repeat this answer.
+            await self._ledger.record(_record(ready))
+            return ready
+
+    def _answer_recorded(self, request: PrepareExport, recorded: JobRecord) -> ExportReady:
+        if not recorded.is_for(request.vm_id, request.disk_unit_number):
+            raise InvalidRequest(
+                f"job_id {request.job_id} was already used for vm {recorded.vm_id} disk "
+                f"{recorded.disk_unit_number}; a new job needs a new job_id"
+            )
+        if recorded.reply.get("status") != "ready":
+            raise InvalidRequest(f"job_id {request.job_id} was already used for a release")
+        log.info(
+            "Job answered before; repeating its reply job_id=%s export_name=%s",
+            request.job_id,
+            request.export_name,
+        )
+        return ExportReady.model_validate(recorded.reply)
 
     async def release_export(self, request: ReleaseExport) -> ExportReleased:
         """Marks the mapping inactive, then removes its link and snippet: new connections
         fail at once, established ones keep their device, and the server forgets the name
         at its next restart. Releasing twice, or what was never prepared, is no error."""
-        async with self._keys.hold((request.vm_id, request.disk_unit_number)):
-            mapping = await self._mappings.find_mapping(request.vm_id, request.disk_unit_number)
-            was_active = mapping is not None and mapping.is_active
-            if was_active:
+        key = (request.vm_id, request.disk_unit_number)
+        async with self._keys.hold(key):
+            mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+            if recorded is not None:
+                if not recorded.is_for(*key) or recorded.reply.get("status") != "released":
+                    raise InvalidRequest(
+                        f"job_id {request.job_id} was already used for another job; a new "
+                        "job needs a new job_id"
+                    )
+                return ExportReleased.model_validate(recorded.reply)
+            # An earlier delivery of this job deactivated the row, then was cut short.
+            earlier = (
+                mapping is not None
+                and mapping.last_job_id == request.job_id
+                and mapping.last_action == "released"
+            )
+            was_active = earlier or (mapping is not None and mapping.is_active)
+            if mapping is not None and mapping.is_active:
                 # The row first: should the files' removal fail, reconciliation removes the
                 # files of inactive mappings; the other order could bring a released export
                 # back.
-                await self._mappings.deactivate(request.vm_id, request.disk_unit_number)
+                await self._mappings.deactivate(*key, request.job_id)
             await self._server.remove_export(request.export_name, self._mappings.committed_device)
             log.info(
                 "Released VM export mapping job_id=%s export_name=%s was_active=%s",
@@ -205,7 +284,7 @@ class ExportFlow:
                 request.export_name,
                 was_active,
             )
-            return ExportReleased(
+            released = ExportReleased(
                 job_id=request.job_id,
                 vm_id=request.vm_id,
                 disk_unit_number=request.disk_unit_number,
@@ -213,6 +292,8 @@ class ExportFlow:
                 was_active=was_active,
                 node_id=self._node_id,
             )
+            await self._ledger.record(_record(released))
+            return released
 
     async def _undo_relink(self, previous: Mapping, claimed_device_id: str) -> None:
         """After a failed relink, makes the link agree with the row again, so no row frees

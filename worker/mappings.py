@@ -6,7 +6,7 @@ Kept apart from repository.py so the flow can use it without importing the datab
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -25,7 +25,25 @@ class Mapping(BaseModel):
     status: Literal["active", "inactive"]
     created_at: datetime
     updated_at: datetime
+    #: The job that last claimed or released this mapping, and what it did (an Action
+    #: value, or "released"): lets that job, redelivered after a crash, answer as before.
+    last_job_id: str | None = None
+    last_action: str | None = None
 
     @property
     def is_active(self) -> bool:
         return self.status == "active"
+
+
+class JobRecord(BaseModel):
+    """A job the worker has answered: its reply, as published, in export_jobs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    reply: dict[str, Any]
+
+    def is_for(self, vm_id: str, disk_unit_number: int) -> bool:
+        return self.vm_id == vm_id and self.disk_unit_number == disk_unit_number

@@ -22,6 +22,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaMode
 
@@ -35,6 +36,8 @@ MAX_DISK_UNIT_NUMBER = 255
 
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 VmId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
+#: A CloudStack volume UUID: 32 hex digits in 8-4-4-4-12 groups; stored lower-case.
+VolumeId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
 DiskUnitNumber = Annotated[int, Field(ge=0, le=MAX_DISK_UNIT_NUMBER, strict=True)]
 
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
@@ -66,12 +69,19 @@ class ErrorCode(StrEnum):
     NBD_SERVER_UNAVAILABLE = "nbd_server_unavailable"
     EXPORT_NOT_VISIBLE = "export_not_visible"
     INTERNAL_ERROR = "internal_error"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    """A transient failure outlasted every retry and delivery; `cause` says which. The
+    job is kept, intact, in the dead-letter queue."""
 
 
 class PrepareExport(BaseModel):
     """A scheduler's request: serve one disk of one VM as an NBD export."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        json_schema_extra={"oneOf": [{"required": ["device_path"]}, {"required": ["volume_id"]}]},
+    )
 
     type: Literal["prepare-export"] = Field(
         default="prepare-export", description="Optional; the default message type."
@@ -83,11 +93,20 @@ class PrepareExport(BaseModel):
     )
     vm_name: str = Field(min_length=1, max_length=255, examples=["pgtest2"])
     disk_unit_number: DiskUnitNumber = Field(examples=[0])
-    device_path: str = Field(
+    device_path: str | None = Field(
+        default=None,
         pattern=DEVICE_PATH_PATTERN,
         description="Absolute, normalized path of the target block device, under an allowed "
-        "root; /dev/disk/by-id/ names are stable across re-attach, /dev/vdX names are not.",
+        "root; /dev/disk/by-id/ names are stable across re-attach, /dev/vdX names are not. "
+        "Exactly one of device_path and volume_id.",
         examples=["/dev/disk/by-id/virtio-0a1b2c3d4e5f6a7b8c9d"],
+    )
+    volume_id: VolumeId | None = Field(
+        default=None,
+        description="CloudStack volume UUID of the target disk; the worker finds its "
+        "/dev/disk/by-id/virtio-<serial> (or scsi-0QEMU_QEMU_HARDDISK_<serial>) link. "
+        "Exactly one of device_path and volume_id.",
+        examples=["0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"],
     )
 
     @field_validator("vm_name")
@@ -99,7 +118,9 @@ class PrepareExport(BaseModel):
 
     @field_validator("device_path")
     @classmethod
-    def _normalized_absolute(cls, value: str) -> str:
+    def _normalized_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not _DEVICE_PATH_RE.fullmatch(value):
             raise ValueError(
                 "device_path must be an absolute path of letters, digits and ._:+@,=/- only"
@@ -107,6 +128,12 @@ class PrepareExport(BaseModel):
         if posixpath.normpath(value) != value or "/../" in f"{value}/" or "/./" in f"{value}/":
             raise ValueError("device_path must be normalized (no '.', '..' or '//' parts)")
         return value
+
+    @model_validator(mode="after")
+    def _one_device(self) -> PrepareExport:
+        if (self.device_path is None) == (self.volume_id is None):
+            raise ValueError("give exactly one of device_path and volume_id")
+        return self
 
     @property
     def export_name(self) -> str:
@@ -168,7 +195,14 @@ class ExportReady(BaseModel):
     disk_unit_number: int
     status: Literal["ready"] = "ready"
     export_name: str
-    device_path: str
+    device_path: str = Field(
+        description="The path the export serves: the request's device_path, or the stable "
+        "/dev/disk/by-id/ link its volume_id resolved to."
+    )
+    kernel_device: str = Field(
+        description="What device_path resolves to now (e.g. /dev/vdb), for operators' logs."
+    )
+    volume_id: str | None = None
     reused: bool = Field(description="True when serving the job needed no SIGHUP.")
     action: Action
     nbd_host: str = Field(description="Where clients connect: this node's advertised host.")
@@ -181,6 +215,11 @@ class ErrorDetail(BaseModel):
 
     code: ErrorCode
     message: str
+    cause: ErrorCode | None = Field(
+        default=None,
+        description="With retries_exhausted: the transient failure that outlasted the "
+        "retries (e.g. nbd_server_unavailable).",
+    )
 
 
 class ExportFailed(BaseModel):

@@ -89,7 +89,8 @@ def build_metrics(node_id: str) -> Metrics:
         ),
         requeued=Counter(
             "nbd_export_requeued",
-            "Requests returned to the queue because their reply was not confirmed.",
+            "Requests returned to the queue: a transient failure outlasted this delivery's "
+            "retries, or the reply was not confirmed.",
             registry=r,
         ),
         settle_failures=Counter(

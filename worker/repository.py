@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import json
 import logging
 import re
 import warnings
@@ -26,8 +27,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.devices import Device
 from worker.errors import DatabaseError, DeviceInUse, TransientDatabaseError, WorkerError
-from worker.mappings import Mapping
+from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,12 @@ _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
     "id, node_id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, "
-    "status, created_at, updated_at"
+    "status, created_at, updated_at, last_job_id, last_action"
 )
 
 
 _FIELDS = tuple(_COLUMNS.split(", "))
+_MAPPING_COLUMNS = ", ".join(f"m.{field}" for field in _FIELDS)
 
 
 def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
@@ -186,6 +189,78 @@ class Repository:
 
         return await self._retrying(query)
 
+    async def lookup(
+        self, vm_id: str, disk_unit_number: int, job_id: str
+    ) -> tuple[Mapping | None, JobRecord | None]:
+        """The (vm, disk)'s mapping and the job's record, if any: one round trip, two
+        point lookups, so checking for a redelivered job costs the reuse path nothing."""
+
+        async def query() -> tuple[Mapping | None, JobRecord | None]:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_MAPPING_COLUMNS}, "  # noqa: S608 - fixed columns
+                    "j.job_id, j.vm_id, j.disk_unit_number, j.reply "
+                    "FROM (SELECT 1 AS one) AS q "
+                    "LEFT JOIN vm_export_mappings AS m "
+                    "ON m.node_id = %s AND m.vm_id = %s AND m.disk_unit_number = %s "
+                    "LEFT JOIN export_jobs AS j ON j.node_id = %s AND j.job_id = %s",
+                    (self._node, vm_id, disk_unit_number, self._node, job_id),
+                )
+                row = await cur.fetchone()
+            width = len(_FIELDS)
+            mapping = _row_to_mapping(row[:width]) if row[0] is not None else None
+            job = row[width:]
+            record = (
+                JobRecord(
+                    job_id=job[0], vm_id=job[1], disk_unit_number=job[2], reply=json.loads(job[3])
+                )
+                if job[0] is not None
+                else None
+            )
+            return mapping, record
+
+        return await self._retrying(query)
+
+    async def record_jobs(self, records: list[JobRecord]) -> None:
+        """Stores answered jobs (one statement for many). A record already there wins: the
+        first answer is the one every redelivery repeats."""
+        if not records:
+            return
+        rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(records))
+        params: list[Any] = []
+        for record in records:
+            params += [
+                self._node,
+                record.job_id,
+                record.vm_id,
+                record.disk_unit_number,
+                json.dumps(record.reply, separators=(",", ":")),
+            ]
+
+        async def insert() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "INSERT IGNORE INTO export_jobs "  # noqa: S608 - placeholders only
+                    f"(node_id, job_id, vm_id, disk_unit_number, reply) VALUES {rows}",
+                    params,
+                )
+
+        await self._retrying(insert)
+
+    async def prune_jobs(self, older_than_s: float) -> int:
+        """Deletes job records older than `older_than_s` seconds; how many it deleted."""
+
+        async def delete() -> int:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "DELETE FROM export_jobs WHERE node_id = %s "
+                    "AND created_at < NOW(6) - INTERVAL %s MICROSECOND",
+                    (self._node, int(older_than_s * 1_000_000)),
+                )
+                return int(cur.rowcount)
+
+        return await self._retrying(delete)
+
     async def find_active_by_device(self, device_id: str) -> Mapping | None:
         """The active mapping serving this device, whatever path it was named by."""
 
@@ -227,13 +302,15 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "UPDATE vm_export_mappings SET vm_name = %s, device_path = %s, "
-                        "device_id = %s, status = %s "
+                        "device_id = %s, status = %s, last_job_id = %s, last_action = %s "
                         "WHERE id = %s AND status = 'active' AND device_id = %s",
                         (
                             mapping.vm_name,
                             mapping.device_path,
                             mapping.device_id,
                             mapping.status,
+                            mapping.last_job_id,
+                            mapping.last_action,
                             mapping.id,
                             claimed_device_id,
                         ),
@@ -246,18 +323,22 @@ class Repository:
 
         return await self._retrying(update)
 
-    async def claim(self, request: PrepareExport, device_id: str) -> None:
-        """Makes the request's mapping active with its device, inserting or updating its row.
+    async def claim(self, request: PrepareExport, device: Device, action: str) -> None:
+        """Makes the request's mapping active with its device, inserting or updating its row,
+        and names the job and its `action` in it.
 
         The unique index on active devices is the arbiter between concurrent jobs and worker
         processes: raises DeviceInUse, with nothing changed, when another active mapping
         holds the device.
         """
+        device_id = device.device_id
         params = (
             request.vm_name,
             request.export_name,
-            request.device_path,
+            device.path,
             device_id,
+            request.job_id,
+            action,
             self._node,
             request.vm_id,
             request.disk_unit_number,
@@ -273,13 +354,14 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
-                        "device_id, node_id, vm_id, disk_unit_number, status) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, 'active')",
+                        "device_id, last_job_id, last_action, node_id, vm_id, "
+                        "disk_unit_number, status) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'active')",
                         params,
                     )
             except pymysql.err.IntegrityError as exc:
                 if not _is_duplicate(exc, "vm_disk"):
-                    await self._raise_claim_error(exc, request, device_id)
+                    await self._raise_claim_error(exc, device)
             else:
                 return
             # The row exists (an earlier job, or another worker just now): update it.
@@ -287,22 +369,21 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
-                        "device_path = %s, device_id = %s, status = 'active' "
+                        "device_path = %s, device_id = %s, last_job_id = %s, last_action = %s, "
+                        "status = 'active' "
                         "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
                         params,
                     )
             except pymysql.err.IntegrityError as exc:
-                await self._raise_claim_error(exc, request, device_id)
+                await self._raise_claim_error(exc, device)
 
         await self._retrying(insert_or_update)
 
-    async def _raise_claim_error(
-        self, exc: pymysql.err.IntegrityError, request: PrepareExport, device_id: str
-    ) -> NoReturn:
+    async def _raise_claim_error(self, exc: pymysql.err.IntegrityError, device: Device) -> NoReturn:
         if _is_duplicate(exc, "active_device_id"):
-            holder = await self.find_active_by_device(device_id)
+            holder = await self.find_active_by_device(device.device_id)
             by = f"export {holder.export_name}" if holder else "another active mapping"
-            raise DeviceInUse(f"device {request.device_path} is already served by {by}") from exc
+            raise DeviceInUse(f"device {device.path} is already served by {by}") from exc
         raise translate_error(exc) from exc
 
     async def list_mappings(
@@ -341,15 +422,17 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def deactivate(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
-        """Marks the mapping inactive (its device is free again); the row, or None."""
+    async def deactivate(self, vm_id: str, disk_unit_number: int, job_id: str) -> Mapping | None:
+        """Marks the mapping inactive (its device is free again), naming the releasing job;
+        the row, or None."""
 
         async def transaction() -> Mapping | None:
             async with self._cursor(transaction=True) as cur:
                 await cur.execute(
-                    "UPDATE vm_export_mappings SET status = 'inactive' "
+                    "UPDATE vm_export_mappings SET status = 'inactive', last_job_id = %s, "
+                    "last_action = 'released' "
                     "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                    (self._node, vm_id, disk_unit_number),
+                    (job_id, self._node, vm_id, disk_unit_number),
                 )
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608

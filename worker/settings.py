@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AnyUrl, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.faults import CrashPoint
+
 #: A routing-key word: no `*`, `#` or spaces; dots allowed (they only split words).
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 
@@ -47,8 +49,17 @@ class Settings(BaseSettings):
     reply_queue: str = "nbd.export-ready"
     #: How many jobs run at once; reuse jobs are cheap, creates queue up on the reload lock.
     prefetch: int = Field(default=16, ge=1, le=1000)
-    #: A job whose delivery count passes this is dead-lettered (quorum queue x-delivery-limit).
+    #: Deliveries a job may be returned after (quorum queue x-delivery-limit): a job still
+    #: failing transiently on its last delivery gets a retries_exhausted reply and goes,
+    #: intact, to `<request_queue>.dead`.
     delivery_limit: int = Field(default=5, ge=1, le=1000)
+    #: Tries of a job within one delivery on a transient failure (database, probe timeout,
+    #: server down), with exponential backoff and full jitter between them.
+    job_attempts: int = Field(default=3, ge=1, le=100)
+    retry_backoff_s: float = Field(default=0.2, gt=0)
+    retry_backoff_max_s: float = Field(default=5.0, gt=0)
+    #: How long each job's record (its reply, for redeliveries) is kept.
+    job_record_retention_s: float = Field(default=7 * 86400.0, gt=0)
     #: How long a reply may wait for the broker's publisher confirm.
     publish_timeout_s: float = Field(default=10.0, gt=0)
 
@@ -98,6 +109,10 @@ class Settings(BaseSettings):
     device_roots: Annotated[tuple[Path, ...], NoDecode] = (Path("/dev"),)
     #: Regular files as disks: for development and tests only.
     allow_regular_files: bool = False
+    #: Where a job's volume_id is looked up (it must be under a device root).
+    by_id_dir: Path = Path("/dev/disk/by-id")
+    #: How long a job waits for udev to link a just-attached volume.
+    udev_wait_s: float = Field(default=5.0, ge=0)
 
     # --- Metrics ---
     #: 0 turns the metrics endpoint off.
@@ -112,6 +127,10 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=300.0, ge=0)
     #: Reconcile once at start-up, before taking jobs.
     reconcile_on_start: bool = True
+
+    #: Fault injection for the fault suite only: kill -9 this worker at the named step of
+    #: a create. Never set it on an appliance.
+    crash_at: CrashPoint | None = None
 
     # --- Logs ---
     #: "text" (human-readable) or "json" (one object per line).
@@ -147,7 +166,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"device root {root} is not absolute")
         return value
 
-    @field_validator("nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir")
+    @field_validator("nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir", "by_id_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # nbd-server chdir()s to / when it daemonizes: relative paths would silently differ.

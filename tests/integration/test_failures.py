@@ -4,6 +4,7 @@ and the server is never signalled unsafely."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -83,9 +84,16 @@ async def test_a_reload_that_adds_nothing_is_export_not_visible(
         scheduler = await scheduler_for(amqp, fast)
         request = job(device=make_disk(disks_dir, "x", b"xx"))
         reply = await scheduler.request(request)
+        # Retried (twice in each of two deliveries), then answered and dead-lettered.
         assert reply["status"] == "error"
-        assert reply["error"]["code"] == "export_not_visible"
+        assert reply["error"]["code"] == "retries_exhausted"
+        assert reply["error"]["cause"] == "export_not_visible"
+        assert "after 2 deliveries" in reply["error"]["message"]
         assert "unparsable" in reply["error"]["message"]
+        dead = await scheduler.channel.declare_queue(f"{fast.request_queue}.dead", passive=True)
+        dead_letter = await dead.get(timeout=5)
+        assert json.loads(dead_letter.body) == request
+        await dead_letter.ack()
         assert pid_running(nbd_server.pid)
 
         broken.unlink()
@@ -114,7 +122,8 @@ async def test_a_hung_server_gets_nbd_server_unavailable(
                 reply = await scheduler.request(job(device=make_disk(disks_dir, f"h-{probe}")))
                 await scheduler.channel.close()
             assert reply["status"] == "error"
-            assert reply["error"]["code"] == "nbd_server_unavailable"
+            assert reply["error"]["code"] == "retries_exhausted"
+            assert reply["error"]["cause"] == "nbd_server_unavailable"
             assert "did not answer" in reply["error"]["message"]
     finally:
         hung.close()

@@ -222,7 +222,10 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
             "('4205784a-098a-40f1-1f1e-a5cd2597fd59', 0, 'pg', 'e0', '/dev/vdb', 'blk:8:16'),"
             "('4205784a-098a-40f1-1f1e-a5cd2597fd59', 1, 'pg', 'e1', '/dev/vdc', 'blk:8:32')",
         )
-        assert await migrate(url, node_id="appliance-1", timeout_s=5) == ["0002_node_id.sql"]
+        assert await migrate(url, node_id="appliance-1", timeout_s=5) == [
+            "0002_node_id.sql",
+            "0003_export_jobs.sql",
+        ]
         rows = await execute(
             url,
             "SELECT node_id, vm_id, disk_unit_number, export_name, device_path, status "

@@ -74,6 +74,8 @@ async def test_first_job_creates_then_reuses_without_sighup(
         "status": "ready",
         "export_name": name,
         "device_path": str(disk),
+        "kernel_device": str(disk),
+        "volume_id": None,
         "reused": False,
         "action": "created",
         "nbd_host": "127.0.0.1",

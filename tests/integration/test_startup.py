@@ -37,6 +37,8 @@ pytestmark = pytest.mark.integration
 def env_for(settings: Settings) -> dict[str, str]:
     env = clean_environ()
     for key, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue  # unset: the default
         if key == "device_roots":
             value = ",".join(value)
         env[f"EXPORT_WORKER_{key.upper()}"] = (
@@ -123,6 +125,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
         assert await migrate(url, node_id=NODE, timeout_s=5) == [
             "0001_vm_export_mappings.sql",
             "0002_node_id.sql",
+            "0003_export_jobs.sql",
         ]
         assert await migrate(url, node_id=NODE, timeout_s=5) == []
         conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
@@ -163,7 +166,7 @@ def test_migrate_command_exit_code_and_output() -> None:
     try:
         first = run_worker_cli("migrate", env=env)
         assert first.returncode == 0, first.stderr
-        assert "applied 2 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql" in (
+        assert "applied 3 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
             first.stdout
         )
         again = run_worker_cli("migrate", env=env)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,17 +11,30 @@ import pytest
 import worker.flow
 from tests.fakes import FakeExportServer, InMemoryMappings
 from worker.devices import DevicePolicy
-from worker.errors import DeviceInUse, DeviceNotFound, ServerUnavailable, Superseded
+from worker.errors import (
+    DeviceInUse,
+    DeviceNotFound,
+    InvalidRequest,
+    ServerUnavailable,
+    Superseded,
+)
 from worker.flow import ExportFlow, KeyedLocks, decide
+from worker.jobs import JobLedger
 from worker.mappings import Mapping
 from worker.messages import Action, PrepareExport, ReleaseExport
 
 VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
 
 
-def request(device: Path | str, *, vm: str = VM, disk: int = 0, job: str = "j") -> PrepareExport:
+def request(
+    device: Path | str, *, vm: str = VM, disk: int = 0, job: str | None = None
+) -> PrepareExport:
     return PrepareExport(
-        job_id=job, vm_id=vm, vm_name="vm", disk_unit_number=disk, device_path=str(device)
+        job_id=job or f"job-{uuid.uuid4().hex[:12]}",
+        vm_id=vm,
+        vm_name="vm",
+        disk_unit_number=disk,
+        device_path=str(device),
     )
 
 
@@ -56,7 +70,7 @@ def mapping(device: str, status: str = "active") -> Mapping:
     ],
 )
 def test_decide(row: Mapping | None, device: str, live: bool, expected: Action) -> None:
-    assert decide(row, request(device), live) is expected
+    assert decide(row, device, live) is expected
 
 
 def test_flow_imports_no_io_libraries() -> None:
@@ -87,6 +101,7 @@ def make_flow(tmp_path: Path) -> tuple[ExportFlow, InMemoryMappings, FakeExportS
         mappings,
         server,
         DevicePolicy((tmp_path,), allow_regular_files=True),
+        JobLedger(mappings),
         nbd_host="h",
         nbd_port=1,
         node_id="n",
@@ -191,7 +206,10 @@ async def test_release_then_prepare_again(tmp_path: Path, disk: Path) -> None:
     assert released.was_active is True
     assert mappings.rows[(VM, 0)].status == "inactive"
     assert created.export_name not in server.links
-    assert (await flow.release_export(release)).was_active is False
+    # The same job again repeats its answer; a new release finds nothing to release.
+    assert (await flow.release_export(release)).was_active is True
+    again = release.model_copy(update={"job_id": "r2"})
+    assert (await flow.release_export(again)).was_active is False
     back = await flow.prepare_export(request(disk))
     assert back.action is Action.CREATED
     assert server.links[back.export_name] == str(disk)
@@ -222,7 +240,7 @@ async def test_failed_relink_whose_old_device_was_taken_follows_the_row(
         # Meanwhile another VM's job claims the device this relink just freed.
         other = request(disk, vm=other_vm, job="other")
         policy = DevicePolicy((tmp_path,), allow_regular_files=True)
-        await mappings.claim(other, policy.check(str(disk)).device_id)
+        await mappings.claim(other, policy.check(str(disk)), "created")
         raise ServerUnavailable("lock not free")
 
     server.ensure_hook = fail_after_another_claims_the_old_device
@@ -249,3 +267,133 @@ async def test_a_reuse_waits_for_a_release_of_the_same_disk_under_way(
     assert released.was_active is True
     # The prepare came second: it must not answer "reused" for the export just released.
     assert after.action is Action.CREATED
+
+
+async def test_a_duplicate_job_repeats_its_answer_and_changes_nothing(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    job = request(disk, job="create-1")
+    first = await flow.prepare_export(job)
+    # Another job relinks the disk meanwhile; the late duplicate must not relink it back.
+    new = tmp_path / "vdc"
+    new.write_bytes(b"")
+    await flow.prepare_export(request(new))
+    again = await flow.prepare_export(job)
+    assert again == first
+    assert (again.action, again.reused) == (Action.CREATED, False)
+    assert mappings.rows[(VM, 0)].device_path == str(new)
+    assert server.ensure_calls == 2
+
+
+async def test_a_job_redelivered_after_its_claim_finishes_and_answers_as_created(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    job = request(disk, job="crashed-1")
+    # The first delivery claimed the row, then the worker died before the snippet.
+    policy = DevicePolicy((tmp_path,), allow_regular_files=True)
+    await mappings.claim(job, policy.check(str(disk)), "created")
+    ready = await flow.prepare_export(job)
+    assert (ready.action, ready.reused) == (Action.CREATED, False)
+    assert server.sighups == 1
+    assert "crashed-1" in mappings.jobs
+
+
+async def test_a_job_redelivered_after_its_sighup_answers_as_created_without_another(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    job = request(disk, job="crashed-2")
+    policy = DevicePolicy((tmp_path,), allow_regular_files=True)
+    await mappings.claim(job, policy.check(str(disk)), "created")
+    server.listed.add(job.export_name)
+    server.links[job.export_name] = str(disk)
+    ready = await flow.prepare_export(job)
+    assert (ready.action, ready.reused) == (Action.CREATED, False)
+    assert server.sighups == 0
+
+
+async def test_a_job_id_used_again_for_another_disk_is_refused(tmp_path: Path, disk: Path) -> None:
+    flow, _mappings, _server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk, job="same"))
+    other = tmp_path / "vdc"
+    other.write_bytes(b"")
+    with pytest.raises(InvalidRequest, match="already used"):
+        await flow.prepare_export(request(other, disk=1, job="same"))
+
+
+async def test_a_release_redelivered_repeats_was_active(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, _server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    release = ReleaseExport(type="release-export", job_id="rel-1", vm_id=VM, disk_unit_number=0)
+    first = await flow.release_export(release)
+    # Redelivered after its record was lost (crash before the record): still was_active.
+    del mappings.jobs["rel-1"]
+    again = await flow.release_export(release)
+    assert first.was_active is again.was_active is True
+
+
+def volume_request(volume_id: str) -> PrepareExport:
+    return PrepareExport(
+        job_id=f"job-{uuid.uuid4().hex[:12]}",
+        vm_id=VM,
+        vm_name="vm",
+        disk_unit_number=0,
+        volume_id=volume_id,
+    )
+
+
+VOLUME = "0A1B2C3D-4E5F-6A7B-8C9D-0E1F2A3B4C5D"
+
+
+@pytest.mark.parametrize("prefix", ["virtio-", "scsi-0QEMU_QEMU_HARDDISK_"])
+async def test_a_volume_id_resolves_to_its_by_id_link(
+    tmp_path: Path, disk: Path, prefix: str
+) -> None:
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    (by_id / f"{prefix}0a1b2c3d4e5f6a7b8c9d").symlink_to(disk)
+    mappings, server = InMemoryMappings(), FakeExportServer()
+    flow = ExportFlow(
+        mappings,
+        server,
+        DevicePolicy((tmp_path,), allow_regular_files=True, by_id_dir=by_id, udev_wait_s=0),
+        JobLedger(mappings),
+        nbd_host="h",
+        nbd_port=1,
+        node_id="n",
+    )
+    ready = await flow.prepare_export(volume_request(VOLUME))
+    assert ready.device_path == str(by_id / f"{prefix}0a1b2c3d4e5f6a7b8c9d")
+    assert ready.kernel_device == str(disk)
+    assert ready.volume_id == VOLUME.lower()
+    assert server.links[ready.export_name] == ready.device_path
+
+
+async def test_a_volume_whose_link_appears_late_is_waited_for(tmp_path: Path, disk: Path) -> None:
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    policy = DevicePolicy((tmp_path,), allow_regular_files=True, by_id_dir=by_id, udev_wait_s=5)
+
+    async def udev() -> None:
+        await asyncio.sleep(0.1)
+        (by_id / "virtio-0a1b2c3d4e5f6a7b8c9d").symlink_to(disk)
+
+    device, _ = await asyncio.gather(policy.resolve(None, VOLUME.lower()), udev())
+    assert device.resolved == str(disk)
+
+
+async def test_a_missing_volume_is_device_not_found(tmp_path: Path) -> None:
+    policy = DevicePolicy((tmp_path,), by_id_dir=tmp_path, udev_wait_s=0.05)
+    with pytest.raises(DeviceNotFound, match="virtio-0a1b2c3d4e5f6a7b8c9d"):
+        await policy.resolve(None, VOLUME.lower())
+
+
+async def test_a_volume_link_leading_outside_the_roots_is_refused(tmp_path: Path) -> None:
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    (by_id / "virtio-0a1b2c3d4e5f6a7b8c9d").symlink_to("/etc/passwd")
+    policy = DevicePolicy((tmp_path,), allow_regular_files=True, by_id_dir=by_id, udev_wait_s=0)
+    with pytest.raises(InvalidRequest, match="outside the allowed roots"):
+        await policy.resolve(None, VOLUME.lower())

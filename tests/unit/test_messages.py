@@ -118,7 +118,7 @@ def test_error_reply_shape() -> None:
         "vm_id": None,
         "disk_unit_number": None,
         "status": "error",
-        "error": {"code": "invalid_request", "message": "m"},
+        "error": {"code": "invalid_request", "message": "m", "cause": None},
         "node_id": None,
     }
 
@@ -131,9 +131,11 @@ def test_schema_files_match_the_models() -> None:
 
 def test_prepare_export_schema_carries_the_validation_patterns() -> None:
     schema = json.loads(message_schemas()["prepare-export.json"])
-    assert set(schema["required"]) == set(VALID)
+    assert set(schema["required"]) == set(VALID) - {"device_path"}
+    assert schema["oneOf"] == [{"required": ["device_path"]}, {"required": ["volume_id"]}]
     assert schema["properties"]["job_id"]["pattern"] == JOB_ID_PATTERN
-    assert schema["properties"]["device_path"]["pattern"] == DEVICE_PATH_PATTERN
+    path_types = schema["properties"]["device_path"]["anyOf"]
+    assert {"type": "string", "pattern": DEVICE_PATH_PATTERN} in path_types
 
 
 def test_requests_are_told_apart_by_type() -> None:
@@ -145,5 +147,21 @@ def test_requests_are_told_apart_by_type() -> None:
     assert isinstance(parsed, ReleaseExport)
     assert parsed.export_name == f"migration-vm-{VALID['vm_id']}-disk3"
     for bad in ({**VALID, "type": "drop-table"}, release, {"type": 1}):
+        with pytest.raises(ValidationError):
+            parse_request(json.dumps(bad).encode())
+
+
+def test_a_job_names_its_device_by_exactly_one_of_path_and_volume() -> None:
+    volume = "0A1B2C3D-4E5F-6A7B-8C9D-0E1F2A3B4C5D"
+    by_volume = {k: v for k, v in VALID.items() if k != "device_path"} | {"volume_id": volume}
+    parsed = parse_request(json.dumps(by_volume).encode())
+    assert isinstance(parsed, PrepareExport)
+    assert (parsed.volume_id, parsed.device_path) == (volume.lower(), None)
+    for bad in (
+        {**VALID, "volume_id": volume},
+        {k: v for k, v in VALID.items() if k != "device_path"},
+        {**by_volume, "volume_id": "../../etc/passwd"},
+        {**by_volume, "volume_id": volume + "0"},
+    ):
         with pytest.raises(ValidationError):
             parse_request(json.dumps(bad).encode())

@@ -28,6 +28,7 @@ from worker.errors import (
     Superseded,
     WorkerError,
 )
+from worker.faults import crash_point
 from worker.metrics import Metrics
 from worker.nbd.files import (
     ExportSpec,
@@ -317,6 +318,7 @@ class NbdServer:
                 linked[name] = device
         try:
             changed, replaced, created = await asyncio.to_thread(self._write_files, linked)
+            crash_point("after_snippet")
             # A snippet we just created is news to the server unless the name is still in
             # its memory (released, then prepared again): the shared listing, if we have
             # one, says so. Everything else is asked.
@@ -414,6 +416,7 @@ class NbdServer:
             raise
         self._generation += 1
         self._metrics.sighups.inc()
+        crash_point("after_sighup")
         sent = time.monotonic()
         log.info("Sent SIGHUP to nbd-server main process pid=%d exports=%d", pid, len(names))
         deadline = sent + self._settings.reload_timeout_s

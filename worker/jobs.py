@@ -1,0 +1,80 @@
+"""The job ledger: records each answered job by job_id, many records per INSERT.
+
+A redelivered or duplicated job is answered from its record (see ExportFlow), so it never
+changes anything twice. Records that must be durable before the reply (a job that changed
+a mapping) are awaited; concurrent ones share one INSERT, so a burst of creates costs one
+round trip, not one per job. A reuse's record is written in the background: a reuse
+changes nothing, so if a crash loses its record, a redelivery finds the same state and
+answers the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from worker.mappings import JobRecord
+
+log = logging.getLogger(__name__)
+
+#: Rows per INSERT: far below max_allowed_packet even with 1 KiB replies.
+MAX_BATCH = 500
+
+
+class JobStore(Protocol):
+    async def record_jobs(self, records: list[JobRecord]) -> None: ...
+
+
+class JobLedger:
+    def __init__(self, store: JobStore, *, background_delay_s: float = 0.05) -> None:
+        self._store = store
+        self._delay_s = background_delay_s
+        self._pending: list[tuple[JobRecord, asyncio.Future[None] | None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def record(self, record: JobRecord) -> None:
+        """Returns once the record is stored; raises what storing it raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, done))
+        self._start_writer()
+        await done
+
+    def record_later(self, record: JobRecord) -> None:
+        """Stores the record soon, in a batch with others; a failure is only logged."""
+        self._pending.append((record, None))
+        if self._timer is None and (self._writer is None or self._writer.done()):
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start_writer)
+
+    async def close(self) -> None:
+        """Writes what is pending (at shutdown)."""
+        self._start_writer()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer
+
+    def _start_writer(self) -> None:
+        self._timer = None
+        if self._pending and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        # Whatever arrives while one INSERT runs goes into the next one.
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            try:
+                await self._store.record_jobs([record for record, _ in batch])
+            except Exception as exc:
+                for record, done in batch:
+                    if done is None:
+                        log.warning(
+                            "Could not record a reused job job_id=%s error=%s", record.job_id, exc
+                        )
+                    elif not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in batch:
+                if done is not None and not done.done():
+                    done.set_result(None)
