@@ -301,3 +301,13 @@ def job(
         "device_path": str(device),
         **extra,
     }
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints the fault suite's table when it ran (tests/integration/test_faults.py)."""
+    from tests import fault_table
+
+    if fault_table.ROWS:
+        terminalreporter.section("fault suite")
+        terminalreporter.write_line(fault_table.render())
+        fault_table.write_if_asked()

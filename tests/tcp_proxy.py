@@ -16,7 +16,10 @@ class TcpProxy:
         self.port = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        """Listens (again: on the same port after a stop) and returns the port."""
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 #: Backoff between rounds over all URLs: doubles from the first value up to the second.
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
+#: How often the worker checks that the broker has not cancelled its consumer.
+CONSUMER_CHECK_S = 1.0
 
 
 def _setter(event: asyncio.Event) -> Callable[..., None]:
@@ -86,6 +88,15 @@ class BrokerSession:
                 raise asyncio.CancelledError
             delay = min(delay * 2, RETRY_MAX_S)
 
+    async def _watch_consumer(self, consumer: JobConsumer) -> None:
+        """Returns when the broker has cancelled the consumer (its queue was deleted, or a
+        quorum queue lost its members): aio-pika only forgets the consumer then, with no
+        callback, and the channel stays open, so without this the worker would idle."""
+        while not await consumer.cancelled_by_broker():  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(CONSUMER_CHECK_S)
+        self._metrics.consumer_cancels.inc()
+        log.warning("The broker cancelled the consumer; consuming again on a new connection")
+
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
         """Consumes until `stop` is set, reconnecting as needed; then drains and closes.
 
@@ -125,9 +136,10 @@ class BrokerSession:
                 on_ready()
             stopped = asyncio.create_task(stop.wait())
             dropped = asyncio.create_task(lost.wait())
-            await asyncio.wait({stopped, dropped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            dropped.cancel()
+            cancelled = asyncio.create_task(self._watch_consumer(consumer))
+            await asyncio.wait({stopped, dropped, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (stopped, dropped, cancelled):
+                task.cancel()
             if stop.is_set():
                 log.info("Stopping: no new jobs; draining those in flight")
                 await consumer.stop(self._shutdown_grace_s)

@@ -23,7 +23,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
+    wait_exponential,
+    wait_random,
 )
 
 from worker.errors import WorkerError
@@ -126,9 +127,9 @@ class QueueConfig:
     delivery_limit: int
     publish_timeout_s: float
     #: Tries of a job per delivery on transient failures, and the backoff between them.
-    job_attempts: int = 3
-    retry_backoff_s: float = 0.2
-    retry_backoff_max_s: float = 5.0
+    job_attempts: int = 5
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 10.0
 
     @property
     def dead_letter_queue(self) -> str:
@@ -214,6 +215,15 @@ class JobConsumer:
             if pending:
                 await asyncio.wait(pending)
 
+    async def cancelled_by_broker(self) -> bool:
+        """Whether the broker has cancelled our consumer (basic.cancel) on a live channel."""
+        if self._consumer_tag is None or self._channel.is_closed:
+            return False
+        underlay = await self._channel.get_underlay_channel()
+        # aiormq drops a cancelled consumer's tag from this dict; it has no public hook.
+        consumers = getattr(underlay, "consumers", None)
+        return consumers is not None and self._consumer_tag not in consumers
+
     @property
     def is_consuming(self) -> bool:
         return self._consumer_tag is not None and not self._channel.is_closed
@@ -252,7 +262,8 @@ class JobConsumer:
                 await self._settle(message, "nack", lambda: message.nack(requeue=True))
                 self._metrics.jobs.labels(outcome=outcome).inc()
                 return
-            crash_point("before_reply")
+            if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
+                crash_point("before_reply")  # a create's reply, for the fault suite
             try:
                 await self._replies.publish(
                     reply, reply_to=message.reply_to, correlation_id=message.correlation_id
@@ -294,9 +305,10 @@ class JobConsumer:
         config = self._config
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(config.job_attempts),
-            wait=wait_random_exponential(
-                multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s
-            ),
+            # A floor that doubles (so a short outage is outlasted for sure) plus jitter
+            # (so the jobs of a burst do not all retry at once).
+            wait=wait_exponential(multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s)
+            + wait_random(0, config.retry_backoff_s),
             retry=retry_if_exception(lambda e: isinstance(e, WorkerError) and e.retryable),
             before_sleep=count_retry,
             reraise=True,

@@ -78,6 +78,7 @@ class ConfigWriteError(WorkerError):
 class TransientDatabaseError(WorkerError):
     """Deadlock, lock wait timeout or lost connection: the transaction may be retried."""
 
+    code = ErrorCode.DATABASE_UNAVAILABLE
     retryable = True
 
 

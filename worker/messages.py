@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     DEVICE_IN_USE = "device_in_use"
     NBD_SERVER_UNAVAILABLE = "nbd_server_unavailable"
     EXPORT_NOT_VISIBLE = "export_not_visible"
+    DATABASE_UNAVAILABLE = "database_unavailable"
     INTERNAL_ERROR = "internal_error"
     RETRIES_EXHAUSTED = "retries_exhausted"
     """A transient failure outlasted every retry and delivery; `cause` says which. The

@@ -26,6 +26,7 @@ class Metrics:
     retries: Counter
     requeued: Counter
     settle_failures: Counter
+    consumer_cancels: Counter
     broker_reconnects: Counter
     sighups: Counter
     sighup_failures: Counter
@@ -96,6 +97,11 @@ def build_metrics(node_id: str) -> Metrics:
         settle_failures=Counter(
             "nbd_export_settle_failures",
             "Acks/rejects that failed because the channel had closed (the broker redelivers).",
+            registry=r,
+        ),
+        consumer_cancels=Counter(
+            "nbd_export_consumer_cancels",
+            "Times the broker cancelled the worker's consumer (then it consumes again).",
             registry=r,
         ),
         broker_reconnects=Counter(

@@ -240,8 +240,10 @@ class Repository:
         async def insert() -> None:
             async with self._cursor() as cur:
                 await cur.execute(
-                    "INSERT IGNORE INTO export_jobs "  # noqa: S608 - placeholders only
-                    f"(node_id, job_id, vm_id, disk_unit_number, reply) VALUES {rows}",
+                    # Not INSERT IGNORE: that would also hide errors other than duplicates.
+                    "INSERT INTO export_jobs "  # noqa: S608 - placeholders only
+                    f"(node_id, job_id, vm_id, disk_unit_number, reply) VALUES {rows} "
+                    "ON DUPLICATE KEY UPDATE job_id = job_id",
                     params,
                 )
 

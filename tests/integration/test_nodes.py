@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from tests.conftest import (
     running_worker,
     unique,
 )
-from tests.integration.test_startup import env_for
 from tests.nbd_harness import NbdServerProcess
 from tests.tcp_proxy import TcpProxy
+from tests.worker_process import WorkerProcess
 from worker.repository import migrate, migrations_dir
 from worker.settings import Settings
 
@@ -111,27 +110,10 @@ async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
     nodes: dict[str, Node], amqp: AbstractConnection, disks_dir: Path
 ) -> None:
     a, b = nodes["a"], nodes["b"]
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    log_readers: set[asyncio.Task[None]] = set()
+    procs = {"a": WorkerProcess(a.settings), "b": WorkerProcess(b.settings)}
 
-    async def start(node: Node) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            env=env_for(node.settings),
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert proc.stderr is not None
-        while b"Worker ready" not in (line := await asyncio.wait_for(proc.stderr.readline(), 30)):
-            assert line, f"worker {node.settings.node_id} exited"
-        # Keep reading its log so a full pipe never blocks it.
-        log_readers.add(asyncio.create_task(drain(proc)))
-        procs[node.settings.node_id] = proc
-
-    await start(a)
-    await start(b)
+    await procs["a"].start()
+    await procs["b"].start()
     scheduler = Scheduler(await amqp.channel(), a.settings.request_queue)
     await scheduler.start()
     routed: dict[str, str] = {}
@@ -146,16 +128,16 @@ async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
             routed[corr] = target
         while len(scheduler.replies) < 30:
             await asyncio.sleep(0.01)
-        procs["a"].send_signal(signal.SIGKILL)  # mid-run, whatever it is doing
-        await procs["a"].wait()
+        assert procs["a"].proc is not None
+        procs["a"].proc.send_signal(signal.SIGKILL)  # mid-run, whatever it is doing
+        assert await procs["a"].wait() == -signal.SIGKILL
         replied_before_restart = len(scheduler.replies)
-        await start(a)
+        procs["a"] = WorkerProcess(a.settings)
+        await procs["a"].start()
         replies = await asyncio.gather(*(scheduler.reply(c, timeout_s=120) for c in routed))
     finally:
         for proc in procs.values():
-            if proc.returncode is None:
-                proc.terminate()
-                await asyncio.wait_for(proc.wait(), 30)
+            await proc.stop()
         await scheduler.channel.close()
 
     assert replied_before_restart < 190, "the kill came too late to test anything"
@@ -173,12 +155,6 @@ async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
     for node in (a, b):
         snippets = {p.name for p in node.settings.nbd_conf_dir.glob("migration-vm-*.conf")}
         assert len(snippets) == 100, node.settings.node_id
-
-
-async def drain(proc: asyncio.subprocess.Process) -> None:
-    assert proc.stderr is not None
-    while await proc.stderr.readline():
-        pass
 
 
 async def test_broker_failover_to_the_next_url(

@@ -22,8 +22,8 @@ from tests.conftest import (
     run_worker_cli,
     running_worker,
 )
-from tests.integration.test_startup import env_for
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess, free_port
+from tests.worker_process import env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -26,25 +26,13 @@ from tests.conftest import (
     unique,
 )
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
+from tests.worker_process import env_for
 from worker.cli import serve
 from worker.errors import UnsupportedServer
 from worker.repository import migrate
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    env = clean_environ()
-    for key, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue  # unset: the default
-        if key == "device_roots":
-            value = ",".join(value)
-        env[f"EXPORT_WORKER_{key.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
-    return env
 
 
 @pytest.fixture
