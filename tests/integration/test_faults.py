@@ -73,6 +73,10 @@ class FaultRun:
             await asyncio.sleep(0.05)
         return {c: self.scheduler.replies[c] for c in self.sent if c in self.scheduler.replies}
 
+    async def replies_to(self, corrs: list[str], timeout_s: float = 30) -> None:
+        for corr in corrs:
+            await self.scheduler.reply(corr, timeout_s)
+
     async def dead_letters(self) -> list[bytes]:
         """Takes every message out of the dead-letter queue."""
         await asyncio.sleep(0.5)  # a job is rejected just after its reply is confirmed
@@ -464,4 +468,48 @@ async def test_consumer_cancelled_by_the_broker(
     assert row.lost == 0
     assert row.held_connection == "survived"
     assert all(r["status"] == "ready" for r in scheduler.replies.values())
+    held.close()
+
+
+async def test_sigterm_with_jobs_in_flight(
+    fault_settings: Settings,
+    amqp: AbstractConnection,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
+    settings = fault_settings.model_copy(update={"shutdown_grace_s": 1.0})
+    scheduler = await start_scheduler(amqp, settings)
+    run = FaultRun(amqp, scheduler, settings)
+    first, second = WorkerProcess(settings), WorkerProcess(settings)
+    try:
+        await first.start()
+        served = await run.publish({**held_request, "job_id": "reuse-before-term"})
+        await run.replies_to([served])
+        # A hung server keeps the creates in flight past the grace period.
+        os.kill(nbd_server.pid, signal.SIGSTOP)
+        try:
+            stuck = [await run.publish(job(device=make_disk(disks_dir, f"t{i}"))) for i in range(3)]
+            await asyncio.sleep(0.5)
+            assert first.proc is not None
+            started = asyncio.get_running_loop().time()
+            first.proc.send_signal(signal.SIGTERM)
+            code = await first.wait(30)
+            took_s = asyncio.get_running_loop().time() - started
+        finally:
+            os.kill(nbd_server.pid, signal.SIGCONT)
+        assert not any(c in scheduler.replies for c in stuck)
+        await second.start()  # the requeued jobs come back to the next worker
+        row = await run.row("SIGTERM with jobs in flight (grace 1 s)", held)
+    finally:
+        await first.stop()
+        await second.stop()
+        await scheduler.channel.close()
+    assert code == 0
+    assert took_s < 10
+    assert any("Stopping: no new jobs" in line for line in first.log)
+    assert row.lost == 0
+    assert row.held_connection == "survived"
+    assert all(scheduler.replies[c]["status"] == "ready" for c in stuck)
+    await check_consistent(settings)
     held.close()
