@@ -176,7 +176,8 @@ async def serve(
         # Not fatal: jobs get nbd_server_unavailable and /readyz says why until the server
         # is back. A too-old server is fatal, and is checked again before every SIGHUP.
         log.warning("nbd-server is not available at start-up: %s", exc)
-    settings.link_dir.mkdir(parents=True, exist_ok=True)
+    # Traversable by nbd-server, writable by the worker only (the links choose devices).
+    settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
         node_id=settings.node_id,
@@ -440,14 +441,13 @@ async def _check(settings: Settings) -> int:
         results.append((f"listing exports at {settings.nbd_host}:{settings.nbd_port}", None))
     except WorkerError as exc:
         results.append(("listing exports", str(exc)))
-    try:
-        connection = await aio_pika.connect(
-            settings.amqp_url, timeout=settings.db_connect_timeout_s
-        )
-        await connection.close()
-        results.append((f"broker {mask_url(settings.amqp_url)} reachable", None))
-    except Exception as exc:
-        results.append((f"broker {mask_url(settings.amqp_url)} reachable", type(exc).__name__))
+    for url in settings.amqp_urls:  # each node of a cluster, named without its password
+        try:
+            connection = await aio_pika.connect(url, timeout=settings.db_connect_timeout_s)
+            await connection.close()
+            results.append((f"broker {mask_url(url)} reachable", None))
+        except Exception as exc:
+            results.append((f"broker {mask_url(url)} reachable", type(exc).__name__))
     try:
         async with _adapters(settings) as (repository, _):
             version_db = await repository.schema_version()

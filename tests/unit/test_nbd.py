@@ -154,3 +154,14 @@ async def test_reload_lock_waiters_run_in_turn(tmp_path: Path) -> None:
 
     await asyncio.gather(*(critical() for _ in range(10)))
     assert peak == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_a_snippet_has_mode_0644_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    spec = ExportSpec("migration-vm-x-disk0", tmp_path / "link")
+    old = os.umask(umask)
+    try:
+        write_snippet(tmp_path, spec)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "migration-vm-x-disk0.conf").stat().st_mode) == 0o644

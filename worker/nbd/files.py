@@ -84,6 +84,9 @@ def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) ->
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, SNIPPET_MODE)
         try:
+            # Exactly this mode whatever the umask: nbd-server (often another user) must
+            # read it; nobody but the worker may change it.
+            os.fchmod(fd, SNIPPET_MODE)
             os.write(fd, content)
             os.fsync(fd)
         finally:
