@@ -279,6 +279,13 @@ class Scheduler:
         return await self.reply(await self.publish(body), timeout_s)
 
 
+async def scheduler_for(amqp: AbstractConnection, settings: Settings) -> Scheduler:
+    """A scheduler on its own channel (the caller closes it) for `settings`' queue."""
+    scheduler = Scheduler(await amqp.channel(), settings.request_queue)
+    await scheduler.start()
+    return scheduler
+
+
 @pytest.fixture
 async def scheduler(amqp: AbstractConnection, worker: RunningWorker) -> AsyncIterator[Scheduler]:
     channel = await amqp.channel()

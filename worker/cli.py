@@ -476,11 +476,14 @@ async def _request(settings: Settings, args: argparse.Namespace) -> int:
         "vm_id": args.vm_id,
         "vm_name": args.vm_name,
         "disk_unit_number": args.disk,
-        "device_path": args.device,
     }
+    if args.device:
+        job["device_path"] = args.device
+    else:
+        job["volume_id"] = args.volume
     try:
         reply = await request_export(
-            settings.amqp_url, settings.request_queue, job, timeout_s=args.timeout
+            settings.amqp_urls, settings.request_queue, job, timeout_s=args.timeout
         )
     except TimeoutError:
         print(f"no reply within {args.timeout:g} s (is the worker running?)", file=sys.stderr)
@@ -539,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--vm-id", required=True, type=_vm_id)
     request.add_argument("--vm-name", required=True)
     request.add_argument("--disk", type=int, default=0, help="disk_unit_number (default 0)")
-    request.add_argument("--device", required=True, help="device_path on the appliance")
+    device = request.add_mutually_exclusive_group(required=True)
+    device.add_argument("--device", help="device_path on the appliance")
+    device.add_argument("--volume", help="volume_id (CloudStack volume UUID) instead")
     request.add_argument("--job-id", help="default: cli-<random>")
     request.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     release = commands.add_parser(

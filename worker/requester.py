@@ -11,16 +11,28 @@ import uuid
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractConnection
+
+
+async def _connect(amqp_urls: list[str], timeout_s: float) -> AbstractConnection:
+    """The first broker of the list that answers."""
+    error: Exception = ValueError("no broker URL given")
+    for url in amqp_urls:
+        try:
+            return await aio_pika.connect(url, timeout=timeout_s)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            error = exc
+    raise error
 
 
 async def request_export(
-    amqp_url: str, request_queue: str, job: dict[str, Any], *, timeout_s: float
+    amqp_urls: list[str], request_queue: str, job: dict[str, Any], *, timeout_s: float
 ) -> dict[str, Any]:
     """Publishes `job` with a private reply queue; returns the decoded reply.
 
     Raises TimeoutError when no reply comes in time.
     """
-    connection = await aio_pika.connect(amqp_url, timeout=timeout_s)
+    connection = await _connect(amqp_urls, timeout_s)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)

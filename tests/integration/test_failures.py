@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import Scheduler, job, make_disk, running_worker
+from tests.conftest import Scheduler, job, make_disk, running_worker, scheduler_for
 from tests.nbd_harness import OLD_SERVER_BIN, NbdConnection, NbdServerProcess, pid_running
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-async def scheduler_for(amqp: AbstractConnection, settings: Settings) -> Scheduler:
-    scheduler = Scheduler(await amqp.channel(), settings.request_queue)
-    await scheduler.start()
-    return scheduler
 
 
 async def test_same_disk_on_two_workers_is_created_once(

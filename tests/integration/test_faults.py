@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import AMQP_URL, Scheduler, job, make_disk, running_worker
+from tests.conftest import AMQP_URL, Scheduler, job, make_disk, running_worker, scheduler_for
 from tests.fault_table import ROWS, FaultRow
 from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
 from tests.tcp_proxy import TcpProxy
@@ -106,18 +106,12 @@ class FaultRun:
         return row
 
 
-async def start_scheduler(amqp: AbstractConnection, settings: Settings) -> Scheduler:
-    scheduler = Scheduler(await amqp.channel(), settings.request_queue)
-    await scheduler.start()
-    return scheduler
-
-
 async def make_held(
     settings: Settings, amqp: AbstractConnection, disks_dir: Path, nbd_port: int
 ) -> tuple[Held, dict[str, Any]]:
     """An export made by a worker that is then stopped, with a client connected to it."""
     async with running_worker(settings):
-        scheduler = await start_scheduler(amqp, settings)
+        scheduler = await scheduler_for(amqp, settings)
         request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
         reply = await scheduler.request(request)
         await scheduler.channel.close()
@@ -169,7 +163,7 @@ async def test_worker_killed_at_each_step_of_a_create(
     disks_dir: Path,
 ) -> None:
     held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await start_scheduler(amqp, fault_settings)
+    scheduler = await scheduler_for(amqp, fault_settings)
     run = FaultRun(amqp, scheduler, fault_settings)
     doomed = WorkerProcess(fault_settings, EXPORT_WORKER_CRASH_AT=point)
     survivor = WorkerProcess(fault_settings)
@@ -219,7 +213,7 @@ async def test_broker_connection_cut_mid_run(
     proxy = TcpProxy("127.0.0.1", 5672)
     port = await proxy.start()
     proxied = fault_settings.model_copy(update={"amqp_url": AMQP_URL.replace(":5672", f":{port}")})
-    scheduler = await start_scheduler(amqp, proxied)
+    scheduler = await scheduler_for(amqp, proxied)
     run = FaultRun(amqp, scheduler, proxied)
     try:
         async with running_worker(proxied) as worker:
@@ -261,7 +255,7 @@ async def test_database_connection_cut_mid_run(
             "db_connect_timeout_s": 1.0,
         }
     )
-    scheduler = await start_scheduler(amqp, proxied)
+    scheduler = await scheduler_for(amqp, proxied)
     run = FaultRun(amqp, scheduler, proxied)
     try:
         async with running_worker(proxied):
@@ -294,7 +288,7 @@ async def test_nbd_server_killed_and_restarted(
     _held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     _held.close()
     patient = fault_settings
-    scheduler = await start_scheduler(amqp, patient)
+    scheduler = await scheduler_for(amqp, patient)
     run = FaultRun(amqp, scheduler, patient)
     try:
         async with running_worker(patient):
@@ -327,7 +321,7 @@ async def test_nbd_server_hung(
     # Every try waits out a probe timeout: fewer of them, so the test ends sooner.
     fault_settings = fault_settings.model_copy(update={"delivery_limit": 1, "job_attempts": 2})
     held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await start_scheduler(amqp, fault_settings)
+    scheduler = await scheduler_for(amqp, fault_settings)
     run = FaultRun(amqp, scheduler, fault_settings)
     try:
         async with running_worker(fault_settings):
@@ -367,7 +361,7 @@ async def test_duplicate_publishes(
     disks_dir: Path,
 ) -> None:
     held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await start_scheduler(amqp, fault_settings)
+    scheduler = await scheduler_for(amqp, fault_settings)
     run = FaultRun(amqp, scheduler, fault_settings)
     create = job(device=make_disk(disks_dir, "dup"))
     reuse = {**held_request, "job_id": "reuse-dup"}
@@ -417,7 +411,7 @@ async def test_poison_messages(
     disks_dir: Path,
 ) -> None:
     held, _ = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await start_scheduler(amqp, fault_settings)
+    scheduler = await scheduler_for(amqp, fault_settings)
     run = FaultRun(amqp, scheduler, fault_settings)
     try:
         async with running_worker(fault_settings):
@@ -446,7 +440,7 @@ async def test_consumer_cancelled_by_the_broker(
     disks_dir: Path,
 ) -> None:
     held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await start_scheduler(amqp, fault_settings)
+    scheduler = await scheduler_for(amqp, fault_settings)
     run = FaultRun(amqp, scheduler, fault_settings)
     try:
         async with running_worker(fault_settings) as worker:
@@ -479,7 +473,7 @@ async def test_sigterm_with_jobs_in_flight(
 ) -> None:
     held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     settings = fault_settings.model_copy(update={"shutdown_grace_s": 1.0})
-    scheduler = await start_scheduler(amqp, settings)
+    scheduler = await scheduler_for(amqp, settings)
     run = FaultRun(amqp, scheduler, settings)
     first, second = WorkerProcess(settings), WorkerProcess(settings)
     try:

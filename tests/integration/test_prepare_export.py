@@ -13,8 +13,17 @@ import aiomysql
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import RunningWorker, Scheduler, job, make_disk
+from tests.conftest import (
+    RunningWorker,
+    Scheduler,
+    job,
+    make_disk,
+    run_worker_cli,
+    running_worker,
+    scheduler_for,
+)
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess
+from tests.worker_process import env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -462,3 +471,43 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
     conn = NbdConnection(nbd_server.port, created["export_name"])
     assert conn.read(0, 10) == b"RELEASE ME"
     conn.close()
+
+
+async def test_a_volume_id_is_served_by_its_by_id_link(
+    settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    by_id = disks_dir / "by-id"
+    by_id.mkdir()
+    disk = make_disk(disks_dir, "vdc", b"volume-bytes")
+    volume = "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"
+    link = by_id / "virtio-0a1b2c3d4e5f6a7b8c9d"
+    link.symlink_to(disk)
+    by_volume = settings.model_copy(update={"by_id_dir": by_id, "udev_wait_s": 0.2})
+    async with running_worker(by_volume):
+        request = {k: v for k, v in job(device=disk).items() if k != "device_path"}
+        scheduler = await scheduler_for(amqp, by_volume)
+        ready = await scheduler.request({**request, "volume_id": volume.upper()})
+        missing = await scheduler.request(
+            {**request, "job_id": "missing", "disk_unit_number": 1, "volume_id": str(uuid.uuid4())}
+        )
+        await scheduler.channel.close()
+        # The operator's smoke test names a volume the same way.
+        cli = await asyncio.to_thread(
+            run_worker_cli,
+            *("request", "--vm-id", request["vm_id"], "--vm-name", "v", "--disk", "0"),
+            *("--volume", volume),
+            env=env_for(by_volume),
+        )
+    assert (ready["status"], ready["action"]) == ("ready", "created")
+    assert ready["device_path"] == str(link)
+    assert ready["kernel_device"] == str(disk)
+    assert ready["volume_id"] == volume
+    conn = NbdConnection(nbd_server.port, ready["export_name"])
+    try:
+        assert conn.read(0, 12) == b"volume-bytes"
+    finally:
+        conn.close()
+    assert missing["error"]["code"] == "device_not_found"
+    assert "virtio-" in missing["error"]["message"]
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["action"] == "reused"
