@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from worker import faults
 from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
+from worker.dead_letters import list_dead_letters, replay_dead_letters
 from worker.devices import DevicePolicy, device_present
 from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
@@ -41,7 +42,7 @@ from worker.nbd.server import NbdServer
 from worker.ops_http import OpsServer
 from worker.reconcile import reconcile
 from worker.repository import Repository, latest_migration_version, migrate
-from worker.requester import request_export
+from worker.requester import connect_first, request_export
 from worker.settings import Settings, mask_url
 
 log = logging.getLogger("worker")
@@ -492,6 +493,32 @@ async def _request(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if reply.get("status") == "ready" else EXIT_FAILURE
 
 
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    dead_letter_queue = f"{settings.request_queue}.dead"
+    connection = await connect_first(settings.amqp_urls, settings.db_connect_timeout_s)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        if args.replay:
+            letters = await replay_dead_letters(
+                channel, dead_letter_queue, settings.request_queue, args.limit
+            )
+        else:
+            letters = await list_dead_letters(channel, dead_letter_queue, args.limit)
+    if args.json:
+        print(json.dumps([letter.as_dict() for letter in letters], indent=2))
+    else:
+        for letter in letters:
+            print(f"{letter.reason:16} job_id={letter.job_id} body={letter.preview!r}")
+        if args.replay:
+            print(
+                f"{len(letters)} dead letter(s) replayed from {dead_letter_queue} "
+                f"to {settings.request_queue}"
+            )
+        else:
+            print(f"{len(letters)} dead letter(s) in {dead_letter_queue} (left in place)")
+    return EXIT_OK
+
+
 async def _migrate(settings: Settings) -> int:
     try:
         applied = await migrate(
@@ -552,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("--vm-id", required=True, type=_vm_id)
     release.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    dead = commands.add_parser(
+        "dead-letters", help="list the dead-letter queue (left in place), or replay it"
+    )
+    dead.add_argument("--replay", action="store_true", help="move them back to the request queue")
+    dead.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    dead.add_argument("--json", action="store_true")
     commands.add_parser("check", help="pre-flight checks; exit 1 listing what is wrong")
     commands.add_parser("show-config", help="print the effective settings, secrets masked")
     schemas = commands.add_parser(
@@ -588,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "release": lambda: _release(settings, args),
         "check": lambda: _check(settings),
         "request": lambda: _request(settings, args),
+        "dead-letters": lambda: _dead_letters(settings, args),
     }
     with contextlib.suppress(KeyboardInterrupt):
         try:

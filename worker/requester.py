@@ -14,7 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 
 
-async def _connect(amqp_urls: list[str], timeout_s: float) -> AbstractConnection:
+async def connect_first(amqp_urls: list[str], timeout_s: float) -> AbstractConnection:
     """The first broker of the list that answers."""
     error: Exception = ValueError("no broker URL given")
     for url in amqp_urls:
@@ -32,7 +32,7 @@ async def request_export(
 
     Raises TimeoutError when no reply comes in time.
     """
-    connection = await _connect(amqp_urls, timeout_s)
+    connection = await connect_first(amqp_urls, timeout_s)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +23,7 @@ from tests.conftest import (
     make_disk,
     run_worker_cli,
     running_worker,
+    scheduler_for,
 )
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess, free_port
 from tests.worker_process import env_for
@@ -299,3 +302,45 @@ def test_show_config_masks_secrets() -> None:
     typo = run_worker_cli("show-config", env={**env, "EXPORT_WORKER_DEVICE_ROOT": "/dev"})
     assert typo.returncode == 2
     assert "EXPORT_WORKER_DEVICE_ROOT" in typo.stderr
+
+
+async def test_dead_letters_are_listed_in_place_and_replayed(
+    settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    fast = settings.model_copy(update={"probe": "native", "probe_timeout_s": 0.5})
+    request = job(device=make_disk(disks_dir, "dl", b"dead"))
+    async with running_worker(fast):
+        scheduler = await scheduler_for(amqp, fast)
+        os.kill(nbd_server.pid, signal.SIGSTOP)  # hung: the job exhausts its retries
+        try:
+            corr = await scheduler.publish(request)
+            failed = await scheduler.reply(corr, timeout_s=60)
+        finally:
+            os.kill(nbd_server.pid, signal.SIGCONT)
+        assert failed["error"]["code"] == "retries_exhausted"
+
+        listed = [await asyncio.to_thread(cli, fast, "dead-letters", "--json") for _ in range(2)]
+        for proc in listed:
+            assert proc.returncode == 0, proc.stderr
+            letters = json.loads(proc.stdout)
+            assert [(d["job_id"], d["reason"]) for d in letters] == [
+                (request["job_id"], "rejected")
+            ]
+            assert letters[0]["correlation_id"] == corr
+
+        # The cause is gone: replayed, the job is served and answered to its scheduler.
+        replay = await asyncio.to_thread(cli, fast, "dead-letters", "--replay")
+        assert replay.returncode == 0, replay.stderr
+        assert "1 dead letter(s) replayed" in replay.stdout
+        deadline = asyncio.get_running_loop().time() + 30
+        while scheduler.replies[corr]["status"] != "ready":
+            assert asyncio.get_running_loop().time() < deadline, scheduler.replies[corr]
+            await asyncio.sleep(0.05)
+        empty = await asyncio.to_thread(cli, fast, "dead-letters")
+        await scheduler.channel.close()
+    assert "0 dead letter(s) in" in empty.stdout
+    conn = NbdConnection(nbd_server.port, scheduler.replies[corr]["export_name"])
+    try:
+        assert conn.read(0, 4) == b"dead"
+    finally:
+        conn.close()
