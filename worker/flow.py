@@ -160,14 +160,14 @@ class ExportFlow:
 
     async def prepare_export(self, request: PrepareExport) -> ExportReady:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
-        # Checked before anything else: a redelivered job whose device has gone is refused
-        # as it would be the first time, never answered from an older record.
-        device = await self._devices.resolve(request.device_path, request.volume_id)
         name = request.export_name
         key = (request.vm_id, request.disk_unit_number)
         mapping, recorded = await self._mappings.lookup(*key, request.job_id)
         if recorded is not None:
+            # Answered before (a redelivery, a duplicate): the same answer, whatever has
+            # changed since, and nothing touched.
             return self._answer_recorded(request, recorded)
+        device = await self._devices.resolve(request.device_path, request.volume_id)
         # Fast path, no lock: the common case is a job for a disk already being served, and
         # then one database lookup and a shared listing decide it.
         if (

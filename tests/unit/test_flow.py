@@ -397,3 +397,13 @@ async def test_a_volume_link_leading_outside_the_roots_is_refused(tmp_path: Path
     policy = DevicePolicy((tmp_path,), allow_regular_files=True, by_id_dir=by_id, udev_wait_s=0)
     with pytest.raises(InvalidRequest, match="outside the allowed roots"):
         await policy.resolve(None, VOLUME.lower())
+
+
+async def test_a_duplicate_is_answered_from_its_record_even_if_its_device_has_gone(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, _mappings, _server = make_flow(tmp_path)
+    job = request(disk, job="gone-1")
+    first = await flow.prepare_export(job)
+    disk.unlink()
+    assert await flow.prepare_export(job) == first
