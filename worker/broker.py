@@ -92,7 +92,12 @@ class BrokerSession:
         """Returns when the broker has cancelled the consumer (its queue was deleted, or a
         quorum queue lost its members): aio-pika only forgets the consumer then, with no
         callback, and the channel stays open, so without this the worker would idle."""
-        while not await consumer.cancelled_by_broker():  # noqa: ASYNC110 - no event to wait on
+        while True:
+            try:
+                if await consumer.cancelled_by_broker():
+                    break
+            except Exception as exc:  # a channel closing under us: `lost` reports that
+                log.debug("Could not check the consumer: %s", exc)
             await asyncio.sleep(CONSUMER_CHECK_S)
         self._metrics.consumer_cancels.inc()
         log.warning("The broker cancelled the consumer; consuming again on a new connection")

@@ -85,6 +85,10 @@ async def _housekeeping(
             pid = await _record_server(server, metrics, pid)
             metrics.active_mappings.set(await repository.count_active())
             metrics.exports_live.set(len(await server.listed_exports()))
+        except WorkerError as exc:
+            log.warning("Housekeeping failed: %s", exc)
+        try:
+            # Apart from the above: records are pruned while nbd-server is down too.
             pruned = await repository.prune_jobs(settings.job_record_retention_s)
             if pruned:
                 log.info("Pruned job records count=%d", pruned)
@@ -177,7 +181,8 @@ async def serve(
         # Not fatal: jobs get nbd_server_unavailable and /readyz says why until the server
         # is back. A too-old server is fatal, and is checked again before every SIGHUP.
         log.warning("nbd-server is not available at start-up: %s", exc)
-    # Traversable by nbd-server, writable by the worker only (the links choose devices).
+    # Created traversable by nbd-server and writable by the worker only (the links choose
+    # devices); an existing directory keeps the mode its installer gave it.
     settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
@@ -188,6 +193,7 @@ async def serve(
     )
     ops: OpsServer | None = None
     housekeeping: asyncio.Task[None] | None = None
+    ledger: JobLedger | None = None
     try:
         if settings.reconcile_on_start:
             try:
@@ -242,8 +248,9 @@ async def serve(
                 started.set()
 
         await broker.run(stop, on_ready)
-        await ledger.close()
     finally:
+        if ledger is not None:
+            await ledger.close()
         if housekeeping is not None:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -497,7 +504,7 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     dead_letter_queue = f"{settings.request_queue}.dead"
     connection = await connect_first(settings.amqp_urls, settings.db_connect_timeout_s)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         if args.replay:
             letters = await replay_dead_letters(
                 channel, dead_letter_queue, settings.request_queue, args.limit

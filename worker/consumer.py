@@ -1,7 +1,9 @@
 """The queue side: declares the queues, consumes jobs, runs the flow, replies, settles.
 
-The only place that acks or rejects a message, and the only place that catches Exception.
-A job is acked only after its reply is confirmed; every message read gets a reply.
+The only place that acks, rejects or requeues a message, and the only place that catches
+Exception. A job is acked or rejected only after its reply is confirmed; a job is requeued
+unanswered only while it has deliveries left, so every job ends with a reply (see
+README: a message that kills every worker it reaches is the one exception).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ MAX_BODY_BYTES = 64 * 1024
 MESSAGE_TYPES = ("prepare-export", "release-export")
 #: Error messages in replies are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000
+#: Tries to publish the reply on a job's last delivery, and the pause between them.
+LAST_DELIVERY_REPLY_TRIES = 3
+LAST_DELIVERY_REPLY_PAUSE_S = 1.0
 
 
 class Settle(Enum):
@@ -256,7 +261,7 @@ class JobConsumer:
         started = time.monotonic()
         try:
             reply, settle, outcome = await self._serve(message)
-            if reply is None:
+            if settle is Settle.REQUEUE or reply is None:
                 # A transient failure with deliveries left: no reply yet, the job comes back.
                 self._metrics.requeued.inc()
                 await self._settle(message, "nack", lambda: message.nack(requeue=True))
@@ -264,16 +269,9 @@ class JobConsumer:
                 return
             if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
                 crash_point("before_reply")  # a create's reply, for the fault suite
-            try:
-                await self._replies.publish(
-                    reply, reply_to=message.reply_to, correlation_id=message.correlation_id
-                )
-            except Exception:
+            if not await self._publish_reply(message, reply):
                 # No confirmed reply, so no ack: the broker redelivers the job, and handling
-                # it again is idempotent.
-                log.exception(
-                    "Reply not confirmed; returning job to the queue job_id=%s", reply.job_id
-                )
+                # it again answers from the job's record.
                 self._metrics.requeued.inc()
                 await self._settle(message, "nack", lambda: message.nack(requeue=True))
                 return
@@ -288,6 +286,34 @@ class JobConsumer:
             self._metrics.in_flight.dec()
             if task is not None:
                 self._in_flight.discard(task)
+
+    async def _publish_reply(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
+        """Publishes the reply; whether the broker confirmed it. On a job's last delivery a
+        requeue would dead-letter it unanswered, so then it tries a few times."""
+        last = delivery_count(message) + 1 > self._config.delivery_limit
+        tries = LAST_DELIVERY_REPLY_TRIES if last else 1
+        for attempt in range(1, tries + 1):
+            try:
+                await self._replies.publish(
+                    reply, reply_to=message.reply_to, correlation_id=message.correlation_id
+                )
+            except Exception:
+                log.exception(
+                    "Reply not confirmed job_id=%s attempt=%d of %d%s",
+                    reply.job_id,
+                    attempt,
+                    tries,
+                    "; the job's last delivery: it goes to the dead-letter queue unanswered"
+                    if last and attempt == tries
+                    else "",
+                )
+                if self._channel.is_closed:
+                    return False
+                if attempt < tries:
+                    await asyncio.sleep(LAST_DELIVERY_REPLY_PAUSE_S)
+            else:
+                return True
+        return False
 
     async def _run(self, request: PrepareExport | ReleaseExport) -> ExportReady | ExportReleased:
         """Runs the flow, retrying transient failures with backoff and full jitter."""

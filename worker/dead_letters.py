@@ -76,11 +76,15 @@ async def replay_dead_letters(
     channel: AbstractChannel, dead_letter_queue: str, request_queue: str, limit: int
 ) -> list[DeadLetter]:
     """Moves up to `limit` dead letters back to the request queue, one at a time: each is
-    republished (confirmed) before it is acked, so a failure loses nothing (at worst one job
-    is in both queues, and the worker answers a job it answered before from its record)."""
+    republished (confirmed, and routed: `mandatory`) before it is acked, so a failure loses
+    nothing (at worst one job is in both queues, and the worker answers a job it answered
+    before from its record). Only what the queue held at the start: a message that fails
+    again at once is not replayed twice."""
+    await channel.declare_queue(request_queue, passive=True)  # it must exist
     queue = await channel.declare_queue(dead_letter_queue, passive=True)
+    held = queue.declaration_result.message_count or 0
     replayed = []
-    for _ in range(limit):
+    for _ in range(min(limit, held)):
         message = await queue.get(fail=False, no_ack=False)
         if message is None:
             break
@@ -96,6 +100,7 @@ async def replay_dead_letters(
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=request_queue,
+            mandatory=True,
         )
         await message.ack()
         replayed.append(describe(message))

@@ -84,3 +84,7 @@ class TransientDatabaseError(WorkerError):
 
 class DatabaseError(WorkerError):
     """Any other database failure."""
+
+
+class TransactionConflict(TransientDatabaseError):
+    """Deadlock or lock wait timeout: the statement is retried at once, on its own."""

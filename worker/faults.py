@@ -1,6 +1,8 @@
 """Fault injection for the fault suite (tests/integration/test_faults.py): a real `kill -9`
 of the worker at a named step of a create, so the suite can prove that the next start
-repairs every such state. Off unless EXPORT_WORKER_CRASH_AT names a step.
+repairs every such state. Off unless EXPORT_WORKER_CRASH_AT names a step. The first time
+any work reaches that step, reconciliation's creates and answers repeated from a record
+included, the process dies: start the next worker without it.
 """
 
 from __future__ import annotations

@@ -80,10 +80,20 @@ def decide(mapping: Mapping | None, device_path: str, live: bool) -> Action:
 
 
 class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it; and an epoch
+    per key that moves on every release, so a lock-free reader can tell whether anyone held
+    the key's lock while it was not looking (the epochs share a fixed number of slots, so
+    memory stays bounded: another key's release may look like this key's, never the other
+    way round)."""
+
+    EPOCH_SLOTS = 4096
 
     def __init__(self) -> None:
         self._locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}
+        self._epochs = [0] * self.EPOCH_SLOTS
+
+    def epoch(self, key: tuple[str, int]) -> int:
+        return self._epochs[hash(key) % self.EPOCH_SLOTS]
 
     @contextlib.asynccontextmanager
     async def hold(self, key: tuple[str, int]) -> AsyncIterator[bool]:
@@ -94,6 +104,7 @@ class KeyedLocks:
             async with lock:
                 yield users > 0
         finally:
+            self._epochs[hash(key) % self.EPOCH_SLOTS] += 1
             lock, users = self._locks[key]
             if users == 1:
                 del self._locks[key]
@@ -162,6 +173,7 @@ class ExportFlow:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
         name = request.export_name
         key = (request.vm_id, request.disk_unit_number)
+        epoch = self._keys.epoch(key)
         mapping, recorded = await self._mappings.lookup(*key, request.job_id)
         if recorded is not None:
             # Answered before (a redelivery, a duplicate): the same answer, whatever has
@@ -174,19 +186,19 @@ class ExportFlow:
             decide(mapping, device.path, live=True) is Action.REUSED
             and not _claimed_by(mapping, request.job_id)
             and await self._server.is_live(name, device.path, fresh=False)
-            # A create, relink or release of this disk under way here (it may have started
-            # during the awaits above) goes first: then this job takes the locked path.
+            # A create, relink or release of this disk under way here, or done during the
+            # awaits above, may have made what was read stale: then the locked path decides.
             and key not in self._keys
+            and self._keys.epoch(key) == epoch
         ):
             return self._reuse(request, device)
 
-        async with self._keys.hold(key) as waited:
-            if waited:
-                # Read again: a job for the same disk (maybe this one, duplicated) may have
-                # finished meanwhile.
-                mapping, recorded = await self._mappings.lookup(*key, request.job_id)
-                if recorded is not None:
-                    return self._answer_recorded(request, recorded)
+        async with self._keys.hold(key):
+            # Read again under the lock: a job for the same disk (maybe this very one,
+            # duplicated) may have finished while this one looked or waited.
+            mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+            if recorded is not None:
+                return self._answer_recorded(request, recorded)
             # Set when an earlier delivery of this very job claimed the row and then was cut
             # short (a crash, a lost connection): finish its work, answer as it would have.
             earlier = _claimed_by(mapping, request.job_id)
@@ -210,7 +222,9 @@ class ExportFlow:
                 )
             # The database row first: its unique device index settles races with other jobs
             # and workers before anything on disk or in the server changes (DeviceInUse).
-            await self._mappings.claim(request, device, str(action))
+            # A job finishing an earlier delivery keeps the action that delivery recorded.
+            claimed_action = mapping.last_action if earlier and mapping else None
+            await self._mappings.claim(request, device, claimed_action or str(action))
             crash_point("after_claim")
             try:
                 ensured = await self._server.ensure_export(

@@ -3,15 +3,17 @@
 A redelivered or duplicated job is answered from its record (see ExportFlow), so it never
 changes anything twice. Records that must be durable before the reply (a job that changed
 a mapping) are awaited; concurrent ones share one INSERT, so a burst of creates costs one
-round trip, not one per job. A reuse's record is written in the background: a reuse
-changes nothing, so if a crash loses its record, a redelivery finds the same state and
-answers the same.
+round trip, not one per job. A reuse's record is written in the background, a few
+milliseconds after its reply: a reuse changes nothing, so a record lost to a crash in
+between costs little: a redelivery is evaluated again and, unless another job changed the
+disk meanwhile, answers the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from typing import Protocol
 
@@ -56,25 +58,45 @@ class JobLedger:
                 await self._writer
 
     def _start_writer(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._pending and (self._writer is None or self._writer.done()):
-            self._writer = asyncio.create_task(self._write())
+            # A context of its own: the job that happened to start the writer must not
+            # lend its job_id to the writer's log lines.
+            self._writer = asyncio.create_task(self._write(), context=contextvars.Context())
 
     async def _write(self) -> None:
         # Whatever arrives while one INSERT runs goes into the next one.
-        while self._pending:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            try:
-                await self._store.record_jobs([record for record, _ in batch])
-            except Exception as exc:
-                for record, done in batch:
-                    if done is None:
-                        log.warning(
-                            "Could not record a reused job job_id=%s error=%s", record.job_id, exc
-                        )
-                    elif not done.done():
-                        done.set_exception(exc)
-                continue
-            for _, done in batch:
-                if done is not None and not done.done():
-                    done.set_result(None)
+        batch: list[tuple[JobRecord, asyncio.Future[None] | None]] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    await self._store.record_jobs([record for record, _ in batch])
+                except Exception as exc:
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+                batch = []
+        finally:
+            # Cancelled (at shutdown): nobody may wait forever for a record.
+            _settle(batch + self._pending, RuntimeError("the job ledger stopped"))
+            if self._pending:
+                self._pending = []
+
+
+def _settle(
+    batch: list[tuple[JobRecord, asyncio.Future[None] | None]], error: Exception | None
+) -> None:
+    for record, done in batch:
+        if done is None:
+            if error is not None:
+                log.warning(
+                    "Could not record a reused job job_id=%s error=%s", record.job_id, error
+                )
+        elif not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)

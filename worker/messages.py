@@ -81,7 +81,13 @@ class PrepareExport(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
         frozen=True,
-        json_schema_extra={"oneOf": [{"required": ["device_path"]}, {"required": ["volume_id"]}]},
+        # Exactly one of the two, given and not null.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["device_path"], "properties": {"device_path": {"type": "string"}}},
+                {"required": ["volume_id"], "properties": {"volume_id": {"type": "string"}}},
+            ]
+        },
     )
 
     type: Literal["prepare-export"] = Field(

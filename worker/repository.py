@@ -28,7 +28,13 @@ from tenacity import (
 )
 
 from worker.devices import Device
-from worker.errors import DatabaseError, DeviceInUse, TransientDatabaseError, WorkerError
+from worker.errors import (
+    DatabaseError,
+    DeviceInUse,
+    TransactionConflict,
+    TransientDatabaseError,
+    WorkerError,
+)
 from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
 
@@ -38,6 +44,10 @@ T = TypeVar("T")
 #: MySQL error numbers worth retrying: deadlock (also Galera certification failures),
 #: lock wait timeout, server gone away / lost connection, cannot connect.
 TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003})
+#: Those a statement retries at once, on its own: a conflict between transactions clears in
+#: milliseconds. A lost or refused connection is left to the job's retries, which wait
+#: longer: retrying in both places would multiply the tries (and connect timeouts).
+CONFLICT_ERRNOS = frozenset({1213, 1205})
 ER_DUP_ENTRY = 1062
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
@@ -66,6 +76,8 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
     errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
     # The server's own words: they name tables, keys and hosts, never passwords.
     text = str(exc.args[1]) if len(exc.args) > 1 else type(exc).__name__
+    if errno in CONFLICT_ERRNOS:
+        return TransactionConflict(f"database error {errno} (transient): {text}")
     if errno in TRANSIENT_ERRNOS:
         return TransientDatabaseError(f"database error {errno} (transient): {text}")
     return DatabaseError(f"database error {errno}: {text}")
@@ -74,7 +86,7 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
 def retry_policy(
     *, attempts: int = 5, max_wait_s: float = 2.0, on_retry: Callable[[], None] | None = None
 ) -> AsyncRetrying:
-    """Retries one transaction on transient errors: exponential backoff with full jitter,
+    """Retries one transaction on conflicts: exponential backoff with full jitter,
     at most `attempts` tries; `on_retry` is called before each new try (to count it)."""
 
     def log_retry(state: RetryCallState) -> None:
@@ -86,7 +98,7 @@ def retry_policy(
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
         wait=wait_random_exponential(multiplier=0.02, max=max_wait_s),
-        retry=retry_if_exception(lambda e: isinstance(e, WorkerError) and e.retryable),
+        retry=retry_if_exception(lambda e: isinstance(e, TransactionConflict)),
         before_sleep=log_retry,
         reraise=True,
     )

@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=5, ge=1, le=1000)
     #: Tries of a job within one delivery on a transient failure (database, probe timeout,
     #: server down), with exponential backoff plus jitter between them: by default waits of
-    #: 0.5, 1, 2 and 4 s (each plus up to 0.5 s), 7.5 s a delivery; with delivery_limit 5
-    #: a job outlasts about 45 s of outage before its retries_exhausted reply.
+    #: 0.5, 1, 2 and 4 s (each plus up to 0.5 s), at least 7.5 s a delivery; with
+    #: delivery_limit 5 (six deliveries) a job outlasts at least 45 s of outage, plus the
+    #: time its tries take (connect and probe timeouts), before its retries_exhausted reply.
     job_attempts: int = Field(default=5, ge=1, le=100)
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=10.0, gt=0)

@@ -17,6 +17,6 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     reply TEXT NOT NULL,
     created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     PRIMARY KEY (node_id, job_id),
-    -- Housekeeping deletes records older than the retention period.
-    KEY ix_created_at (created_at)
+    -- Housekeeping deletes this node's records older than the retention period.
+    KEY ix_node_created_at (node_id, created_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;

@@ -182,7 +182,13 @@ async def test_request_command_prints_the_reply(
     assert reply["action"] == "created"
     assert reply["export_name"] == f"migration-vm-{vm}-disk1"
 
+    # The same job again is answered from its record, whatever its device now.
     argv[argv.index(str(disk))] = str(disks_dir / "absent")
+    again = await asyncio.to_thread(run_worker_cli, *argv, env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == reply
+
+    argv[argv.index("cli-1")] = "cli-2"
     proc = await asyncio.to_thread(run_worker_cli, *argv, env=env)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["code"] == "device_not_found"

@@ -12,9 +12,15 @@ from pydantic import AnyUrl, ValidationError
 
 from worker.consumer import describe_validation_error, request_queue_arguments
 from worker.devices import DevicePolicy
-from worker.errors import DatabaseError, DeviceNotFound, InvalidRequest, TransientDatabaseError
+from worker.errors import (
+    DatabaseError,
+    DeviceNotFound,
+    InvalidRequest,
+    TransactionConflict,
+    TransientDatabaseError,
+)
 from worker.messages import parse_request
-from worker.repository import database_name, split_statements, translate_error
+from worker.repository import database_name, retry_policy, split_statements, translate_error
 from worker.settings import Settings, mask_url
 
 
@@ -107,16 +113,34 @@ def test_split_statements_ignores_comments() -> None:
 @pytest.mark.parametrize(
     ("errno", "kind"),
     [
-        (1213, TransientDatabaseError),
-        (1205, TransientDatabaseError),
+        (1213, TransactionConflict),
+        (1205, TransactionConflict),
         (2013, TransientDatabaseError),
+        (2003, TransientDatabaseError),
         (1146, DatabaseError),
     ],
 )
 def test_translate_error(errno: int, kind: type[Exception]) -> None:
     error = translate_error(pymysql.err.OperationalError(errno, "x"))
     assert type(error) is kind
-    assert error.retryable is (kind is TransientDatabaseError)
+    assert error.retryable is (kind is not DatabaseError)
+
+
+async def test_a_statement_retries_conflicts_only() -> None:
+    """Conflicts clear in milliseconds; a lost connection is the job's retries' business."""
+    for error, tries in ((TransactionConflict("deadlock"), 5), (TransientDatabaseError("x"), 1)):
+        calls = 0
+
+        async def fail(error: Exception = error) -> None:
+            nonlocal calls
+            async for attempt in retry_policy(attempts=5, max_wait_s=0.001):
+                with attempt:
+                    calls += 1
+                    raise error
+
+        with pytest.raises(type(error)):
+            await fail()
+        assert calls == tries
 
 
 def test_database_name_is_validated() -> None:

@@ -407,3 +407,21 @@ async def test_a_duplicate_is_answered_from_its_record_even_if_its_device_has_go
     first = await flow.prepare_export(job)
     disk.unlink()
     assert await flow.prepare_export(job) == first
+
+
+async def test_a_reuse_does_not_answer_for_a_release_done_during_its_probe(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, _mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    # The release starts and finishes while the prepare waits for its listing: when the
+    # listing comes back, no lock is held, yet what the prepare read is stale.
+    server.probe_delay_s = 0.05
+    release = ReleaseExport(type="release-export", job_id="r-x", vm_id=VM, disk_unit_number=0)
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.01)
+        await flow.release_export(release)
+
+    after, _ = await asyncio.gather(flow.prepare_export(request(disk)), release_soon())
+    assert after.action is Action.CREATED

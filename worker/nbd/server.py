@@ -318,7 +318,8 @@ class NbdServer:
                 linked[name] = device
         try:
             changed, replaced, created = await asyncio.to_thread(self._write_files, linked)
-            crash_point("after_snippet")
+            if changed:
+                crash_point("after_snippet")
             # A snippet we just created is news to the server unless the name is still in
             # its memory (released, then prepared again): the shared listing, if we have
             # one, says so. Everything else is asked.
