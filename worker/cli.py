@@ -337,7 +337,7 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
                     "listed": is_listed if local and listed is not None else None,
                     "servable": size is not None if local and listed is not None else None,
                     "size_bytes": size,
-                    "updated_at": m.updated_at.isoformat(),
+                    "updated_at": m.updated_at.isoformat() if m.updated_at else None,
                 }
             )
     if args.json:

@@ -48,6 +48,7 @@ from worker.messages import (
 )
 from worker.metrics import Metrics
 from worker.replies import ReplyPublisher
+from worker.retrying import call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -329,21 +330,30 @@ class JobConsumer:
             )
 
         config = self._config
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(config.job_attempts),
-            # A floor that doubles (so a short outage is outlasted for sure) plus jitter
-            # (so the jobs of a burst do not all retry at once).
-            wait=wait_exponential(multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s)
-            + wait_random(0, config.retry_backoff_s),
-            retry=retry_if_exception(lambda e: isinstance(e, WorkerError) and e.retryable),
-            before_sleep=count_retry,
-            reraise=True,
-        ):
-            with attempt:
-                if isinstance(request, ReleaseExport):
-                    return await self._flow.release_export(request)
-                return await self._flow.prepare_export(request)
-        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, WorkerError) and exc.retryable
+
+        def policy() -> AsyncRetrying:
+            return AsyncRetrying(
+                stop=stop_after_attempt(config.job_attempts),
+                # A floor that doubles (so a short outage is outlasted for sure) plus jitter
+                # (so the jobs of a burst do not all retry at once).
+                wait=wait_exponential(
+                    multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s
+                )
+                + wait_random(0, config.retry_backoff_s),
+                retry=retry_if_exception(retryable),
+                before_sleep=count_retry,
+                reraise=True,
+            )
+
+        async def serve() -> ExportReady | ExportReleased:
+            if isinstance(request, ReleaseExport):
+                return await self._flow.release_export(request)
+            return await self._flow.prepare_export(request)
+
+        return await call_with_retries(serve, policy, retryable)
 
     async def _serve(self, message: AbstractIncomingMessage) -> tuple[Reply | None, Settle, str]:
         """Turns a message into its reply (None: requeue it unanswered), how to settle it,

@@ -23,8 +23,9 @@ class Mapping(BaseModel):
     device_path: str
     device_id: str
     status: Literal["active", "inactive"]
-    created_at: datetime
-    updated_at: datetime
+    #: Not read on the job path (the lookup leaves them out: every column costs it).
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
     #: The job that last claimed or released this mapping, and what it did (an Action
     #: value, or "released"): lets that job, redelivered after a crash, answer as before.
     last_job_id: str | None = None

@@ -37,6 +37,7 @@ from worker.errors import (
 )
 from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
+from worker.retrying import call_with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +59,13 @@ _COLUMNS = (
 
 
 _FIELDS = tuple(_COLUMNS.split(", "))
-_MAPPING_COLUMNS = ", ".join(f"m.{field}" for field in _FIELDS)
+#: What a job needs of its mapping: pure-Python result parsing costs per column, and the
+#: lookup runs for every job.
+_LOOKUP_FIELDS = (
+    "id", "vm_name", "export_name", "device_path", "device_id", "status", "last_job_id",
+    "last_action",
+)  # fmt: skip
+_LOOKUP_COLUMNS = ", ".join(f"m.{field}" for field in _LOOKUP_FIELDS)
 
 
 def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
@@ -181,10 +188,11 @@ class Repository:
             raise translate_error(exc) from exc
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async for attempt in retry_policy(on_retry=self._on_retry):
-            with attempt:
-                return await fn()
-        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+        return await call_with_retries(
+            fn,
+            lambda: retry_policy(on_retry=self._on_retry),
+            lambda exc: isinstance(exc, TransactionConflict),
+        )
 
     async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
         """The mapping of one (vm, disk), active or not: one point lookup on uq_vm_disk."""
@@ -210,8 +218,7 @@ class Repository:
         async def query() -> tuple[Mapping | None, JobRecord | None]:
             async with self._cursor() as cur:
                 await cur.execute(
-                    f"SELECT {_MAPPING_COLUMNS}, "  # noqa: S608 - fixed columns
-                    "j.job_id, j.vm_id, j.disk_unit_number, j.reply "
+                    f"SELECT {_LOOKUP_COLUMNS}, j.reply "  # noqa: S608 - fixed columns
                     "FROM (SELECT 1 AS one) AS q "
                     "LEFT JOIN vm_export_mappings AS m "
                     "ON m.node_id = %s AND m.vm_id = %s AND m.disk_unit_number = %s "
@@ -219,16 +226,23 @@ class Repository:
                     (self._node, vm_id, disk_unit_number, self._node, job_id),
                 )
                 row = await cur.fetchone()
-            width = len(_FIELDS)
-            mapping = _row_to_mapping(row[:width]) if row[0] is not None else None
-            job = row[width:]
-            record = (
-                JobRecord(
-                    job_id=job[0], vm_id=job[1], disk_unit_number=job[2], reply=json.loads(job[3])
+            mapping = None
+            if row[0] is not None:
+                mapping = Mapping.model_construct(
+                    node_id=self._node,
+                    vm_id=vm_id,
+                    disk_unit_number=disk_unit_number,
+                    **dict(zip(_LOOKUP_FIELDS, row[:-1], strict=True)),
                 )
-                if job[0] is not None
-                else None
-            )
+            record = None
+            if row[-1] is not None:
+                reply = json.loads(row[-1])
+                record = JobRecord(
+                    job_id=job_id,
+                    vm_id=reply["vm_id"],
+                    disk_unit_number=reply["disk_unit_number"],
+                    reply=reply,
+                )
             return mapping, record
 
         return await self._retrying(query)

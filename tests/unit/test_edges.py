@@ -9,6 +9,7 @@ from pathlib import Path
 import pymysql
 import pytest
 from pydantic import AnyUrl, ValidationError
+from tenacity import AsyncRetrying, stop_after_attempt
 
 from worker.consumer import describe_validation_error, request_queue_arguments
 from worker.devices import DevicePolicy
@@ -18,9 +19,11 @@ from worker.errors import (
     InvalidRequest,
     TransactionConflict,
     TransientDatabaseError,
+    WorkerError,
 )
 from worker.messages import parse_request
 from worker.repository import database_name, retry_policy, split_statements, translate_error
+from worker.retrying import call_with_retries
 from worker.settings import Settings, mask_url
 
 
@@ -172,3 +175,38 @@ def test_dashboard_uses_only_metrics_the_worker_exports() -> None:
 def test_unknown_variables_are_reported() -> None:
     environ = {"EXPORT_WORKER_DEVICE_ROOT": "/dev/disk/by-id", "EXPORT_WORKER_NODE_ID": "a"}
     assert Settings.unknown_variables(environ) == ["EXPORT_WORKER_DEVICE_ROOT"]
+
+
+@pytest.mark.parametrize(
+    ("failures", "error", "calls", "succeeds"),
+    [
+        (0, TransientDatabaseError, 1, True),
+        (2, TransientDatabaseError, 3, True),
+        (9, TransientDatabaseError, 4, False),  # four tries in all, the first included
+        (9, DatabaseError, 1, False),  # not retryable
+    ],
+)
+async def test_call_with_retries_counts_the_first_try(
+    failures: int, error: type[Exception], calls: int, succeeds: bool
+) -> None:
+    made = 0
+
+    async def fn() -> str:
+        nonlocal made
+        made += 1
+        if made <= failures:
+            raise error("x")
+        return "ok"
+
+    def policy() -> AsyncRetrying:
+        return AsyncRetrying(stop=stop_after_attempt(4), reraise=True)
+
+    def retryable(exc: BaseException) -> bool:
+        return isinstance(exc, WorkerError) and exc.retryable
+
+    if succeeds:
+        assert await call_with_retries(fn, policy, retryable) == "ok"
+    else:
+        with pytest.raises(error):
+            await call_with_retries(fn, policy, retryable)
+    assert made == calls
