@@ -138,6 +138,30 @@ async def check_consistent(settings: Settings) -> None:
         await repository.close()
 
 
+async def publish_mix(
+    run: FaultRun, disks_dir: Path, held_request: dict[str, Any], tag: str, pairs: int
+) -> None:
+    """`pairs` creates of new disks, each with a reuse of the held export."""
+    for i in range(pairs):
+        await run.publish(job(device=make_disk(disks_dir, f"{tag}{i}")))
+        await run.publish({**held_request, "job_id": f"reuse-{tag}{i}"})
+
+
+async def cut_after_some_replies(proxy: TcpProxy, run: FaultRun, outage_s: float) -> None:
+    """Once a few jobs are answered, drops the proxied connections and refuses new ones
+    for `outage_s`, then lets them through again (on the same port)."""
+    while len(run.scheduler.replies) < 10:
+        await asyncio.sleep(0.01)
+    await proxy.stop()
+    await asyncio.sleep(outage_s)
+    await proxy.start()
+
+
+def assert_all_ready(scheduler: Scheduler) -> None:
+    replies = list(scheduler.replies.values())
+    assert [r["error"] for r in replies if r["status"] != "ready"] == []
+
+
 @pytest.fixture
 def fault_settings(settings: Settings) -> Settings:
     # Per delivery, four tries 0.2, 0.4 and 0.8 s apart (plus jitter); six deliveries: a
@@ -217,14 +241,8 @@ async def test_broker_connection_cut_mid_run(
     run = FaultRun(amqp, scheduler, proxied)
     try:
         async with running_worker(proxied) as worker:
-            for i in range(30):
-                await run.publish(job(device=make_disk(disks_dir, f"b{i}")))
-                await run.publish({**held_request, "job_id": f"reuse-b{i}"})
-            while len(scheduler.replies) < 10:
-                await asyncio.sleep(0.01)
-            await proxy.stop()  # cut mid-run: in-flight acks are lost
-            await asyncio.sleep(1.0)
-            await proxy.start()
+            await publish_mix(run, disks_dir, held_request, "b", 30)
+            await cut_after_some_replies(proxy, run, 1.0)  # in-flight acks are lost
             row = await run.row("broker connection cut mid-run", held)
             reconnects = worker.sample("nbd_export_broker_reconnects_total")
     finally:
@@ -233,8 +251,7 @@ async def test_broker_connection_cut_mid_run(
     assert row.lost == 0
     assert row.held_connection == "survived"
     assert reconnects >= 1
-    replies = list(scheduler.replies.values())
-    assert [r["error"] for r in replies if r["status"] != "ready"] == []
+    assert_all_ready(scheduler)
     await check_consistent(fault_settings)
     held.close()
 
@@ -259,22 +276,16 @@ async def test_database_connection_cut_mid_run(
     run = FaultRun(amqp, scheduler, proxied)
     try:
         async with running_worker(proxied):
-            for i in range(30):
-                await run.publish(job(device=make_disk(disks_dir, f"d{i}")))
-                await run.publish({**held_request, "job_id": f"reuse-d{i}"})
-            while len(scheduler.replies) < 10:
-                await asyncio.sleep(0.01)
-            await proxy.stop()  # every pooled connection dies; new ones are refused
-            await asyncio.sleep(2.0)
-            await proxy.start()
+            await publish_mix(run, disks_dir, held_request, "d", 30)
+            # Every pooled connection dies; new ones are refused.
+            await cut_after_some_replies(proxy, run, 2.0)
             row = await run.row("database connection cut mid-run", held)
     finally:
         await proxy.stop()
         await scheduler.channel.close()
     assert row.lost == 0
     assert row.held_connection == "survived"
-    replies = list(scheduler.replies.values())
-    assert [r["error"] for r in replies if r["status"] != "ready"] == []
+    assert_all_ready(scheduler)
     await check_consistent(fault_settings)
     held.close()
 
@@ -307,8 +318,7 @@ async def test_nbd_server_killed_and_restarted(
         await scheduler.channel.close()
     assert before["action"] == "reused"
     assert row.lost == 0
-    replies = list(scheduler.replies.values())
-    assert [r["error"] for r in replies if r["status"] != "ready"] == []
+    assert_all_ready(scheduler)
     await check_consistent(fault_settings)
 
 
@@ -461,7 +471,7 @@ async def test_consumer_cancelled_by_the_broker(
         await scheduler.channel.close()
     assert row.lost == 0
     assert row.held_connection == "survived"
-    assert all(r["status"] == "ready" for r in scheduler.replies.values())
+    assert_all_ready(scheduler)
     held.close()
 
 
