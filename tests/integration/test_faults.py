@@ -517,3 +517,48 @@ async def test_sigterm_with_jobs_in_flight(
     assert all(scheduler.replies[c]["status"] == "ready" for c in stuck)
     await check_consistent(settings)
     held.close()
+
+
+async def test_broker_cut_while_a_create_is_in_flight(
+    fault_settings: Settings,
+    amqp: AbstractConnection,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    """The connection drops while a create waits on the server: the job is cut short with
+    its channel, and its redelivery finishes it without a second SIGHUP."""
+    held, _ = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
+    proxy = TcpProxy("127.0.0.1", 5672)
+    port = await proxy.start()
+    proxied = fault_settings.model_copy(
+        update={"amqp_url": AMQP_URL.replace(":5672", f":{port}"), "probe_timeout_s": 5.0}
+    )
+    scheduler = await scheduler_for(amqp, proxied)
+    run = FaultRun(amqp, scheduler, proxied)
+    try:
+        async with running_worker(proxied) as worker:
+            os.kill(nbd_server.pid, signal.SIGSTOP)  # holds the create in a probe
+            try:
+                corr = await run.publish(job(device=make_disk(disks_dir, "inflight", b"if")))
+                while not worker.sample("nbd_export_jobs_in_flight"):
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
+                await proxy.stop()
+            finally:
+                os.kill(nbd_server.pid, signal.SIGCONT)
+            await asyncio.sleep(0.5)
+            await proxy.start()
+            row = await run.row("broker cut while a create is in flight", held)
+            sighups = worker.sample("nbd_server_sighups_total")
+            reconnects = worker.sample("nbd_export_broker_reconnects_total")
+    finally:
+        await proxy.stop()
+        await scheduler.channel.close()
+    assert row.lost == 0
+    assert row.held_connection == "survived"
+    assert reconnects >= 1
+    reply = scheduler.replies[corr]
+    assert (reply["status"], reply["action"]) == ("ready", "created")
+    assert sighups == 1  # the redelivery found the export made and changed nothing
+    await check_consistent(fault_settings)
+    held.close()

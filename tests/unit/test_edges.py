@@ -210,3 +210,25 @@ async def test_call_with_retries_counts_the_first_try(
         with pytest.raises(error):
             await call_with_retries(fn, policy, retryable)
     assert made == calls
+
+
+async def test_an_ack_on_a_closed_channel_is_logged_and_counted_not_raised() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from aiormq.exceptions import ChannelInvalidStateError
+
+    from worker.consumer import JobConsumer, QueueConfig
+    from worker.metrics import build_metrics
+
+    metrics = build_metrics("n")
+    channel = cast(Any, SimpleNamespace(default_exchange=None, is_closed=True))
+    config = QueueConfig("q", "r", "x", "k", "n", 1, 1, 1.0)
+    consumer = JobConsumer(channel, cast(Any, None), metrics, config)
+    message = cast(Any, SimpleNamespace(delivery_tag=7))
+
+    async def stale_ack() -> None:
+        raise ChannelInvalidStateError("writer is None")  # what a stale tag's ack raises
+
+    assert await consumer._settle(message, "ack", stale_ack) is False
+    assert metrics.registry.get_sample_value("nbd_export_settle_failures_total", {"node": "n"}) == 1
