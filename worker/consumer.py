@@ -1,9 +1,11 @@
 """The queue side: declares the queues, consumes jobs, runs the flow, replies, settles.
 
 The only place that acks, rejects or requeues a message, and the only place that catches
-Exception. A job is acked or rejected only after its reply is confirmed; a job is requeued
-unanswered only while it has deliveries left, so every job ends with a reply (see
-README: a message that kills every worker it reaches is the one exception).
+Exception. A job is acked only after its reply is confirmed; a job is requeued unanswered
+only while it has deliveries left, so every job ends with a reply. The exceptions, both
+dead-lettered: a message that kills every worker it reaches, and a reply the broker would
+not confirm on the job's last delivery (tried three times; counted as reply_unconfirmed).
+A reply retried after a lost confirm may reach its scheduler twice, identical.
 """
 
 from __future__ import annotations
@@ -261,7 +263,20 @@ class JobConsumer:
         bind_job(correlation_id=message.correlation_id)
         started = time.monotonic()
         try:
-            reply, settle, outcome = await self._serve(message)
+            try:
+                reply, settle, outcome = await self._serve(message)
+            except Exception:
+                # _serve answers every failure it knows; this is a bug, and the message
+                # must still be answered and kept (an unsettled one would hold its
+                # prefetch slot until the channel closes).
+                log.exception("Unexpected error reading a request")
+                reply = error_reply(
+                    ErrorCode.INTERNAL_ERROR,
+                    "unexpected internal error; see the worker log",
+                    job_id=salvage_job_id(message.body),
+                    node_id=self._config.node_id,
+                )
+                settle, outcome = Settle.DEAD_LETTER, "failed"
             if settle is Settle.REQUEUE or reply is None:
                 # A transient failure with deliveries left: no reply yet, the job comes back.
                 self._metrics.requeued.inc()
@@ -271,6 +286,12 @@ class JobConsumer:
             if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
                 crash_point("before_reply")  # a create's reply, for the fault suite
             if not await self._publish_reply(message, reply):
+                if self._is_last_delivery(message):
+                    # Requeued, it would be dead-lettered by the queue anyway: do it here,
+                    # counted, so the dead letter is explained.
+                    if await self._settle(message, "reject", lambda: message.reject(requeue=False)):
+                        self._metrics.dead_lettered.labels(code="reply_unconfirmed").inc()
+                    return
                 # No confirmed reply, so no ack: the broker redelivers the job, and handling
                 # it again answers from the job's record.
                 self._metrics.requeued.inc()
@@ -288,10 +309,14 @@ class JobConsumer:
             if task is not None:
                 self._in_flight.discard(task)
 
+    def _is_last_delivery(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the queue would dead-letter this job if it were returned once more."""
+        return delivery_count(message) + 1 > self._config.delivery_limit
+
     async def _publish_reply(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
         """Publishes the reply; whether the broker confirmed it. On a job's last delivery a
         requeue would dead-letter it unanswered, so then it tries a few times."""
-        last = delivery_count(message) + 1 > self._config.delivery_limit
+        last = self._is_last_delivery(message)
         tries = LAST_DELIVERY_REPLY_TRIES if last else 1
         for attempt in range(1, tries + 1):
             try:
@@ -416,7 +441,7 @@ class JobConsumer:
                 # The queue dead-letters a job returned more than delivery_limit times; the
                 # worker answers on that last delivery itself, then rejects it.
                 deliveries = delivery_count(message) + 1
-                if deliveries <= self._config.delivery_limit:
+                if not self._is_last_delivery(message):
                     log.info(
                         "Returning job to the queue job_id=%s delivery=%d delivery_limit=%d",
                         request.job_id,

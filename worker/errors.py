@@ -87,4 +87,4 @@ class DatabaseError(WorkerError):
 
 
 class TransactionConflict(TransientDatabaseError):
-    """Deadlock or lock wait timeout: the statement is retried at once, on its own."""
+    """A deadlock: the statement is retried at once, on its own."""

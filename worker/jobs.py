@@ -17,6 +17,7 @@ import contextvars
 import logging
 from typing import Protocol
 
+from worker.errors import TransientDatabaseError
 from worker.mappings import JobRecord
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,16 @@ class JobLedger:
         if self._timer is None and (self._writer is None or self._writer.done()):
             self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start_writer)
 
-    async def close(self) -> None:
-        """Writes what is pending (at shutdown)."""
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Writes what is pending (at shutdown), giving up after `timeout_s`: a statement
+        on a half-open connection would otherwise hold the shutdown forever."""
         self._start_writer()
         if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await self._writer
+            with contextlib.suppress(Exception, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout_s)
+            if not self._writer.done():
+                self._writer.cancel()
+                await asyncio.wait({self._writer})  # its outcome is the waiters' business
 
     def _start_writer(self) -> None:
         if self._timer is not None:
@@ -81,7 +86,8 @@ class JobLedger:
                 batch = []
         finally:
             # Cancelled (at shutdown): nobody may wait forever for a record.
-            _settle(batch + self._pending, RuntimeError("the job ledger stopped"))
+            # Retryable: the job is requeued, and its next delivery finishes it.
+            _settle(batch + self._pending, TransientDatabaseError("the job ledger stopped"))
             if self._pending:
                 self._pending = []
 

@@ -292,7 +292,7 @@ def salvage_job_id(body: bytes) -> str | None:
     """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: [[[[...
         return None
     job_id = data.get("job_id") if isinstance(data, dict) else None
     if isinstance(job_id, str) and _JOB_ID_RE.fullmatch(job_id):

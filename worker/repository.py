@@ -45,10 +45,11 @@ T = TypeVar("T")
 #: MySQL error numbers worth retrying: deadlock (also Galera certification failures),
 #: lock wait timeout, server gone away / lost connection, cannot connect.
 TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003})
-#: Those a statement retries at once, on its own: a conflict between transactions clears in
-#: milliseconds. A lost or refused connection is left to the job's retries, which wait
-#: longer: retrying in both places would multiply the tries (and connect timeouts).
-CONFLICT_ERRNOS = frozenset({1213, 1205})
+#: Those a statement retries at once, on its own: a deadlock clears in milliseconds. A lock
+#: wait timeout (which has already waited innodb_lock_wait_timeout) and a lost or refused
+#: connection are left to the job's retries, which wait longer: retrying them in both
+#: places would multiply the tries and their timeouts.
+CONFLICT_ERRNOS = frozenset({1213})
 ER_DUP_ENTRY = 1062
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 

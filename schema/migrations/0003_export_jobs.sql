@@ -5,12 +5,13 @@
 -- lets a job redelivered after a crash (claimed, not yet recorded) finish and answer as
 -- its first delivery would have.
 ALTER TABLE vm_export_mappings
-    ADD COLUMN IF NOT EXISTS last_job_id VARCHAR(128) CHARACTER SET ascii NULL,
+    ADD COLUMN IF NOT EXISTS last_job_id VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NULL,
     ADD COLUMN IF NOT EXISTS last_action VARCHAR(16) CHARACTER SET ascii NULL;
 
 CREATE TABLE IF NOT EXISTS export_jobs (
     node_id VARCHAR(64) CHARACTER SET ascii NOT NULL,
-    job_id VARCHAR(128) CHARACTER SET ascii NOT NULL,
+    -- Job ids are case-sensitive: "Job-1" and "job-1" are two jobs.
+    job_id VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     vm_id CHAR(36) CHARACTER SET ascii NOT NULL,
     disk_unit_number SMALLINT UNSIGNED NOT NULL,
     -- The reply as published (export-ready or export-released JSON).

@@ -411,6 +411,7 @@ POISON: list[bytes] = [
     b'{"job_id": "p6", "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "vm_name": "x", '
     b'"disk_unit_number": 0, "volume_id": "../../../../etc/passwd"}',
     b'{"job_id": "' + b"x" * 70_000 + b'"}',
+    b"[" * 5000,  # too deep for pydantic, and for json.loads: a RecursionError
 ]
 
 

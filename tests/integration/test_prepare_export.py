@@ -511,3 +511,17 @@ async def test_a_volume_id_is_served_by_its_by_id_link(
     assert "virtio-" in missing["error"]["message"]
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["action"] == "reused"
+
+
+async def test_job_ids_differing_in_case_are_two_jobs(
+    worker: RunningWorker, scheduler: Scheduler, disks_dir: Path
+) -> None:
+    vm = str(uuid.uuid4())
+    first = await scheduler.request(
+        job(vm_id=vm, device=make_disk(disks_dir, "c0"), job_id="Job-1")
+    )
+    second = await scheduler.request(
+        job(vm_id=vm, disk=1, device=make_disk(disks_dir, "c1"), job_id="job-1")
+    )
+    assert (first["status"], second["status"]) == ("ready", "ready")
+    assert (first["disk_unit_number"], second["disk_unit_number"]) == (0, 1)

@@ -117,7 +117,7 @@ def test_split_statements_ignores_comments() -> None:
     ("errno", "kind"),
     [
         (1213, TransactionConflict),
-        (1205, TransactionConflict),
+        (1205, TransientDatabaseError),
         (2013, TransientDatabaseError),
         (2003, TransientDatabaseError),
         (1146, DatabaseError),

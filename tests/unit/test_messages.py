@@ -104,6 +104,7 @@ def test_device_paths_udev_uses_are_accepted(path: str) -> None:
         (b"[1, 2]", None),
         (b"not json", None),
         (b"\xff\xfe", None),
+        (b"[" * 5000, None),
     ],
 )
 def test_salvage_job_id_only_returns_well_formed_ids(body: bytes, expected: str | None) -> None:
