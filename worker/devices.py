@@ -9,6 +9,7 @@ device (/dev/vdb and its /dev/disk/by-id link) have the same `device_id`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 import time
@@ -118,10 +119,16 @@ class DevicePolicy:
                 )
             await asyncio.sleep(self.udev_poll_s)
 
+    @functools.cached_property
+    def _root_prefixes(self) -> tuple[str, ...]:
+        """Each root as given and as resolved (e.g. /dev and what a link to it names),
+        resolved once: resolving costs a syscall per path component, on every job."""
+        prefixes = {str(root) for root in self.roots} | {str(r.resolve()) for r in self.roots}
+        return tuple(sorted(prefixes))
+
     def _under_root(self, path: str) -> bool:
         return any(
-            Path(path).is_relative_to(root) or Path(path).is_relative_to(root.resolve())
-            for root in self.roots
+            path == root or path.startswith(root.rstrip("/") + "/") for root in self._root_prefixes
         )
 
     def check(self, device_path: str) -> Device:
