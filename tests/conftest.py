@@ -68,6 +68,23 @@ def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
         server.stop()
 
 
+async def execute_sql(url: AnyUrl, sql: str) -> list[tuple[Any, ...]]:
+    """Runs one statement as root on `url`'s database (none if it names none); its rows."""
+    conn = await aiomysql.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user="root",
+        db=(url.path or "").lstrip("/") or None,
+        autocommit=True,
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql)
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 async def database_url() -> AsyncIterator[AnyUrl]:
     name = unique("nbdtest")
@@ -76,12 +93,7 @@ async def database_url() -> AsyncIterator[AnyUrl]:
     try:
         yield url
     finally:
-        conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root")
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        finally:
-            conn.close()
+        await execute_sql(AnyUrl(MYSQL_URL), f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @pytest.fixture
@@ -277,6 +289,38 @@ class Scheduler:
 
     async def request(self, body: bytes | dict[str, Any], timeout_s: float = 30) -> dict[str, Any]:
         return await self.reply(await self.publish(body), timeout_s)
+
+
+#: Error codes whose request the worker rejects to the dead-letter queue.
+DEAD_LETTERED_CODES = frozenset({"invalid_request", "retries_exhausted", "internal_error"})
+
+
+async def take_dead_letters(
+    amqp: AbstractConnection, request_queue: str, *, at_least: int, timeout_s: float = 10.0
+) -> list[bytes]:
+    """Takes the messages out of `<request_queue>.dead`: at least `at_least` of them (a
+    job is rejected just after its reply is confirmed, so a test sees the reply first),
+    then whatever else arrives before the queue has been quiet for a moment."""
+    channel = await amqp.channel()
+    try:
+        queue = await channel.declare_queue(f"{request_queue}.dead", passive=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        bodies: list[bytes] = []
+        quiet_since = loop.time()
+        while True:
+            message = await queue.get(fail=False)
+            if message is not None:
+                bodies.append(message.body)
+                await message.ack()
+                quiet_since = loop.time()
+                continue
+            now = loop.time()
+            if (len(bodies) >= at_least and now - quiet_since >= 0.3) or now > deadline:
+                return bodies
+            await asyncio.sleep(0.02)
+    finally:
+        await channel.close()
 
 
 async def scheduler_for(amqp: AbstractConnection, settings: Settings) -> Scheduler:

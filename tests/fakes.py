@@ -21,9 +21,6 @@ class InMemoryMappings:
         self.jobs: dict[str, JobRecord] = {}
         self.claims = 0
 
-    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
-        return self.rows.get((vm_id, disk_unit_number))
-
     async def lookup(
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> tuple[Mapping | None, JobRecord | None]:

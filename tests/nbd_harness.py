@@ -211,3 +211,9 @@ class NbdConnection:
         with contextlib.suppress(OSError):
             self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
         self._sock.close()
+
+    def __enter__(self) -> NbdConnection:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from worker.devices import Device, DevicePolicy
 from worker.errors import InvalidRequest, Superseded, WorkerError
@@ -19,6 +19,8 @@ from worker.mappings import JobRecord, Mapping
 from worker.messages import Action, ExportReady, ExportReleased, PrepareExport, ReleaseExport
 
 log = logging.getLogger(__name__)
+#: A reply type a recorded job can be repeated as.
+R = TypeVar("R", ExportReady, ExportReleased)
 
 
 class Mappings(Protocol):
@@ -96,13 +98,13 @@ class KeyedLocks:
         return self._epochs[hash(key) % self.EPOCH_SLOTS]
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: tuple[str, int]) -> AsyncIterator[bool]:
-        """Holds the key's lock; yields whether another holder had it first."""
+    async def hold(self, key: tuple[str, int]) -> AsyncIterator[None]:
+        """Holds the key's lock."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                yield users > 0
+                yield
         finally:
             self._epochs[hash(key) % self.EPOCH_SLOTS] += 1
             lock, users = self._locks[key]
@@ -178,7 +180,7 @@ class ExportFlow:
         if recorded is not None:
             # Answered before (a redelivery, a duplicate): the same answer, whatever has
             # changed since, and nothing touched.
-            return self._answer_recorded(request, recorded)
+            return self._repeat(request, recorded, ExportReady)
         device = await self._devices.resolve(request.device_path, request.volume_id)
         # Fast path, no lock: the common case is a job for a disk already being served, and
         # then one database lookup and a shared listing decide it.
@@ -198,7 +200,7 @@ class ExportFlow:
             # duplicated) may have finished while this one looked or waited.
             mapping, recorded = await self._mappings.lookup(*key, request.job_id)
             if recorded is not None:
-                return self._answer_recorded(request, recorded)
+                return self._repeat(request, recorded, ExportReady)
             # Set when an earlier delivery of this very job claimed the row and then was cut
             # short (a crash, a lost connection): finish its work, answer as it would have.
             earlier = _claimed_by(mapping, request.job_id)
@@ -250,20 +252,24 @@ class ExportFlow:
             await self._ledger.record(_record(ready))
             return ready
 
-    def _answer_recorded(self, request: PrepareExport, recorded: JobRecord) -> ExportReady:
-        if not recorded.is_for(request.vm_id, request.disk_unit_number):
+    def _repeat(
+        self, request: PrepareExport | ReleaseExport, recorded: JobRecord, reply_type: type[R]
+    ) -> R:
+        """The answer this job got before. A job_id already used for another disk, or for
+        another kind of job, is refused: a new job needs a new job_id."""
+        same_kind = recorded.reply.get("status") == reply_type.model_fields["status"].default
+        if not (same_kind and recorded.is_for(request.vm_id, request.disk_unit_number)):
             raise InvalidRequest(
-                f"job_id {request.job_id} was already used for vm {recorded.vm_id} disk "
-                f"{recorded.disk_unit_number}; a new job needs a new job_id"
+                f"job_id {request.job_id} was already used for another job (vm "
+                f"{recorded.vm_id} disk {recorded.disk_unit_number}); a new job needs a new "
+                "job_id"
             )
-        if recorded.reply.get("status") != "ready":
-            raise InvalidRequest(f"job_id {request.job_id} was already used for a release")
         log.info(
             "Job answered before; repeating its reply job_id=%s export_name=%s",
             request.job_id,
             request.export_name,
         )
-        return ExportReady.model_validate(recorded.reply)
+        return reply_type.model_validate(recorded.reply)
 
     async def release_export(self, request: ReleaseExport) -> ExportReleased:
         """Marks the mapping inactive, then removes its link and snippet: new connections
@@ -273,12 +279,7 @@ class ExportFlow:
         async with self._keys.hold(key):
             mapping, recorded = await self._mappings.lookup(*key, request.job_id)
             if recorded is not None:
-                if not recorded.is_for(*key) or recorded.reply.get("status") != "released":
-                    raise InvalidRequest(
-                        f"job_id {request.job_id} was already used for another job; a new "
-                        "job needs a new job_id"
-                    )
-                return ExportReleased.model_validate(recorded.reply)
+                return self._repeat(request, recorded, ExportReleased)
             # An earlier delivery of this job deactivated the row, then was cut short.
             earlier = (
                 mapping is not None

@@ -195,21 +195,6 @@ class Repository:
             lambda exc: isinstance(exc, TransactionConflict),
         )
 
-    async def find_mapping(self, vm_id: str, disk_unit_number: int) -> Mapping | None:
-        """The mapping of one (vm, disk), active or not: one point lookup on uq_vm_disk."""
-
-        async def query() -> Mapping | None:
-            async with self._cursor() as cur:
-                await cur.execute(
-                    f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608 - fixed columns
-                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                    (self._node, vm_id, disk_unit_number),
-                )
-                row = await cur.fetchone()
-            return _row_to_mapping(row) if row else None
-
-        return await self._retrying(query)
-
     async def lookup(
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> tuple[Mapping | None, JobRecord | None]:

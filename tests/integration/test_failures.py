@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import Scheduler, job, make_disk, running_worker, scheduler_for
+from tests.conftest import (
+    Scheduler,
+    job,
+    make_disk,
+    running_worker,
+    scheduler_for,
+    take_dead_letters,
+)
 from tests.nbd_harness import OLD_SERVER_BIN, NbdConnection, NbdServerProcess, pid_running
 from worker.settings import Settings
 
@@ -84,10 +91,8 @@ async def test_a_reload_that_adds_nothing_is_export_not_visible(
         assert reply["error"]["cause"] == "export_not_visible"
         assert "after 2 deliveries" in reply["error"]["message"]
         assert "unparsable" in reply["error"]["message"]
-        dead = await scheduler.channel.declare_queue(f"{fast.request_queue}.dead", passive=True)
-        dead_letter = await dead.get(timeout=5)
-        assert json.loads(dead_letter.body) == request
-        await dead_letter.ack()
+        dead = await take_dead_letters(amqp, fast.request_queue, at_least=1)
+        assert [json.loads(body) for body in dead] == [request]
         assert pid_running(nbd_server.pid)
 
         broken.unlink()
@@ -95,9 +100,8 @@ async def test_a_reload_that_adds_nothing_is_export_not_visible(
         await scheduler.channel.close()
     assert again["status"] == "ready"
     assert again["action"] == "recreated"
-    conn = NbdConnection(nbd_server.port, again["export_name"])
-    assert conn.read(0, 2) == b"xx"
-    conn.close()
+    with NbdConnection(nbd_server.port, again["export_name"]) as conn:
+        assert conn.read(0, 2) == b"xx"
 
 
 async def test_a_hung_server_gets_nbd_server_unavailable(

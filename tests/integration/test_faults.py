@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.conftest import AMQP_URL, Scheduler, job, make_disk, running_worker, scheduler_for
+from tests.conftest import (
+    AMQP_URL,
+    DEAD_LETTERED_CODES,
+    Scheduler,
+    job,
+    make_disk,
+    running_worker,
+    scheduler_for,
+    take_dead_letters,
+)
 from tests.fault_table import ROWS, FaultRow
 from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
 from tests.tcp_proxy import TcpProxy
@@ -77,27 +86,19 @@ class FaultRun:
         for corr in corrs:
             await self.scheduler.reply(corr, timeout_s)
 
-    async def dead_letters(self) -> list[bytes]:
-        """Takes every message out of the dead-letter queue."""
-        await asyncio.sleep(0.5)  # a job is rejected just after its reply is confirmed
-        channel = await self.amqp.channel()
-        try:
-            queue = await channel.declare_queue(f"{self.settings.request_queue}.dead", passive=True)
-            bodies = []
-            while (message := await queue.get(fail=False, timeout=5)) is not None:
-                bodies.append(message.body)
-                await message.ack()
-            return bodies
-        finally:
-            await channel.close()
-
     async def row(self, fault: str, held: Held | None) -> FaultRow:
         replies = await self.replies()
+        expected = [
+            r for r in replies.values() if r.get("error", {}).get("code") in DEAD_LETTERED_CODES
+        ]
+        dead = await take_dead_letters(
+            self.amqp, self.settings.request_queue, at_least=len(expected)
+        )
         row = FaultRow(
             fault=fault,
             sent=len(self.sent),
             replied=len(replies),
-            dead_lettered=len(await self.dead_letters()),
+            dead_lettered=len(dead),
             held_connection=(
                 "n/a (server killed)" if held is None else "survived" if held.survived() else "LOST"
             ),
@@ -133,7 +134,8 @@ async def check_consistent(settings: Settings) -> None:
         report = await reconcile(repository, server, dry_run=True)
         assert report.drift() == dict.fromkeys(report.drift(), 0), report.lines()
         for name in active:
-            NbdConnection(settings.nbd_port, name).close()
+            with NbdConnection(settings.nbd_port, name):
+                pass  # it opens (NBD_OPT_GO): servable
     finally:
         await repository.close()
 
@@ -210,21 +212,10 @@ async def test_worker_killed_at_each_step_of_a_create(
     reply = scheduler.replies[create_corr]
     # The same outcome as the first delivery would have had.
     assert (reply["status"], reply["action"], reply["reused"]) == ("ready", "created", False)
-    with NbdConnectionClosing(nbd_server.port, reply["export_name"]) as conn:
+    with NbdConnection(nbd_server.port, reply["export_name"]) as conn:
         assert conn.read(0, 8) == b"new-disk"
     await check_consistent(fault_settings)
     held.close()
-
-
-class NbdConnectionClosing:
-    def __init__(self, port: int, name: str) -> None:
-        self.conn = NbdConnection(port, name)
-
-    def __enter__(self) -> NbdConnection:
-        return self.conn
-
-    def __exit__(self, *_: object) -> None:
-        self.conn.close()
 
 
 async def test_broker_connection_cut_mid_run(

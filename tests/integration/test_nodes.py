@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomysql
 import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
@@ -20,6 +19,7 @@ from tests.conftest import (
     MYSQL_URL,
     Scheduler,
     delete_broker_objects,
+    execute_sql,
     job,
     make_disk,
     running_worker,
@@ -191,7 +191,7 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
         assert await migrate(url, node_id="ignored", timeout_s=5, directory=only_first) == [
             first.name
         ]
-        await execute(
+        await execute_sql(
             url,
             "INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, export_name, "
             "device_path, device_id) VALUES "
@@ -202,7 +202,7 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
             "0002_node_id.sql",
             "0003_export_jobs.sql",
         ]
-        rows = await execute(
+        rows = await execute_sql(
             url,
             "SELECT node_id, vm_id, disk_unit_number, export_name, device_path, status "
             "FROM vm_export_mappings ORDER BY disk_unit_number",
@@ -211,28 +211,12 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
             ("appliance-1", "4205784a-098a-40f1-1f1e-a5cd2597fd59", 0, "e0", "/dev/vdb", "active"),
             ("appliance-1", "4205784a-098a-40f1-1f1e-a5cd2597fd59", 1, "e1", "/dev/vdc", "active"),
         ]
-        keys = {row[2] for row in await execute(url, "SHOW INDEX FROM vm_export_mappings")}
+        keys = {row[2] for row in await execute_sql(url, "SHOW INDEX FROM vm_export_mappings")}
         assert {"uq_node_vm_disk", "uq_node_export_name", "uq_node_active_device_id"} <= keys
         assert not keys & {"uq_vm_disk", "uq_export_name", "uq_active_device_id"}
     finally:
-        await execute(AnyUrl(f"{MYSQL_URL}/mysql"), f"DROP DATABASE IF EXISTS `{name}`")
+        await execute_sql(AnyUrl(f"{MYSQL_URL}/mysql"), f"DROP DATABASE IF EXISTS `{name}`")
 
 
 async def fetch(settings: Settings, sql: str) -> list[tuple[object, ...]]:
-    return await execute(settings.database_url, sql)
-
-
-async def execute(url: AnyUrl, sql: str) -> list[tuple[object, ...]]:
-    conn = await aiomysql.connect(
-        host=url.host,
-        port=url.port or 3306,
-        user="root",
-        db=(url.path or "").lstrip("/"),
-        autocommit=True,
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(sql)
-            return list(await cur.fetchall())
-    finally:
-        conn.close()
+    return await execute_sql(settings.database_url, sql)

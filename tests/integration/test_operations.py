@@ -205,18 +205,16 @@ async def test_status_release_and_reconcile_commands(
     assert done.returncode == 0, done.stderr
     assert f"links rewritten: 1\n  {a['export_name']}\n" in done.stdout
     assert "SIGHUP sent: yes" in done.stdout
-    conn = NbdConnection(nbd_server.port, a["export_name"])
-    assert conn.read(0, 4) == b"AAAA"
-    conn.close()
+    with NbdConnection(nbd_server.port, a["export_name"]) as conn:
+        assert conn.read(0, 4) == b"AAAA"
     again = await asyncio.to_thread(cli, settings, "reconcile")
     assert "SIGHUP sent: no" in again.stdout
 
     # A prepare-export after the release brings the disk back.
     back = await scheduler.request({**b_job, "job_id": "back"})
     assert back["status"] == "ready"
-    conn = NbdConnection(nbd_server.port, b["export_name"])
-    assert conn.read(0, 4) == b"BBBB"
-    conn.close()
+    with NbdConnection(nbd_server.port, b["export_name"]) as conn:
+        assert conn.read(0, 4) == b"BBBB"
 
 
 async def test_check_command_lists_every_problem(
@@ -318,6 +316,11 @@ async def test_dead_letters_are_listed_in_place_and_replayed(
         finally:
             os.kill(nbd_server.pid, signal.SIGCONT)
         assert failed["error"]["code"] == "retries_exhausted"
+        # The reject follows the reply: wait until the dead letter is there.
+        dead = await scheduler.channel.declare_queue(f"{fast.request_queue}.dead", passive=True)
+        while not (dead.declaration_result.message_count or 0):
+            await asyncio.sleep(0.02)
+            dead = await scheduler.channel.declare_queue(f"{fast.request_queue}.dead", passive=True)
 
         listed = [await asyncio.to_thread(cli, fast, "dead-letters", "--json") for _ in range(2)]
         for proc in listed:
@@ -339,8 +342,5 @@ async def test_dead_letters_are_listed_in_place_and_replayed(
         empty = await asyncio.to_thread(cli, fast, "dead-letters")
         await scheduler.channel.close()
     assert "0 dead letter(s) in" in empty.stdout
-    conn = NbdConnection(nbd_server.port, scheduler.replies[corr]["export_name"])
-    try:
+    with NbdConnection(nbd_server.port, scheduler.replies[corr]["export_name"]) as conn:
         assert conn.read(0, 4) == b"dead"
-    finally:
-        conn.close()

@@ -9,18 +9,19 @@ import threading
 import uuid
 from pathlib import Path
 
-import aiomysql
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from tests.conftest import (
     RunningWorker,
     Scheduler,
+    execute_sql,
     job,
     make_disk,
     run_worker_cli,
     running_worker,
     scheduler_for,
+    take_dead_letters,
 )
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess
 from tests.worker_process import env_for
@@ -30,16 +31,10 @@ pytestmark = pytest.mark.integration
 
 
 async def node_of_rows(settings: Settings) -> set[str]:
-    url = settings.database_url
-    conn = await aiomysql.connect(
-        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/")
+    rows = await execute_sql(
+        settings.database_url, "SELECT DISTINCT node_id FROM vm_export_mappings"
     )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute("SELECT DISTINCT node_id FROM vm_export_mappings")
-            return {row[0] for row in await cur.fetchall()}
-    finally:
-        conn.close()
+    return {row[0] for row in rows}
 
 
 def snippets(settings: Settings) -> list[str]:
@@ -51,19 +46,11 @@ def sighups(worker: RunningWorker) -> float:
 
 
 async def mapping_rows(settings: Settings) -> list[tuple[object, ...]]:
-    url = settings.database_url
-    conn = await aiomysql.connect(
-        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/")
+    return await execute_sql(
+        settings.database_url,
+        "SELECT vm_id, disk_unit_number, export_name, device_path, status "
+        "FROM vm_export_mappings ORDER BY id",
     )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(
-                "SELECT vm_id, disk_unit_number, export_name, device_path, status "
-                "FROM vm_export_mappings ORDER BY id"
-            )
-            return list(await cur.fetchall())
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
@@ -94,12 +81,9 @@ async def test_first_job_creates_then_reuses_without_sighup(
     assert sighups(worker) == 1
     assert name in nbd_server.listed()
     assert snippets(worker.settings) == [f"{name}.conf"]
-    conn = NbdConnection(nbd_server.port, name)
-    try:
+    with NbdConnection(nbd_server.port, name) as conn:
         assert conn.size == disk.stat().st_size
         assert conn.read(0, 26) == b"migration-bytes-0123456789"
-    finally:
-        conn.close()
 
     second = await scheduler.request({**request, "job_id": "job-2"})
     assert second["action"] == "reused"
@@ -149,17 +133,11 @@ async def test_disks_of_one_vm_and_twenty_vms_at_once(
     for i, vm_id in enumerate(vms):
         name = f"migration-vm-{vm_id}-disk0"
         assert name in listed
-        conn = NbdConnection(nbd_server.port, name)
-        try:
+        with NbdConnection(nbd_server.port, name) as conn:
             assert conn.read(0, 5) == f"vm {i:02d}".encode()
-        finally:
-            conn.close()
     for name, data in ((r0["export_name"], b"disk zero"), (r1["export_name"], b"disk one!")):
-        conn = NbdConnection(nbd_server.port, name)
-        try:
+        with NbdConnection(nbd_server.port, name) as conn:
             assert conn.read(0, 9) == data
-        finally:
-            conn.close()
 
 
 async def test_concurrent_jobs_for_one_disk_make_one_create(
@@ -236,11 +214,8 @@ async def test_restarted_server_without_snippets_is_recreated(
     assert reply["action"] == "recreated"
     assert reply["reused"] is False
     assert name in nbd_server.listed()
-    conn = NbdConnection(nbd_server.port, name)
-    try:
+    with NbdConnection(nbd_server.port, name) as conn:
         assert conn.read(0, 14) == b"before restart"
-    finally:
-        conn.close()
 
 
 async def test_device_change_relinks_without_restart(
@@ -390,19 +365,9 @@ async def test_invalid_requests_get_error_replies_and_change_nothing(
     assert not worker.settings.link_dir.exists() or not any(worker.settings.link_dir.iterdir())
     assert await mapping_rows(worker.settings) == []
     # Rejected without requeue: the message is kept in the dead-letter queue.
-    channel = await amqp.channel()
-    dead = await channel.declare_queue(f"{worker.settings.request_queue}.dead", passive=True)
-    # The reply comes first, the reject just after: wait for the dead letter.
-    message = None
-    for _ in range(500):
-        message = await dead.get(fail=False)
-        if message is not None:
-            break
-        await asyncio.sleep(0.01)
-    assert message is not None
-    assert message.body == (body if isinstance(body, bytes) else message.body)
-    await message.ack()
-    await channel.close()
+    dead = await take_dead_letters(amqp, worker.settings.request_queue, at_least=1)
+    assert len(dead) == 1
+    assert dead[0] == (body if isinstance(body, bytes) else json.dumps(body).encode())
     # The worker keeps serving.
     ok = await scheduler.request(job(device=make_disk(disks_dir, "after-bad")))
     assert ok["action"] == "created"
@@ -468,9 +433,8 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
 
     back = await scheduler.request({**request, "job_id": "back"})
     assert back["status"] == "ready"
-    conn = NbdConnection(nbd_server.port, created["export_name"])
-    assert conn.read(0, 10) == b"RELEASE ME"
-    conn.close()
+    with NbdConnection(nbd_server.port, created["export_name"]) as conn:
+        assert conn.read(0, 10) == b"RELEASE ME"
 
 
 async def test_a_volume_id_is_served_by_its_by_id_link(
@@ -502,11 +466,8 @@ async def test_a_volume_id_is_served_by_its_by_id_link(
     assert ready["device_path"] == str(link)
     assert ready["kernel_device"] == str(disk)
     assert ready["volume_id"] == volume
-    conn = NbdConnection(nbd_server.port, ready["export_name"])
-    try:
+    with NbdConnection(nbd_server.port, ready["export_name"]) as conn:
         assert conn.read(0, 12) == b"volume-bytes"
-    finally:
-        conn.close()
     assert missing["error"]["code"] == "device_not_found"
     assert "virtio-" in missing["error"]["message"]
     assert cli.returncode == 0, cli.stderr

@@ -8,12 +8,11 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomysql
 import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import AMQP_URL, Scheduler, job, make_disk, run_worker_cli
+from tests.conftest import AMQP_URL, Scheduler, execute_sql, job, make_disk, run_worker_cli
 from tests.tcp_proxy import TcpProxy
 from tests.worker_process import WorkerProcess, env_for
 from worker.settings import Settings
@@ -25,17 +24,13 @@ pytestmark = pytest.mark.integration
 async def secret_user(database_url: AnyUrl) -> AsyncIterator[tuple[str, str]]:
     """A database user with a password, allowed on the test database only."""
     user, password = f"nbdsecret_{secrets.token_hex(4)}", f"Pw-{secrets.token_hex(12)}"
-    conn = await aiomysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
     db = (database_url.path or "/")[1:]
+    await execute_sql(database_url, f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
     try:
-        async with conn.cursor() as cur:
-            await cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
-            await cur.execute(f"GRANT ALL ON `{db}`.* TO '{user}'@'%'")
+        await execute_sql(database_url, f"GRANT ALL ON `{db}`.* TO '{user}'@'%'")
         yield user, password
     finally:
-        async with conn.cursor() as cur:
-            await cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
-        conn.close()
+        await execute_sql(database_url, f"DROP USER IF EXISTS '{user}'@'%'")
 
 
 async def test_passwords_never_appear_in_logs_or_replies(

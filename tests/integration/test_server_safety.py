@@ -135,9 +135,8 @@ async def test_two_workers_on_one_host_share_the_server_safely(
     listed = set(nbd_server.listed())
     for i, reply in enumerate(replies):
         assert reply["export_name"] in listed
-        conn = NbdConnection(nbd_server.port, reply["export_name"])
-        assert conn.read(0, 7) == f"disk {i:02d}".encode()
-        conn.close()
+        with NbdConnection(nbd_server.port, reply["export_name"]) as conn:
+            assert conn.read(0, 7) == f"disk {i:02d}".encode()
 
 
 async def test_unroutable_reply_to_falls_back_to_the_reply_queue(
@@ -160,3 +159,31 @@ async def test_unroutable_reply_to_falls_back_to_the_reply_queue(
     assert json.loads(message.body)["job_id"] == request["job_id"]
     await message.ack()
     await channel.close()
+
+
+async def test_a_restarted_server_is_probed_again_before_the_next_reuse(
+    worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    reply = await scheduler.request(job(device=make_disk(disks_dir, "r")))
+    # A listing trusted for ten minutes: only a new main pid (or our SIGHUP) may drop it.
+    trusting = worker.settings.model_copy(update={"listing_ttl_s": 600.0, "probe": "native"})
+    metrics = build_metrics("probe-count")
+    server = NbdServer(trusting, metrics)
+
+    def probes() -> float:
+        sample = metrics.registry.get_sample_value(
+            "nbd_server_probe_duration_seconds_count", {"node": "probe-count"}
+        )
+        return sample or 0.0
+
+    name, device = reply["export_name"], reply["device_path"]
+    assert await server.is_live(name, device, fresh=False)
+    assert await server.is_live(name, device, fresh=False)
+    assert probes() == 1  # the second answer came from the shared listing
+
+    old_pid = nbd_server.pid
+    nbd_server.stop()
+    nbd_server.start()
+    assert nbd_server.pid != old_pid
+    assert await server.is_live(name, device, fresh=False)
+    assert probes() == 2  # the new server was asked, not the old listing trusted

@@ -20,6 +20,7 @@ from tests.conftest import (
     RunningWorker,
     Scheduler,
     clean_environ,
+    execute_sql,
     job,
     make_disk,
     run_worker_cli,
@@ -142,10 +143,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
         finally:
             conn.close()
     finally:
-        conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root")
-        async with conn.cursor() as cur:
-            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
+        await execute_sql(AnyUrl(MYSQL_URL), f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def test_migrate_command_exit_code_and_output() -> None:
