@@ -263,15 +263,21 @@ def evaluate_targets(results: Results, *, burst_size: int, small: bool) -> list[
     else:
         add("reuse p50, concurrency 1", "<= 1.5 x floor p50", "not measured", None)
 
+    # Judged where the runs put it (after the reuse runs: ~1,000 exports on the
+    # server); the same creates on a server with few exports are shown beside it.
     single = results.find("create", "single")
+    few = results.find("few exports", "single")
     if single and single[0].p50_ms is not None:
-        add(
-            "create p50 (native probe)",
-            "<= 15 ms",
+        measured = (
             f"{single[0].p50_ms:.1f} ms "
-            f"({_fmt(single[0].extra.get('exports_before'), 0)} exports on the server)",
-            single[0].p50_ms <= 15,
+            f"({_fmt(single[0].extra.get('exports_before'), 0)} exports on the server)"
         )
+        if few and few[0].p50_ms is not None:
+            measured += (
+                f"; {few[0].p50_ms:.1f} ms with "
+                f"{_fmt(few[0].extra.get('exports_before'), 0)} exports"
+            )
+        add("create p50 (native probe)", "<= 15 ms", measured, single[0].p50_ms <= 15)
     else:
         add("create p50 (native probe)", "<= 15 ms", "not measured", None)
 
@@ -308,12 +314,11 @@ def evaluate_targets(results: Results, *, burst_size: int, small: bool) -> list[
     base = results.find("baseline", "reuse")
     if base and r16 is not None and base[0].jobs_per_s > 0:
         ratio = r16.jobs_per_s / base[0].jobs_per_s
-        add(
-            "reuse throughput vs baseline, concurrency 16",
-            ">= 10 x",
-            f"{ratio:.1f} x ({r16.jobs_per_s:,.0f} vs {base[0].jobs_per_s:,.1f} jobs/s)",
-            ratio >= 10,
-        )
+        measured = f"{ratio:.1f} x ({r16.jobs_per_s:,.0f} vs {base[0].jobs_per_s:,.1f} jobs/s)"
+        if floor_c16 is not None:
+            # What the same loop without worker logic reaches: the most any worker could.
+            measured += f"; the floor is {floor_c16.jobs_per_s / base[0].jobs_per_s:.1f} x"
+        add("reuse throughput vs baseline, concurrency 16", ">= 10 x", measured, ratio >= 10)
     else:
         add("reuse throughput vs baseline, concurrency 16", ">= 10 x", "not available", None)
 
@@ -380,6 +385,28 @@ def gains(results: Results) -> list[list[str]]:
                 f"{ours_single.p50_ms:.1f} ms (native probe)",
                 f"nbd-client probe: {probe_single.p50_ms:.1f} ms",
                 f"{probe_single.p50_ms / ours_single.p50_ms:.1f}x faster",
+            ]
+        )
+    return rows
+
+
+#: Processes whose CPU time each closed-loop run records (bench.cpu).
+CPU_COLUMNS = ("publisher", "consumer", "rabbitmq", "mariadb", "nbd-server")
+
+
+def cpu_per_job(results: Results) -> list[list[str]]:
+    rows = []
+    for r in results.rows:
+        cpu: dict[str, float] = r.extra.get("cpu_ms_per_job") or {}
+        if not cpu:
+            continue
+        rows.append(
+            [
+                r.section,
+                r.run,
+                "burst" if r.concurrency is None else str(r.concurrency),
+                *(_fmt(cpu.get(column), 3) for column in CPU_COLUMNS),
+                _fmt(sum(cpu.values()), 3),
             ]
         )
     return rows
@@ -476,6 +503,17 @@ def render_markdown(results: Results) -> str:
 
     out += ["", "## Gains", ""]
     out += _table(["comparison", "ours", "other", "gain"], gains(results))
+
+    cpu_rows = cpu_per_job(results)
+    if cpu_rows:
+        out += ["", "## CPU per job", ""]
+        out += _table(["section", "run", "conc", *CPU_COLUMNS, "total"], cpu_rows)
+        out += [
+            "",
+            "CPU milliseconds per job by process (user + system, all threads; nbd-server "
+            "with its per-connection children), read from /proc around each run. The "
+            "cores are shared, so at high concurrency the total bounds the throughput.",
+        ]
 
     out += ["", "## Worker processes", ""]
     out += _table(

@@ -3,6 +3,7 @@
 1. floor    a bare loop of the same shape (bench.floor) at concurrency 1, 16 (and 64);
 2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64);
 3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
+            first, single creates on a server with few exports (3a), as on an appliance;
    probe    the same single creates and reuse with EXPORT_WORKER_PROBE=nbd-client;
 5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true;
 4. scale    single creates with 2,000 and 5,000 exports on the server;
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import CpuMeter, pid_of
 from bench.driver import Driver, RunResult
 from bench.report import (
     Results,
@@ -67,6 +69,8 @@ class Plan:
     burst: int
     scale_levels: tuple[int, ...]
     scale_creates: int
+    #: Exports on the server for the single creates made before it holds a thousand.
+    few_exports: int
 
     @classmethod
     def for_mode(cls, small: bool) -> Plan:
@@ -83,6 +87,7 @@ class Plan:
                 burst=20,
                 scale_levels=(200,),
                 scale_creates=5,
+                few_exports=20,
             )
         return cls(
             small=False,
@@ -96,6 +101,7 @@ class Plan:
             burst=200,
             scale_levels=(2000, 5000),
             scale_creates=20,
+            few_exports=50,
         )
 
 
@@ -124,6 +130,8 @@ class Bench:
         self.driver: Driver | None = None
         self.pairs: list[Pair] = []
         self._job_counter = 0
+        #: The process consuming the jobs now (the floor or a worker), for CPU accounting.
+        self.consumer_pid: int | None = None
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -156,11 +164,27 @@ class Bench:
         expected: tuple[str, ...],
         extra: dict[str, Any] | None = None,
     ) -> Row:
+        meter = self._cpu_meter()
+        meter.start()
         result = await self.d.closed_loop(queue, jobs, concurrency, JOB_TIMEOUT_S)
+        extra = dict(extra or {})
+        extra["cpu_ms_per_job"] = meter.per_job(len(result.results))
         return self._add(
             Row.from_run(
                 section, run, result, concurrency=concurrency, expected=expected, extra=extra
             )
+        )
+
+    def _cpu_meter(self) -> CpuMeter:
+        return CpuMeter(
+            {
+                "publisher": os.getpid(),
+                "consumer": self.consumer_pid,
+                "rabbitmq": pid_of("beam.smp"),
+                "mariadb": pid_of("mariadbd"),
+                "nbd-server": self.stack.nbd.pid or None,
+            },
+            with_children=frozenset({"nbd-server"}),
         )
 
     async def _single_creates(
@@ -201,6 +225,7 @@ class Bench:
     ) -> tuple[ManagedProcess, int, WorkerInfo]:
         progress(f"starting worker '{label}' ({settings})")
         proc, port = await self.stack.start_worker(label, extra)
+        self.consumer_pid = proc.pid
         info = WorkerInfo(label=label, settings=settings, pid=proc.pid)
         self.results.workers.append(info)
         return proc, port, info
@@ -242,6 +267,7 @@ class Bench:
     async def floor(self) -> None:
         plan = self.plan
         proc = await self.stack.start_floor()
+        self.consumer_pid = proc.pid
         try:
             queue = self.stack.floor_queue
             # The same job bodies as the worker's reuse runs get.
@@ -257,6 +283,28 @@ class Bench:
                 self.results.notes.append(
                     f"floor process peak RSS {proc.peak_rss_kib / 1024:.1f} MiB"
                 )
+
+    async def create_on_few(self) -> None:
+        """Single creates while the server holds tens of exports, as on an appliance whose
+        exports are the volumes attached to it, before the reuse runs give it a thousand:
+        a reload re-reads every snippet, so its cost grows with their number."""
+        plan = self.plan
+        self.pairs = await self.stack.prepopulate(plan.few_exports)
+        await self.stack.start_server()
+        try:
+            proc, port, info = await self._worker("few-exports", "defaults (native probe)")
+            try:
+                exports = self.stack.exports_on_disk()
+                await self._single_creates(
+                    plan.single_creates,
+                    "few exports",
+                    f"single new export, one at a time ({exports} exports before)",
+                    extra={"exports_before": exports},
+                )
+            finally:
+                await self._stop_worker(proc, port, info)
+        finally:
+            await self.stack.stop_server()
 
     async def reuse_and_create(self) -> None:
         plan = self.plan
@@ -390,10 +438,15 @@ async def _setup(bench: Bench) -> None:
         )
         bench.driver = Driver(stack.connection)
         await bench.driver.start()
-        progress(f"pre-populating {bench.plan.reuse_mappings} mappings")
-        bench.pairs = await stack.prepopulate(bench.plan.reuse_mappings)
     except StartFailed:
         raise
+    except Exception as exc:
+        raise StartFailed(f"set-up failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _prepopulate(bench: Bench) -> None:
+    try:
+        bench.pairs += await bench.stack.prepopulate(bench.plan.reuse_mappings - len(bench.pairs))
     except Exception as exc:
         raise StartFailed(f"set-up failed: {type(exc).__name__}: {exc}") from exc
 
@@ -432,6 +485,10 @@ async def run(args: argparse.Namespace, command: str, stack: Stack) -> int:
     bench = Bench(plan, stack, results)
     try:
         await _setup(bench)
+        progress("3a. create on a server with few exports")
+        await _section(results, "few exports", bench.create_on_few)
+        progress(f"pre-populating mappings up to {plan.reuse_mappings}")
+        await _prepopulate(bench)
         progress("1. floor")
         await _section(results, "floor", bench.floor)
         progress("2. reuse and 3. create")

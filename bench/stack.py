@@ -344,6 +344,9 @@ class Stack:
                 f"nbd-server did not start: {exc}\n{_tail(self.nbd.log_file)}"
             ) from exc
 
+    async def stop_server(self) -> None:
+        await asyncio.to_thread(self.nbd.stop)
+
     async def restart_server(self) -> int:
         await asyncio.to_thread(self.nbd.stop)
         return await self.start_server()

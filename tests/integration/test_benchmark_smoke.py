@@ -27,7 +27,16 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
     sections = {row["section"] for row in rows}
-    assert {"floor", "reuse", "create", "baseline"} <= sections
+    assert {"floor", "reuse", "create", "few exports", "baseline"} <= sections
+    few = next(r for r in rows if r["section"] == "few exports")
+    many = next(r for r in rows if r["section"] == "create" and r["concurrency"] == 1)
+    assert few["extra"]["exports_before"] < many["extra"]["exports_before"]
+    # Every closed-loop run says where its CPU went; the consumer always spends some.
+    for row in rows:
+        if row["concurrency"] is not None:
+            assert row["extra"]["cpu_ms_per_job"]["consumer"] > 0, row
     assert [r for r in rows if r["errors"]] == []
-    assert "| target |" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| target |" in markdown
+    assert "## CPU per job" in markdown
     print(proc.stdout)
