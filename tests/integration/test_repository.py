@@ -1,0 +1,78 @@
+"""Repository.lookup against MariaDB: what one round trip brings back is what was stored,
+whatever characters the stored text holds (the lookup returns it as one JSON array)."""
+
+from __future__ import annotations
+
+import aiomysql
+from pydantic import AnyUrl
+
+from tests.conftest import NODE
+from worker.mappings import JobRecord
+from worker.repository import Repository
+
+VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
+#: Quotes, a backslash, a tab, non-ASCII and a character outside the BMP.
+AWKWARD_NAME = 'db "prod" \\ eu\tÜberseeweg 🙂'
+
+
+async def _insert_mapping(url: AnyUrl, **values: object) -> None:
+    conn = await aiomysql.connect(
+        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/"),
+        autocommit=True, charset="utf8mb4",
+    )  # fmt: skip
+    try:
+        async with conn.cursor() as cur:
+            columns = ", ".join(values)
+            await cur.execute(
+                f"INSERT INTO vm_export_mappings ({columns}) "
+                f"VALUES ({', '.join(['%s'] * len(values))})",
+                list(values.values()),
+            )
+    finally:
+        conn.close()
+
+
+async def test_lookup_returns_mapping_and_record_as_stored(database_url: AnyUrl) -> None:
+    await _insert_mapping(
+        database_url,
+        node_id=NODE,
+        vm_id=VM,
+        disk_unit_number=3,
+        vm_name=AWKWARD_NAME,
+        export_name=f"migration-vm-{VM}-disk3",
+        device_path="/dev/disk/by-id/virtio-0123456789abcdef0123",
+        device_id="blk:252:16",
+        status="inactive",
+        last_job_id="job-A",
+        last_action="relinked",
+    )
+    reply = {"status": "ready", "vm_id": VM, "disk_unit_number": 3, "note": AWKWARD_NAME}
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=2, timeout_s=5)
+    try:
+        await repo.record_jobs(
+            [JobRecord(job_id="job-A", vm_id=VM, disk_unit_number=3, reply=reply)]
+        )
+        mapping, record = await repo.lookup(VM, 3, "job-A")
+        assert mapping is not None
+        assert record is not None
+        assert mapping.vm_name == AWKWARD_NAME
+        assert mapping.device_path == "/dev/disk/by-id/virtio-0123456789abcdef0123"
+        assert mapping.device_id == "blk:252:16"
+        assert mapping.status == "inactive"
+        assert not mapping.is_active
+        assert (mapping.last_job_id, mapping.last_action) == ("job-A", "relinked")
+        assert isinstance(mapping.id, int)
+        assert mapping.id > 0
+        assert record.reply == reply
+        assert (record.vm_id, record.disk_unit_number) == (VM, 3)
+
+        # Another job for the same disk: the mapping, no record. Another disk: neither.
+        mapping, record = await repo.lookup(VM, 3, "job-B")
+        assert mapping is not None
+        assert mapping.vm_name == AWKWARD_NAME
+        assert record is None
+        assert await repo.lookup(VM, 4, "job-B") == (None, None)
+        # job_id is compared exactly (ascii_bin): job-a is not job-A.
+        assert (await repo.lookup(VM, 4, "job-a"))[1] is None
+    finally:
+        await repo.close()
