@@ -37,6 +37,7 @@ class JobLedger:
         self._pending: list[tuple[JobRecord, asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
 
     async def record(self, record: JobRecord) -> None:
         """Returns once the record is stored; raises what storing it raised."""
@@ -54,6 +55,7 @@ class JobLedger:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Writes what is pending (at shutdown), giving up after `timeout_s`: a statement
         on a half-open connection would otherwise hold the shutdown forever."""
+        self._closing = True
         self._start_writer()
         if self._writer is not None:
             with contextlib.suppress(Exception, TimeoutError):
@@ -84,12 +86,16 @@ class JobLedger:
                 else:
                     _settle(batch, None)
                 batch = []
-        finally:
+                if not self._closing and all(done is None for _, done in self._pending):
+                    break  # nobody waits on what is left: let more gather, as record_later does
+        except BaseException:
             # Cancelled (at shutdown): nobody may wait forever for a record.
             # Retryable: the job is requeued, and its next delivery finishes it.
             _settle(batch + self._pending, TransientDatabaseError("the job ledger stopped"))
-            if self._pending:
-                self._pending = []
+            self._pending = []
+            raise
+        if self._pending:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start_writer)
 
 
 def _settle(
