@@ -59,6 +59,13 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: Literal["text", "json"], level: str) -> None:
+    # No format here uses the caller's file and line, thread, process or task names: the
+    # logging HOWTO's "Optimization" settings skip collecting them for every record (each
+    # reuse logs a line, so this is on the hot path).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(JobContextFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
