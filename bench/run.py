@@ -188,13 +188,22 @@ class Bench:
         )
 
     async def _single_creates(
-        self, count: int, section: str, run: str, extra: dict[str, Any] | None = None
+        self, count: int, section: str, run: str | None = None, extra: dict[str, Any] | None = None
     ) -> Row:
-        """`count` new (vm, disk) jobs, one at a time."""
+        """`count` new (vm, disk) jobs, one at a time; the run's name and extra say how many
+        exports the server held before, unless given."""
+        exports = self.stack.exports_on_disk()
+        run = run or f"single new export, one at a time ({exports} exports before)"
         pairs = [self.stack.new_pair() for _ in range(count)]
         jobs = [p.job(self._job_id("create")) for p in pairs]
         return await self._closed(
-            self.stack.request_queue, jobs, 1, section, run, CREATED, extra=extra
+            self.stack.request_queue,
+            jobs,
+            1,
+            section,
+            run,
+            CREATED,
+            extra={"exports_before": exports, **(extra or {})},
         )
 
     async def _burst(self, count: int, section: str, port: int) -> Row:
@@ -294,13 +303,7 @@ class Bench:
         try:
             proc, port, info = await self._worker("few-exports", "defaults (native probe)")
             try:
-                exports = self.stack.exports_on_disk()
-                await self._single_creates(
-                    plan.single_creates,
-                    "few exports",
-                    f"single new export, one at a time ({exports} exports before)",
-                    extra={"exports_before": exports},
-                )
+                await self._single_creates(plan.single_creates, "few exports")
             finally:
                 await self._stop_worker(proc, port, info)
         finally:
@@ -322,13 +325,7 @@ class Bench:
                     f"{plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
                     REUSED,
                 )
-            exports = self.stack.exports_on_disk()
-            await self._single_creates(
-                plan.single_creates,
-                "create",
-                f"single new export, one at a time ({exports} exports before)",
-                extra={"exports_before": exports},
-            )
+            await self._single_creates(plan.single_creates, "create")
             await self._burst(plan.burst, "create", port)
         finally:
             await self._stop_worker(proc, port, info)
@@ -352,13 +349,7 @@ class Bench:
                 f"reuse, {plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
                 REUSED,
             )
-            exports = self.stack.exports_on_disk()
-            await self._single_creates(
-                plan.single_creates,
-                "probe nbd-client",
-                f"single new export, one at a time ({exports} exports before)",
-                extra={"exports_before": exports},
-            )
+            await self._single_creates(plan.single_creates, "probe nbd-client")
         finally:
             await self._stop_worker(proc, port, info)
 
@@ -413,14 +404,14 @@ class Bench:
                     plan.scale_creates,
                     "scale",
                     f"single new export with {exports} exports on the server",
-                    extra={"level": level, "exports_before": exports},
+                    extra={"level": level},
                 )
             finally:
                 await self._stop_worker(proc, port, info)
 
 
 async def _setup(bench: Bench) -> None:
-    """Database, broker, machine description, publisher, pre-populated mappings: any
+    """Database, broker, machine description and publisher: any
     failure here means the stack could not start."""
     stack, results = bench.stack, bench.results
     try:
