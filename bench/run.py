@@ -411,8 +411,8 @@ class Bench:
 
 
 async def _setup(bench: Bench) -> None:
-    """Database, broker, machine description and publisher: any
-    failure here means the stack could not start."""
+    """Database, broker, machine description and publisher: any failure here means the
+    stack could not start."""
     stack, results = bench.stack, bench.results
     try:
         await stack.setup()
