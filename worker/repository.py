@@ -213,8 +213,11 @@ class Repository:
                     "LEFT JOIN export_jobs AS j ON j.node_id = %s AND j.job_id = %s",
                     (self._node, vm_id, disk_unit_number, self._node, job_id),
                 )
-                (row,) = await cur.fetchone()
-            values = json.loads(row)
+                result = await cur.fetchone()
+            if result is None or result[0] is None:
+                # JSON_ARRAY gives NULL only past max_allowed_packet: never for our rows.
+                raise DatabaseError("the mapping lookup returned no row")
+            values = json.loads(result[0])
             mapping = None
             if values[0] is not None:  # the primary key: NULL only when no row joined
                 mapping = Mapping.model_construct(
@@ -225,7 +228,9 @@ class Repository:
                 )
             record = None
             if values[-1] is not None:
-                reply = json.loads(values[-1])
+                # TEXT arrives as a JSON string; a JSON-typed column would arrive embedded.
+                stored = values[-1]
+                reply = json.loads(stored) if isinstance(stored, str) else stored
                 record = JobRecord(
                     job_id=job_id,
                     vm_id=reply["vm_id"],
