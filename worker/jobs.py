@@ -85,8 +85,12 @@ class JobLedger:
                     _settle(batch, exc)
                 else:
                     _settle(batch, None)
-                batch = []
-                if not self._closing and all(done is None for _, done in self._pending):
+                written, batch = len(batch), []
+                if (
+                    not self._closing
+                    and written < MAX_BATCH  # a backlog drains back to back
+                    and all(done is None for _, done in self._pending)
+                ):
                     break  # nobody waits on what is left: let more gather, as record_later does
         except BaseException:
             # Cancelled (at shutdown): nobody may wait forever for a record.

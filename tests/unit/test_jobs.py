@@ -59,3 +59,14 @@ async def test_close_writes_background_records_left_by_a_running_insert() -> Non
     await ledger.close()
     await waiting
     assert store.statements == [["create-1"], ["bg-1"]]
+
+
+async def test_a_backlog_of_background_records_drains_back_to_back() -> None:
+    store = SlowStore(delay_s=0.001)
+    ledger = JobLedger(store, background_delay_s=0.3)
+    for i in range(1200):
+        ledger.record_later(_record(f"bg-{i}"))
+    # The timer fires once at 0.3 s; full batches are followed at once, not 0.3 s apart.
+    await asyncio.sleep(0.5)
+    assert [len(s) for s in store.statements] == [500, 500, 200]
+    await ledger.close()
