@@ -59,9 +59,9 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: Literal["text", "json"], level: str) -> None:
-    # No format here uses the caller's file and line, thread, process or task names: the
+    # No format here uses the caller's file and line, thread or process: the
     # logging HOWTO's "Optimization" settings skip collecting them for every record (each
-    # reuse logs a line, so this is on the hot path).
+    # reuse logs a line, so this is on the hot path). stack_info=True would print nothing.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
