@@ -3,8 +3,8 @@ by the publisher, the consumer (worker or floor), RabbitMQ, MariaDB and nbd-serv
 
 Throughput on this machine is bounded by the sum of those, so a ratio to the floor only says
 how much slower; this says which process the difference is in. Read from /proc (user +
-system time of every thread; for nbd-server also its reaped children, the per-connection
-processes that answer probes)."""
+system time of every thread; with their reaped children where asked: nbd-server's
+per-connection processes, the baseline worker's `nbd-client` processes)."""
 
 from __future__ import annotations
 

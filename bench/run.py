@@ -1,9 +1,10 @@
-"""The benchmark's sections, in one run, against one stack:
+"""The benchmark's sections, in one run, against one stack, in the order they run:
 
+3a. few     single creates while the server holds few exports, as on an appliance
+            (first: the later sections leave it a thousand and more);
 1. floor    a bare loop of the same shape (bench.floor) at concurrency 1, 16 (and 64);
 2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64);
 3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
-            first, single creates on a server with few exports (3a), as on an appliance;
    probe    the same single creates and reuse with EXPORT_WORKER_PROBE=nbd-client;
 5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true;
 4. scale    single creates with 2,000 and 5,000 exports on the server;
@@ -181,10 +182,12 @@ class Bench:
                 "publisher": os.getpid(),
                 "consumer": self.consumer_pid,
                 "rabbitmq": pid_of("beam.smp"),
-                "mariadb": pid_of("mariadbd"),
+                "mariadb": pid_of("mariadbd") or pid_of("mysqld"),
                 "nbd-server": self.stack.nbd.pid or None,
             },
-            with_children=frozenset({"nbd-server"}),
+            # Children: nbd-server's per-connection processes, and the `nbd-client`
+            # processes of the baseline and nbd-client-probe workers.
+            with_children=frozenset({"nbd-server", "consumer"}),
         )
 
     async def _single_creates(
@@ -303,6 +306,7 @@ class Bench:
         try:
             proc, port, info = await self._worker("few-exports", "defaults (native probe)")
             try:
+                await self._warm_up(self.stack.request_queue)
                 await self._single_creates(plan.single_creates, "few exports")
             finally:
                 await self._stop_worker(proc, port, info)
