@@ -130,7 +130,9 @@ async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
         def answered_by_a() -> int:
             return sum(1 for r in scheduler.replies.values() if r.get("node_id") == "a")
 
+        deadline = asyncio.get_running_loop().time() + 30
         while answered_by_a() < 10:
+            assert asyncio.get_running_loop().time() < deadline, "node a answered nothing"
             await asyncio.sleep(0.005)
         assert procs["a"].proc is not None
         procs["a"].proc.send_signal(signal.SIGKILL)  # mid-run, whatever it is doing

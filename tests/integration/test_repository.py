@@ -17,7 +17,8 @@ AWKWARD_NAME = 'db "prod" \\ eu\tÜberseeweg 🙂'
 
 async def _insert_mapping(url: AnyUrl, **values: object) -> None:
     conn = await aiomysql.connect(
-        host=url.host, port=url.port or 3306, user="root", db=(url.path or "").lstrip("/"),
+        host=url.host, port=url.port or 3306, user=url.username or "root",
+        password=url.password or "", db=(url.path or "").lstrip("/"),
         autocommit=True, charset="utf8mb4",
     )  # fmt: skip
     try:
