@@ -3,7 +3,8 @@
 3a. few     single creates while the server holds few exports, as on an appliance
             (first: the later sections leave it a thousand and more);
 1. floor    a bare loop of the same shape (bench.floor) at concurrency 1, 16 (and 64);
-2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64);
+2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64); then floor and
+            reuse at concurrency 16 alternated a few times ("paired");
 3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
    probe    the same single creates and reuse with EXPORT_WORKER_PROBE=nbd-client;
 5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true;
@@ -72,6 +73,9 @@ class Plan:
     scale_creates: int
     #: Exports on the server for the single creates made before it holds a thousand.
     few_exports: int
+    #: Floor and reuse at concurrency 16, alternated: rounds, and jobs per run.
+    paired_rounds: int
+    paired_jobs: int
 
     @classmethod
     def for_mode(cls, small: bool) -> Plan:
@@ -89,6 +93,8 @@ class Plan:
                 scale_levels=(200,),
                 scale_creates=5,
                 few_exports=20,
+                paired_rounds=2,
+                paired_jobs=200,
             )
         return cls(
             small=False,
@@ -103,6 +109,8 @@ class Plan:
             scale_levels=(2000, 5000),
             scale_creates=20,
             few_exports=50,
+            paired_rounds=3,
+            paired_jobs=3000,
         )
 
 
@@ -296,6 +304,26 @@ class Bench:
                     f"floor process peak RSS {proc.peak_rss_kib / 1024:.1f} MiB"
                 )
 
+    async def _paired(self, worker_pid: int) -> None:
+        """The floor and reuse at concurrency 16 in alternation, both consumers running:
+        this machine's speed drifts over minutes, and a ratio of runs seconds apart is
+        steadier than one of runs minutes apart."""
+        plan = self.plan
+        floor = await self.stack.start_floor()
+        try:
+            await self._warm_up(self.stack.floor_queue)
+            for i in range(1, plan.paired_rounds + 1):
+                for label, queue, pid in (
+                    ("floor", self.stack.floor_queue, floor.pid),
+                    ("reuse", self.stack.request_queue, worker_pid),
+                ):
+                    self.consumer_pid = pid
+                    jobs = self._reuse_jobs(plan.paired_jobs, f"paired-{label}", seed=300 + i)
+                    await self._closed(queue, jobs, 16, "paired", f"{label}, round {i}", REUSED)
+        finally:
+            self.consumer_pid = worker_pid
+            await floor.stop()
+
     async def create_on_few(self) -> None:
         """Single creates while the server holds tens of exports, as on an appliance whose
         exports are the volumes attached to it, before the reuse runs give it a thousand:
@@ -329,6 +357,7 @@ class Bench:
                     f"{plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
                     REUSED,
                 )
+            await self._paired(proc.pid)
             await self._single_creates(plan.single_creates, "create")
             await self._burst(plan.burst, "create", port)
         finally:

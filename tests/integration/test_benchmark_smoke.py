@@ -27,7 +27,7 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
     sections = {row["section"] for row in rows}
-    assert {"floor", "reuse", "create", "few exports", "baseline"} <= sections
+    assert {"floor", "reuse", "paired", "create", "few exports", "baseline"} <= sections
     few = next(r for r in rows if r["section"] == "few exports")
     many = next(r for r in rows if r["section"] == "create" and r["concurrency"] == 1)
     assert few["extra"]["exports_before"] < many["extra"]["exports_before"]
@@ -43,4 +43,8 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     markdown = (tmp_path / "results.md").read_text()
     assert "| target |" in markdown
     assert "## CPU per job" in markdown
+    # The reuse target is judged on floor and reuse runs alternated.
+    paired = [r["run"] for r in rows if r["section"] == "paired"]
+    assert paired == ["floor, round 1", "reuse, round 1", "floor, round 2", "reuse, round 2"]
+    assert "alternated rounds" in markdown
     print(proc.stdout)
