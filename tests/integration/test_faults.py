@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ HELD_BYTES = b"held-connection-bytes"
 class Held:
     """A client connected to an export before the fault, like a copy in progress."""
 
-    def __init__(self, port: int, export_name: str) -> None:
+    def __init__(self, port: int, export_name: str, request: dict[str, Any]) -> None:
         self.export_name = export_name
+        #: The job that made the export: reuses of it are this with another job_id.
+        self.request = request
         self.conn = NbdConnection(port, export_name)
 
     def survived(self) -> bool:
@@ -68,6 +71,10 @@ class FaultRun:
         self.scheduler = scheduler
         self.settings = settings
         self.sent: dict[str, dict[str, Any] | bytes] = {}
+
+    @classmethod
+    async def start(cls, amqp: AbstractConnection, settings: Settings) -> FaultRun:
+        return cls(amqp, await scheduler_for(amqp, settings), settings)
 
     async def publish(self, body: dict[str, Any] | bytes) -> str:
         corr = await self.scheduler.publish(body)
@@ -107,17 +114,25 @@ class FaultRun:
         return row
 
 
-async def make_held(
-    settings: Settings, amqp: AbstractConnection, disks_dir: Path, nbd_port: int
-) -> tuple[Held, dict[str, Any]]:
+@pytest.fixture
+async def held(
+    fault_settings: Settings,
+    amqp: AbstractConnection,
+    disks_dir: Path,
+    nbd_server: NbdServerProcess,
+) -> AsyncIterator[Held]:
     """An export made by a worker that is then stopped, with a client connected to it."""
-    async with running_worker(settings):
-        scheduler = await scheduler_for(amqp, settings)
+    async with running_worker(fault_settings):
+        scheduler = await scheduler_for(amqp, fault_settings)
         request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
         reply = await scheduler.request(request)
         await scheduler.channel.close()
     assert reply["status"] == "ready"
-    return Held(nbd_port, reply["export_name"]), request
+    connection = Held(nbd_server.port, reply["export_name"], request)
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
 async def check_consistent(settings: Settings) -> None:
@@ -165,9 +180,12 @@ def assert_all_ready(scheduler: Scheduler) -> None:
 
 
 @pytest.fixture
-def fault_settings(settings: Settings) -> Settings:
+def fault_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
     # Per delivery, four tries 0.2, 0.4 and 0.8 s apart (plus jitter); six deliveries: a
-    # job outlasts about 8 s of outage, where the faults below last 1 to 2 s.
+    # job outlasts about 8 s of outage, where the faults below last 1 to 2 s. A test's
+    # fault_settings marker changes these for every fixture it uses (the queue's arguments
+    # are fixed by whoever declares it first).
+    marker = request.node.get_closest_marker("fault_settings")
     return settings.model_copy(
         update={
             "probe": "native",
@@ -176,6 +194,7 @@ def fault_settings(settings: Settings) -> Settings:
             "job_attempts": 4,
             "retry_backoff_s": 0.2,
             "retry_backoff_max_s": 1.0,
+            **(marker.kwargs if marker else {}),
         }
     )
 
@@ -187,10 +206,10 @@ async def test_worker_killed_at_each_step_of_a_create(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await scheduler_for(amqp, fault_settings)
-    run = FaultRun(amqp, scheduler, fault_settings)
+    run = await FaultRun.start(amqp, fault_settings)
+    scheduler = run.scheduler
     doomed = WorkerProcess(fault_settings, EXPORT_WORKER_CRASH_AT=point)
     survivor = WorkerProcess(fault_settings)
     try:
@@ -198,7 +217,7 @@ async def test_worker_killed_at_each_step_of_a_create(
         create = job(device=make_disk(disks_dir, "new", b"new-disk"))
         create_corr = await run.publish(create)
         for _ in range(3):
-            await run.publish({**held_request, "job_id": f"reuse-{os.urandom(4).hex()}"})
+            await run.publish({**held.request, "job_id": f"reuse-{os.urandom(4).hex()}"})
         assert await doomed.wait(60) == -signal.SIGKILL
         assert create_corr not in scheduler.replies
         await survivor.start()
@@ -215,7 +234,6 @@ async def test_worker_killed_at_each_step_of_a_create(
     with NbdConnection(nbd_server.port, reply["export_name"]) as conn:
         assert conn.read(0, 8) == b"new-disk"
     await check_consistent(fault_settings)
-    held.close()
 
 
 async def test_broker_connection_cut_mid_run(
@@ -223,16 +241,16 @@ async def test_broker_connection_cut_mid_run(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     proxy = TcpProxy("127.0.0.1", 5672)
     port = await proxy.start()
     proxied = fault_settings.model_copy(update={"amqp_url": AMQP_URL.replace(":5672", f":{port}")})
-    scheduler = await scheduler_for(amqp, proxied)
-    run = FaultRun(amqp, scheduler, proxied)
+    run = await FaultRun.start(amqp, proxied)
+    scheduler = run.scheduler
     try:
         async with running_worker(proxied) as worker:
-            await publish_mix(run, disks_dir, held_request, "b", 30)
+            await publish_mix(run, disks_dir, held.request, "b", 30)
             await cut_after_some_replies(proxy, run, 1.0)  # in-flight acks are lost
             row = await run.row("broker connection cut mid-run", held)
             reconnects = worker.sample("nbd_export_broker_reconnects_total")
@@ -244,7 +262,6 @@ async def test_broker_connection_cut_mid_run(
     assert reconnects >= 1
     assert_all_ready(scheduler)
     await check_consistent(fault_settings)
-    held.close()
 
 
 async def test_database_connection_cut_mid_run(
@@ -252,8 +269,8 @@ async def test_database_connection_cut_mid_run(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     proxy = TcpProxy("127.0.0.1", 3306)
     port = await proxy.start()
     url = str(fault_settings.database_url).replace(":3306", f":{port}")
@@ -263,11 +280,11 @@ async def test_database_connection_cut_mid_run(
             "db_connect_timeout_s": 1.0,
         }
     )
-    scheduler = await scheduler_for(amqp, proxied)
-    run = FaultRun(amqp, scheduler, proxied)
+    run = await FaultRun.start(amqp, proxied)
+    scheduler = run.scheduler
     try:
         async with running_worker(proxied):
-            await publish_mix(run, disks_dir, held_request, "d", 30)
+            await publish_mix(run, disks_dir, held.request, "d", 30)
             # Every pooled connection dies; new ones are refused.
             await cut_after_some_replies(proxy, run, 2.0)
             row = await run.row("database connection cut mid-run", held)
@@ -278,7 +295,6 @@ async def test_database_connection_cut_mid_run(
     assert row.held_connection == "survived"
     assert_all_ready(scheduler)
     await check_consistent(fault_settings)
-    held.close()
 
 
 async def test_nbd_server_killed_and_restarted(
@@ -286,22 +302,22 @@ async def test_nbd_server_killed_and_restarted(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    _held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    _held.close()
+    held.close()  # before the server dies: nothing to hold through this fault
     patient = fault_settings
-    scheduler = await scheduler_for(amqp, patient)
-    run = FaultRun(amqp, scheduler, patient)
+    run = await FaultRun.start(amqp, patient)
+    scheduler = run.scheduler
     try:
         async with running_worker(patient):
-            before = await scheduler.request({**held_request, "job_id": "reuse-before"})
+            before = await scheduler.request({**held.request, "job_id": "reuse-before"})
             os.kill(nbd_server.pid, signal.SIGKILL)
             old_pid = nbd_server.pid
             while pid_running(old_pid):
                 await asyncio.sleep(0.01)
             for i in range(5):
                 await run.publish(job(device=make_disk(disks_dir, f"k{i}", b"k")))
-                await run.publish({**held_request, "job_id": f"reuse-k{i}"})
+                await run.publish({**held.request, "job_id": f"reuse-k{i}"})
             await asyncio.sleep(1.0)
             nbd_server.start()  # same config, same port: a new main pid
             row = await run.row("nbd-server killed and restarted", None)
@@ -313,17 +329,17 @@ async def test_nbd_server_killed_and_restarted(
     await check_consistent(fault_settings)
 
 
+# Every try waits out a probe timeout: fewer of them, so the test ends sooner.
+@pytest.mark.fault_settings(delivery_limit=1, job_attempts=2)
 async def test_nbd_server_hung(
     fault_settings: Settings,
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    # Every try waits out a probe timeout: fewer of them, so the test ends sooner.
-    fault_settings = fault_settings.model_copy(update={"delivery_limit": 1, "job_attempts": 2})
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await scheduler_for(amqp, fault_settings)
-    run = FaultRun(amqp, scheduler, fault_settings)
+    run = await FaultRun.start(amqp, fault_settings)
+    scheduler = run.scheduler
     try:
         async with running_worker(fault_settings):
             # Stopped, the main process still has its socket: the kernel accepts
@@ -334,7 +350,7 @@ async def test_nbd_server_hung(
                 creates = [
                     await run.publish(job(device=make_disk(disks_dir, f"h{i}"))) for i in range(3)
                 ]
-                await run.publish({**held_request, "job_id": "reuse-hung"})
+                await run.publish({**held.request, "job_id": "reuse-hung"})
                 await run.replies()
                 held_during_hang = held.survived()
             finally:
@@ -352,7 +368,6 @@ async def test_nbd_server_hung(
     assert row.dead_lettered >= len(creates)
     assert scheduler.replies[after]["status"] == "ready"
     await check_consistent(fault_settings)
-    held.close()
 
 
 async def test_duplicate_publishes(
@@ -360,12 +375,12 @@ async def test_duplicate_publishes(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await scheduler_for(amqp, fault_settings)
-    run = FaultRun(amqp, scheduler, fault_settings)
+    run = await FaultRun.start(amqp, fault_settings)
+    scheduler = run.scheduler
     create = job(device=make_disk(disks_dir, "dup"))
-    reuse = {**held_request, "job_id": "reuse-dup"}
+    reuse = {**held.request, "job_id": "reuse-dup"}
     try:
         async with running_worker(fault_settings) as worker:
             create_corrs = [await run.publish(create) for _ in range(5)]
@@ -384,7 +399,6 @@ async def test_duplicate_publishes(
     assert reuse_replies[0]["action"] == "reused"
     assert sighups == 1
     await check_consistent(fault_settings)
-    held.close()
 
 
 POISON: list[bytes] = [
@@ -411,10 +425,10 @@ async def test_poison_messages(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, _ = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await scheduler_for(amqp, fault_settings)
-    run = FaultRun(amqp, scheduler, fault_settings)
+    run = await FaultRun.start(amqp, fault_settings)
+    scheduler = run.scheduler
     try:
         async with running_worker(fault_settings):
             for body in POISON:
@@ -432,7 +446,6 @@ async def test_poison_messages(
     files = {p.name for p in fault_settings.nbd_conf_dir.iterdir()}
     assert all(name.startswith("migration-vm-") for name in files - {".nbd-export-worker.lock"})
     await check_consistent(fault_settings)
-    held.close()
 
 
 async def test_consumer_cancelled_by_the_broker(
@@ -440,10 +453,10 @@ async def test_consumer_cancelled_by_the_broker(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
-    scheduler = await scheduler_for(amqp, fault_settings)
-    run = FaultRun(amqp, scheduler, fault_settings)
+    run = await FaultRun.start(amqp, fault_settings)
+    scheduler = run.scheduler
     try:
         async with running_worker(fault_settings) as worker:
             # Deleting the queue makes the broker cancel the worker's consumer (basic.cancel)
@@ -457,14 +470,13 @@ async def test_consumer_cancelled_by_the_broker(
             while not worker.sample("nbd_export_broker_reconnects_total"):
                 await asyncio.sleep(0.05)
             await run.publish(job(device=make_disk(disks_dir, "c1")))
-            await run.publish({**held_request, "job_id": "reuse-c"})
+            await run.publish({**held.request, "job_id": "reuse-c"})
             row = await run.row("consumer cancelled by the broker (queue deleted)", held)
     finally:
         await scheduler.channel.close()
     assert row.lost == 0
     assert row.held_connection == "survived"
     assert_all_ready(scheduler)
-    held.close()
 
 
 async def test_sigterm_with_jobs_in_flight(
@@ -472,15 +484,15 @@ async def test_sigterm_with_jobs_in_flight(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
-    held, held_request = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     settings = fault_settings.model_copy(update={"shutdown_grace_s": 1.0})
-    scheduler = await scheduler_for(amqp, settings)
-    run = FaultRun(amqp, scheduler, settings)
+    run = await FaultRun.start(amqp, settings)
+    scheduler = run.scheduler
     first, second = WorkerProcess(settings), WorkerProcess(settings)
     try:
         await first.start()
-        served = await run.publish({**held_request, "job_id": "reuse-before-term"})
+        served = await run.publish({**held.request, "job_id": "reuse-before-term"})
         await run.replies_to([served])
         # A hung server keeps the creates in flight past the grace period.
         os.kill(nbd_server.pid, signal.SIGSTOP)
@@ -508,7 +520,6 @@ async def test_sigterm_with_jobs_in_flight(
     assert row.held_connection == "survived"
     assert all(scheduler.replies[c]["status"] == "ready" for c in stuck)
     await check_consistent(settings)
-    held.close()
 
 
 async def test_broker_cut_while_a_create_is_in_flight(
@@ -516,17 +527,17 @@ async def test_broker_cut_while_a_create_is_in_flight(
     amqp: AbstractConnection,
     nbd_server: NbdServerProcess,
     disks_dir: Path,
+    held: Held,
 ) -> None:
     """The connection drops while a create waits on the server: the job is cut short with
     its channel, and its redelivery finishes it without a second SIGHUP."""
-    held, _ = await make_held(fault_settings, amqp, disks_dir, nbd_server.port)
     proxy = TcpProxy("127.0.0.1", 5672)
     port = await proxy.start()
     proxied = fault_settings.model_copy(
         update={"amqp_url": AMQP_URL.replace(":5672", f":{port}"), "probe_timeout_s": 5.0}
     )
-    scheduler = await scheduler_for(amqp, proxied)
-    run = FaultRun(amqp, scheduler, proxied)
+    run = await FaultRun.start(amqp, proxied)
+    scheduler = run.scheduler
     try:
         async with running_worker(proxied) as worker:
             os.kill(nbd_server.pid, signal.SIGSTOP)  # holds the create in a probe
@@ -553,4 +564,3 @@ async def test_broker_cut_while_a_create_is_in_flight(
     assert (reply["status"], reply["action"]) == ("ready", "created")
     assert sighups == 1  # the redelivery found the export made and changed nothing
     await check_consistent(fault_settings)
-    held.close()
