@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
 from tests.nbd_harness import NbdServerProcess, free_port
+from tests.sql import execute_sql
 from worker.devices import DevicePolicy
 from worker.messages import export_name
 from worker.nbd.files import SNIPPET_SUFFIX, ExportSpec, point_link, write_snippet
@@ -171,7 +172,8 @@ class Stack:
         self.amqp_url = amqp_url
         token = uuid.uuid4().hex[:10]
         self.db_name = f"nbdbench_{token}"
-        self.database_url = f"{mysql_url.rstrip('/')}/{self.db_name}"
+        self.mysql_url = mysql_url.rstrip("/")
+        self.database_url = f"{self.mysql_url}/{self.db_name}"
         self.node_id = f"bench-{token}"
         self.request_queue = f"bench.{token}.prepare-export"
         self.reply_queue = f"bench.{token}.export-ready"
@@ -259,13 +261,7 @@ class Stack:
         )
 
     async def _execute(self, sql: str, *, use_db: bool = True) -> list[tuple[Any, ...]]:
-        conn = await self._connect_db(use_db=use_db)
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(sql)
-                return list(await cur.fetchall())
-        finally:
-            conn.close()
+        return await execute_sql(AnyUrl(self.database_url if use_db else self.mysql_url), sql)
 
     async def mariadb_version(self) -> str:
         rows = await self._execute("SELECT VERSION()", use_db=False)

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiomysql
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pydantic import AnyUrl
 
 from tests.nbd_harness import NbdServerProcess
+from tests.sql import execute_sql
 from worker.cli import serve
 from worker.metrics import Metrics, build_metrics
 from worker.repository import migrate
@@ -66,23 +66,6 @@ def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
         yield server
     finally:
         server.stop()
-
-
-async def execute_sql(url: AnyUrl, sql: str) -> list[tuple[Any, ...]]:
-    """Runs one statement as root on `url`'s database (none if it names none); its rows."""
-    conn = await aiomysql.connect(
-        host=url.host,
-        port=url.port or 3306,
-        user="root",
-        db=(url.path or "").lstrip("/") or None,
-        autocommit=True,
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(sql)
-            return list(await cur.fetchall())
-    finally:
-        conn.close()
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from tests.conftest import (
     MYSQL_URL,
     Scheduler,
     delete_broker_objects,
-    execute_sql,
     job,
     make_disk,
     running_worker,
     unique,
 )
 from tests.nbd_harness import NbdServerProcess
+from tests.sql import execute_sql
 from tests.tcp_proxy import TcpProxy
 from tests.worker_process import WorkerProcess
 from worker.repository import migrate, migrations_dir

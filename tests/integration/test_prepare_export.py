@@ -15,7 +15,6 @@ from aio_pika.abc import AbstractConnection
 from tests.conftest import (
     RunningWorker,
     Scheduler,
-    execute_sql,
     job,
     make_disk,
     run_worker_cli,
@@ -24,6 +23,7 @@ from tests.conftest import (
     take_dead_letters,
 )
 from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess
+from tests.sql import execute_sql
 from tests.worker_process import env_for
 from worker.settings import Settings
 

@@ -3,10 +3,10 @@ whatever characters the stored text holds (the lookup returns it as one JSON arr
 
 from __future__ import annotations
 
-import aiomysql
 from pydantic import AnyUrl
 
 from tests.conftest import NODE
+from tests.sql import execute_sql
 from worker.mappings import JobRecord
 from worker.repository import Repository
 
@@ -16,21 +16,13 @@ AWKWARD_NAME = 'db "prod" \\ eu\tÜberseeweg 🙂'
 
 
 async def _insert_mapping(url: AnyUrl, **values: object) -> None:
-    conn = await aiomysql.connect(
-        host=url.host, port=url.port or 3306, user=url.username or "root",
-        password=url.password or "", db=(url.path or "").lstrip("/"),
-        autocommit=True, charset="utf8mb4",
-    )  # fmt: skip
-    try:
-        async with conn.cursor() as cur:
-            columns = ", ".join(values)
-            await cur.execute(
-                f"INSERT INTO vm_export_mappings ({columns}) "
-                f"VALUES ({', '.join(['%s'] * len(values))})",
-                list(values.values()),
-            )
-    finally:
-        conn.close()
+    columns = ", ".join(values)
+    placeholders = ", ".join(["%s"] * len(values))
+    await execute_sql(
+        url,
+        f"INSERT INTO vm_export_mappings ({columns}) VALUES ({placeholders})",
+        list(values.values()),
+    )
 
 
 async def test_lookup_returns_mapping_and_record_as_stored(database_url: AnyUrl) -> None:

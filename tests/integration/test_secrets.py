@@ -12,7 +12,8 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import AMQP_URL, Scheduler, execute_sql, job, make_disk, run_worker_cli
+from tests.conftest import AMQP_URL, Scheduler, job, make_disk, run_worker_cli
+from tests.sql import execute_sql
 from tests.tcp_proxy import TcpProxy
 from tests.worker_process import WorkerProcess, env_for
 from worker.settings import Settings

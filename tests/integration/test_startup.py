@@ -20,13 +20,13 @@ from tests.conftest import (
     RunningWorker,
     Scheduler,
     clean_environ,
-    execute_sql,
     job,
     make_disk,
     run_worker_cli,
     unique,
 )
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
+from tests.sql import execute_sql
 from tests.worker_process import env_for
 from worker.cli import serve
 from worker.errors import UnsupportedServer
