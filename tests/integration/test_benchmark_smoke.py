@@ -27,7 +27,10 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
     sections = {row["section"] for row in rows}
-    assert {"floor", "reuse", "paired", "create", "few exports", "baseline"} <= sections
+    assert {
+        "floor", "reuse", "paired", "create", "few exports", "probe nbd-client", "baseline",
+        "scale",
+    } <= sections  # fmt: skip
     few = next(r for r in rows if r["section"] == "few exports")
     many = next(r for r in rows if r["section"] == "create" and r["concurrency"] == 1)
     assert few["extra"]["exports_before"] < many["extra"]["exports_before"]
@@ -42,6 +45,17 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     assert [r for r in rows if r["errors"]] == []
     markdown = (tmp_path / "results.md").read_text()
     assert "| target |" in markdown
+    # Every target of the issue has its row, met or not.
+    targets = {t["name"] for t in results["targets"]}
+    assert targets == {
+        "reuse throughput, concurrency 16",
+        "reuse p50, concurrency 1",
+        "create p50 (native probe)",
+        "burst of 200 creates",
+        "create p99 with 5,000 exports",
+        "reuse throughput vs baseline, concurrency 16",
+        "worker peak RSS",
+    }
     assert "## CPU per job" in markdown
     # The reuse target is judged on floor and reuse runs alternated.
     paired = [r["run"] for r in rows if r["section"] == "paired"]

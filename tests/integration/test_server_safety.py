@@ -177,9 +177,13 @@ async def test_a_restarted_server_is_probed_again_before_the_next_reuse(
         return sample or 0.0
 
     name, device = reply["export_name"], reply["device_path"]
+    # Ten jobs asking at once share one listing in flight (single flight)...
+    answers = await asyncio.gather(*(server.is_live(name, device, fresh=False) for _ in range(10)))
+    assert answers == [True] * 10
+    assert probes() == 1
+    # ...and a later one is answered from it.
     assert await server.is_live(name, device, fresh=False)
-    assert await server.is_live(name, device, fresh=False)
-    assert probes() == 1  # the second answer came from the shared listing
+    assert probes() == 1
 
     old_pid = nbd_server.pid
     nbd_server.stop()
