@@ -16,7 +16,7 @@
 # sid's 3.27.1 sources are listed but not downloadable, so the TLS fix of 3.27.0 is backported.
 #
 # Idempotent and cached: a build is kept under $CACHE keyed by the source suite, the patches,
-# the configure flags and this script; a second run with nothing changed returns at once.
+# the configure flags and this script; when FILE already is that build, it returns at once.
 # Needs the build dependencies (scripts/install-system-deps.sh installs them) and root for
 # PREFIX. Never touches the machine's own apt source lists.
 set -euo pipefail
@@ -52,13 +52,11 @@ if [ -n "$patched" ]; then
 fi
 key=$( { echo "$SUITE ${CONFIGURE[*]}"; cat "${BASH_SOURCE[0]}"; cat "${patches[@]}" /dev/null; } |
       sha256sum | cut -c1-16)
-stamp="$dest.build"
-if [ -x "$dest" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
+build="$CACHE/build-$key"
+if [ -x "$dest" ] && cmp -s "$build/nbd-server" "$dest"; then
   log "$dest is build $key already"
   exit 0
 fi
-
-build="$CACHE/build-$key"
 if [ ! -x "$build/nbd-server" ]; then
   mkdir -p "$CACHE/lists-$SUITE/partial" "$CACHE/src-$SUITE"
   sources="$CACHE/$SUITE-src.list"
@@ -87,6 +85,5 @@ if [ -n "$self_test" ]; then
   "$python" -m worker self-test --binary "$build/nbd-server"
 fi
 install -D -m 0755 "$build/nbd-server" "$dest.new"
-mv -f "$dest.new" "$dest"
-echo "$key" >"$stamp"
+mv -f "$dest.new" "$dest"  # atomic: a server starting meanwhile runs the old or the new one
 log "installed $dest (build $key)"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Prepares this machine for the worker and its tests, idempotently:
-# system packages and nbd-server >= 3.25, RabbitMQ and MariaDB running, and the
-# virtualenv .venv with the package installed editable (with dev tools).
-# Sourced by scripts/dev.sh and scripts/test.sh; safe to run by itself.
+# Prepares this machine for the worker and its tests, idempotently: system packages,
+# RabbitMQ and MariaDB running, the virtualenv .venv with the package installed editable
+# (with dev tools), and the project's nbd-server build (nbd-server/build.sh: Debian's
+# source with the project's patches, installed as /usr/local/sbin/nbd-server once it passed
+# the worker's data-path self-test). Run by scripts/dev.sh and scripts/test.sh; safe to run
+# by itself.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,3 +40,6 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
   rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
+
+# After the venv: the build is installed only once the worker's self-test passed on it.
+bash "$ROOT/nbd-server/build.sh" --python "$VENV/bin/python"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -16,12 +15,18 @@ from pathlib import Path
 
 #: Where scripts/install-system-deps.sh --with-old-server unpacks Debian 12's 3.24.
 OLD_SERVER_BIN = Path("/var/cache/nbd-export-worker/nbd-server-3.24/bin/nbd-server")
+#: Debian's nbd-server source built without the project's patches (install-system-deps.sh
+#: --with-test-tools): SIGHUP-safe, but it loses data (WRITE_ZEROES, TRIM).
+UNPATCHED_SERVER_BIN = Path("/var/cache/nbd-export-worker/nbd-server-unpatched/nbd-server")
+#: The project's build (nbd-server/build.sh), which production and the tests run.
+PROJECT_SERVER_BIN = Path("/usr/local/sbin/nbd-server")
 
 
 def server_binary() -> str:
-    found = os.environ.get("NBD_SERVER_BIN") or shutil.which("nbd-server")
-    if not found:
-        raise RuntimeError("nbd-server not found: run scripts/install-system-deps.sh")
+    """NBD_SERVER_BIN, else the project's build: never whatever `nbd-server` apt put on PATH."""
+    found = os.environ.get("NBD_SERVER_BIN") or str(PROJECT_SERVER_BIN)
+    if not os.access(found, os.X_OK):
+        raise RuntimeError(f"{found} not found: run scripts/bootstrap.sh (nbd-server/build.sh)")
     return found
 
 
