@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.devices import Device
-from worker.errors import DeviceInUse
+from worker.errors import DeviceInUse, FlushFailed
 from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
 
@@ -51,6 +51,15 @@ class InMemoryMappings:
         )
         return self.rows[(vm_id, disk_unit_number)]
 
+    async def set_flush_error(
+        self, vm_id: str, disk_unit_number: int, flush_error: str | None
+    ) -> None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is not None:
+            self.rows[(vm_id, disk_unit_number)] = row.model_copy(
+                update={"flush_error": flush_error}
+            )
+
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
         key = (mapping.vm_id, mapping.disk_unit_number)
         row = self.rows.get(key)
@@ -84,6 +93,7 @@ class InMemoryMappings:
             updated_at=now,
             last_job_id=request.job_id,
             last_action=action,
+            flush_error=None,  # a claim starts a new copy, as the SQL UPDATE does
         )
         self.claims += 1
 
@@ -107,6 +117,9 @@ class FakeExportServer:
         self.fail_with: Exception | None = None
         #: Runs inside ensure_export before anything else (to stage a race).
         self.ensure_hook: Callable[[str], Awaitable[None]] | None = None
+        #: (name, device_path) of every flush; flush_errors pops one errno per flush.
+        self.flushed: list[tuple[str, str]] = []
+        self.flush_errors: list[str] = []
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         live = name in self.listed and self.links.get(name) == device_path
@@ -142,3 +155,9 @@ class FakeExportServer:
         await asyncio.sleep(self.delay_s)
         self.links.pop(name, None)
         return True
+
+    async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
+        if self.flush_errors:
+            errno_name = self.flush_errors.pop(0)
+            raise FlushFailed(f"fsync of {device_path} failed: {errno_name}", errno_name)
+        self.flushed.append((name, device_path))

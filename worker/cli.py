@@ -1,8 +1,8 @@
 """`nbd-export-worker`: the command line, and the only place that wires objects together.
 
 Exit codes: 0 success; 1 a runtime failure (a service unreachable, an error reply, a failed
-check); 2 bad usage or settings; 3 the nbd-server must not be used (too old);
-4 `request` got no reply in time.
+check or self-test, a failed flush); 2 bad usage or settings; 3 the nbd-server must not be
+used (too old, or it failed the data-path self-test); 4 `request` got no reply in time.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
 from worker.dead_letters import list_dead_letters, replay_dead_letters
 from worker.devices import DevicePolicy, device_present
-from worker.errors import ServerUnavailable, UnsupportedServer, WorkerError
+from worker.errors import ServerUnavailable, UnsafeServer, UnsupportedServer, WorkerError
 from worker.flow import ExportFlow
 from worker.jobs import JobLedger
 from worker.logs import setup_logging
-from worker.messages import VM_ID_PATTERN, ReleaseExport, write_schemas
+from worker.messages import VM_ID_PATTERN, FlushExport, ReleaseExport, write_schemas
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import link_target
 from worker.nbd.process import format_version
+from worker.nbd.selftest import run_self_test
 from worker.nbd.server import NbdServer
 from worker.ops_http import OpsServer
 from worker.reconcile import reconcile
@@ -57,7 +58,7 @@ EXIT_TIMEOUT = 4
 # --- run --------------------------------------------------------------------------------
 
 
-async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int | None:
+async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int:
     """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
     pid = server.process.verified_pid()
     if pid != last_pid:
@@ -83,6 +84,12 @@ async def _housekeeping(
         await asyncio.sleep(settings.housekeeping_interval_s)
         try:
             pid = await _record_server(server, metrics, pid)
+            # A new main pid is vetted here (version, data-path self-test), before the
+            # next job needs it; a dict lookup after that.
+            await server.process.vet(pid)
+        except WorkerError as exc:
+            log.warning("Housekeeping failed: %s", exc)
+        try:
             metrics.active_mappings.set(await repository.count_active())
             metrics.exports_live.set(len(await server.listed_exports()))
         except WorkerError as exc:
@@ -108,7 +115,8 @@ async def _reconcile_and_record(
 
 
 class Readiness:
-    """/readyz: broker consuming, database answering, nbd-server verified and listing.
+    """/readyz: broker consuming, database answering, nbd-server verified, listing, and its
+    binary passed the data-path self-test.
 
     Results are kept for a couple of seconds: the endpoint is unauthenticated, and each
     fresh check costs the server a connection (and a forked child).
@@ -148,12 +156,17 @@ class Readiness:
             checks["database"] = None
         except (WorkerError, TimeoutError) as exc:
             checks["database"] = str(exc) or "timed out"
+        checks["nbd_data_path"] = None
         try:
-            await self._server.process.check_version()
+            try:
+                await self._server.process.vet_running()
+            except UnsafeServer as exc:
+                checks["nbd_data_path"] = str(exc)
             await self._server.listed_exports()
             checks["nbd_server"] = None
         except WorkerError as exc:
             checks["nbd_server"] = str(exc)
+            checks["nbd_data_path"] = checks["nbd_data_path"] or "not checked: no server"
         return checks
 
 
@@ -166,7 +179,8 @@ async def serve(
 ) -> None:
     """Runs the worker until `stop` is set, then drains in-flight jobs and closes.
 
-    Raises UnsupportedServer before touching anything when nbd-server is older than 3.25.
+    Raises UnsupportedServer before touching anything when nbd-server is older than 3.25,
+    UnsafeServer when its binary fails the data-path self-test.
     """
     metrics = metrics or build_metrics(settings.node_id)
     faults.arm(settings.crash_at)
@@ -175,6 +189,7 @@ async def serve(
     try:
         pid = await _record_server(server, metrics, None)
         log.info("nbd-server main pid=%d config=%s", pid, settings.nbd_config_file)
+        await server.process.vet(pid)  # the data-path self-test: UnsafeServer when it fails
     except UnsupportedServer:
         raise
     except ServerUnavailable as exc:
@@ -301,6 +316,18 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _offers(flags: dict[str, bool] | None) -> str:
+    """The data-path flags an export advertises, for the status table: flush,fua,trim,..."""
+    if flags is None:
+        return "-"
+    names = {"can_flush": "flush", "can_fua": "fua", "can_trim": "trim", "can_zero": "zero"}
+    names["can_multi_conn"] = "multi-conn"
+    offered = [label for key, label in names.items() if flags.get(key)]
+    if flags.get("read_only"):
+        offered.insert(0, "read-only")
+    return ",".join(offered) or "none"
+
+
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
     """Mappings with their live state. Only this node's server can be probed: rows of other
     nodes (--node, --all-nodes) show the database's view, with listed/servable unknown."""
@@ -316,11 +343,11 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
             except ServerUnavailable as exc:
                 print(f"warning: cannot list exports: {exc}", file=sys.stderr)
                 probe_failed = True
-        rows = []
+        rows: list[dict[str, Any]] = []
         for m in mappings:
             local = m.node_id == settings.node_id
             is_listed = listed is not None and m.export_name in listed
-            size = await server.servable_size(m.export_name) if local and is_listed else None
+            info = await server.servable(m.export_name) if local and is_listed else None
             rows.append(
                 {
                     "node_id": m.node_id,
@@ -335,16 +362,23 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
                     if local
                     else None,
                     "listed": is_listed if local and listed is not None else None,
-                    "servable": size is not None if local and listed is not None else None,
-                    "size_bytes": size,
+                    "servable": info is not None if local and listed is not None else None,
+                    "size_bytes": info.size if info else None,
+                    # As the server advertises them (NBD_OPT_GO): an export loaded before
+                    # its snippet had the data-path options keeps its old ones until a
+                    # restart.
+                    "data_path": info.flags.as_dict() if info else None,
+                    "flush_error": m.flush_error,
                     "updated_at": m.updated_at.isoformat() if m.updated_at else None,
                 }
             )
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
+        for row in rows:
+            row["offers"] = _offers(row["data_path"])
         columns = ["export_name", "status", "device_path", "device_present", "link_target"]
-        columns += ["listed", "servable"]
+        columns += ["listed", "servable", "offers"]
         if args.node or args.all_nodes:
             columns.insert(0, "node_id")
         print(_table(rows, columns))
@@ -358,6 +392,32 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
         report = await reconcile(repository, server, dry_run=args.dry_run)
     print("\n".join(report.lines()))
     return EXIT_OK
+
+
+async def _flush(settings: Settings, args: argparse.Namespace) -> int:
+    """The same flush as a flush-export job, for when no worker runs."""
+    request = FlushExport(
+        type="flush-export",
+        job_id=f"cli-{uuid.uuid4().hex[:12]}",
+        vm_id=args.vm_id,
+        disk_unit_number=args.disk,
+    )
+    async with _adapters(settings) as (repository, server):
+        ledger = JobLedger(repository)
+        flushed = await _flow(settings, repository, server, ledger).flush_export(request)
+    print(flushed.model_dump_json(indent=2))
+    return EXIT_OK
+
+
+async def _self_test(settings: Settings, args: argparse.Namespace) -> int:
+    """The data-path self-test of a binary, or of the running server's (/proc/PID/exe)."""
+    binary = args.binary
+    if binary is None:
+        server = NbdServer(settings, build_metrics(settings.node_id))
+        binary = f"/proc/{server.process.verified_pid()}/exe"
+    result = await run_self_test(str(binary), timeout_s=settings.self_test_timeout_s)
+    print(result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILURE
 
 
 async def _release(settings: Settings, args: argparse.Namespace) -> int:
@@ -412,8 +472,14 @@ async def _check(settings: Settings) -> int:
         pid = server.process.verified_pid()
         version = await server.process.check_version()
         results.append((f"nbd-server main process {pid}, version {format_version(version)}", None))
+        # The same self-test `run` gates on, run afresh on the very binary the server runs.
+        verdict = await run_self_test(f"/proc/{pid}/exe", timeout_s=settings.self_test_timeout_s)
+        problem = None if verdict.ok else verdict.summary()
+        if problem and settings.accept_failed_self_test:
+            problem += " (the worker uses it anyway: EXPORT_WORKER_ACCEPT_FAILED_SELF_TEST)"
+        results.append(("nbd-server data path (self-test of its binary)", problem))
     except WorkerError as exc:
-        results.append(("nbd-server main process and version", str(exc)))
+        results.append(("nbd-server main process, version and data path", str(exc)))
     try:
         config = _read_server_config(settings.nbd_config_file)
         generic = config["generic"] if config.has_section("generic") else {}
@@ -554,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nbd-export-worker",
         description="Prepares NBD exports of VM disks for migration jobs. Settings come from "
         "EXPORT_WORKER_* environment variables (see README). Exit codes: 0 ok, 1 failure, "
-        "2 usage or settings, 3 nbd-server too old, 4 no reply in time.",
+        "2 usage or settings, 3 nbd-server must not be used (too old, or failed the data-path "
+        "self-test), 4 no reply in time.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="consume prepare-export jobs until SIGTERM/SIGINT")
@@ -586,6 +653,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("--vm-id", required=True, type=_vm_id)
     release.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    flush = commands.add_parser(
+        "flush", help="fsync an export's device, as a flush-export job does (exit 1 on failure)"
+    )
+    flush.add_argument("--vm-id", required=True, type=_vm_id)
+    flush.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    self_test = commands.add_parser(
+        "self-test",
+        help="the data-path self-test of the running nbd-server's binary, or of --binary",
+    )
+    self_test.add_argument("--binary", type=Path, help="an nbd-server binary to test instead")
     dead = commands.add_parser(
         "dead-letters", help="list the dead-letter queue (left in place), or replay it"
     )
@@ -626,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: _status(settings, args),
         "reconcile": lambda: _reconcile(settings, args),
         "release": lambda: _release(settings, args),
+        "flush": lambda: _flush(settings, args),
+        "self-test": lambda: _self_test(settings, args),
         "check": lambda: _check(settings),
         "request": lambda: _request(settings, args),
         "dead-letters": lambda: _dead_letters(settings, args),

@@ -31,18 +31,20 @@ from tenacity import (
     wait_random,
 )
 
-from worker.errors import WorkerError
+from worker.errors import FlushFailed, WorkerError
 from worker.faults import crash_point
 from worker.flow import ExportFlow
 from worker.logs import bind_job
 from worker.messages import (
     Action,
+    AnyRequest,
     ErrorCode,
     ErrorDetail,
     ExportFailed,
+    ExportFlushed,
     ExportReady,
     ExportReleased,
-    PrepareExport,
+    FlushExport,
     ReleaseExport,
     Reply,
     parse_request,
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 #: Far above any real job (a few hundred bytes); larger bodies are refused unparsed.
 MAX_BODY_BYTES = 64 * 1024
 #: The message types one request queue carries (the `type` field; prepare-export if none).
-MESSAGE_TYPES = ("prepare-export", "release-export")
+MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
 #: Error messages in replies are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000
 #: Tries to publish the reply on a job's last delivery, and the pause between them.
@@ -111,13 +113,14 @@ def error_reply(
     *,
     job_id: str | None,
     node_id: str,
-    request: PrepareExport | ReleaseExport | None = None,
+    request: AnyRequest | None = None,
+    errno: str | None = None,
 ) -> ExportFailed:
     return ExportFailed(
         job_id=job_id,
         vm_id=request.vm_id if request else None,
         disk_unit_number=request.disk_unit_number if request else None,
-        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE]),
+        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE], errno=errno),
         node_id=node_id,
     )
 
@@ -190,7 +193,8 @@ class JobConsumer:
             config.exchange, ExchangeType.TOPIC, durable=True
         )
         await queue.bind(exchange, routing_key=config.routing_key)
-        await queue.bind(exchange, routing_key=f"release-export.{config.node_id}")
+        for kind in ("release-export", "flush-export"):
+            await queue.bind(exchange, routing_key=f"{kind}.{config.node_id}")
         self._queue = queue
         return queue
 
@@ -341,7 +345,7 @@ class JobConsumer:
                 return True
         return False
 
-    async def _run(self, request: PrepareExport | ReleaseExport) -> ExportReady | ExportReleased:
+    async def _run(self, request: AnyRequest) -> ExportReady | ExportReleased | ExportFlushed:
         """Runs the flow, retrying transient failures with backoff and full jitter."""
 
         def count_retry(state: RetryCallState) -> None:
@@ -373,9 +377,11 @@ class JobConsumer:
                 reraise=True,
             )
 
-        async def serve() -> ExportReady | ExportReleased:
+        async def serve() -> ExportReady | ExportReleased | ExportFlushed:
             if isinstance(request, ReleaseExport):
                 return await self._flow.release_export(request)
+            if isinstance(request, FlushExport):
+                return await self._flow.flush_export(request)
             return await self._flow.prepare_export(request)
 
         return await call_with_retries(serve, policy, retryable)
@@ -472,6 +478,7 @@ class JobConsumer:
                     job_id=request.job_id,
                     node_id=self._config.node_id,
                     request=request,
+                    errno=exc.errno_name if isinstance(exc, FlushFailed) else None,
                 ),
                 settle,
                 "failed",
@@ -493,6 +500,9 @@ class JobConsumer:
         if isinstance(answer, ExportReleased):
             bind_job(outcome="released")
             return answer, Settle.ACK, "released"
+        if isinstance(answer, ExportFlushed):
+            bind_job(outcome="flushed")
+            return answer, Settle.ACK, "flushed"
         bind_job(outcome=str(answer.action))
         # A reuse has logged its own line already; at hundreds of jobs a second, one is enough.
         log.log(

@@ -9,6 +9,7 @@ device (/dev/vdb and its /dev/disk/by-id link) have the same `device_id`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import stat
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.errors import DeviceNotFound, InvalidRequest
+from worker.errors import DeviceNotFound, FlushFailed, InvalidRequest
 
 SECTOR_BYTES = 512
 
@@ -152,15 +153,55 @@ class DevicePolicy:
             reason = host_use(st.st_rdev)
             if reason is not None:
                 raise InvalidRequest(f"device {device_path} is {reason}; refusing to export it")
-            device_id = f"blk:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            device_id = device_identity(st)
             try:
                 size = _block_size(st.st_rdev)
             except (OSError, ValueError):
                 size = -1  # unknown: no sysfs (a container without it); not checked then
             return Device(device_path, resolved, device_id, size)
         if stat.S_ISREG(st.st_mode) and self.allow_regular_files:
-            return Device(device_path, resolved, f"file:{st.st_dev}:{st.st_ino}", st.st_size)
+            return Device(device_path, resolved, device_identity(st), st.st_size)
         raise InvalidRequest(f"device_path {device_path} is not a block device")
+
+
+def device_identity(st: os.stat_result) -> str:
+    """A device's `device_id`: the same for every path that names it."""
+    if stat.S_ISBLK(st.st_mode):
+        return f"blk:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"file:{st.st_dev}:{st.st_ino}"
+
+
+def _flush_failed(what: str, exc: OSError) -> FlushFailed:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return FlushFailed(f"{what}: {name} ({exc.strerror})", errno_name=name)
+
+
+def fsync_device(path: Path, device_id: str) -> None:
+    """fsync()s the device `path` opens (an export's link), once it is sure that device is
+    `device_id`: a link re-pointed since must not make another device's flush pass for
+    this one. Blocks, maybe for long (a network volume's dirty pages): run it in a thread.
+    Raises FlushFailed naming the errno.
+
+    Any descriptor of a block device or file flushes the page cache the server's writes sit
+    in; read-only is enough for fsync() and needs the least.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _flush_failed(f"cannot open {path}", exc) from exc
+    try:
+        found = device_identity(os.fstat(fd))
+        if found != device_id:
+            raise FlushFailed(
+                f"{path} opens device {found}, not {device_id} as its mapping says; "
+                "reconciliation will re-point it, then flush again",
+                errno_name=None,
+            )
+        os.fsync(fd)
+    except OSError as exc:
+        raise _flush_failed(f"fsync of {path} failed", exc) from exc
+    finally:
+        os.close(fd)
 
 
 def device_size(device_path: str) -> int | None:

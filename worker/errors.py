@@ -53,6 +53,28 @@ class UnsupportedServer(ServerUnavailable):
     retryable = False
 
 
+class UnsafeServer(UnsupportedServer):
+    """The running nbd-server failed the data-path self-test: it would corrupt or lose what
+    copy tools write through it. Refused like a too-old server, reuse included."""
+
+
+class FlushFailed(WorkerError):
+    """fsync of an export's device failed: what was written through it may not be on the
+    volume. Nothing was changed; the job may be sent again."""
+
+    code = ErrorCode.FLUSH_FAILED
+
+    def __init__(self, message: str, errno_name: str | None = None) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+class ExportNotFound(WorkerError):
+    """The job names a (VM, disk) this node has no active export for."""
+
+    code = ErrorCode.EXPORT_NOT_FOUND
+
+
 class ExportNotVisible(WorkerError):
     """The server was reloaded but did not list the export before the deadline."""
 

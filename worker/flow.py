@@ -10,17 +10,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from worker.devices import Device, DevicePolicy
-from worker.errors import InvalidRequest, Superseded, WorkerError
+from worker.errors import ExportNotFound, FlushFailed, InvalidRequest, Superseded, WorkerError
 from worker.faults import crash_point
 from worker.mappings import JobRecord, Mapping
-from worker.messages import Action, ExportReady, ExportReleased, PrepareExport, ReleaseExport
+from worker.messages import (
+    Action,
+    AnyRequest,
+    ExportFlushed,
+    ExportReady,
+    ExportReleased,
+    FlushExport,
+    PrepareExport,
+    ReleaseExport,
+)
 
 log = logging.getLogger(__name__)
 #: A reply type a recorded job can be repeated as.
-R = TypeVar("R", ExportReady, ExportReleased)
+R = TypeVar("R", ExportReady, ExportReleased, ExportFlushed)
+#: The flush_error column's width.
+MAX_FLUSH_ERROR = 255
 
 
 class Mappings(Protocol):
@@ -33,6 +45,9 @@ class Mappings(Protocol):
     async def deactivate(
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> Mapping | None: ...
+    async def set_flush_error(
+        self, vm_id: str, disk_unit_number: int, flush_error: str | None
+    ) -> None: ...
 
 
 class Ledger(Protocol):
@@ -56,13 +71,14 @@ class ExportServer(Protocol):
     async def remove_export(
         self, name: str, committed: Callable[[str], Awaitable[str | None]]
     ) -> bool: ...
+    async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
 
 
 def _claimed_by(mapping: Mapping | None, job_id: str) -> bool:
     return mapping is not None and mapping.is_active and mapping.last_job_id == job_id
 
 
-def _record(reply: ExportReady | ExportReleased) -> JobRecord:
+def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
     return JobRecord(
         job_id=reply.job_id,
         vm_id=reply.vm_id,
@@ -187,6 +203,8 @@ class ExportFlow:
         if (
             decide(mapping, device.path, live=True) is Action.REUSED
             and not _claimed_by(mapping, request.job_id)
+            and mapping is not None
+            and mapping.flush_error is None
             and await self._server.is_live(name, device.path, fresh=False)
             # A create, relink or release of this disk under way here, or done during the
             # awaits above, may have made what was read stale: then the locked path decides.
@@ -211,6 +229,9 @@ class ExportFlow:
             )
             action = decide(mapping, device.path, live)
             if action is Action.REUSED and not earlier:
+                if mapping is not None and mapping.flush_error is not None:
+                    # A new prepare-export starts a new copy (a claim clears it the same way).
+                    await self._mappings.set_flush_error(*key, None)
                 return self._reuse(request, device)
 
             if not earlier:
@@ -252,9 +273,7 @@ class ExportFlow:
             await self._ledger.record(_record(ready))
             return ready
 
-    def _repeat(
-        self, request: PrepareExport | ReleaseExport, recorded: JobRecord, reply_type: type[R]
-    ) -> R:
+    def _repeat(self, request: AnyRequest, recorded: JobRecord, reply_type: type[R]) -> R:
         """The answer this job got before. A job_id already used for another disk, or for
         another kind of job, is refused: a new job needs a new job_id."""
         same_kind = recorded.reply.get("status") == reply_type.model_fields["status"].default
@@ -271,16 +290,72 @@ class ExportFlow:
         )
         return reply_type.model_validate(recorded.reply)
 
+    async def _flush(self, mapping: Mapping, job_id: str) -> None:
+        """fsyncs the mapping's device through its export's link. Raises FlushFailed, and
+        keeps the failure on the mapping: Linux reports a writeback error once per open
+        file, so a later fsync may succeed although the data is lost. Until a new
+        prepare-export starts a new copy, every flush of this mapping fails the same way."""
+        name = mapping.export_name
+        if mapping.flush_error is not None:
+            raise FlushFailed(
+                f"an earlier flush of {name} failed ({mapping.flush_error}): what was written "
+                "before it may not be on the volume. Send prepare-export again and copy the "
+                "disk again",
+                errno_name=mapping.flush_error.split(":", 1)[0],
+            )
+        try:
+            await self._server.flush_export(name, mapping.device_path, mapping.device_id)
+        except FlushFailed as exc:
+            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            note = f"{exc.errno_name or 'error'}: {exc} (job {job_id}, {when})"
+            await self._mappings.set_flush_error(
+                mapping.vm_id, mapping.disk_unit_number, note[:MAX_FLUSH_ERROR]
+            )
+            raise
+
+    async def flush_export(self, request: FlushExport) -> ExportFlushed:
+        """Makes everything written through the (VM, disk)'s export durable: fsync of its
+        device, opened through the export's link. Changes nothing else."""
+        key = (request.vm_id, request.disk_unit_number)
+        async with self._keys.hold(key):
+            mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+            if recorded is not None:
+                return self._repeat(request, recorded, ExportFlushed)
+            if mapping is None or not mapping.is_active:
+                raise ExportNotFound(
+                    f"no active export for vm {request.vm_id} disk {request.disk_unit_number} "
+                    "on this node: nothing to flush"
+                )
+            await self._flush(mapping, request.job_id)
+            log.info(
+                "Flushed export job_id=%s export_name=%s device_path=%s",
+                request.job_id,
+                request.export_name,
+                mapping.device_path,
+            )
+            flushed = ExportFlushed(
+                job_id=request.job_id,
+                vm_id=request.vm_id,
+                disk_unit_number=request.disk_unit_number,
+                export_name=request.export_name,
+                device_path=mapping.device_path,
+                node_id=self._node_id,
+            )
+            await self._ledger.record(_record(flushed))
+            return flushed
+
     async def release_export(self, request: ReleaseExport) -> ExportReleased:
-        """Marks the mapping inactive, then removes its link and snippet: new connections
-        fail at once, established ones keep their device, and the server forgets the name
-        at its next restart. Releasing twice, or what was never prepared, is no error."""
+        """fsyncs the export's device, marks the mapping inactive, then removes its link and
+        snippet: new connections fail at once, established ones keep their device, and the
+        server forgets the name at its next restart. Releasing twice, or what was never
+        prepared, is no error. A failed fsync (FlushFailed) leaves the export as it was."""
         key = (request.vm_id, request.disk_unit_number)
         async with self._keys.hold(key):
             mapping, recorded = await self._mappings.lookup(*key, request.job_id)
             if recorded is not None:
                 return self._repeat(request, recorded, ExportReleased)
-            # An earlier delivery of this job deactivated the row, then was cut short.
+            # An earlier delivery of this job flushed and deactivated the row, then was cut
+            # short.
             earlier = (
                 mapping is not None
                 and mapping.last_job_id == request.job_id
@@ -288,6 +363,9 @@ class ExportFlow:
             )
             was_active = earlier or (mapping is not None and mapping.is_active)
             if mapping is not None and mapping.is_active:
+                # Durable before anything changes: a copy tool's last writes may still be in
+                # the page cache, and nbd-server never fsyncs on disconnect.
+                await self._flush(mapping, request.job_id)
                 # The row first: should the files' removal fail, reconciliation removes the
                 # files of inactive mappings; the other order could bring a released export
                 # back.
@@ -305,6 +383,7 @@ class ExportFlow:
                 disk_unit_number=request.disk_unit_number,
                 export_name=request.export_name,
                 was_active=was_active,
+                flushed=was_active,
                 node_id=self._node_id,
             )
             await self._ledger.record(_record(released))

@@ -30,6 +30,9 @@ class Mapping(BaseModel):
     #: value, or "released"): lets that job, redelivered after a crash, answer as before.
     last_job_id: str | None = None
     last_action: str | None = None
+    #: Why fsync of the device failed ("EIO: ..."), kept until a new prepare-export: what
+    #: was written before may be lost, so no flush may claim durability meanwhile.
+    flush_error: str | None = None
 
     @property
     def is_active(self) -> bool:

@@ -39,6 +39,10 @@ class Metrics:
     drift: Gauge
     server_pid: Gauge
     server_info: Info
+    data_path_ok: Gauge
+    self_tests: Counter
+    flushes: Counter
+    flush_duration: Histogram
 
 
 class NodeRegistry(CollectorRegistry):
@@ -157,4 +161,27 @@ def build_metrics(node_id: str) -> Metrics:
             registry=r,
         ),
         server_info=Info("nbd_server", "The running nbd-server: version and main pid.", registry=r),
+        data_path_ok=Gauge(
+            "nbd_server_data_path_ok",
+            "1 when the running nbd-server passed the data-path self-test, 0 when it failed.",
+            registry=r,
+        ),
+        self_tests=Counter(
+            "nbd_server_self_tests",
+            "Data-path self-tests run on the server's binary, by result: passed or failed.",
+            ["result"],
+            registry=r,
+        ),
+        flushes=Counter(
+            "nbd_export_flushes",
+            "fsyncs of export devices (flush-export, release-export), by result.",
+            ["result"],
+            registry=r,
+        ),
+        flush_duration=Histogram(
+            "nbd_export_flush_duration_seconds",
+            "Time an fsync of an export's device took.",
+            buckets=JOB_BUCKETS,
+            registry=r,
+        ),
     )

@@ -1,10 +1,11 @@
 """Reconciliation: make the server, the snippets and the links agree with the mappings.
 
-Active mappings are the truth. Missing or wrong links and snippets are rewritten and the
-missing exports added with one SIGHUP; files of inactive mappings are removed (a stale
-link would let a new connection open a released device). What only a restart or an
-operator can fix is reported, never guessed at: snippets nobody maps, and exports stuck in
-the server's memory.
+Active mappings are the truth. Missing or wrong links and snippets are rewritten (also
+snippets with outdated data-path options) and the missing exports added with one SIGHUP;
+files of inactive mappings are removed (a stale link would let a new connection open a
+released device). What only a restart or an operator can fix is reported, never guessed
+at: snippets nobody maps, exports stuck in the server's memory, and exports the server
+serves without FLUSH (loaded before their snippet asked for it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from worker.devices import device_present
-from worker.nbd.files import has_snippet, link_target, list_snippet_names
+from worker.nbd.files import has_snippet, link_target, list_snippet_names, snippet_outdated
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
 
@@ -34,6 +35,9 @@ class ReconcileReport:
     devices_missing: list[str] = field(default_factory=list)
     orphan_snippets: list[str] = field(default_factory=list)
     stuck_exports: list[str] = field(default_factory=list)
+    #: Active exports the running server serves without FLUSH although their snippet asks
+    #: for it: `nbdcopy --flush` fails on them until nbd-server restarts.
+    exports_without_flush: list[str] = field(default_factory=list)
     sighup_sent: bool = False
 
     def drift(self) -> dict[str, int]:
@@ -46,6 +50,7 @@ class ReconcileReport:
             "device_missing": len(self.devices_missing),
             "orphan_snippet": len(self.orphan_snippets),
             "stuck_export": len(self.stuck_exports),
+            "no_flush": len(self.exports_without_flush),
         }
 
     def lines(self) -> list[str]:
@@ -63,6 +68,10 @@ class ReconcileReport:
             ("devices missing (new connections will fail)", self.devices_missing),
             ("snippets without a mapping (left alone)", self.orphan_snippets),
             ("exports stuck in the server's memory (a restart clears them)", self.stuck_exports),
+            (
+                "exports served without FLUSH (loaded before; a restart of nbd-server fixes)",
+                self.exports_without_flush,
+            ),
         ):
             out.append(f"{label}: {len(names)}")
             out.extend(f"  {name}" for name in names)
@@ -84,7 +93,8 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
         if link_target(spec.link_path) != mapping.device_path:
             report.links_rewritten.append(name)
             wanted[name] = mapping.device_path
-        if not has_snippet(conf_dir, name):
+        if not has_snippet(conf_dir, name) or snippet_outdated(conf_dir, spec):
+            # An outdated one is rewritten so that a restart brings its new options.
             report.snippets_rewritten.append(name)
             wanted[name] = mapping.device_path
         if name not in listed:
@@ -104,6 +114,12 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
     report.stuck_exports = sorted(
         n for n in listed if n.startswith(EXPORT_PREFIX) and n not in active
     )
+    if server.options.flush:
+        # Asked once per export and server pid (a reload never changes a loaded export).
+        flags = await server.data_path_flags(sorted(n for n in active if n in listed))
+        report.exports_without_flush = [
+            name for name, found in flags.items() if found is not None and not found.can_flush
+        ]
 
     if not dry_run:
         # Each action re-reads its row under the config lock: a job may have changed the

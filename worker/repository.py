@@ -55,7 +55,7 @@ _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
     "id, node_id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, "
-    "status, created_at, updated_at, last_job_id, last_action"
+    "status, created_at, updated_at, last_job_id, last_action, flush_error"
 )
 
 
@@ -66,7 +66,7 @@ _FIELDS = tuple(_COLUMNS.split(", "))
 #: one JSON array column, decoded in C, instead of one column per field.
 _LOOKUP_FIELDS = (
     "id", "vm_name", "export_name", "device_path", "device_id", "status", "last_job_id",
-    "last_action",
+    "last_action", "flush_error",
 )  # fmt: skip
 _LOOKUP_ROW = f"JSON_ARRAY({', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply)"
 
@@ -390,9 +390,11 @@ class Repository:
             try:
                 async with self._cursor() as cur:
                     await cur.execute(
+                        # A new prepare-export starts a new copy: an earlier flush failure
+                        # no longer speaks for what will be written.
                         "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
                         "device_path = %s, device_id = %s, last_job_id = %s, last_action = %s, "
-                        "status = 'active' "
+                        "status = 'active', flush_error = NULL "
                         "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
                         params,
                     )
@@ -465,6 +467,21 @@ class Repository:
             return _row_to_mapping(row) if row else None
 
         return await self._retrying(transaction)
+
+    async def set_flush_error(
+        self, vm_id: str, disk_unit_number: int, flush_error: str | None
+    ) -> None:
+        """Records why fsync of the mapping's device failed, or (None) clears it."""
+
+        async def update() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET flush_error = %s "
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                    (flush_error, self._node, vm_id, disk_unit_number),
+                )
+
+        await self._retrying(update)
 
     async def ping(self) -> None:
         """Raises TransientDatabaseError/DatabaseError unless a trivial query answers."""

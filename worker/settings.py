@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     lock_timeout_s: float = Field(default=60.0, gt=0)
     #: Each export's `exportname` is a symlink here, so a device change is an atomic re-point.
     link_dir: Path = Path("/var/lib/nbd-export-worker/links")
+    #: What each export offers a copy tool; nbd-server's defaults are all off. FLUSH lets a
+    #: copy tool make its copy durable (`nbdcopy --flush`, as virt-v2v runs it, fails
+    #: without); FUA lets it make single writes durable; TRIM lets a thin volume get back
+    #: the space of zero runs. Exports already loaded keep what they had until a restart.
+    export_flush: bool = True
+    export_fua: bool = True
+    export_trim: bool = True
+    #: Use an nbd-server that failed the data-path self-test anyway (it would corrupt or
+    #: lose copies; a warning is logged on every start). Never on an appliance in use.
+    accept_failed_self_test: bool = False
+    #: The data-path self-test (a private instance of the server's binary) must end by then.
+    self_test_timeout_s: float = Field(default=30.0, gt=0)
 
     # --- Devices ---
     #: A device path must resolve under one of these prefixes.

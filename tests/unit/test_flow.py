@@ -14,6 +14,8 @@ from worker.devices import DevicePolicy
 from worker.errors import (
     DeviceInUse,
     DeviceNotFound,
+    ExportNotFound,
+    FlushFailed,
     InvalidRequest,
     ServerUnavailable,
     Superseded,
@@ -21,7 +23,7 @@ from worker.errors import (
 from worker.flow import ExportFlow, KeyedLocks, decide
 from worker.jobs import JobLedger
 from worker.mappings import Mapping
-from worker.messages import Action, PrepareExport, ReleaseExport
+from worker.messages import Action, FlushExport, PrepareExport, ReleaseExport
 
 VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
 
@@ -416,3 +418,69 @@ async def test_a_reuse_does_not_answer_for_a_release_done_during_its_probe(
 
     after, _ = await asyncio.gather(flow.prepare_export(request(disk)), release_soon())
     assert after.action is Action.CREATED
+
+
+def flush_job(job_id: str) -> FlushExport:
+    return FlushExport(type="flush-export", job_id=job_id, vm_id=VM, disk_unit_number=0)
+
+
+async def test_flush_fsyncs_the_mapped_device_and_repeats_its_answer(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, _, server = make_flow(tmp_path)
+    created = await flow.prepare_export(request(disk))
+    flushed = await flow.flush_export(flush_job("f-1"))
+    assert (flushed.export_name, flushed.device_path) == (created.export_name, str(disk))
+    assert server.flushed == [(created.export_name, str(disk))]
+    assert await flow.flush_export(flush_job("f-1")) == flushed  # recorded: no second fsync
+    assert len(server.flushed) == 1
+
+
+async def test_flush_of_nothing_is_export_not_found(tmp_path: Path, disk: Path) -> None:
+    flow, _, server = make_flow(tmp_path)
+    with pytest.raises(ExportNotFound):
+        await flow.flush_export(flush_job("f-1"))
+    await flow.prepare_export(request(disk))
+    await flow.release_export(
+        ReleaseExport(type="release-export", job_id="r", vm_id=VM, disk_unit_number=0)
+    )
+    with pytest.raises(ExportNotFound):
+        await flow.flush_export(flush_job("f-2"))
+    assert len(server.flushed) == 1  # the release's own
+
+
+async def test_a_failed_flush_sticks_until_a_new_prepare_export(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    server.flush_errors = ["EIO"]
+    with pytest.raises(FlushFailed) as first:
+        await flow.flush_export(flush_job("f-1"))
+    assert first.value.errno_name == "EIO"
+    # The next fsync would succeed, but what was written before may be lost.
+    with pytest.raises(FlushFailed, match="an earlier flush") as second:
+        await flow.flush_export(flush_job("f-2"))
+    assert second.value.errno_name == "EIO"
+    release = ReleaseExport(type="release-export", job_id="r-1", vm_id=VM, disk_unit_number=0)
+    with pytest.raises(FlushFailed):
+        await flow.release_export(release)
+    assert mappings.rows[(VM, 0)].status == "active"
+    assert server.flushed == []
+    # A new prepare-export (a reuse here) starts a new copy: flushes count again.
+    assert (await flow.prepare_export(request(disk))).action is Action.REUSED
+    assert mappings.rows[(VM, 0)].flush_error is None
+    await flow.flush_export(flush_job("f-3"))
+    released = await flow.release_export(release.model_copy(update={"job_id": "r-2"}))
+    assert (released.was_active, released.flushed) == (True, True)
+    assert mappings.rows[(VM, 0)].status == "inactive"
+
+
+async def test_a_release_whose_fsync_fails_changes_nothing(tmp_path: Path, disk: Path) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    created = await flow.prepare_export(request(disk))
+    server.flush_errors = ["ENOSPC"]
+    release = ReleaseExport(type="release-export", job_id="r-1", vm_id=VM, disk_unit_number=0)
+    with pytest.raises(FlushFailed):
+        await flow.release_export(release)
+    assert mappings.rows[(VM, 0)].status == "active"
+    assert server.links[created.export_name] == str(disk)
+    assert "r-1" not in mappings.jobs

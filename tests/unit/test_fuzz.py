@@ -52,6 +52,9 @@ def test_every_message_is_accepted_safely_or_refused_with_a_reason(body: bytes) 
     assert [line for line in snippet.splitlines() if not line.startswith("#")] == [
         f"[{name}]",
         f"exportname = {LINK_DIR / name}",
+        "flush = true",
+        "fua = true",
+        "trim = true",
     ]
     if isinstance(request, PrepareExport):
         if request.device_path is not None:

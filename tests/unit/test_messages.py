@@ -120,7 +120,7 @@ def test_error_reply_shape() -> None:
         "vm_id": None,
         "disk_unit_number": None,
         "status": "error",
-        "error": {"code": "invalid_request", "message": "m", "cause": None},
+        "error": {"code": "invalid_request", "message": "m", "cause": None, "errno": None},
         "node_id": None,
     }
 

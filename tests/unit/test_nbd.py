@@ -7,18 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ServerUnavailable
+from worker.errors import ServerUnavailable, UnsafeServer
 from worker.nbd.files import (
+    DataPathOptions,
     ExportSpec,
     SnippetWrite,
     link_target,
     point_link,
     render_snippet,
+    snippet_outdated,
     snippet_path,
     write_snippet,
 )
 from worker.nbd.probe import parse_listing
 from worker.nbd.process import (
+    MainProcess,
     ReloadLock,
     check_main_process,
     config_from_cmdline,
@@ -26,6 +29,7 @@ from worker.nbd.process import (
     parse_version,
     read_pid_file,
 )
+from worker.nbd.selftest import SelfTestResult
 
 
 def test_parse_listing_matches_whole_lines() -> None:
@@ -103,6 +107,29 @@ def test_render_snippet_is_a_section_naming_the_link() -> None:
     assert "exportname = /links/migration-vm-x-disk0\n" in text
 
 
+def test_snippets_turn_on_flush_fua_and_trim_and_settings_can_turn_each_off() -> None:
+    link = Path("/links/e")
+    text = render_snippet(ExportSpec("e", link))
+    assert text.splitlines()[-3:] == ["flush = true", "fua = true", "trim = true"]
+    off = render_snippet(ExportSpec("e", link, DataPathOptions(flush=True, fua=False, trim=False)))
+    assert off.splitlines()[-3:] == ["flush = true", "fua = false", "trim = false"]
+    for harmful in ("copyonwrite", "temporary", "filesize", "maxconnections", "sync", "readonly"):
+        assert harmful not in text
+
+
+def test_a_snippet_without_the_options_is_outdated_not_replaced(tmp_path: Path) -> None:
+    spec = ExportSpec("e0", tmp_path / "links" / "e0")
+    old = f"[e0]\nexportname = {spec.link_path}\n"  # as written before the data-path options
+    snippet_path(tmp_path, "e0").write_text(old)
+    assert snippet_outdated(tmp_path, spec)
+    # Same link, other options: rewritten without asking for a restart (the loaded export
+    # keeps serving the right device; only its options wait for a restart).
+    assert write_snippet(tmp_path, spec) is SnippetWrite.OPTIONS_CHANGED
+    assert not snippet_outdated(tmp_path, spec)
+    moved = ExportSpec("e0", tmp_path / "elsewhere" / "e0")
+    assert not snippet_outdated(tmp_path, moved)  # another path is not an option
+
+
 def test_write_snippet_is_atomic_idempotent_and_leaves_no_temp(tmp_path: Path) -> None:
     spec = ExportSpec("e0", tmp_path / "links" / "e0")
     assert write_snippet(tmp_path, spec) is SnippetWrite.CREATED
@@ -165,3 +192,36 @@ def test_a_snippet_has_mode_0644_whatever_the_umask(tmp_path: Path, umask: int) 
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "migration-vm-x-disk0.conf").stat().st_mode) == 0o644
+
+
+async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: Path) -> None:
+    """The gate's bookkeeping (the self-test itself is an integration test): one self-test
+    per pid however many callers wait, a failure refused unless the override is set."""
+    calls: list[str] = []
+
+    async def failing(binary: str) -> SelfTestResult:
+        calls.append(binary)
+        await asyncio.sleep(0.01)
+        return SelfTestResult(binary, ("a WRITE_ZEROES left old data",))
+
+    pid = os.getpid()
+    process = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+                          self_test=failing)  # fmt: skip
+    process._versions = {pid: (3, 26, 1)}  # as read from /proc/PID/exe -V
+    results = await asyncio.gather(
+        *(process._vet_checked(pid) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, UnsafeServer) for r in results)
+    assert "a WRITE_ZEROES left old data" in str(results[0])
+    assert calls == [f"/proc/{pid}/exe"]
+
+    seen: list[bool] = []
+    accepting = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+                            self_test=failing, accept_failed_self_test=True,
+                            on_self_test=lambda _pid, result: seen.append(result.ok))  # fmt: skip
+    accepting._versions = {pid: (3, 26, 1)}
+    version, verdict = await accepting._vet_checked(pid)
+    assert version == (3, 26, 1)
+    assert verdict is not None
+    assert not verdict.ok
+    assert seen == [False]

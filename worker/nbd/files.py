@@ -21,25 +21,62 @@ SNIPPET_MODE = 0o644
 
 
 @dataclass(frozen=True)
+class DataPathOptions:
+    """The per-export options that decide what a copy tool gets; nbd-server defaults each
+    to off. Never the harmful ones (nbd-server-facts.md): copyonwrite (writes vanish at
+    disconnect), temporary, filesize (creates a file when the link dangles),
+    maxconnections (a lifetime count), sync (an fsync per write)."""
+
+    #: FLUSH: fsync() of the device on the client's request (`nbdcopy --flush`).
+    flush: bool = True
+    #: FUA: a write that is durable when answered.
+    fua: bool = True
+    #: TRIM: discards (a hole punch on a file), so thin volumes get space back.
+    trim: bool = True
+
+    def lines(self) -> list[str]:
+        # nbd-server accepts only true/false/1/0 for booleans.
+        return [
+            f"{key} = {'true' if value else 'false'}"
+            for key, value in (("flush", self.flush), ("fua", self.fua), ("trim", self.trim))
+        ]
+
+
+@dataclass(frozen=True)
 class ExportSpec:
-    """One export as the server sees it: a section name and the link it opens."""
+    """One export as the server sees it: a section name, the link it opens, its options."""
 
     name: str
     link_path: Path
+    options: DataPathOptions = DataPathOptions()
 
 
 def render_snippet(spec: ExportSpec) -> str:
     """The config snippet for one export.
 
-    `name` and `link_path` come from validated ids and settings only: no request text
-    reaches this file. The device itself sits behind the link, so a device change never
-    needs a config edit (a reload ignores changes to existing sections anyway).
+    `name` and `link_path` come from validated ids and settings only, the options from
+    settings: no request text reaches this file. The device itself sits behind the link,
+    so a device change never needs a config edit (a reload ignores changes to existing
+    sections anyway).
     """
-    return (
-        "# Managed by nbd-export-worker; removing it stops the export after the next restart.\n"
-        f"[{spec.name}]\n"
-        f"exportname = {spec.link_path}\n"
+    return "".join(
+        f"{line}\n"
+        for line in (
+            "# Managed by nbd-export-worker; removing it stops the export after the next restart.",
+            f"[{spec.name}]",
+            f"exportname = {spec.link_path}",
+            *spec.options.lines(),
+        )
     )
+
+
+def snippet_exportname(content: str) -> str | None:
+    """The `exportname` a snippet's text sets, or None."""
+    for line in content.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "exportname":
+            return value.strip()
+    return None
 
 
 def snippet_path(conf_dir: Path, name: str) -> Path:
@@ -59,8 +96,12 @@ class SnippetWrite(Enum):
     UNCHANGED = "unchanged"
     CREATED = "created"
     REPLACED = "replaced"
-    """An existing snippet had other content. A reload ignores changes to a section the
-    server already has, so a listed export keeps serving the old content until a restart."""
+    """An existing snippet opened another path. A reload ignores changes to a section the
+    server already has, so a listed export keeps serving the old path until a restart."""
+    OPTIONS_CHANGED = "options_changed"
+    """An existing snippet opened the same link with other options (one written before
+    the data-path options, or with other settings): harmless to rewrite; a loaded export
+    keeps its old options until a restart."""
 
 
 def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) -> SnippetWrite:
@@ -73,9 +114,11 @@ def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) ->
     content = render_snippet(spec).encode()
     outcome = SnippetWrite.CREATED
     try:
-        if target.read_bytes() == content:
+        existing = target.read_bytes()
+        if existing == content:
             return SnippetWrite.UNCHANGED
-        outcome = SnippetWrite.REPLACED
+        same_link = snippet_exportname(existing.decode(errors="replace")) == str(spec.link_path)
+        outcome = SnippetWrite.OPTIONS_CHANGED if same_link else SnippetWrite.REPLACED
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -102,6 +145,16 @@ def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) ->
 
 def has_snippet(conf_dir: Path, name: str) -> bool:
     return snippet_path(conf_dir, name).is_file()
+
+
+def snippet_outdated(conf_dir: Path, spec: ExportSpec) -> bool:
+    """Whether the export's snippet opens its link with other options than the worker
+    writes now (e.g. one written before the data-path options): safe to rewrite."""
+    try:
+        content = snippet_path(conf_dir, spec.name).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return content != render_snippet(spec) and snippet_exportname(content) == str(spec.link_path)
 
 
 def point_link(link_path: Path, device_path: str, *, sync_dir: bool = True) -> bool:

@@ -1,9 +1,13 @@
-"""nbd-server's main process: find it, check it, gate its version, signal it, lock reloads.
+"""nbd-server's main process: find it, check it, vet it, signal it, lock reloads.
 
 A SIGHUP that reaches a per-connection child kills a live migration (nbd-server-facts.md,
 "Processes and signals"), so the only signal this module sends goes to one pid read from
 the pid file and checked just before, through a pidfd so the pid cannot be recycled between
 the check and the signal. Never pkill, never a process group.
+
+Vetting a main process: its binary's version (>= 3.25: SIGHUP-safe) and, since no version
+is free of data-path bugs, the data-path self-test run on that very binary. Both are kept
+per pid: a restart may bring another binary.
 """
 
 from __future__ import annotations
@@ -11,16 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from worker.errors import ServerUnavailable, UnsupportedServer
+from worker.errors import ServerUnavailable, UnsafeServer, UnsupportedServer
 from worker.nbd.command import run_with_deadline
+from worker.nbd.selftest import SelfTestResult
+
+log = logging.getLogger(__name__)
+
+#: Runs the data-path self-test on a binary (worker.nbd.selftest.run_self_test).
+SelfTest = Callable[[str], Coroutine[Any, Any, SelfTestResult]]
 
 #: 3.24 corrupts its heap on SIGHUP (upstream issue #143, fixed in 3.25 by PR #142).
 MIN_SERVER_VERSION = (3, 25)
@@ -113,15 +125,29 @@ def check_main_process(pid: int, config_file: Path) -> None:
 class MainProcess:
     """The nbd-server main process named by the pid file and started with our config.
 
-    Its version is read once per pid (a restart may bring another binary) and checked
-    before every SIGHUP, not only at start-up.
+    It is vetted once per pid (version, then the data-path self-test, when one is given)
+    before the first SIGHUP and before the first export is handed out, not only at start-up.
     """
 
-    def __init__(self, pid_file: Path, config_file: Path, *, version_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pid_file: Path,
+        config_file: Path,
+        *,
+        version_timeout_s: float,
+        self_test: SelfTest | None = None,
+        accept_failed_self_test: bool = False,
+        on_self_test: Callable[[int, SelfTestResult], None] | None = None,
+    ) -> None:
         self._pid_file = pid_file
         self._config_file = config_file
         self._version_timeout_s = version_timeout_s
+        self._self_test = self_test
+        self._accept_failed = accept_failed_self_test
+        self._on_self_test = on_self_test
         self._versions: dict[int, tuple[int, int, int]] = {}
+        self._verdicts: dict[int, SelfTestResult] = {}
+        self._testing: tuple[int, asyncio.Task[SelfTestResult]] | None = None
         self._pid_seen: tuple[tuple[int, int, int], int] | None = None
 
     def verified_pid(self) -> int:
@@ -157,6 +183,59 @@ class MainProcess:
         """The running main process's version; raises UnsupportedServer below 3.25."""
         return await self._supported_version(self.verified_pid())
 
+    async def vet_running(self) -> int:
+        """Vets the running main process (cached per pid) and returns its pid. Raises
+        ServerUnavailable, UnsupportedServer or UnsafeServer."""
+        pid = self.verified_pid()
+        await self.vet(pid)
+        return pid
+
+    async def vet(self, pid: int) -> None:
+        """Raises UnsupportedServer/UnsafeServer unless `pid` passed both gates; a dict
+        lookup once it has. A pid seen for the first time is verified as the main process
+        first: its binary is about to be run."""
+        if pid not in self._versions:
+            check_main_process(pid, self._config_file)
+        await self._vet_checked(pid)
+
+    async def _vet_checked(self, pid: int) -> tuple[tuple[int, int, int], SelfTestResult | None]:
+        version = await self._supported_version(pid)
+        if self._self_test is None:
+            return version, None
+        verdict = self._verdicts.get(pid)
+        if verdict is None:
+            verdict = await self._single_self_test(pid)
+        self._judge(verdict)
+        return version, verdict
+
+    async def _single_self_test(self, pid: int) -> SelfTestResult:
+        """One self-test per pid, however many jobs are waiting for it."""
+        assert self._self_test is not None
+        if self._testing is None or self._testing[0] != pid:
+            self._testing = (pid, asyncio.create_task(self._self_test(f"/proc/{pid}/exe")))
+        # Shielded: one waiter's cancellation must not cancel the test the others await.
+        verdict = await asyncio.shield(self._testing[1])
+        if pid not in self._verdicts:
+            self._verdicts = {pid: verdict}  # only the current pid matters
+            if verdict.ok:
+                log.info("nbd-server data path verified pid=%d: %s", pid, verdict.summary())
+            elif self._accept_failed:
+                log.warning(
+                    "nbd-server pid=%d is used although it FAILED the data-path self-test, "
+                    "because EXPORT_WORKER_ACCEPT_FAILED_SELF_TEST is set: %s",
+                    pid,
+                    verdict.summary(),
+                )
+            else:
+                log.error("Refusing nbd-server pid=%d: %s", pid, verdict.summary())
+            if self._on_self_test is not None:
+                self._on_self_test(pid, verdict)
+        return verdict
+
+    def _judge(self, verdict: SelfTestResult) -> None:
+        if not verdict.ok and not self._accept_failed:
+            raise UnsafeServer(verdict.summary())
+
     async def _supported_version(self, pid: int) -> tuple[int, int, int]:
         version = self._versions.get(pid)
         if version is None:
@@ -166,8 +245,8 @@ class MainProcess:
             raise UnsupportedServer(
                 f"nbd-server {format_version(version)} (pid {pid}) is too old: versions before "
                 f"{format_version(MIN_SERVER_VERSION)} corrupt their heap on SIGHUP (upstream "
-                "issue #143), and the worker adds exports by SIGHUP. Install nbd-server >= "
-                f"{format_version(MIN_SERVER_VERSION)} (scripts/install-system-deps.sh builds one)."
+                "issue #143), and the worker adds exports by SIGHUP. Install the project's "
+                "nbd-server build (nbd-server/build.sh)."
             )
         return version
 
@@ -187,9 +266,9 @@ class MainProcess:
             raise ServerUnavailable(f"cannot read the version of nbd-server {pid}: {exc}") from exc
 
     async def send_reload(self) -> int:
-        """SIGHUPs the verified, supported main process only; returns its pid.
+        """SIGHUPs the verified, vetted main process only; returns its pid.
 
-        Raises ServerUnavailable (UnsupportedServer when the binary is too old).
+        Raises ServerUnavailable (UnsupportedServer/UnsafeServer when it must not be used).
         """
         pid = read_pid_file(self._pid_file)
         try:
@@ -200,7 +279,7 @@ class MainProcess:
             # Checked after the pidfd is open: the fd pins this very process, so the pid
             # cannot be reused by another process between the checks and the signal.
             check_main_process(pid, self._config_file)
-            await self._supported_version(pid)
+            await self._vet_checked(pid)
             signal.pidfd_send_signal(pidfd, signal.SIGHUP)
         except ProcessLookupError as exc:
             raise ServerUnavailable(f"nbd-server main process {pid} exited") from exc

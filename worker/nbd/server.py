@@ -1,4 +1,5 @@
-"""NbdServer: the facade the flow and the CLI see (is_live, ensure_export(s), remove_export).
+"""NbdServer: the facade the flow and the CLI see (is_live, ensure_export(s), remove_export,
+flush_export).
 
 It owns the order of a create: link, snippet, listing, SIGHUP to the verified main
 process, polling until every new export is listed, and opening each as a client would,
@@ -12,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.devices import device_size
+from worker.devices import device_size, fsync_device
 from worker.errors import (
     ConfigWriteError,
     ExportNotVisible,
+    FlushFailed,
     ProbeTimeout,
     RestartRequired,
     ServerUnavailable,
@@ -31,6 +35,7 @@ from worker.errors import (
 from worker.faults import crash_point
 from worker.metrics import Metrics
 from worker.nbd.files import (
+    DataPathOptions,
     ExportSpec,
     SnippetWrite,
     fsync_dir,
@@ -42,7 +47,15 @@ from worker.nbd.files import (
 )
 from worker.nbd.probe import list_exports
 from worker.nbd.process import MainProcess, ReloadLock
-from worker.nbd.wire import UNKNOWN, ExportState, export_state, list_exports_native
+from worker.nbd.selftest import SelfTestResult, run_self_test
+from worker.nbd.wire import (
+    UNKNOWN,
+    DataPathFlags,
+    ExportInfo,
+    ExportState,
+    export_state,
+    list_exports_native,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,9 @@ LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
 #: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
 PROBES_AT_ONCE = 8
+#: fsyncs at once: each holds a thread for as long as the volume takes, so they get threads
+#: of their own and never starve the config writes of the default executor.
+FLUSHES_AT_ONCE = 4
 
 #: Looks up, in the database, the device an export is committed to (None: not active).
 CommittedDevice = Callable[[str], Awaitable[str | None]]
@@ -89,7 +105,17 @@ class NbdServer:
             settings.nbd_pid_file,
             settings.nbd_config_file,
             version_timeout_s=settings.probe_timeout_s,
+            self_test=functools.partial(run_self_test, timeout_s=settings.self_test_timeout_s),
+            accept_failed_self_test=settings.accept_failed_self_test,
+            on_self_test=self._record_self_test,
         )
+        self._options = DataPathOptions(
+            flush=settings.export_flush, fua=settings.export_fua, trim=settings.export_trim
+        )
+        # What each export offers clients, as NBD_OPT_GO told: fixed for a server's lifetime
+        # (a reload never changes a loaded export), so kept per main pid.
+        self._flags: tuple[int, dict[str, DataPathFlags]] = (0, {})
+        self._flusher = ThreadPoolExecutor(FLUSHES_AT_ONCE, thread_name_prefix="fsync")
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         self._lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
@@ -108,7 +134,25 @@ class NbdServer:
         return self._settings.nbd_conf_dir
 
     def spec(self, name: str) -> ExportSpec:
-        return ExportSpec(name=name, link_path=self._settings.link_dir / name)
+        return ExportSpec(
+            name=name, link_path=self._settings.link_dir / name, options=self._options
+        )
+
+    @property
+    def options(self) -> DataPathOptions:
+        return self._options
+
+    def _record_self_test(self, pid: int, result: SelfTestResult) -> None:
+        self._metrics.data_path_ok.set(1 if result.ok else 0)
+        self._metrics.self_tests.labels(result="passed" if result.ok else "failed").inc()
+
+    async def vetted_pid(self) -> int:
+        """The running main pid once it passed the version and data-path gates (a dict
+        lookup after the first time). Raises ServerUnavailable, UnsupportedServer or
+        UnsafeServer."""
+        pid = self.process.running_pid()
+        await self.process.vet(pid)
+        return pid
 
     # --- probes ---------------------------------------------------------------------------
 
@@ -140,12 +184,11 @@ class NbdServer:
         self._metrics.exports_live.set(len(names))
         return names
 
-    async def _shared_listing(self) -> frozenset[str]:
+    async def _shared_listing(self, pid: int) -> frozenset[str]:
         """A recent listing, shared by concurrent callers (single flight). Valid until the
         next SIGHUP we send, a change of main pid (a restart forgets exports), or the TTL.
         A SIGHUP from another worker only adds names: a name missing here sends the job to
         the slow path, which probes afresh."""
-        pid = self.process.running_pid()
         now = time.monotonic()
         cached = self._listing
         if (
@@ -167,19 +210,42 @@ class NbdServer:
         return names
 
     async def export_state(self, name: str) -> ExportState:
-        """Opens the export as a client would (NBD_OPT_GO): its size, or why not."""
-        return await export_state(
+        """Opens the export as a client would (NBD_OPT_GO): its size and flags, or why not."""
+        state = await export_state(
             self._settings.nbd_host, self._settings.nbd_port, name, self._settings.probe_timeout_s
         )
+        if isinstance(state, ExportInfo):
+            self._known_flags()[name] = state.flags
+        return state
 
-    async def servable_size(self, name: str) -> int | None:
+    def _known_flags(self) -> dict[str, DataPathFlags]:
+        try:
+            pid = self.process.running_pid()
+        except ServerUnavailable:
+            return {}
+        if self._flags[0] != pid:
+            self._flags = (pid, {})
+        return self._flags[1]
+
+    async def servable(self, name: str) -> ExportInfo | None:
         state = await self.export_state(name)
-        return state if isinstance(state, int) else None
+        return state if isinstance(state, ExportInfo) else None
+
+    async def data_path_flags(self, names: Iterable[str]) -> dict[str, DataPathFlags | None]:
+        """What each export offers copy tools, as the server advertises it (None: it does
+        not open). Asked once per export and server pid: a reload never changes them."""
+        names = list(names)
+        known = self._known_flags()
+        # export_state() keeps the flags of every export that opens.
+        await self._export_states(n for n in names if n not in known)
+        known = self._known_flags()
+        return {name: known.get(name) for name in names}
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         """Listed by the server, its snippet on disk (so a restart keeps it), and its link
         pointing at `device_path` (so new connections open that device). `fresh=False`
         accepts the shared recent listing (the reuse fast path)."""
+        pid = await self.vetted_pid()
         spec = self.spec(name)
         if link_target(spec.link_path) != device_path:
             return False
@@ -187,7 +253,7 @@ class NbdServer:
             return False
         if fresh or self._settings.baseline:
             return name in await self.listed_exports()
-        return name in await self._shared_listing()
+        return name in await self._shared_listing(pid)
 
     # --- creates --------------------------------------------------------------------------
 
@@ -350,14 +416,14 @@ class NbdServer:
         )
         for (name, device_path), expected in zip(linked.items(), sizes, strict=True):
             state = states[name]
-            if not isinstance(state, int):
+            if not isinstance(state, ExportInfo):
                 results[name] = ExportNotVisible(
                     f"nbd-server knows {name} but refuses to open it (device {device_path} "
                     "not readable by the server?)"
                 )
-            elif expected is not None and state != expected:
+            elif expected is not None and state.size != expected:
                 results[name] = RestartRequired(
-                    f"{name} serves {state} bytes but {device_path} has {expected}: the "
+                    f"{name} serves {state.size} bytes but {device_path} has {expected}: the "
                     "server opens another path for this export; restart nbd-server"
                 )
             else:
@@ -399,6 +465,13 @@ class NbdServer:
                 log.info("Added dynamic export to NBD config export_name=%s", name)
             elif outcome is SnippetWrite.REPLACED:
                 replaced.add(name)
+            elif outcome is SnippetWrite.OPTIONS_CHANGED:
+                log.warning(
+                    "Rewrote the snippet of %s with the current data-path options; a loaded "
+                    "export keeps its old ones until nbd-server restarts export_name=%s",
+                    name,
+                    name,
+                )
         if changed:
             try:
                 fsync_dir(self._settings.link_dir)
@@ -476,3 +549,27 @@ class NbdServer:
                 return True
         except TimeoutError:
             raise self._lock_timeout() from None
+
+    async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
+        """fsync()s the export's device, opened through its link (so it is the device new
+        connections open), once the link is seen to point at `device_path` and open
+        `device_id`. Raises FlushFailed naming the errno."""
+        link = self.spec(name).link_path
+        target = link_target(link)
+        if target != device_path:
+            self._metrics.flushes.labels(result="failed").inc()
+            raise FlushFailed(
+                f"the link of {name} points at {target or 'nothing'}, not {device_path}: "
+                "nothing was flushed; reconciliation repairs the link"
+            )
+        started = time.monotonic()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._flusher, fsync_device, link, device_id
+            )
+        except FlushFailed:
+            self._metrics.flushes.labels(result="failed").inc()
+            raise
+        finally:
+            self._metrics.flush_duration.observe(time.monotonic() - started)
+        self._metrics.flushes.labels(result="flushed").inc()

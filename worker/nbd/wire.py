@@ -1,9 +1,11 @@
-"""A native asyncio NBD client for probes: list exports, and open one with NBD_OPT_GO.
+"""A native asyncio NBD client: list exports, open one with NBD_OPT_GO, and (for the
+data-path self-test) read, write, zero, flush and trim through it.
 
 `nbd-client -l` costs a process and ~45-50 ms per call (Nagle on the server, delayed ACK on
 the client); this handshake with TCP_NODELAY and TCP_QUICKACK takes ~1 ms, and GO is the
-only way to know an export is servable (listed is not servable: nbd-server-facts.md).
-All integers are big-endian; the constants are the protocol's.
+only way to know an export is servable (listed is not servable: nbd-server-facts.md) and
+what it offers a copy tool (its transmission flags). Simple replies only: structured
+replies are never negotiated. All integers are big-endian; the constants are the protocol's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from worker.errors import ProbeTimeout, ServerUnavailable
@@ -31,7 +34,72 @@ REP_SERVER = 2
 REP_INFO = 3
 REP_ERROR_BIT = 0x80000000
 INFO_EXPORT = 0
+SIMPLE_REPLY_MAGIC = 0x67446698
+CMD_READ = 0
+CMD_WRITE = 1
 CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1
+
+# Transmission flags (NBD_INFO_EXPORT): what the export offers a client.
+FLAG_HAS_FLAGS = 1 << 0
+FLAG_READ_ONLY = 1 << 1
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_SEND_TRIM = 1 << 5
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_CAN_MULTI_CONN = 1 << 8
+
+
+@dataclass(frozen=True)
+class DataPathFlags:
+    """An export's transmission flags, named as `nbdinfo --json` names them."""
+
+    raw: int
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.raw & FLAG_READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return bool(self.raw & FLAG_SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return bool(self.raw & FLAG_SEND_FUA)
+
+    @property
+    def can_trim(self) -> bool:
+        return bool(self.raw & FLAG_SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return bool(self.raw & FLAG_SEND_WRITE_ZEROES)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return bool(self.raw & FLAG_CAN_MULTI_CONN)
+
+    def as_dict(self) -> dict[str, bool]:
+        return {
+            "read_only": self.read_only,
+            "can_flush": self.can_flush,
+            "can_fua": self.can_fua,
+            "can_trim": self.can_trim,
+            "can_zero": self.can_zero,
+            "can_multi_conn": self.can_multi_conn,
+        }
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What NBD_OPT_GO said of an export that opened."""
+
+    size: int
+    flags: DataPathFlags
 
 
 class _Session:
@@ -128,14 +196,43 @@ async def list_exports_native(host: str, port: int, timeout_s: float) -> frozens
         return frozenset(names)
 
 
-#: What NBD_OPT_GO said of an export: its size when it opened, else why not.
+#: What NBD_OPT_GO said of an export: its size and flags when it opened, else why not.
 #: The server does not know the name (not loaded yet, or never configured).
 UNKNOWN: Final = "unknown"
 #: The server knows the name but would not serve it (its file or device cannot be opened).
 REFUSED: Final = "refused"
-ExportState = int | Literal["unknown", "refused"]
+ExportState = ExportInfo | Literal["unknown", "refused"]
 
 REP_ERR_UNKNOWN = 0x80000006
+
+
+async def _go(session: _Session, name: str) -> ExportState:
+    """NBD_OPT_GO on `name`; after an ExportInfo the session is in transmission."""
+    encoded = name.encode()
+    data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
+    session.send_option(OPT_GO, data)
+    info: ExportInfo | None = None
+    while True:
+        try:
+            reply_type, payload = await session.read_reply()
+        except asyncio.IncompleteReadError:
+            # The per-connection child gave up opening the export and exited.
+            return REFUSED
+        if reply_type == REP_ERR_UNKNOWN:
+            return UNKNOWN
+        if reply_type & REP_ERROR_BIT:
+            return REFUSED
+        if reply_type == REP_INFO and len(payload) >= 12:
+            (info_type,) = struct.unpack(">H", payload[:2])
+            if info_type == INFO_EXPORT:
+                size, flags = struct.unpack(">QH", payload[2:12])
+                info = ExportInfo(size, DataPathFlags(flags))
+        if reply_type == REP_ACK:
+            return REFUSED if info is None else info
+
+
+def _disconnect(session: _Session) -> None:
+    session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
 
 
 async def export_state(host: str, port: int, name: str, timeout_s: float) -> ExportState:
@@ -144,27 +241,74 @@ async def export_state(host: str, port: int, name: str, timeout_s: float) -> Exp
     One short connection whatever the number of exports, unlike a listing that carries
     every name. Raises ServerUnavailable/ProbeTimeout when the server is away or hung.
     """
-    encoded = name.encode()
     async with _session(host, port, timeout_s, f"opening {name}") as session:
-        data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
-        session.send_option(OPT_GO, data)
-        size: int | None = None
-        while True:
-            try:
-                reply_type, payload = await session.read_reply()
-            except asyncio.IncompleteReadError:
-                # The per-connection child gave up opening the export and exited.
-                return REFUSED
-            if reply_type == REP_ERR_UNKNOWN:
-                return UNKNOWN
-            if reply_type & REP_ERROR_BIT:
-                return REFUSED
-            if reply_type == REP_INFO and len(payload) >= 12:
-                (info_type,) = struct.unpack(">H", payload[:2])
-                if info_type == INFO_EXPORT:
-                    (size,) = struct.unpack(">Q", payload[2:10])
-            if reply_type == REP_ACK:
-                break
-        session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        state = await _go(session, name)
+        if isinstance(state, ExportInfo):
+            _disconnect(session)
+            await session.writer.drain()
+        return state
+
+
+class CommandFailed(ServerUnavailable):
+    """The server answered a command with an error (an NBD errno)."""
+
+    def __init__(self, command: str, error: int) -> None:
+        super().__init__(f"nbd-server answered {command} with error {error}")
+        self.error = error
+
+
+class Transmission:
+    """An opened export, one command at a time: what a copy tool does, in small."""
+
+    def __init__(self, session: _Session, info: ExportInfo) -> None:
+        self._session = session
+        self.info = info
+        self._handle = 0
+
+    async def _command(
+        self, command: int, name: str, offset: int, length: int, *, flags: int = 0,
+        data: bytes = b"", reply_bytes: int = 0,
+    ) -> bytes:  # fmt: skip
+        self._handle += 1
+        self._session.writer.write(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, self._handle, offset, length)
+            + data
+        )
+        self._session.quickack()
+        magic, error, handle = struct.unpack(">IIQ", await self._session.reader.readexactly(16))
+        if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
+            raise ServerUnavailable(f"bad NBD reply to {name}")
+        if error:
+            raise CommandFailed(name, error)
+        return await self._session.reader.readexactly(reply_bytes) if reply_bytes else b""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._command(CMD_READ, "READ", offset, length, reply_bytes=length)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = CMD_FLAG_FUA if fua else 0
+        await self._command(CMD_WRITE, "WRITE", offset, len(data), flags=flags, data=data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._command(CMD_WRITE_ZEROES, "WRITE_ZEROES", offset, length)
+
+    async def flush(self) -> None:
+        await self._command(CMD_FLUSH, "FLUSH", 0, 0)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._command(CMD_TRIM, "TRIM", offset, length)
+
+
+@contextlib.asynccontextmanager
+async def open_export(
+    host: str, port: int, name: str, timeout_s: float
+) -> AsyncIterator[Transmission]:
+    """The export opened for I/O, disconnected cleanly on exit; every command within the one
+    deadline. Raises ServerUnavailable when it does not open, ProbeTimeout at the deadline."""
+    async with _session(host, port, timeout_s, f"I/O on {name}") as session:
+        state = await _go(session, name)
+        if not isinstance(state, ExportInfo):
+            raise ServerUnavailable(f"nbd-server would not open export {name} ({state})")
+        yield Transmission(session, state)
+        _disconnect(session)
         await session.writer.drain()
-        return REFUSED if size is None else size
