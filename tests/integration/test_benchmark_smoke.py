@@ -62,3 +62,19 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     assert paired == ["floor, round 1", "reuse, round 1", "floor, round 2", "reuse, round 2"]
     assert "alternated rounds" in markdown
     print(proc.stdout)
+
+
+def test_small_copy_benchmark_measures_both_copies_byte_exact(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.copy", "--small", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "copy.json").read_text())
+    assert len(results["direct_s"]) == len(results["export_s"]) == 1
+    assert results["identical"] == [True, True]
+    assert results["ratio"] > 0
+    assert "Ratio (export / direct)" in (tmp_path / "copy.md").read_text()

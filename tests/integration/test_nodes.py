@@ -208,6 +208,7 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
         assert await migrate(url, node_id="appliance-1", timeout_s=5) == [
             "0002_node_id.sql",
             "0003_export_jobs.sql",
+            "0004_flush_error.sql",
         ]
         rows = await execute_sql(
             url,

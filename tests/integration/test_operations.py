@@ -75,6 +75,8 @@ async def test_metrics_health_and_readiness_endpoints(
             f'nbd_server_info{{{node},pid="{nbd_server.pid}",version="3.26.1"}} 1.0',
             f"nbd_server_reload_visible_seconds_count{{{node}}} 1.0",
             f"nbd_export_config_lock_wait_seconds_count{{{node}}} 1.0",
+            f"nbd_server_data_path_ok{{{node}}} 1.0",
+            f'nbd_server_self_tests_total{{{node},result="passed"}} 1.0',
         ):
             assert name in text, name
         assert PROMTOOL.exists(), "run scripts/install-system-deps.sh --with-test-tools"
@@ -89,7 +91,7 @@ async def test_metrics_health_and_readiness_endpoints(
         assert status == 200
         assert json.loads(body) == {
             "status": "ok",
-            "checks": {"broker": "ok", "database": "ok", "nbd_server": "ok"},
+            "checks": {"broker": "ok", "database": "ok", "nbd_server": "ok", "nbd_data_path": "ok"},
         }
 
         nbd_server.stop()
@@ -169,9 +171,19 @@ async def test_status_release_and_reconcile_commands(
     assert rows[a["export_name"]]["size_bytes"] == 16 * 1024 * 1024
     assert rows[a["export_name"]]["link_target"] == a["device_path"]
     assert rows[a["export_name"]]["device_present"] is True
+    # As the server advertises it (NBD_OPT_GO's transmission flags).
+    assert rows[a["export_name"]]["data_path"] == {
+        "read_only": False,
+        "can_flush": True,
+        "can_fua": True,
+        "can_trim": True,
+        "can_zero": True,
+        "can_multi_conn": True,
+    }
     table = await asyncio.to_thread(cli, settings, "status")
     assert a["export_name"] in table.stdout
     assert "servable" in table.stdout
+    assert "flush,fua,trim,zero,multi-conn" in table.stdout
 
     proc = await asyncio.to_thread(
         cli, settings, "release", "--vm-id", b_job["vm_id"], "--disk", "3"
@@ -225,6 +237,7 @@ async def test_check_command_lists_every_problem(
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "FAIL" not in ok.stdout
     assert "version 3.26.1" in ok.stdout
+    assert "ok   nbd-server data path (self-test of its binary)" in ok.stdout
 
     broken = settings.model_copy(
         update={

@@ -418,6 +418,7 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
         "status": "released",
         "export_name": created["export_name"],
         "was_active": True,
+        "flushed": True,
         "node_id": "test-node",
     }
     with pytest.raises(NbdError):

@@ -115,6 +115,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
             "0001_vm_export_mappings.sql",
             "0002_node_id.sql",
             "0003_export_jobs.sql",
+            "0004_flush_error.sql",
         ]
         assert await migrate(url, node_id=NODE, timeout_s=5) == []
         conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
@@ -152,7 +153,7 @@ def test_migrate_command_exit_code_and_output() -> None:
     try:
         first = run_worker_cli("migrate", env=env)
         assert first.returncode == 0, first.stderr
-        assert "applied 3 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
+        assert "applied 4 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
             first.stdout
         )
         again = run_worker_cli("migrate", env=env)
