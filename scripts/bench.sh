@@ -4,10 +4,16 @@
 # Markdown table; results.json and results.md go to --out (default bench/out/).
 #   ./scripts/bench.sh            the full run (several minutes)
 #   ./scripts/bench.sh --small    a smoke run of well under a minute, for CI
+#   ./scripts/bench.sh --copy     copy throughput through an export against straight to the
+#                                 device (bench/copy.py; --copy --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 bash scripts/bootstrap.sh
+if [ "${1:-}" = "--copy" ]; then
+  shift
+  exec .venv/bin/python -m bench.copy "$@"
+fi
 exec .venv/bin/python -m bench "$@"
