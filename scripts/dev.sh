@@ -42,7 +42,8 @@ server_pid=""
 if [ -f "$DEV/nbd-server.pid" ] && kill -0 "$(cat "$DEV/nbd-server.pid")" 2>/dev/null; then
   echo "dev: nbd-server already running, pid $(cat "$DEV/nbd-server.pid")" >&2
 else
-  nbd-server -C "$DEV/config" -p "$DEV/nbd-server.pid"
+  # The project's build (scripts/bootstrap.sh installed it): apt's nbd-server corrupts copies.
+  "${NBD_SERVER_BIN:-/usr/local/sbin/nbd-server}" -C "$DEV/config" -p "$DEV/nbd-server.pid"
   for _ in $(seq 1 50); do [ -s "$DEV/nbd-server.pid" ] && break; sleep 0.1; done
   server_pid=$(cat "$DEV/nbd-server.pid")
   echo "dev: started nbd-server pid $server_pid on 127.0.0.1:$PORT" >&2
