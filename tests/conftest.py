@@ -59,13 +59,8 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
-    server = NbdServerProcess(tmp_path / "nbd")
-    server.root.mkdir()
-    server.start()
-    try:
+    with NbdServerProcess.running(tmp_path / "nbd") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,18 @@ class NbdServerProcess:
             os.kill(self.pid, signal.SIGTERM)
             wait_for(lambda: not pid_running(self.pid), 10, f"nbd-server {self.pid} to exit")
         self.pid = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, root: Path, binary: str | None = None) -> Iterator[NbdServerProcess]:
+        """A started server under `root` (created), stopped by its pid on exit."""
+        server = cls(root) if binary is None else cls(root, binary=binary)
+        root.mkdir()
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
     def listed(self) -> list[str]:
         out = subprocess.run(

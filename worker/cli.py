@@ -18,9 +18,9 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from pydantic import ValidationError
@@ -47,6 +47,7 @@ from worker.requester import connect_first, request_export
 from worker.settings import Settings, mask_url
 
 log = logging.getLogger("worker")
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -394,17 +395,25 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _flush(settings: Settings, args: argparse.Namespace) -> int:
-    """The same flush as a flush-export job, for when no worker runs."""
-    request = FlushExport(
-        type="flush-export",
-        job_id=f"cli-{uuid.uuid4().hex[:12]}",
-        vm_id=args.vm_id,
-        disk_unit_number=args.disk,
-    )
+def _disk_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of a release-export or flush-export job the command line runs itself."""
+    return {
+        "job_id": f"cli-{uuid.uuid4().hex[:12]}",
+        "vm_id": args.vm_id,
+        "disk_unit_number": args.disk,
+    }
+
+
+async def _in_flow(settings: Settings, job: Callable[[ExportFlow], Awaitable[T]]) -> T:
+    """Runs one job through the flow, as a worker would, for when no worker runs."""
     async with _adapters(settings) as (repository, server):
-        ledger = JobLedger(repository)
-        flushed = await _flow(settings, repository, server, ledger).flush_export(request)
+        return await job(_flow(settings, repository, server, JobLedger(repository)))
+
+
+async def _flush(settings: Settings, args: argparse.Namespace) -> int:
+    """The same flush as a flush-export job."""
+    request = FlushExport(type="flush-export", **_disk_job(args))
+    flushed = await _in_flow(settings, lambda flow: flow.flush_export(request))
     print(flushed.model_dump_json(indent=2))
     return EXIT_OK
 
@@ -421,16 +430,9 @@ async def _self_test(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _release(settings: Settings, args: argparse.Namespace) -> int:
-    """The same release as a release-export job, for when no worker runs."""
-    request = ReleaseExport(
-        type="release-export",
-        job_id=f"cli-{uuid.uuid4().hex[:12]}",
-        vm_id=args.vm_id,
-        disk_unit_number=args.disk,
-    )
-    async with _adapters(settings) as (repository, server):
-        ledger = JobLedger(repository)
-        released = await _flow(settings, repository, server, ledger).release_export(request)
+    """The same release as a release-export job."""
+    request = ReleaseExport(type="release-export", **_disk_job(args))
+    released = await _in_flow(settings, lambda flow: flow.release_export(request))
     print(released.model_dump_json(indent=2))
     if not released.was_active:
         print(f"no active mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)

@@ -152,13 +152,11 @@ class PrepareExport(BaseModel):
         return export_name(self.vm_id, self.disk_unit_number)
 
 
-class ReleaseExport(BaseModel):
-    """A scheduler's request: stop serving one disk of one VM (on the same queue as
-    prepare-export, told apart by `type`)."""
+class _DiskJob(BaseModel):
+    """A job about one disk's export that names no device: the mapping says which."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    type: Literal["release-export"]
     job_id: JobId = Field(examples=["job-43"])
     vm_id: VmId = Field(examples=["4205784a-098a-40f1-1f1e-a5cd2597fd59"])
     disk_unit_number: DiskUnitNumber = Field(examples=[0])
@@ -168,20 +166,18 @@ class ReleaseExport(BaseModel):
         return export_name(self.vm_id, self.disk_unit_number)
 
 
-class FlushExport(BaseModel):
+class ReleaseExport(_DiskJob):
+    """A scheduler's request: stop serving one disk of one VM (on the same queue as
+    prepare-export, told apart by `type`)."""
+
+    type: Literal["release-export"]
+
+
+class FlushExport(_DiskJob):
     """A scheduler's request: make everything written through one disk's export durable
     (fsync of its device), e.g. when a copy has finished, before a snapshot or a detach."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
     type: Literal["flush-export"]
-    job_id: JobId = Field(examples=["job-44"])
-    vm_id: VmId = Field(examples=["4205784a-098a-40f1-1f1e-a5cd2597fd59"])
-    disk_unit_number: DiskUnitNumber = Field(examples=[0])
-
-    @property
-    def export_name(self) -> str:
-        return export_name(self.vm_id, self.disk_unit_number)
 
 
 def _request_type(value: object) -> object:

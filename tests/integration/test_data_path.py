@@ -82,6 +82,14 @@ async def prepare(
     return reply
 
 
+async def run_tool(*argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """A copy tool's run, off the event loop (the worker serving it runs on that loop)."""
+    return await asyncio.to_thread(
+        subprocess.run, [tool(argv[0]), *argv[1:]], capture_output=True, text=True,
+        timeout=timeout_s,
+    )  # fmt: skip
+
+
 async def test_nbdcopy_flush_over_several_connections_is_byte_exact(
     worker: RunningWorker, scheduler: Scheduler, disks_dir: Path, tmp_path: Path
 ) -> None:
@@ -89,21 +97,14 @@ async def test_nbdcopy_flush_over_several_connections_is_byte_exact(
     image = image_with_long_zero_runs(tmp_path / "source.img")
     reply = await prepare(scheduler, volume)
 
-    info = await asyncio.to_thread(
-        subprocess.run,
-        [tool("nbdinfo"), "--json", nbd_uri(reply)],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
+    info = await run_tool("nbdinfo", "--json", nbd_uri(reply))
+    assert info.returncode == 0, info.stderr
     export = json.loads(info.stdout)["exports"][0]
     for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"):
         assert export[flag] is True, (flag, export)
 
     # What virt-v2v runs: --flush; four connections at once (multi-conn).
-    copy = await asyncio.to_thread(
-        subprocess.run,
-        [tool("nbdcopy"), "--flush", "--connections=4", str(image), nbd_uri(reply)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    copy = await run_tool("nbdcopy", "--flush", "--connections=4", str(image), nbd_uri(reply))
     assert copy.returncode == 0, copy.stderr
     assert same_content(image, volume)
 
@@ -115,11 +116,9 @@ async def test_qemu_img_convert_onto_a_used_volume_is_byte_exact(
     image = image_with_long_zero_runs(tmp_path / "source.img")
     reply = await prepare(scheduler, volume)
     # -n: the target exists (the volume); qemu-img then writes the zero runs as well.
-    copy = await asyncio.to_thread(
-        subprocess.run,
-        [tool("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd_uri(reply)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    copy = await run_tool(
+        "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd_uri(reply)
+    )
     assert copy.returncode == 0, copy.stderr
     assert same_content(image, volume)
 
@@ -148,13 +147,8 @@ async def test_self_test_passes_the_project_build_and_fails_debians_source(
 @pytest.fixture
 def unpatched_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
     assert UNPATCHED_SERVER_BIN.exists(), "scripts/install-system-deps.sh --with-test-tools"
-    server = NbdServerProcess(tmp_path / "unpatched", binary=str(UNPATCHED_SERVER_BIN))
-    server.root.mkdir()
-    server.start()
-    try:
+    with NbdServerProcess.running(tmp_path / "unpatched", str(UNPATCHED_SERVER_BIN)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _against(settings: Settings, server: NbdServerProcess) -> Settings:
@@ -298,11 +292,9 @@ async def test_a_failed_fsync_is_an_error_that_no_later_flush_hides(
             # tool that never flushes leaves it; the loop device cannot write it back.
             image = tmp_path / "data.img"
             image.write_bytes(os.urandom(32 * MIB))
-            copy = await asyncio.to_thread(
-                subprocess.run,
-                [tool("nbdcopy"), "--no-extents", str(image), nbd_uri(ready)],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            copy = await run_tool(
+                "nbdcopy", "--no-extents", str(image), nbd_uri(ready), timeout_s=60
+            )
             assert copy.returncode == 0, copy.stderr
             key = {"vm_id": ready["vm_id"], "disk_unit_number": ready["disk_unit_number"]}
 
@@ -331,11 +323,9 @@ async def test_a_failed_fsync_is_an_error_that_no_later_flush_hides(
             # copy again, then the flush.
             subprocess.run(["mount", "-o", "remount,size=128m", str(mount)], check=True)
             assert (await prepare(scheduler, device, ready["vm_id"]))["action"] == "reused"
-            copy = await asyncio.to_thread(
-                subprocess.run,
-                [tool("nbdcopy"), "--no-extents", str(image), nbd_uri(ready)],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            copy = await run_tool(
+                "nbdcopy", "--no-extents", str(image), nbd_uri(ready), timeout_s=60
+            )
             assert copy.returncode == 0, copy.stderr
             ok = await scheduler.request({"type": "flush-export", "job_id": "f-3", **key})
             assert ok["status"] == "flushed", ok
@@ -375,11 +365,7 @@ async def test_exports_loaded_without_flush_are_named_until_a_restart(
     assert f"{without_flush}: 1\n  {name}\n" in dry.stdout
     assert f"snippets to rewrite: 1\n  {name}\n" in dry.stdout
     assert "flush = false" in snippet.read_text(), "a dry run changes nothing"
-    refused = await asyncio.to_thread(
-        subprocess.run,
-        [tool("nbdcopy"), "--flush", str(volume), nbd_uri(ready)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    refused = await run_tool("nbdcopy", "--flush", str(volume), nbd_uri(ready), timeout_s=60)
     assert refused.returncode != 0
     assert "does not support flush" in refused.stderr
 
@@ -395,9 +381,5 @@ async def test_exports_loaded_without_flush_are_named_until_a_restart(
     nbd_server.start()
     async with running_worker(settings) as running:
         assert running.sample("nbd_export_reconcile_drift", {"kind": "no_flush"}) == 0
-    copy = await asyncio.to_thread(
-        subprocess.run,
-        [tool("nbdcopy"), "--flush", str(volume), nbd_uri(ready)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    copy = await run_tool("nbdcopy", "--flush", str(volume), nbd_uri(ready), timeout_s=60)
     assert copy.returncode == 0, copy.stderr
