@@ -8,6 +8,7 @@
 #                                                         that show such a build is refused
 #   nbd-server/build.sh --no-self-test --dest FILE        build only (the Docker build stage:
 #                                                         the image's last stage self-tests it)
+# A build that was not self-tested is never installed as PREFIX/sbin/nbd-server.
 #
 # Why build at all: every nbd-server Debian ships (3.24 in bookworm, 3.26.1 in trixie, and
 # 3.27.1 in sid) zeroes only the first 64 MiB of a longer WRITE_ZEROES and says success, which
@@ -23,6 +24,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SUITE=${NBD_SOURCE_SUITE:-trixie}
+# Pinned: the patches are made against this source; a new Debian upload is a deliberate bump.
+VERSION=${NBD_SOURCE_VERSION:-1:3.26.1-6.1}
 PREFIX=${NBD_SERVER_PREFIX:-/usr/local}
 CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -38,7 +41,13 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--unpatched] [--no-self-test] [--dest FILE] [--python PYTHON]" >&2; exit 2 ;;
   esac
 done
-[ -n "$dest" ] || dest=$PREFIX/sbin/nbd-server
+if [ -z "$dest" ]; then
+  if [ -z "$self_test" ]; then
+    echo "build.sh: an untested or unpatched build needs --dest (never $PREFIX/sbin/nbd-server)" >&2
+    exit 2
+  fi
+  dest=$PREFIX/sbin/nbd-server
+fi
 if [ -n "$self_test" ] && [ -z "$python" ]; then
   echo "build.sh: --python (a Python with the worker installed) is needed for the self-test" >&2
   exit 2
@@ -50,8 +59,13 @@ patches=()
 if [ -n "$patched" ]; then
   mapfile -t patches < <(find "$HERE/patches" -name '*.patch' | sort)
 fi
-key=$( { echo "$SUITE ${CONFIGURE[*]}"; cat "${BASH_SOURCE[0]}"; cat "${patches[@]}" /dev/null; } |
+key=$( { echo "$SUITE $VERSION ${CONFIGURE[*]}"; cat "${BASH_SOURCE[0]}"; cat "${patches[@]}" /dev/null; } |
       sha256sum | cut -c1-16)
+
+# One build at a time per cache (they share the source directory and the apt lists).
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+flock 9
 build="$CACHE/build-$key"
 if [ -x "$dest" ] && cmp -s "$build/nbd-server" "$dest"; then
   log "$dest is build $key already"
@@ -63,15 +77,15 @@ if [ ! -x "$build/nbd-server" ]; then
   echo "deb-src $MIRROR $SUITE main" >"$sources"
   apt_opts=(-o "Dir::Etc::sourcelist=$sources" -o "Dir::Etc::sourceparts=-"
             -o "Dir::State::Lists=$CACHE/lists-$SUITE" -o "APT::Sandbox::User=root")
-  log "fetching Debian $SUITE's nbd source package"
+  log "fetching Debian $SUITE's nbd source package $VERSION"
   apt-get "${apt_opts[@]}" update -qq
   (cd "$CACHE/src-$SUITE" && rm -f nbd_* &&
-     apt-get "${apt_opts[@]}" source -qq --download-only "nbd/$SUITE" >/dev/null)
+     apt-get "${apt_opts[@]}" source -qq --download-only "nbd=$VERSION" >/dev/null)
   rm -rf "$build.tmp" && mkdir -p "$build.tmp"
   dpkg-source -x --no-check "$CACHE/src-$SUITE"/nbd_*.dsc "$build.tmp/src" >/dev/null
   for patch in "${patches[@]}"; do
     log "applying $(basename "$patch")"
-    patch -d "$build.tmp/src" -p1 --forward --quiet <"$patch"
+    patch -d "$build.tmp/src" -p1 --forward --fuzz=0 --quiet <"$patch"
   done
   (cd "$build.tmp/src" && ./configure -q "${CONFIGURE[@]}" >/dev/null && make -s nbd-server >/dev/null)
   install -m 0755 "$build.tmp/src/nbd-server" "$build.tmp/nbd-server"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.devices import Device
-from worker.errors import DeviceInUse, FlushFailed
+from worker.errors import DeviceInUse, FlushFailed, TransientDatabaseError
 from worker.mappings import JobRecord, Mapping
 from worker.messages import PrepareExport
 
@@ -20,6 +20,8 @@ class InMemoryMappings:
         self.rows: dict[tuple[str, int], Mapping] = {}
         self.jobs: dict[str, JobRecord] = {}
         self.claims = 0
+        #: When N > 0, the Nth set_flush_error from now raises TransientDatabaseError.
+        self.fail_flush_error_writes = 0
 
     async def lookup(
         self, vm_id: str, disk_unit_number: int, job_id: str
@@ -42,18 +44,25 @@ class InMemoryMappings:
                 return row.device_path
         return None
 
-    async def deactivate(self, vm_id: str, disk_unit_number: int, job_id: str) -> Mapping | None:
+    async def deactivate(
+        self, vm_id: str, disk_unit_number: int, job_id: str, *, flushed: bool
+    ) -> Mapping | None:
         row = self.rows.get((vm_id, disk_unit_number))
         if row is None:
             return None
+        action = "released-flushed" if flushed else "released"
         self.rows[(vm_id, disk_unit_number)] = row.model_copy(
-            update={"status": "inactive", "last_job_id": job_id, "last_action": "released"}
+            update={"status": "inactive", "last_job_id": job_id, "last_action": action}
         )
         return self.rows[(vm_id, disk_unit_number)]
 
     async def set_flush_error(
         self, vm_id: str, disk_unit_number: int, flush_error: str | None
     ) -> None:
+        if self.fail_flush_error_writes:
+            self.fail_flush_error_writes -= 1
+            if not self.fail_flush_error_writes:
+                raise TransientDatabaseError("the database went away")
         row = self.rows.get((vm_id, disk_unit_number))
         if row is not None:
             self.rows[(vm_id, disk_unit_number)] = row.model_copy(
@@ -120,6 +129,7 @@ class FakeExportServer:
         #: (name, device_path) of every flush; flush_errors pops one errno per flush.
         self.flushed: list[tuple[str, str]] = []
         self.flush_errors: list[str] = []
+        self.held: dict[str, str] = {}
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         live = name in self.listed and self.links.get(name) == device_path
@@ -159,5 +169,10 @@ class FakeExportServer:
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
         if self.flush_errors:
             errno_name = self.flush_errors.pop(0)
-            raise FlushFailed(f"fsync of {device_path} failed: {errno_name}", errno_name)
+            if errno_name == "ENOENT":  # the device is gone: nothing to fsync
+                raise FlushFailed(f"cannot open {device_path}", errno_name, device_gone=True)
+            raise FlushFailed(f"fsync of {device_path} failed", errno_name, lost_writes=True)
         self.flushed.append((name, device_path))
+
+    def hold_device(self, name: str, device_path: str, device_id: str) -> None:
+        self.held[name] = device_id

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import uuid
@@ -167,8 +168,17 @@ class Readiness:
             checks["nbd_server"] = None
         except WorkerError as exc:
             checks["nbd_server"] = str(exc)
-            checks["nbd_data_path"] = checks["nbd_data_path"] or "not checked: no server"
+            checks["nbd_data_path"] = checks["nbd_data_path"] or f"not checked: {exc}"
         return checks
+
+
+def _raise_open_files_limit() -> None:
+    """The worker holds one descriptor per active export's device (so that a flush sees
+    every writeback error): lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(
@@ -185,6 +195,7 @@ async def serve(
     """
     metrics = metrics or build_metrics(settings.node_id)
     faults.arm(settings.crash_at)
+    _raise_open_files_limit()
     server = NbdServer(settings, metrics)
     pid: int | None = None
     try:
@@ -273,6 +284,7 @@ async def serve(
                 await housekeeping
         if ops is not None:
             ops.stop()
+        server.close()
         await repository.close()
 
 
@@ -303,9 +315,11 @@ async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdSe
         pool_size=2,
         timeout_s=settings.db_connect_timeout_s,
     )
+    server = NbdServer(settings, build_metrics(settings.node_id))
     try:
-        yield repository, NbdServer(settings, build_metrics(settings.node_id))
+        yield repository, server
     finally:
+        server.close()
         await repository.close()
 
 

@@ -171,37 +171,94 @@ def device_identity(st: os.stat_result) -> str:
     return f"file:{st.st_dev}:{st.st_ino}"
 
 
-def _flush_failed(what: str, exc: OSError) -> FlushFailed:
-    name = errno.errorcode.get(exc.errno or 0, "error")
-    return FlushFailed(f"{what}: {name} ({exc.strerror})", errno_name=name)
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "error")
 
 
-def fsync_device(path: Path, device_id: str) -> None:
-    """fsync()s the device `path` opens (an export's link), once it is sure that device is
-    `device_id`: a link re-pointed since must not make another device's flush pass for
-    this one. Blocks, maybe for long (a network volume's dirty pages): run it in a thread.
-    Raises FlushFailed naming the errno.
+#: open() errors that mean the device is not there (any more): detached, or never attached.
+_GONE = frozenset({errno.ENOENT, errno.ENXIO, errno.ENODEV})
 
-    Any descriptor of a block device or file flushes the page cache the server's writes sit
-    in; read-only is enough for fsync() and needs the least.
-    """
+
+def open_device(path: Path, device_id: str) -> int:
+    """A read-only descriptor of the device `path` opens (an export's link), once it is
+    sure that device is `device_id`: a link re-pointed since must not make another
+    device's flush pass for this one. Raises FlushFailed (device_gone when it is not
+    there). Read-only is enough for fsync() and needs the least."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise _flush_failed(f"cannot open {path}", exc) from exc
+        raise FlushFailed(
+            f"cannot open {path}: {_errno_name(exc)} ({exc.strerror})",
+            _errno_name(exc),
+            device_gone=exc.errno in _GONE,
+        ) from exc
     try:
         found = device_identity(os.fstat(fd))
-        if found != device_id:
-            raise FlushFailed(
-                f"{path} opens device {found}, not {device_id} as its mapping says; "
-                "reconciliation will re-point it, then flush again",
-                errno_name=None,
-            )
+    except OSError as exc:
+        os.close(fd)
+        raise FlushFailed(f"cannot stat {path}: {exc.strerror}", _errno_name(exc)) from exc
+    if found != device_id:
+        os.close(fd)
+        raise FlushFailed(
+            f"{path} opens device {found}, not {device_id} as its mapping says; "
+            "reconciliation will re-point it, then flush again"
+        )
+    return fd
+
+
+class HeldDevices:
+    """One read-only descriptor per export's device, opened when the export is prepared,
+    that flushes fsync.
+
+    Linux reports a writeback error once per open file (errseq): a descriptor opened after
+    the error was reported to someone else (nbd-server answering a copy tool's FLUSH or
+    FUA) would never see it. One opened before the copy starts sees every error since.
+    Descriptors belong to the event loop's thread; only fsync runs elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, tuple[str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def holds(self, name: str, device_id: str) -> bool:
+        held = self._fds.get(name)
+        return held is not None and held[0] == device_id
+
+    def hold(self, name: str, path: Path, device_id: str) -> int:
+        """The descriptor held for `name`, opened now unless one of `device_id` is held
+        (another device's is closed). Raises FlushFailed when it cannot be opened."""
+        held = self._fds.get(name)
+        if held is not None and held[0] == device_id:
+            return held[1]
+        fd = open_device(path, device_id)
+        self.drop(name)
+        self._fds[name] = (device_id, fd)
+        return fd
+
+    def drop(self, name: str) -> None:
+        held = self._fds.pop(name, None)
+        if held is not None:
+            os.close(held[1])
+
+    def close(self) -> None:
+        """Closes every descriptor (an fsync still running keeps its own reference)."""
+        for name in list(self._fds):
+            self.drop(name)
+
+
+def fsync_descriptor(fd: int, path: Path) -> None:
+    """fsync()s `fd`; blocks, maybe for long (a network volume's dirty pages). Raises
+    FlushFailed(lost_writes=True) naming the errno."""
+    try:
         os.fsync(fd)
     except OSError as exc:
-        raise _flush_failed(f"fsync of {path} failed", exc) from exc
-    finally:
-        os.close(fd)
+        raise FlushFailed(
+            f"fsync of {path} failed: {_errno_name(exc)} ({exc.strerror})",
+            _errno_name(exc),
+            lost_writes=True,
+        ) from exc
 
 
 def device_size(device_path: str) -> int | None:

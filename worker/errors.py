@@ -59,14 +59,25 @@ class UnsafeServer(UnsupportedServer):
 
 
 class FlushFailed(WorkerError):
-    """fsync of an export's device failed: what was written through it may not be on the
-    volume. Nothing was changed; the job may be sent again."""
+    """The export's device could not be made durable: what was written through it may not
+    be on the volume. The job may be sent again; `lost_writes` says whether an fsync itself
+    failed (then the failure is kept on the mapping: a later fsync would not report it
+    again), `device_gone` whether the device could not even be opened (detached)."""
 
     code = ErrorCode.FLUSH_FAILED
 
-    def __init__(self, message: str, errno_name: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        errno_name: str | None = None,
+        *,
+        lost_writes: bool = False,
+        device_gone: bool = False,
+    ) -> None:
         super().__init__(message)
         self.errno_name = errno_name
+        self.lost_writes = lost_writes
+        self.device_gone = device_gone
 
 
 class ExportNotFound(WorkerError):

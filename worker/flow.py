@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", ExportReady, ExportReleased, ExportFlushed)
 #: The flush_error column's width.
 MAX_FLUSH_ERROR = 255
+#: flush_error while an fsync runs: a crash, a cancellation or a lost database write before
+#: its outcome is recorded leaves it, and later flushes then fail closed.
+UNFINISHED = "UNFINISHED"
+#: last_action of a release that fsynced the device first (older releases did not).
+RELEASED_FLUSHED = "released-flushed"
+RELEASED = "released"
 
 
 class Mappings(Protocol):
@@ -43,7 +49,7 @@ class Mappings(Protocol):
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool: ...
     async def committed_device(self, export_name: str) -> str | None: ...
     async def deactivate(
-        self, vm_id: str, disk_unit_number: int, job_id: str
+        self, vm_id: str, disk_unit_number: int, job_id: str, *, flushed: bool
     ) -> Mapping | None: ...
     async def set_flush_error(
         self, vm_id: str, disk_unit_number: int, flush_error: str | None
@@ -72,6 +78,7 @@ class ExportServer(Protocol):
         self, name: str, committed: Callable[[str], Awaitable[str | None]]
     ) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
+    def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
 
 
 def _claimed_by(mapping: Mapping | None, job_id: str) -> bool:
@@ -183,6 +190,8 @@ class ExportFlow:
             request.job_id,
             request.export_name,
         )
+        # A dict lookup once held: a later flush-export then sees every writeback error.
+        self._server.hold_device(request.export_name, device.path, device.device_id)
         ready = self._ready(request, device, Action.REUSED, reused=True)
         self._ledger.record_later(_record(ready))
         return ready
@@ -268,6 +277,7 @@ class ExportFlow:
                     # left to do, which is what a reuse is.
                     action = Action.REUSED
                 ready = self._ready(request, device, action, reused=not ensured.sighup_sent)
+            self._server.hold_device(name, device.path, device.device_id)
             crash_point("before_record")
             # Durable before the reply: a redelivery of this job must repeat this answer.
             await self._ledger.record(_record(ready))
@@ -291,27 +301,38 @@ class ExportFlow:
         return reply_type.model_validate(recorded.reply)
 
     async def _flush(self, mapping: Mapping, job_id: str) -> None:
-        """fsyncs the mapping's device through its export's link. Raises FlushFailed, and
-        keeps the failure on the mapping: Linux reports a writeback error once per open
-        file, so a later fsync may succeed although the data is lost. Until a new
-        prepare-export starts a new copy, every flush of this mapping fails the same way."""
-        name = mapping.export_name
+        """fsyncs the mapping's device through its export. Raises FlushFailed.
+
+        Linux reports a writeback error once per open file, so a later fsync may succeed
+        although the data is lost: a failed fsync is kept on the mapping, and so is a flush
+        whose outcome was never recorded (a crash, a cancellation, the database away: the
+        UNFINISHED mark written before the fsync stays). Until a new prepare-export starts a
+        new copy, every flush of this mapping then fails the same way."""
+        name, key = mapping.export_name, (mapping.vm_id, mapping.disk_unit_number)
         if mapping.flush_error is not None:
+            cause, _, _ = mapping.flush_error.partition(":")
             raise FlushFailed(
-                f"an earlier flush of {name} failed ({mapping.flush_error}): what was written "
-                "before it may not be on the volume. Send prepare-export again and copy the "
-                "disk again",
-                errno_name=mapping.flush_error.split(":", 1)[0],
+                f"an earlier flush of {name} failed or did not finish ({mapping.flush_error}): "
+                "what was written before it may not be on the volume. Send prepare-export "
+                "again and copy the disk again",
+                errno_name=None if cause == UNFINISHED else cause,
+                lost_writes=True,
             )
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self._mappings.set_flush_error(
+            *key, f"{UNFINISHED}: a flush by job {job_id} at {when} did not finish"
+        )
         try:
             await self._server.flush_export(name, mapping.device_path, mapping.device_id)
         except FlushFailed as exc:
-            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            # Kept only when an fsync itself failed; a device or link that could not be
+            # opened lost nothing yet.
             note = f"{exc.errno_name or 'error'}: {exc} (job {job_id}, {when})"
             await self._mappings.set_flush_error(
-                mapping.vm_id, mapping.disk_unit_number, note[:MAX_FLUSH_ERROR]
+                *key, note[:MAX_FLUSH_ERROR] if exc.lost_writes else None
             )
             raise
+        await self._mappings.set_flush_error(*key, None)
 
     async def flush_export(self, request: FlushExport) -> ExportFlushed:
         """Makes everything written through the (VM, disk)'s export durable: fsync of its
@@ -354,22 +375,35 @@ class ExportFlow:
             mapping, recorded = await self._mappings.lookup(*key, request.job_id)
             if recorded is not None:
                 return self._repeat(request, recorded, ExportReleased)
-            # An earlier delivery of this job flushed and deactivated the row, then was cut
-            # short.
+            # An earlier delivery of this job deactivated the row, then was cut short.
             earlier = (
                 mapping is not None
                 and mapping.last_job_id == request.job_id
-                and mapping.last_action == "released"
+                and mapping.last_action in (RELEASED, RELEASED_FLUSHED)
             )
             was_active = earlier or (mapping is not None and mapping.is_active)
+            flushed = earlier and mapping is not None and mapping.last_action == RELEASED_FLUSHED
             if mapping is not None and mapping.is_active:
                 # Durable before anything changes: a copy tool's last writes may still be in
                 # the page cache, and nbd-server never fsyncs on disconnect.
-                await self._flush(mapping, request.job_id)
+                try:
+                    await self._flush(mapping, request.job_id)
+                    flushed = True
+                except FlushFailed as exc:
+                    if not exc.device_gone:
+                        raise
+                    # Detached: nothing can be flushed any more, and serving it is moot.
+                    log.warning(
+                        "Releasing an export whose device is gone; not flushed "
+                        "job_id=%s export_name=%s error=%s",
+                        request.job_id,
+                        request.export_name,
+                        exc,
+                    )
                 # The row first: should the files' removal fail, reconciliation removes the
                 # files of inactive mappings; the other order could bring a released export
                 # back.
-                await self._mappings.deactivate(*key, request.job_id)
+                await self._mappings.deactivate(*key, request.job_id, flushed=flushed)
             await self._server.remove_export(request.export_name, self._mappings.committed_device)
             log.info(
                 "Released VM export mapping job_id=%s export_name=%s was_active=%s",
@@ -383,7 +417,7 @@ class ExportFlow:
                 disk_unit_number=request.disk_unit_number,
                 export_name=request.export_name,
                 was_active=was_active,
-                flushed=was_active,
+                flushed=flushed,
                 node_id=self._node_id,
             )
             await self._ledger.record(_record(released))

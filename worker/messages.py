@@ -71,8 +71,10 @@ class ErrorCode(StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     INTERNAL_ERROR = "internal_error"
     FLUSH_FAILED = "flush_failed"
-    """fsync of the export's device failed (`errno` names why): the data may not be on the
-    volume. The mapping is unchanged; send the job again once the cause is fixed."""
+    """The export's device could not be made durable (`errno` names why): the data may not
+    be on the volume. The export keeps serving. A failed fsync is kept: later flushes fail
+    too until a new prepare-export starts a new copy; a device or link that could not be
+    opened is not kept (send the job again once it is fixed)."""
     EXPORT_NOT_FOUND = "export_not_found"
     """No active export for this (VM, disk) on this node: nothing to flush."""
     RETRIES_EXHAUSTED = "retries_exhausted"
@@ -208,9 +210,11 @@ class ExportReleased(BaseModel):
     export_name: str
     was_active: bool = Field(description="False when there was nothing to release.")
     flushed: bool = Field(
+        # A default for records of releases made before releases flushed (they did not).
+        default=False,
         description="True when the export's device was fsynced before the export was "
-        "removed: everything written through it is on the volume. False only when there "
-        "was nothing to release."
+        "removed: everything written through it is on the volume. False when there was "
+        "nothing to release, or the device was gone (detached) and could not be flushed.",
     )
     node_id: str
 

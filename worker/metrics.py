@@ -64,7 +64,12 @@ class NodeRegistry(CollectorRegistry):
 
 
 def build_metrics(node_id: str) -> Metrics:
-    r = NodeRegistry(node_id)
+    metrics = _build(NodeRegistry(node_id))
+    metrics.data_path_ok.set(float("nan"))  # not tested yet: neither passed nor failed
+    return metrics
+
+
+def _build(r: NodeRegistry) -> Metrics:
     return Metrics(
         registry=r,
         jobs=Counter(
@@ -163,7 +168,8 @@ def build_metrics(node_id: str) -> Metrics:
         server_info=Info("nbd_server", "The running nbd-server: version and main pid.", registry=r),
         data_path_ok=Gauge(
             "nbd_server_data_path_ok",
-            "1 when the running nbd-server passed the data-path self-test, 0 when it failed.",
+            "1 when the running nbd-server passed the data-path self-test, 0 when it failed "
+            "(NaN before the first test).",
             registry=r,
         ),
         self_tests=Counter(

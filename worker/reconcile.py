@@ -129,6 +129,9 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
         if wanted:
             ensured = await server.ensure_exports(wanted, repository.committed_device)
             report.sighup_sent = ensured.sighup_sent
+        # After a restart, as early as can be: a later flush sees writeback errors from now.
+        for name, mapping in active.items():
+            server.hold_device(name, mapping.device_path, mapping.device_id)
     if any(report.drift().values()):
         log.warning("Reconciliation found drift %s dry_run=%s", report.drift(), dry_run)
     return report

@@ -446,17 +446,25 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def deactivate(self, vm_id: str, disk_unit_number: int, job_id: str) -> Mapping | None:
-        """Marks the mapping inactive (its device is free again), naming the releasing job;
-        the row, or None."""
+    async def deactivate(
+        self, vm_id: str, disk_unit_number: int, job_id: str, *, flushed: bool
+    ) -> Mapping | None:
+        """Marks the mapping inactive (its device is free again), naming the releasing job
+        and whether it fsynced the device first; the row, or None."""
 
         async def transaction() -> Mapping | None:
             async with self._cursor(transaction=True) as cur:
                 await cur.execute(
                     "UPDATE vm_export_mappings SET status = 'inactive', last_job_id = %s, "
-                    "last_action = 'released' "
+                    "last_action = %s "
                     "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                    (job_id, self._node, vm_id, disk_unit_number),
+                    (
+                        job_id,
+                        "released-flushed" if flushed else "released",
+                        self._node,
+                        vm_id,
+                        disk_unit_number,
+                    ),
                 )
                 await cur.execute(
                     f"SELECT {_COLUMNS} FROM vm_export_mappings "  # noqa: S608

@@ -31,6 +31,7 @@ from tests.worker_process import env_for
 from worker.cli import serve
 from worker.errors import UnsafeServer
 from worker.nbd.selftest import run_self_test
+from worker.nbd.wire import CommandFailed, open_export
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -383,3 +384,33 @@ async def test_exports_loaded_without_flush_are_named_until_a_restart(
         assert running.sample("nbd_export_reconcile_drift", {"kind": "no_flush"}) == 0
     copy = await run_tool("nbdcopy", "--flush", str(volume), nbd_uri(ready), timeout_s=60)
     assert copy.returncode == 0, copy.stderr
+
+
+async def test_a_fua_write_that_is_not_durable_fails_and_the_next_flush_fails_too(
+    settings: Settings, amqp: AbstractConnection, tmp_path: Path, disks_dir: Path
+) -> None:
+    """nbd-server's own fdatasync (FUA) spends the kernel's one report of a writeback error.
+    The FUA write must say so (patch 0005), and flush-export must see it anyway: it fsyncs
+    the descriptor the worker opened when it prepared the export."""
+    with failing_block_device(tmp_path) as (device, _):
+        block_settings = settings.model_copy(update={"device_roots": (disks_dir, Path("/dev"))})
+        async with running_worker(block_settings):
+            scheduler = await scheduler_for(amqp, block_settings)
+            ready = await prepare(scheduler, device)
+            name = str(ready["export_name"])
+            async with open_export("127.0.0.1", settings.nbd_port, name, 30) as export:
+                await export.write(0, os.urandom(8 * MIB))  # more than the volume can hold
+                with pytest.raises(CommandFailed):
+                    await export.write(8 * MIB, os.urandom(MIB), fua=True)
+            # The error has been reported once: a descriptor opened now sees nothing.
+            fresh = os.open(device, os.O_RDONLY)
+            try:
+                os.fsync(fresh)
+            finally:
+                os.close(fresh)
+            key = {"vm_id": ready["vm_id"], "disk_unit_number": ready["disk_unit_number"]}
+            failed = await scheduler.request({"type": "flush-export", "job_id": "f-1", **key})
+            assert failed["status"] == "error", failed
+            assert failed["error"]["code"] == "flush_failed"
+            assert failed["error"]["errno"] == "EIO"
+            await scheduler.channel.close()

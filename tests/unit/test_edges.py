@@ -12,10 +12,11 @@ from pydantic import AnyUrl, ValidationError
 from tenacity import AsyncRetrying, stop_after_attempt
 
 from worker.consumer import describe_validation_error, request_queue_arguments
-from worker.devices import DevicePolicy
+from worker.devices import DevicePolicy, HeldDevices, device_identity
 from worker.errors import (
     DatabaseError,
     DeviceNotFound,
+    FlushFailed,
     InvalidRequest,
     TransactionConflict,
     TransientDatabaseError,
@@ -232,3 +233,32 @@ async def test_an_ack_on_a_closed_channel_is_logged_and_counted_not_raised() -> 
 
     assert await consumer._settle(message, "ack", stale_ack) is False
     assert metrics.registry.get_sample_value("nbd_export_settle_failures_total", {"node": "n"}) == 1
+
+
+def test_held_devices_keep_one_descriptor_per_export_and_refuse_another_device(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "vdb", tmp_path / "vdc"
+    first.write_bytes(b"a")
+    second.write_bytes(b"b")
+    link = tmp_path / "link"
+    link.symlink_to(first)
+    held = HeldDevices()
+    fd = held.hold("e", link, device_identity(first.stat()))
+    assert held.hold("e", link, device_identity(first.stat())) == fd  # kept, not reopened
+    with pytest.raises(FlushFailed, match=r"opens device file:"):
+        held.hold("other", link, device_identity(second.stat()))  # the link opens `first`
+    link.unlink()
+    link.symlink_to(second)
+    open_before = len(os.listdir("/proc/self/fd"))
+    fd2 = held.hold("e", link, device_identity(second.stat()))  # relinked: the old one closes
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert device_identity(os.fstat(fd2)) == device_identity(second.stat())
+    assert len(held) == 1
+    held.close()
+    assert len(held) == 0
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd2)
+    with pytest.raises(FlushFailed) as gone:
+        held.hold("e", tmp_path / "missing", "blk:8:16")
+    assert gone.value.device_gone

@@ -19,11 +19,12 @@ from worker.errors import (
     InvalidRequest,
     ServerUnavailable,
     Superseded,
+    TransientDatabaseError,
 )
 from worker.flow import ExportFlow, KeyedLocks, decide
 from worker.jobs import JobLedger
 from worker.mappings import Mapping
-from worker.messages import Action, FlushExport, PrepareExport, ReleaseExport
+from worker.messages import Action, ExportReleased, FlushExport, PrepareExport, ReleaseExport
 
 VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
 
@@ -484,3 +485,56 @@ async def test_a_release_whose_fsync_fails_changes_nothing(tmp_path: Path, disk:
     assert mappings.rows[(VM, 0)].status == "active"
     assert server.links[created.export_name] == str(disk)
     assert "r-1" not in mappings.jobs
+
+
+async def test_a_flush_whose_outcome_was_not_recorded_fails_closed(
+    tmp_path: Path, disk: Path
+) -> None:
+    """The fsync failed and the database went away before the failure was kept: the job is
+    retried (a transient error), and the retry must not answer flushed although its own
+    fsync would succeed (the kernel reports a writeback error once)."""
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    server.flush_errors = ["EIO"]
+    mappings.fail_flush_error_writes = 2  # the UNFINISHED mark lands, the EIO note does not
+    with pytest.raises(TransientDatabaseError):
+        await flow.flush_export(flush_job("f-1"))
+    assert (mappings.rows[(VM, 0)].flush_error or "").startswith("UNFINISHED")
+    with pytest.raises(FlushFailed, match="did not finish") as retried:
+        await flow.flush_export(flush_job("f-1"))
+    assert retried.value.errno_name is None
+    assert server.flushed == []
+
+
+async def test_a_detached_device_is_released_unflushed_and_says_so(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    server.flush_errors = ["ENOENT"]  # cannot open: the volume was detached
+    with pytest.raises(FlushFailed):
+        await flow.flush_export(flush_job("f-1"))
+    assert mappings.rows[(VM, 0)].flush_error is None  # nothing was lost by this flush
+    server.flush_errors = ["ENOENT"]
+    release = ReleaseExport(type="release-export", job_id="r-1", vm_id=VM, disk_unit_number=0)
+    released = await flow.release_export(release)
+    assert (released.was_active, released.flushed) == (True, False)
+    assert mappings.rows[(VM, 0)].status == "inactive"
+    assert mappings.rows[(VM, 0)].last_action == "released"
+    assert await flow.release_export(release) == released  # its record repeats it
+
+
+async def test_every_prepared_export_has_its_device_held(tmp_path: Path, disk: Path) -> None:
+    flow, _, server = make_flow(tmp_path)
+    created = await flow.prepare_export(request(disk))
+    server.held.clear()
+    await flow.prepare_export(request(disk))  # a reuse, on the fast path
+    assert server.held == {created.export_name: f"file:{disk.stat().st_dev}:{disk.stat().st_ino}"}
+
+
+def test_a_release_recorded_before_releases_flushed_still_repeats() -> None:
+    old = {
+        "job_id": "r", "vm_id": VM, "disk_unit_number": 0, "status": "released",
+        "export_name": "e", "was_active": True, "node_id": "n",
+    }  # fmt: skip
+    assert ExportReleased.model_validate(old).flushed is False

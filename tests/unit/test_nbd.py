@@ -225,3 +225,24 @@ async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: 
     assert verdict is not None
     assert not verdict.ok
     assert seen == [False]
+
+
+async def test_a_self_test_that_could_not_run_is_not_a_verdict(tmp_path: Path) -> None:
+    attempts: list[str] = []
+
+    async def flaky(binary: str) -> SelfTestResult:
+        attempts.append(binary)
+        if len(attempts) == 1:
+            raise ServerUnavailable("a private instance did not start")
+        return SelfTestResult(binary, ())
+
+    pid = os.getpid()
+    process = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+                          self_test=flaky)  # fmt: skip
+    process._versions = {pid: (3, 26, 1)}
+    with pytest.raises(ServerUnavailable):
+        await process._vet_checked(pid)
+    _, verdict = await process._vet_checked(pid)  # tried again, not refused for good
+    assert verdict is not None
+    assert verdict.ok
+    assert len(attempts) == 2

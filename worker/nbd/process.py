@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import logging
 import os
@@ -209,14 +210,29 @@ class MainProcess:
         return version, verdict
 
     async def _single_self_test(self, pid: int) -> SelfTestResult:
-        """One self-test per pid, however many jobs are waiting for it."""
+        """One self-test per pid, however many jobs are waiting for it. A test that could not
+        be run (ServerUnavailable) is not a verdict: it is not kept, and the next caller
+        tries again."""
         assert self._self_test is not None
-        if self._testing is None or self._testing[0] != pid:
-            self._testing = (pid, asyncio.create_task(self._self_test(f"/proc/{pid}/exe")))
-        # Shielded: one waiter's cancellation must not cancel the test the others await.
-        verdict = await asyncio.shield(self._testing[1])
-        if pid not in self._verdicts:
-            self._verdicts = {pid: verdict}  # only the current pid matters
+        if self._testing is None or self._testing[0] != pid or self._testing[1].cancelled():
+            # A context of its own: its log lines must not carry the fields of whichever job
+            # happened to start it.
+            task = asyncio.create_task(
+                self._self_test(f"/proc/{pid}/exe"), context=contextvars.Context()
+            )
+            self._testing = (pid, task)
+        testing = self._testing
+        try:
+            # Shielded: one waiter's cancellation must not cancel the test the others await.
+            verdict = await asyncio.shield(testing[1])
+        except Exception:  # ServerUnavailable: not run; anything else: a bug, not a verdict
+            if self._testing is testing:
+                self._testing = None
+            raise
+        # Kept only while this is the newest pid tested: an older test that ends late must
+        # not replace a newer verdict (nor the gauge).
+        if pid not in self._verdicts and self._testing is testing:
+            self._verdicts = {pid: verdict}
             if verdict.ok:
                 log.info("nbd-server data path verified pid=%d: %s", pid, verdict.summary())
             elif self._accept_failed:

@@ -7,7 +7,16 @@ temporary config, a free loopback port and a sparse scratch file; never the prod
 server or its exports. The steps: the export must advertise FLUSH, FUA, TRIM and
 WRITE_ZEROES; a pattern is written, a WRITE_ZEROES longer than 64 MiB zeroes over part of
 it, FLUSH, a FUA write, everything read back; then a TRIM in the export's second half must
-deallocate that range of the scratch file. About 72 MiB is written, once per server pid.
+deallocate that range of the scratch file. Once per server pid.
+
+It runs twice in the one private server: on a scratch file in the temporary directory and
+on one in /dev/shm (tmpfs). The project's server zeroes by fallocate where it can (ext4,
+xfs, block devices) and writes zeros where it cannot (tmpfs, unaligned ranges): both paths
+must keep the data.
+
+A result is a verdict on the binary. A test that could not be run (the binary cannot be
+executed, the private server does not start, the scratch directory cannot be written)
+raises ServerUnavailable instead: that says nothing of the binary, and is tried again.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ import ctypes
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +52,8 @@ FUA_BLOCK = 78 * MIB
 TRIM_START, TRIM_END = 44 * MIB, 76 * MIB
 EXPORT = "self-test"
 START_TIMEOUT_S = 5.0
+#: Where the second scratch file goes: a tmpfs, where fallocate cannot zero a range.
+TMPFS_DIR = Path("/dev/shm")  # noqa: S108 - only a private mkdtemp directory inside it
 PORT_TRIES = 3
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -124,41 +137,52 @@ def _allocated_in(path: Path, start: int, end: int) -> bool:
         os.close(fd)
 
 
-class _PrivateServer:
-    """One nbd-server of the binary under test, in the foreground, as our own child."""
+@dataclass(frozen=True)
+class _Scratch:
+    export: str
+    path: Path
+    punch: bool
+    where: str
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+
+class _PrivateServer:
+    """One nbd-server of the binary under test, in the foreground, as our own child, with
+    one export per scratch file."""
+
+    def __init__(self, binary: str, workdir: Path, scratches: list[_Scratch]) -> None:
         self._binary = binary
         self._workdir = workdir
-        self.scratch = workdir / "scratch.img"
+        self._scratches = scratches
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
 
     def _write_config(self) -> Path:
         config = self._workdir / "config"
-        config.write_text(
-            "[generic]\n"
-            f"    port = {self.port}\n"
-            "    listenaddr = 127.0.0.1\n"
-            f"[{EXPORT}]\n"
-            f"    exportname = {self.scratch}\n"
-            "    flush = true\n"
-            "    fua = true\n"
-            "    trim = true\n"
-        )
+        lines = ["[generic]", f"    port = {self.port}", "    listenaddr = 127.0.0.1"]
+        for scratch in self._scratches:
+            lines += [f"[{scratch.export}]", f"    exportname = {scratch.path}"]
+            lines += ["    flush = true", "    fua = true", "    trim = true"]
+        config.write_text("\n".join(lines) + "\n")
         return config
 
+    def _argv(self, config: Path) -> list[str]:
+        # -n: foreground, so it stays our child and writes no pid file anywhere. setpriv
+        # (util-linux) makes it die with us should the worker be killed mid-test.
+        argv = [self._binary, "-n", "-C", str(config)]
+        setpriv = shutil.which("setpriv")
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+
     async def start(self) -> None:
-        with self.scratch.open("wb") as f:
-            f.truncate(SCRATCH_BYTES)
+        for scratch in self._scratches:
+            with scratch.path.open("wb") as f:
+                f.truncate(SCRATCH_BYTES)
         log_path = self._workdir / "server.log"
         for _ in range(PORT_TRIES):
             self.port = _free_port()
             config = self._write_config()
             with log_path.open("ab") as log:
-                # -n: foreground, so it stays our child and writes no pid file anywhere.
                 self._process = await asyncio.create_subprocess_exec(
-                    self._binary, "-n", "-C", str(config),
+                    *self._argv(config),
                     stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 )  # fmt: skip
             if await self._serving():
@@ -197,7 +221,7 @@ class _PrivateServer:
             await process.wait()
 
 
-async def _exercise(export: Transmission, server: _PrivateServer, punch: bool) -> list[str]:
+async def _exercise(export: Transmission, scratch: _Scratch) -> list[str]:
     failures: list[str] = []
     flags = export.info.flags
     for wanted, name in (
@@ -225,9 +249,9 @@ async def _exercise(export: Transmission, server: _PrivateServer, punch: bool) -
     for offset in (*KEPT_BLOCKS, FUA_BLOCK):
         if await export.read(offset, BLOCK) != _pattern(offset):
             failures.append(f"data written at {offset // MIB} MiB did not read back")
-    if flags.can_trim and punch:
+    if flags.can_trim and scratch.punch:
         await export.trim(TRIM_START, TRIM_END - TRIM_START)
-        if await asyncio.to_thread(_allocated_in, server.scratch, TRIM_START, TRIM_END):
+        if await asyncio.to_thread(_allocated_in, scratch.path, TRIM_START, TRIM_END):
             failures.append(
                 f"a TRIM of {TRIM_START // MIB}-{TRIM_END // MIB} MiB reported success but "
                 "deallocated nothing"
@@ -237,29 +261,74 @@ async def _exercise(export: Transmission, server: _PrivateServer, punch: bool) -
     return failures
 
 
+def _is_tmpfs(path: Path) -> bool:
+    try:
+        with open("/proc/self/mounts") as mounts:
+            return any(
+                line.split()[1] == str(path) and line.split()[2] == "tmpfs" for line in mounts
+            )
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def _scratch_dirs(scratch_dir: Path | None) -> AsyncIterator[list[Path]]:
+    """The temporary directory (or `scratch_dir`), and a directory on /dev/shm when that is
+    a writable tmpfs; removed on exit."""
+    with contextlib.ExitStack() as stack:
+        dirs = [Path(stack.enter_context(_tempdir(scratch_dir)))]
+        if scratch_dir is None and _is_tmpfs(TMPFS_DIR) and os.access(TMPFS_DIR, os.W_OK):
+            dirs.append(Path(stack.enter_context(_tempdir(TMPFS_DIR))))
+        yield dirs
+
+
+def _tempdir(parent: Path | None) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="nbd-export-worker-selftest-", dir=parent)
+
+
 async def run_self_test(
     binary: str, *, timeout_s: float = 30.0, scratch_dir: Path | None = None
 ) -> SelfTestResult:
-    """Runs the test against a private instance of `binary`. Never raises for what the
-    binary does: a server that fails to start, hangs or drops the connection is a failure
-    in the result."""
+    """Runs the test against a private instance of `binary`; the result is its verdict.
+    Raises ServerUnavailable when the test could not be run at all."""
     started = time.monotonic()
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="nbd-export-worker-selftest-", dir=scratch_dir) as tmp:
-        workdir = Path(tmp)
-        punch = await asyncio.to_thread(_can_punch_holes, workdir)
-        if not punch:
-            notes.append(f"TRIM not verified: {workdir.parent} cannot punch holes")
-        server = _PrivateServer(binary, workdir)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await server.start()
-                async with open_export("127.0.0.1", server.port, EXPORT, timeout_s) as export:
-                    failures = await _exercise(export, server, punch)
-        except TimeoutError:
-            failures = [f"it did not complete the test within {timeout_s:g} s"]
-        except ServerUnavailable as exc:
-            failures = [str(exc)]
-        finally:
-            await server.stop()
+    failures: list[str] = []
+    opened = False
+    try:
+        async with _scratch_dirs(scratch_dir) as dirs:
+            scratches = []
+            for i, directory in enumerate(dirs):
+                punch = await asyncio.to_thread(_can_punch_holes, directory)
+                where = "on tmpfs" if i else f"in {directory.parent}"
+                if not punch:
+                    notes.append(f"TRIM not verified {where}: it cannot punch holes")
+                name = f"{EXPORT}-{i}"
+                scratches.append(_Scratch(name, directory / "scratch.img", punch, where))
+            server = _PrivateServer(binary, dirs[0], scratches)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await server.start()
+                    for scratch in scratches:
+                        async with open_export(
+                            "127.0.0.1", server.port, scratch.export, timeout_s
+                        ) as export:
+                            opened = True
+                            found = await _exercise(export, scratch)
+                        prefix = f"{scratch.where}: " if len(scratches) > 1 and found else ""
+                        failures += [prefix + failure for failure in found]
+            finally:
+                await server.stop()
+    except TimeoutError:
+        if not opened:
+            raise ServerUnavailable(
+                f"the self-test of {binary} could not start within {timeout_s:g} s"
+            ) from None
+        failures.append(f"it did not complete the test within {timeout_s:g} s")
+    except ServerUnavailable as exc:
+        if not opened:
+            raise  # it never served the test: nothing is known of its data path
+        failures.append(str(exc))  # it dropped or refused the test midway
+    except OSError as exc:
+        raise ServerUnavailable(f"the self-test of {binary} could not run: {exc}") from exc
     return SelfTestResult(binary, tuple(failures), tuple(notes), time.monotonic() - started)

@@ -15,13 +15,14 @@ import asyncio
 import contextvars
 import functools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from worker.devices import device_size, fsync_device
+from worker.devices import HeldDevices, device_size, fsync_descriptor
 from worker.errors import (
     ConfigWriteError,
     ExportNotVisible,
@@ -64,9 +65,35 @@ LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
 #: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
 PROBES_AT_ONCE = 8
-#: fsyncs at once: each holds a thread for as long as the volume takes, so they get threads
-#: of their own and never starve the config writes of the default executor.
-FLUSHES_AT_ONCE = 4
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Runs `fn` on a daemon thread of its own: an fsync may block for as long as its volume
+    takes, and must neither starve the default executor (config writes) nor keep the
+    process from exiting after its shutdown grace."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # the awaiting job was cancelled (shutdown)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="fsync", daemon=True).start()
+    return await future
+
 
 #: Looks up, in the database, the device an export is committed to (None: not active).
 CommittedDevice = Callable[[str], Awaitable[str | None]]
@@ -115,7 +142,7 @@ class NbdServer:
         # What each export offers clients, as NBD_OPT_GO told: fixed for a server's lifetime
         # (a reload never changes a loaded export), so kept per main pid.
         self._flags: tuple[int, dict[str, DataPathFlags]] = (0, {})
-        self._flusher = ThreadPoolExecutor(FLUSHES_AT_ONCE, thread_name_prefix="fsync")
+        self._held = HeldDevices()
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         self._lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
@@ -263,7 +290,9 @@ class NbdServer:
         """Makes `name` listed, servable and opening `device_path`, in a batch with the
         creates that arrive meanwhile. Raises Superseded when the database no longer commits
         the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
-        ExportNotVisible, ConfigWriteError (retryable) or RestartRequired."""
+        ExportNotVisible, ConfigWriteError (retryable) or RestartRequired (UnsafeServer when
+        the server must not be used)."""
+        await self.vetted_pid()  # also when the name is known already and no SIGHUP follows
         if self._settings.baseline:
             ensured = await self._ensure_locked({name: device_path}, committed)
         else:
@@ -329,6 +358,7 @@ class NbdServer:
     ) -> Ensured:
         """Reconciliation's create: every export in one lock hold and at most one SIGHUP.
         Exports the database no longer has active are skipped. Raises the first error."""
+        await self.vetted_pid()
         return await self._ensure_locked(wanted, committed)
 
     async def _ensure_locked(
@@ -546,30 +576,52 @@ class NbdServer:
                 await asyncio.to_thread(
                     remove_export_files, self._settings.nbd_conf_dir, self.spec(name)
                 )
+                self._held.drop(name)
                 return True
         except TimeoutError:
             raise self._lock_timeout() from None
 
-    async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
-        """fsync()s the export's device, opened through its link (so it is the device new
-        connections open), once the link is seen to point at `device_path` and open
-        `device_id`. Raises FlushFailed naming the errno."""
-        link = self.spec(name).link_path
-        target = link_target(link)
-        if target != device_path:
-            self._metrics.flushes.labels(result="failed").inc()
-            raise FlushFailed(
-                f"the link of {name} points at {target or 'nothing'}, not {device_path}: "
-                "nothing was flushed; reconciliation repairs the link"
-            )
-        started = time.monotonic()
+    def close(self) -> None:
+        """Lets go of the held device descriptors (the worker is stopping)."""
+        self._held.close()
+
+    def hold_device(self, name: str, device_path: str, device_id: str) -> None:
+        """Opens the export's device through its link and keeps it open, so that a later
+        flush sees every writeback error from now on (HeldDevices). Best effort: when it
+        cannot (the device is gone, no descriptors left), a flush opens it then."""
+        if self._held.holds(name, device_id):
+            return  # the reuse path: a dict lookup
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._flusher, fsync_device, link, device_id
-            )
+            self._held.hold(name, self._checked_link(name, device_path), device_id)
+        except FlushFailed as exc:
+            log.debug("Not holding the device of %s: %s", name, exc)
+
+    async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
+        """fsync()s the export's device, through the descriptor held since the export was
+        prepared (or opened now, through its link, so it is the device new connections
+        open), once the link is seen to point at `device_path` and open `device_id`.
+        Raises FlushFailed naming the errno."""
+        link = self.spec(name).link_path
+        try:
+            fd = self._held.hold(name, self._checked_link(name, device_path), device_id)
+            started = time.monotonic()
+            try:
+                await in_daemon_thread(lambda: fsync_descriptor(fd, link))
+            finally:
+                self._metrics.flush_duration.observe(time.monotonic() - started)
         except FlushFailed:
             self._metrics.flushes.labels(result="failed").inc()
             raise
-        finally:
-            self._metrics.flush_duration.observe(time.monotonic() - started)
         self._metrics.flushes.labels(result="flushed").inc()
+
+    def _checked_link(self, name: str, device_path: str) -> Path:
+        """The export's link, once it points at `device_path`. Raises FlushFailed."""
+        link = self.spec(name).link_path
+        target = link_target(link)
+        if target != device_path:
+            raise FlushFailed(
+                f"the link of {name} points at {target or 'nothing'}, not {device_path}: "
+                "nothing was flushed; reconciliation repairs the link",
+                device_gone=target is None,
+            )
+        return link
