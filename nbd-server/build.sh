@@ -41,12 +41,10 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--unpatched] [--no-self-test] [--dest FILE] [--python PYTHON]" >&2; exit 2 ;;
   esac
 done
-if [ -z "$dest" ]; then
-  if [ -z "$self_test" ]; then
-    echo "build.sh: an untested or unpatched build needs --dest (never $PREFIX/sbin/nbd-server)" >&2
-    exit 2
-  fi
-  dest=$PREFIX/sbin/nbd-server
+[ -n "$dest" ] || dest=$PREFIX/sbin/nbd-server
+if [ -z "$self_test" ] && [ "$(realpath -m "$dest")" = "$(realpath -m "$PREFIX/sbin/nbd-server")" ]; then
+  echo "build.sh: an untested or unpatched build needs another --dest than $dest" >&2
+  exit 2
 fi
 if [ -n "$self_test" ] && [ -z "$python" ]; then
   echo "build.sh: --python (a Python with the worker installed) is needed for the self-test" >&2
@@ -79,8 +77,12 @@ if [ ! -x "$build/nbd-server" ]; then
             -o "Dir::State::Lists=$CACHE/lists-$SUITE" -o "APT::Sandbox::User=root")
   log "fetching Debian $SUITE's nbd source package $VERSION"
   apt-get "${apt_opts[@]}" update -qq
-  (cd "$CACHE/src-$SUITE" && rm -f nbd_* &&
-     apt-get "${apt_opts[@]}" source -qq --download-only "nbd=$VERSION" >/dev/null)
+  if ! (cd "$CACHE/src-$SUITE" && rm -f nbd_* &&
+         apt-get "${apt_opts[@]}" source -qq --download-only "nbd=$VERSION" >/dev/null); then
+    log "Debian $SUITE no longer has nbd $VERSION: check that the patches apply to its current"
+    log "version, then set NBD_SOURCE_VERSION (and update the pin in this script)"
+    exit 1
+  fi
   rm -rf "$build.tmp" && mkdir -p "$build.tmp"
   dpkg-source -x --no-check "$CACHE/src-$SUITE"/nbd_*.dsc "$build.tmp/src" >/dev/null
   for patch in "${patches[@]}"; do

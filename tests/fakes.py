@@ -130,6 +130,7 @@ class FakeExportServer:
         self.flushed: list[tuple[str, str]] = []
         self.flush_errors: list[str] = []
         self.held: dict[str, str] = {}
+        self.detached: set[str] = set()
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         live = name in self.listed and self.links.get(name) == device_path
@@ -170,9 +171,13 @@ class FakeExportServer:
         if self.flush_errors:
             errno_name = self.flush_errors.pop(0)
             if errno_name == "ENOENT":  # the device is gone: nothing to fsync
+                self.detached.add(device_path)
                 raise FlushFailed(f"cannot open {device_path}", errno_name, device_gone=True)
             raise FlushFailed(f"fsync of {device_path} failed", errno_name, lost_writes=True)
         self.flushed.append((name, device_path))
 
-    def hold_device(self, name: str, device_path: str, device_id: str) -> None:
+    async def hold_device(self, name: str, device_path: str, device_id: str) -> None:
         self.held[name] = device_id
+
+    def device_present(self, device_path: str) -> bool:
+        return device_path not in self.detached

@@ -64,6 +64,7 @@ async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | No
     """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
     pid = server.process.verified_pid()
     if pid != last_pid:
+        metrics.data_path_ok.set(float("nan"))  # this pid is not tested yet
         version = await server.process.check_version()
         metrics.server_pid.set(pid)
         metrics.server_info.info({"version": format_version(version), "pid": str(pid)})

@@ -207,13 +207,13 @@ def open_device(path: Path, device_id: str) -> int:
 
 
 class HeldDevices:
-    """One read-only descriptor per export's device, opened when the export is prepared,
-    that flushes fsync.
+    """One read-only descriptor per export's device, opened when the export is prepared.
 
     Linux reports a writeback error once per open file (errseq): a descriptor opened after
     the error was reported to someone else (nbd-server answering a copy tool's FLUSH or
     FUA) would never see it. One opened before the copy starts sees every error since.
-    Descriptors belong to the event loop's thread; only fsync runs elsewhere.
+    The map belongs to the event loop's thread; opens and fsyncs run elsewhere, on
+    duplicates, so a descriptor closed here is never one a thread still uses.
     """
 
     def __init__(self) -> None:
@@ -226,16 +226,16 @@ class HeldDevices:
         held = self._fds.get(name)
         return held is not None and held[0] == device_id
 
-    def hold(self, name: str, path: Path, device_id: str) -> int:
-        """The descriptor held for `name`, opened now unless one of `device_id` is held
-        (another device's is closed). Raises FlushFailed when it cannot be opened."""
-        held = self._fds.get(name)
-        if held is not None and held[0] == device_id:
-            return held[1]
-        fd = open_device(path, device_id)
+    def put(self, name: str, device_id: str, fd: int) -> None:
+        """Keeps `fd` for `name` (closing whatever was held for it before)."""
         self.drop(name)
         self._fds[name] = (device_id, fd)
-        return fd
+
+    def dup(self, name: str, device_id: str) -> int | None:
+        """A duplicate of the descriptor held for `name` on `device_id`, for a thread to
+        fsync and close; None when none is held."""
+        held = self._fds.get(name)
+        return os.dup(held[1]) if held is not None and held[0] == device_id else None
 
     def drop(self, name: str) -> None:
         held = self._fds.pop(name, None)
@@ -243,7 +243,6 @@ class HeldDevices:
             os.close(held[1])
 
     def close(self) -> None:
-        """Closes every descriptor (an fsync still running keeps its own reference)."""
         for name in list(self._fds):
             self.drop(name)
 
@@ -259,6 +258,25 @@ def fsync_descriptor(fd: int, path: Path) -> None:
             _errno_name(exc),
             lost_writes=True,
         ) from exc
+
+
+def fsync_device(path: Path, device_id: str, held: int | None) -> None:
+    """Makes durable what was written to the device `path` opens: fsync of `held` (a
+    duplicate of the descriptor opened when the export was prepared, closed here: it sees
+    every writeback error since), then of a descriptor opened now (the device the path
+    opens today: a volume detached and attached again, even under the same numbers, is
+    another device). Blocks: run it in a thread. Raises FlushFailed."""
+    try:
+        fresh = open_device(path, device_id)
+        try:
+            if held is not None:
+                fsync_descriptor(held, path)
+            fsync_descriptor(fresh, path)
+        finally:
+            os.close(fresh)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def device_size(device_path: str) -> int | None:

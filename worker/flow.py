@@ -78,7 +78,8 @@ class ExportServer(Protocol):
         self, name: str, committed: Callable[[str], Awaitable[str | None]]
     ) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
-    def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
+    async def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
+    def device_present(self, device_path: str) -> bool: ...
 
 
 def _claimed_by(mapping: Mapping | None, job_id: str) -> bool:
@@ -184,14 +185,14 @@ class ExportFlow:
             node_id=self._node_id,
         )
 
-    def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:
+    async def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:
         log.info(
             "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
             request.job_id,
             request.export_name,
         )
         # A dict lookup once held: a later flush-export then sees every writeback error.
-        self._server.hold_device(request.export_name, device.path, device.device_id)
+        await self._server.hold_device(request.export_name, device.path, device.device_id)
         ready = self._ready(request, device, Action.REUSED, reused=True)
         self._ledger.record_later(_record(ready))
         return ready
@@ -220,7 +221,7 @@ class ExportFlow:
             and key not in self._keys
             and self._keys.epoch(key) == epoch
         ):
-            return self._reuse(request, device)
+            return await self._reuse(request, device)
 
         async with self._keys.hold(key):
             # Read again under the lock: a job for the same disk (maybe this very one,
@@ -241,7 +242,7 @@ class ExportFlow:
                 if mapping is not None and mapping.flush_error is not None:
                     # A new prepare-export starts a new copy (a claim clears it the same way).
                     await self._mappings.set_flush_error(*key, None)
-                return self._reuse(request, device)
+                return await self._reuse(request, device)
 
             if not earlier:
                 log.info(
@@ -277,7 +278,7 @@ class ExportFlow:
                     # left to do, which is what a reuse is.
                     action = Action.REUSED
                 ready = self._ready(request, device, action, reused=not ensured.sighup_sent)
-            self._server.hold_device(name, device.path, device.device_id)
+            await self._server.hold_device(name, device.path, device.device_id)
             crash_point("before_record")
             # Durable before the reply: a redelivery of this job must repeat this answer.
             await self._ledger.record(_record(ready))
@@ -390,9 +391,11 @@ class ExportFlow:
                     await self._flush(mapping, request.job_id)
                     flushed = True
                 except FlushFailed as exc:
-                    if not exc.device_gone:
+                    gone = exc.device_gone or not self._server.device_present(mapping.device_path)
+                    if not gone:
                         raise
-                    # Detached: nothing can be flushed any more, and serving it is moot.
+                    # Detached: nothing can be flushed any more (also after a kept failure,
+                    # already reported), and serving it is moot.
                     log.warning(
                         "Releasing an export whose device is gone; not flushed "
                         "job_id=%s export_name=%s error=%s",

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from worker.devices import device_present
+from worker.mappings import Mapping
 from worker.nbd.files import has_snippet, link_target, list_snippet_names, snippet_outdated
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
@@ -79,9 +80,22 @@ class ReconcileReport:
         return out
 
 
+async def hold_devices(server: NbdServer, mappings: list[Mapping]) -> None:
+    """Opens and keeps the devices of active exports (so that a later flush sees writeback
+    errors from now on) and lets go of released ones'."""
+    for mapping in mappings:
+        if mapping.is_active:
+            await server.hold_device(mapping.export_name, mapping.device_path, mapping.device_id)
+        else:
+            server.let_go(mapping.export_name)
+
+
 async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool) -> ReconcileReport:
     report = ReconcileReport(dry_run=dry_run)
     mappings = await repository.list_mappings()
+    if not dry_run:
+        # First, whatever the server's state: after a restart, as early as can be.
+        await hold_devices(server, mappings)
     listed = await server.listed_exports()
     conf_dir = server.conf_dir
     active = {m.export_name: m for m in mappings if m.is_active}
@@ -129,9 +143,7 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
         if wanted:
             ensured = await server.ensure_exports(wanted, repository.committed_device)
             report.sighup_sent = ensured.sighup_sent
-        # After a restart, as early as can be: a later flush sees writeback errors from now.
-        for name, mapping in active.items():
-            server.hold_device(name, mapping.device_path, mapping.device_id)
+            await hold_devices(server, [active[name] for name in wanted])  # links now right
     if any(report.drift().values()):
         log.warning("Reconciliation found drift %s dry_run=%s", report.drift(), dry_run)
     return report

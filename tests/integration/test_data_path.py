@@ -29,7 +29,7 @@ from tests.nbd_harness import UNPATCHED_SERVER_BIN, NbdServerProcess
 from tests.sql import execute_sql
 from tests.worker_process import env_for
 from worker.cli import serve
-from worker.errors import UnsafeServer
+from worker.errors import ServerUnavailable, UnsafeServer
 from worker.nbd.selftest import run_self_test
 from worker.nbd.wire import CommandFailed, open_export
 from worker.settings import Settings
@@ -413,4 +413,21 @@ async def test_a_fua_write_that_is_not_durable_fails_and_the_next_flush_fails_to
             assert failed["status"] == "error", failed
             assert failed["error"]["code"] == "flush_failed"
             assert failed["error"]["errno"] == "EIO"
+            # And it is kept: neither a second flush nor a release says otherwise.
+            again = await scheduler.request({"type": "flush-export", "job_id": "f-2", **key})
+            assert again["error"]["code"] == "flush_failed"
+            release = await scheduler.request({"type": "release-export", "job_id": "r", **key})
+            assert release["error"]["code"] == "flush_failed"
             await scheduler.channel.close()
+
+
+async def test_a_self_test_that_cannot_run_is_no_verdict(tmp_path: Path) -> None:
+    """A binary that never serves the test says nothing of a data path: ServerUnavailable
+    (retried), not a failed result (a refusal for the server's whole life)."""
+    fake = tmp_path / "not-nbd-server"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(ServerUnavailable, match="did not start"):
+        await run_self_test(str(fake), timeout_s=20)
+    with pytest.raises(ServerUnavailable, match=r"did not start|could not run"):
+        await run_self_test(str(tmp_path / "missing"), timeout_s=20)

@@ -12,7 +12,13 @@ from pydantic import AnyUrl, ValidationError
 from tenacity import AsyncRetrying, stop_after_attempt
 
 from worker.consumer import describe_validation_error, request_queue_arguments
-from worker.devices import DevicePolicy, HeldDevices, device_identity
+from worker.devices import (
+    DevicePolicy,
+    HeldDevices,
+    device_identity,
+    fsync_device,
+    open_device,
+)
 from worker.errors import (
     DatabaseError,
     DeviceNotFound,
@@ -235,7 +241,7 @@ async def test_an_ack_on_a_closed_channel_is_logged_and_counted_not_raised() -> 
     assert metrics.registry.get_sample_value("nbd_export_settle_failures_total", {"node": "n"}) == 1
 
 
-def test_held_devices_keep_one_descriptor_per_export_and_refuse_another_device(
+def test_a_flush_fsyncs_the_held_descriptor_and_the_device_the_link_opens_now(
     tmp_path: Path,
 ) -> None:
     first, second = tmp_path / "vdb", tmp_path / "vdc"
@@ -243,22 +249,22 @@ def test_held_devices_keep_one_descriptor_per_export_and_refuse_another_device(
     second.write_bytes(b"b")
     link = tmp_path / "link"
     link.symlink_to(first)
+    first_id = device_identity(first.stat())
     held = HeldDevices()
-    fd = held.hold("e", link, device_identity(first.stat()))
-    assert held.hold("e", link, device_identity(first.stat())) == fd  # kept, not reopened
-    with pytest.raises(FlushFailed, match=r"opens device file:"):
-        held.hold("other", link, device_identity(second.stat()))  # the link opens `first`
+    held.put("e", first_id, open_device(link, first_id))
+    assert held.holds("e", first_id)
+    assert held.dup("e", device_identity(second.stat())) is None  # held for another device
+    open_before = len(os.listdir("/proc/self/fd"))
+    fsync_device(link, first_id, held.dup("e", first_id))
+    assert len(os.listdir("/proc/self/fd")) == open_before  # the duplicate and the fresh one
+    # The link re-pointed: the device it opens now is not the mapping's, nothing passes.
     link.unlink()
     link.symlink_to(second)
-    open_before = len(os.listdir("/proc/self/fd"))
-    fd2 = held.hold("e", link, device_identity(second.stat()))  # relinked: the old one closes
-    assert len(os.listdir("/proc/self/fd")) == open_before
-    assert device_identity(os.fstat(fd2)) == device_identity(second.stat())
-    assert len(held) == 1
+    with pytest.raises(FlushFailed, match=r"opens device file:"):
+        fsync_device(link, first_id, held.dup("e", first_id))
+    link.unlink()  # the volume detached
+    with pytest.raises(FlushFailed) as gone:
+        fsync_device(link, first_id, held.dup("e", first_id))
+    assert gone.value.device_gone
     held.close()
     assert len(held) == 0
-    with pytest.raises(OSError, match="Bad file descriptor"):
-        os.fstat(fd2)
-    with pytest.raises(FlushFailed) as gone:
-        held.hold("e", tmp_path / "missing", "blk:8:16")
-    assert gone.value.device_gone

@@ -242,6 +242,10 @@ async def test_a_self_test_that_could_not_run_is_not_a_verdict(tmp_path: Path) -
     process._versions = {pid: (3, 26, 1)}
     with pytest.raises(ServerUnavailable):
         await process._vet_checked(pid)
+    with pytest.raises(ServerUnavailable):
+        await process._vet_checked(pid)  # for a few seconds, jobs get the same reason
+    assert len(attempts) == 1
+    process._unrun = None  # as when UNRUN_RETRY_S has passed
     _, verdict = await process._vet_checked(pid)  # tried again, not refused for good
     assert verdict is not None
     assert verdict.ok

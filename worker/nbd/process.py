@@ -37,6 +37,8 @@ SelfTest = Callable[[str], Coroutine[Any, Any, SelfTestResult]]
 
 #: 3.24 corrupts its heap on SIGHUP (upstream issue #143, fixed in 3.25 by PR #142).
 MIN_SERVER_VERSION = (3, 25)
+#: How long a self-test that could not run is not tried again (jobs get its reason).
+UNRUN_RETRY_S = 10.0
 #: Where nbd-server looks when started without -C.
 DEFAULT_CONFIG_FILE = "/etc/nbd-server/config"
 _VERSION_RE = re.compile(r"nbd-server version (\d+)\.(\d+)(?:\.(\d+))?")
@@ -149,6 +151,8 @@ class MainProcess:
         self._versions: dict[int, tuple[int, int, int]] = {}
         self._verdicts: dict[int, SelfTestResult] = {}
         self._testing: tuple[int, asyncio.Task[SelfTestResult]] | None = None
+        #: A test that could not run, kept briefly: every job must not start one anew.
+        self._unrun: tuple[int, float, ServerUnavailable] | None = None
         self._pid_seen: tuple[tuple[int, int, int], int] | None = None
 
     def verified_pid(self) -> int:
@@ -214,6 +218,9 @@ class MainProcess:
         be run (ServerUnavailable) is not a verdict: it is not kept, and the next caller
         tries again."""
         assert self._self_test is not None
+        unrun = self._unrun
+        if unrun is not None and unrun[0] == pid and time.monotonic() < unrun[1]:
+            raise unrun[2]
         if self._testing is None or self._testing[0] != pid or self._testing[1].cancelled():
             # A context of its own: its log lines must not carry the fields of whichever job
             # happened to start it.
@@ -225,9 +232,11 @@ class MainProcess:
         try:
             # Shielded: one waiter's cancellation must not cancel the test the others await.
             verdict = await asyncio.shield(testing[1])
-        except Exception:  # ServerUnavailable: not run; anything else: a bug, not a verdict
+        except Exception as exc:  # ServerUnavailable: not run; anything else: a bug, no verdict
             if self._testing is testing:
                 self._testing = None
+                if isinstance(exc, ServerUnavailable):
+                    self._unrun = (pid, time.monotonic() + UNRUN_RETRY_S, exc)
             raise
         # Kept only while this is the newest pid tested: an older test that ends late must
         # not replace a newer verdict (nor the gauge).

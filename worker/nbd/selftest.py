@@ -31,12 +31,12 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import ServerUnavailable
-from worker.nbd.wire import NBDMAGIC, Transmission, open_export
+from worker.nbd.wire import NBDMAGIC, CommandFailed, Transmission, open_export
 
 MIB = 1 << 20
 BLOCK = MIB
@@ -55,6 +55,12 @@ START_TIMEOUT_S = 5.0
 #: Where the second scratch file goes: a tmpfs, where fallocate cannot zero a range.
 TMPFS_DIR = Path("/dev/shm")  # noqa: S108 - only a private mkdtemp directory inside it
 PORT_TRIES = 3
+#: Free space a scratch directory needs: where zeros are written, the scratch file fills up.
+SCRATCH_SPACE = SCRATCH_BYTES + 16 * MIB
+#: Scratch directories left by a worker killed mid-test are removed after this long.
+STALE_AFTER_S = 600
+PREFIX = "nbd-export-worker-selftest-"
+NBD_ENOSPC = 28
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -271,19 +277,47 @@ def _is_tmpfs(path: Path) -> bool:
         return False
 
 
-@contextlib.asynccontextmanager
-async def _scratch_dirs(scratch_dir: Path | None) -> AsyncIterator[list[Path]]:
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _remove_stale(parent: Path) -> None:
+    """Scratch directories of tests that never ended (a worker killed mid-test)."""
+    cutoff = time.time() - STALE_AFTER_S
+    with contextlib.suppress(OSError):
+        for stale in parent.glob(f"{PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if stale.is_dir() and stale.stat().st_mtime < cutoff:
+                    shutil.rmtree(stale)
+
+
+@contextlib.contextmanager
+def _scratch_dirs(scratch_dir: Path | None, notes: list[str]) -> Iterator[list[Path]]:
     """The temporary directory (or `scratch_dir`), and a directory on /dev/shm when that is
-    a writable tmpfs; removed on exit."""
+    a writable tmpfs with room; removed on exit. Raises ServerUnavailable when the first
+    has no room: that says nothing of the binary."""
+    parent = Path(scratch_dir or tempfile.gettempdir())
+    _remove_stale(parent)
+    if _free_bytes(parent) < SCRATCH_SPACE:
+        raise ServerUnavailable(
+            f"the self-test needs {SCRATCH_SPACE // MIB} MiB free in {parent} (TMPDIR)"
+        )
     with contextlib.ExitStack() as stack:
-        dirs = [Path(stack.enter_context(_tempdir(scratch_dir)))]
+        dirs = [Path(stack.enter_context(_tempdir(parent)))]
         if scratch_dir is None and _is_tmpfs(TMPFS_DIR) and os.access(TMPFS_DIR, os.W_OK):
-            dirs.append(Path(stack.enter_context(_tempdir(TMPFS_DIR))))
+            _remove_stale(TMPFS_DIR)
+            if _free_bytes(TMPFS_DIR) >= SCRATCH_SPACE:
+                dirs.append(Path(stack.enter_context(_tempdir(TMPFS_DIR))))
+            else:
+                notes.append(
+                    f"not run on tmpfs: {TMPFS_DIR} has less than {SCRATCH_SPACE // MIB} MiB free"
+                )
         yield dirs
 
 
-def _tempdir(parent: Path | None) -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="nbd-export-worker-selftest-", dir=parent)
+def _tempdir(parent: Path) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix=PREFIX, dir=parent)
 
 
 async def run_self_test(
@@ -296,7 +330,7 @@ async def run_self_test(
     failures: list[str] = []
     opened = False
     try:
-        async with _scratch_dirs(scratch_dir) as dirs:
+        with _scratch_dirs(scratch_dir, notes) as dirs:
             scratches = []
             for i, directory in enumerate(dirs):
                 punch = await asyncio.to_thread(_can_punch_holes, directory)
@@ -328,6 +362,8 @@ async def run_self_test(
     except ServerUnavailable as exc:
         if not opened:
             raise  # it never served the test: nothing is known of its data path
+        if isinstance(exc, CommandFailed) and exc.error == NBD_ENOSPC:
+            raise ServerUnavailable(f"the self-test of {binary} ran out of scratch space") from exc
         failures.append(str(exc))  # it dropped or refused the test midway
     except OSError as exc:
         raise ServerUnavailable(f"the self-test of {binary} could not run: {exc}") from exc

@@ -12,6 +12,7 @@ reuse path shares one in-flight listing, valid until our next SIGHUP, a new main
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from worker.devices import HeldDevices, device_size, fsync_descriptor
+from worker.devices import HeldDevices, device_present, device_size, fsync_device, open_device
 from worker.errors import (
     ConfigWriteError,
     ExportNotVisible,
@@ -70,8 +71,8 @@ T = TypeVar("T")
 
 async def in_daemon_thread(fn: Callable[[], T]) -> T:
     """Runs `fn` on a daemon thread of its own: an fsync may block for as long as its volume
-    takes, and must neither starve the default executor (config writes) nor keep the
-    process from exiting after its shutdown grace."""
+    takes, and must not starve the default executor (config writes) nor hold up the
+    worker's shutdown (though a thread stuck in the kernel keeps the process from ending)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -87,9 +88,12 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
         try:
             result = fn()
         except BaseException as exc:
-            loop.call_soon_threadsafe(settle, None, exc)
+            outcome: tuple[T | None, BaseException | None] = (None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (result, None)
+        # The loop may be gone by now (the worker stopped while the volume hung).
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=run, name="fsync", daemon=True).start()
     return await future
@@ -585,34 +589,52 @@ class NbdServer:
         """Lets go of the held device descriptors (the worker is stopping)."""
         self._held.close()
 
-    def hold_device(self, name: str, device_path: str, device_id: str) -> None:
+    async def hold_device(self, name: str, device_path: str, device_id: str) -> None:
         """Opens the export's device through its link and keeps it open, so that a later
-        flush sees every writeback error from now on (HeldDevices). Best effort: when it
-        cannot (the device is gone, no descriptors left), a flush opens it then."""
+        flush sees every writeback error from now on (HeldDevices); a dict lookup once
+        held. Best effort: when it cannot (the device is gone, no descriptors left), a
+        flush sees only errors nobody else was told of."""
         if self._held.holds(name, device_id):
-            return  # the reuse path: a dict lookup
+            return
         try:
-            self._held.hold(name, self._checked_link(name, device_path), device_id)
+            link = self._checked_link(name, device_path)
+            # Off the loop: opening a block device can block (a rescan, a hung path).
+            fd = await asyncio.to_thread(open_device, link, device_id)
         except FlushFailed as exc:
-            log.debug("Not holding the device of %s: %s", name, exc)
+            log.warning("Cannot hold the device of %s: %s", name, exc)
+            return
+        self._held.put(name, device_id, fd)
+
+    def let_go(self, name: str) -> None:
+        """Closes the descriptor held for a released export."""
+        self._held.drop(name)
 
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None:
-        """fsync()s the export's device, through the descriptor held since the export was
-        prepared (or opened now, through its link, so it is the device new connections
-        open), once the link is seen to point at `device_path` and open `device_id`.
-        Raises FlushFailed naming the errno."""
-        link = self.spec(name).link_path
+        """fsync()s the export's device: the descriptor held since the export was prepared,
+        then one opened now through its link (so it is the device new connections open),
+        once the link is seen to point at `device_path` and open `device_id`. Raises
+        FlushFailed naming the errno."""
         try:
-            fd = self._held.hold(name, self._checked_link(name, device_path), device_id)
+            try:
+                path = self._checked_link(name, device_path)
+            except FlushFailed:
+                if link_target(self.spec(name).link_path) is not None:
+                    raise  # it points at another device
+                # No link (half-removed): the device the mapping names is what was written.
+                path = Path(device_path)
+            held = self._held.dup(name, device_id)
             started = time.monotonic()
             try:
-                await in_daemon_thread(lambda: fsync_descriptor(fd, link))
+                await in_daemon_thread(lambda: fsync_device(path, device_id, held))
             finally:
                 self._metrics.flush_duration.observe(time.monotonic() - started)
         except FlushFailed:
             self._metrics.flushes.labels(result="failed").inc()
             raise
         self._metrics.flushes.labels(result="flushed").inc()
+
+    def device_present(self, device_path: str) -> bool:
+        return device_present(device_path)
 
     def _checked_link(self, name: str, device_path: str) -> Path:
         """The export's link, once it points at `device_path`. Raises FlushFailed."""
@@ -621,7 +643,6 @@ class NbdServer:
         if target != device_path:
             raise FlushFailed(
                 f"the link of {name} points at {target or 'nothing'}, not {device_path}: "
-                "nothing was flushed; reconciliation repairs the link",
-                device_gone=target is None,
+                "nothing was flushed; reconciliation repairs the link"
             )
         return link
