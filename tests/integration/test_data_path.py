@@ -244,6 +244,23 @@ async def test_flush_export_and_release_export_fsync_the_device(
     assert again["error"]["code"] == "export_not_found"
 
 
+async def flush_fails_and_stays_failed(
+    scheduler: Scheduler, key: dict[str, object], errno_name: str
+) -> None:
+    """flush-export fails naming `errno_name`, and the failure is kept: a second flush and
+    a release fail too (their own fsyncs would succeed: the kernel reports an error once)."""
+    failed = await scheduler.request({"type": "flush-export", "job_id": "flush-a", **key})
+    assert failed["status"] == "error", failed
+    assert failed["error"]["code"] == "flush_failed"
+    assert failed["error"]["errno"] == errno_name
+    again = await scheduler.request({"type": "flush-export", "job_id": "flush-b", **key})
+    assert again["error"]["code"] == "flush_failed"
+    assert "an earlier flush" in again["error"]["message"]
+    refused = await scheduler.request({"type": "release-export", "job_id": "release-a", **key})
+    assert refused["status"] == "error"
+    assert refused["error"]["code"] == "flush_failed"
+
+
 @contextlib.contextmanager
 def tmpfs(mount: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` mounted at `mount` (created) for the block; unmounted after."""
@@ -299,19 +316,10 @@ async def test_a_failed_fsync_is_an_error_that_no_later_flush_hides(
             assert copy.returncode == 0, copy.stderr
             key = {"vm_id": ready["vm_id"], "disk_unit_number": ready["disk_unit_number"]}
 
-            failed = await scheduler.request({"type": "flush-export", "job_id": "f-1", **key})
-            assert failed["status"] == "error", failed
-            assert failed["error"]["code"] == "flush_failed"
-            assert failed["error"]["errno"] == "EIO"
             # An fsync now would succeed (the kernel reports a writeback error once per
             # file), but the data is gone: neither a flush nor a release may say otherwise.
-            again = await scheduler.request({"type": "flush-export", "job_id": "f-2", **key})
-            assert again["error"]["code"] == "flush_failed"
-            assert "an earlier flush" in again["error"]["message"]
+            await flush_fails_and_stays_failed(scheduler, key, "EIO")
             release = {"type": "release-export", "job_id": "r-1", **key}
-            refused = await scheduler.request(release)
-            assert refused["status"] == "error"
-            assert refused["error"]["code"] == "flush_failed"
             rows = await execute_sql(
                 settings.database_url,
                 "SELECT status FROM vm_export_mappings WHERE export_name = %s",
@@ -409,15 +417,7 @@ async def test_a_fua_write_that_is_not_durable_fails_and_the_next_flush_fails_to
             finally:
                 os.close(fresh)
             key = {"vm_id": ready["vm_id"], "disk_unit_number": ready["disk_unit_number"]}
-            failed = await scheduler.request({"type": "flush-export", "job_id": "f-1", **key})
-            assert failed["status"] == "error", failed
-            assert failed["error"]["code"] == "flush_failed"
-            assert failed["error"]["errno"] == "EIO"
-            # And it is kept: neither a second flush nor a release says otherwise.
-            again = await scheduler.request({"type": "flush-export", "job_id": "f-2", **key})
-            assert again["error"]["code"] == "flush_failed"
-            release = await scheduler.request({"type": "release-export", "job_id": "r", **key})
-            assert release["error"]["code"] == "flush_failed"
+            await flush_fails_and_stays_failed(scheduler, key, "EIO")
             await scheduler.channel.close()
 
 
