@@ -110,6 +110,32 @@ async def test_nbdcopy_flush_over_several_connections_is_byte_exact(
     assert same_content(image, volume)
 
 
+async def test_nbdcopy_onto_a_used_block_device_is_byte_exact(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path, tmp_path: Path
+) -> None:
+    """A block device, as on an appliance: the server zeroes it with fallocate on the
+    device (blkdev_issue_zeroout), not on a file."""
+    backing = prefilled_volume(tmp_path / "backing.img")
+    image = image_with_long_zero_runs(tmp_path / "source.img")
+    with _loop_device_on(backing) as device:
+        block_settings = settings.model_copy(update={"device_roots": (disks_dir, Path("/dev"))})
+        async with running_worker(block_settings):
+            scheduler = await scheduler_for(amqp, block_settings)
+            reply = await prepare(scheduler, device)
+            copy = await run_tool(
+                "nbdcopy", "--flush", "--connections=4", str(image), nbd_uri(reply)
+            )
+            assert copy.returncode == 0, copy.stderr
+            assert same_content(image, device)
+            released = await scheduler.request(
+                {"type": "release-export", "job_id": "rel", "vm_id": reply["vm_id"],
+                 "disk_unit_number": reply["disk_unit_number"]}
+            )  # fmt: skip
+            assert released["flushed"] is True
+            await scheduler.channel.close()
+    assert same_content(image, backing)  # on the backing file: written back, not only cached
+
+
 async def test_qemu_img_convert_onto_a_used_volume_is_byte_exact(
     worker: RunningWorker, scheduler: Scheduler, disks_dir: Path, tmp_path: Path
 ) -> None:
@@ -283,19 +309,24 @@ def failing_block_device(root: Path) -> Iterator[tuple[Path, Path]]:
 
 @contextlib.contextmanager
 def _loop_device(mount: Path) -> Iterator[Path]:
-    device = None
+    backing = mount / "backing.img"
+    with backing.open("wb") as f:
+        f.truncate(64 * MIB)
+    with _loop_device_on(backing) as device:
+        yield device
+
+
+@contextlib.contextmanager
+def _loop_device_on(backing: Path) -> Iterator[Path]:
+    """A loop device over `backing`, detached on exit."""
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
     try:
-        backing = mount / "backing.img"
-        with backing.open("wb") as f:
-            f.truncate(64 * MIB)
-        device = subprocess.run(
-            ["losetup", "--find", "--show", str(backing)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
         yield Path(device)
     finally:
-        if device:
-            subprocess.run(["losetup", "-d", device], check=False)
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 async def test_a_failed_fsync_is_an_error_that_no_later_flush_hides(
