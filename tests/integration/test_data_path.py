@@ -25,7 +25,7 @@ from tests.conftest import (
     running_worker,
     scheduler_for,
 )
-from tests.nbd_harness import UNPATCHED_SERVER_BIN, NbdServerProcess
+from tests.nbd_harness import UNPATCHED_SERVER_BIN, NbdServerProcess, pid_running
 from tests.sql import execute_sql
 from tests.worker_process import env_for
 from worker.cli import serve
@@ -462,3 +462,31 @@ async def test_a_self_test_that_cannot_run_is_no_verdict(tmp_path: Path) -> None
         await run_self_test(str(fake), timeout_s=20)
     with pytest.raises(ServerUnavailable, match=r"did not start|could not run"):
         await run_self_test(str(tmp_path / "missing"), timeout_s=20)
+
+
+async def test_a_server_restarted_with_a_bad_binary_is_refused_reuse_included(
+    worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    """Vetted for each new main pid, not only at start-up: a server restarted with a binary
+    that loses writes gets no SIGHUP, and its exports are not handed out either."""
+    volume = disks_dir / "vol-served"
+    volume.write_bytes(bytes(MIB))
+    served = await prepare(scheduler, volume)
+    assert worker.sample("nbd_server_data_path_ok") == 1
+    nbd_server.stop()
+    bad = NbdServerProcess(nbd_server.root, binary=str(UNPATCHED_SERVER_BIN), port=nbd_server.port)
+    bad.start()  # the same config and snippets: the served export is loaded again
+    try:
+        reuse = await scheduler.request(job(vm_id=str(served["vm_id"]), device=volume))
+        assert reuse["status"] == "error", reuse
+        assert reuse["error"]["code"] == "nbd_server_unavailable"
+        assert "failed the data-path self-test" in reuse["error"]["message"]
+        other = disks_dir / "vol-new"
+        other.write_bytes(bytes(MIB))
+        create = await scheduler.request(job(device=other))
+        assert create["error"]["code"] == "nbd_server_unavailable"
+        assert bad.pid_file.read_text().strip() == str(bad.pid)  # never signalled
+        assert pid_running(bad.pid)
+        assert worker.sample("nbd_server_data_path_ok") == 0
+    finally:
+        bad.stop()
