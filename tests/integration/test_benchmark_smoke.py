@@ -15,15 +15,21 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
+def run_small(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE --small --out OUT`, which must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--small", "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--small", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
+    proc = run_small("bench", tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
     sections = {row["section"] for row in rows}
@@ -65,14 +71,7 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
 
 
 def test_small_copy_benchmark_measures_both_copies_byte_exact(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.copy", "--small", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_small("bench.copy", tmp_path)
     results = json.loads((tmp_path / "copy.json").read_text())
     assert len(results["direct_s"]) == len(results["export_s"]) == 1
     assert results["identical"] == [True, True]

@@ -91,12 +91,21 @@ async def run_tool(*argv: str, timeout_s: float = 120) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
+async def used_volume_export(
+    scheduler: Scheduler, volume: Path, tmp_path: Path
+) -> tuple[Path, dict[str, object]]:
+    """`volume` full of other data, served by a worker-made export, and a source image with
+    long zero runs: what a retried copy meets."""
+    prefilled_volume(volume)
+    image = image_with_long_zero_runs(tmp_path / "source.img")
+    return image, await prepare(scheduler, volume)
+
+
 async def test_nbdcopy_flush_over_several_connections_is_byte_exact(
     worker: RunningWorker, scheduler: Scheduler, disks_dir: Path, tmp_path: Path
 ) -> None:
-    volume = prefilled_volume(disks_dir / "vol-nbdcopy")
-    image = image_with_long_zero_runs(tmp_path / "source.img")
-    reply = await prepare(scheduler, volume)
+    volume = disks_dir / "vol-nbdcopy"
+    image, reply = await used_volume_export(scheduler, volume, tmp_path)
 
     info = await run_tool("nbdinfo", "--json", nbd_uri(reply))
     assert info.returncode == 0, info.stderr
@@ -139,9 +148,8 @@ async def test_nbdcopy_onto_a_used_block_device_is_byte_exact(
 async def test_qemu_img_convert_onto_a_used_volume_is_byte_exact(
     worker: RunningWorker, scheduler: Scheduler, disks_dir: Path, tmp_path: Path
 ) -> None:
-    volume = prefilled_volume(disks_dir / "vol-qemu")
-    image = image_with_long_zero_runs(tmp_path / "source.img")
-    reply = await prepare(scheduler, volume)
+    volume = disks_dir / "vol-qemu"
+    image, reply = await used_volume_export(scheduler, volume, tmp_path)
     # -n: the target exists (the volume); qemu-img then writes the zero runs as well.
     copy = await run_tool(
         "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd_uri(reply)
