@@ -367,15 +367,12 @@ def evaluate_targets(results: Results, *, burst_size: int, small: bool) -> list[
 
 
 def gains(results: Results) -> list[list[str]]:
-    """Ours against the baseline (the original algorithm) and the nbd-client probe."""
+    """Ours against the baseline (the original algorithm)."""
     rows: list[list[str]] = []
     ours_reuse = next((r for r in results.find("reuse") if r.concurrency == 16), None)
     ours_burst = next(iter(results.find("create", "burst")), None)
-    ours_single = next(iter(results.find("create", "single")), None)
     base_reuse = next(iter(results.find("baseline", "reuse")), None)
     base_burst = next(iter(results.find("baseline", "burst")), None)
-    probe_reuse = next(iter(results.find("probe nbd-client", "reuse")), None)
-    probe_single = next(iter(results.find("probe nbd-client", "single")), None)
 
     def throughput(name: str, ours: Row | None, other: Row | None, label: str) -> None:
         if ours is None or other is None or other.jobs_per_s <= 0:
@@ -403,21 +400,6 @@ def gains(results: Results) -> list[list[str]]:
         )
     else:
         rows.append(["burst of creates", "-", "baseline: not available", "-"])
-    throughput("reuse, concurrency 16", ours_reuse, probe_reuse, "nbd-client probe")
-    if (
-        ours_single is not None
-        and probe_single is not None
-        and ours_single.p50_ms
-        and probe_single.p50_ms is not None
-    ):
-        rows.append(
-            [
-                "single create p50",
-                f"{ours_single.p50_ms:.1f} ms (native probe)",
-                f"nbd-client probe: {probe_single.p50_ms:.1f} ms",
-                f"{probe_single.p50_ms / ours_single.p50_ms:.1f}x faster",
-            ]
-        )
     return rows
 
 

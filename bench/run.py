@@ -6,8 +6,8 @@
 2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64); then floor and
             reuse at concurrency 16 alternated a few times ("paired");
 3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
-   probe    the same single creates and reuse with EXPORT_WORKER_PROBE=nbd-client;
-5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true;
+5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true (the
+            original system lists exports: its server alone runs with allowlist = true);
 4. scale    single creates with 2,000 and 5,000 exports on the server;
 6. the peak RSS of every worker process.
 
@@ -363,29 +363,6 @@ class Bench:
         finally:
             await self._stop_worker(proc, port, info)
 
-    async def probe_nbd_client(self) -> None:
-        plan = self.plan
-        proc, port, info = await self._worker(
-            "nbd-client-probe",
-            "EXPORT_WORKER_PROBE=nbd-client",
-            {"EXPORT_WORKER_PROBE": "nbd-client"},
-        )
-        try:
-            queue = self.stack.request_queue
-            await self._warm_up(queue)
-            jobs = self._reuse_jobs(plan.reuse_jobs, "probe-reuse", seed=216)
-            await self._closed(
-                queue,
-                jobs,
-                16,
-                "probe nbd-client",
-                f"reuse, {plan.reuse_jobs} jobs over {len(self.pairs)} mappings",
-                REUSED,
-            )
-            await self._single_creates(plan.single_creates, "probe nbd-client")
-        finally:
-            await self._stop_worker(proc, port, info)
-
     async def baseline(self) -> None:
         plan = self.plan
         extra = {"EXPORT_WORKER_BASELINE": "true"}
@@ -398,6 +375,9 @@ class Bench:
             self.results.notes.append(note)
             progress(note)
             return
+        # The original system verifies with `nbd-client -l`: only a server that lists
+        # exports to everyone serves it (ours runs with allowlist = false).
+        await self.stack.restart_server(allowlist=True)
         try:
             proc, port, info = await self._worker("baseline", "EXPORT_WORKER_BASELINE=true", extra)
         except StartFailed as exc:
@@ -420,6 +400,7 @@ class Bench:
             await self._burst(plan.burst, "baseline", port)
         finally:
             await self._stop_worker(proc, port, info)
+            await self.stack.restart_server(allowlist=False)
 
     async def scale(self) -> None:
         plan = self.plan
@@ -518,8 +499,6 @@ async def run(args: argparse.Namespace, command: str, stack: Stack) -> int:
         progress("2. reuse and 3. create")
         await stack.start_server()
         await _section(results, "reuse and create", bench.reuse_and_create)
-        progress("3b. create and reuse with the nbd-client probe")
-        await _section(results, "probe nbd-client", bench.probe_nbd_client)
         progress("5. baseline")
         await _section(results, "baseline", bench.baseline)
         progress("4. scale")

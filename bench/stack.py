@@ -29,8 +29,17 @@ from pydantic import AnyUrl
 from tests.nbd_harness import NbdServerProcess, free_port
 from tests.sql import execute_sql
 from worker.devices import DevicePolicy
+from worker.mappings import stored_addresses
 from worker.messages import export_name
-from worker.nbd.files import SNIPPET_SUFFIX, ExportSpec, point_link, write_snippet
+from worker.nbd.files import (
+    SNIPPET_SUFFIX,
+    ExportSpec,
+    authfile_path,
+    point_link,
+    render_authfile,
+    write_authfile,
+    write_snippet,
+)
 from worker.repository import migrate
 
 log = logging.getLogger("bench")
@@ -40,6 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DISK_SIZE = 1024 * 1024
 #: Rows per INSERT when pre-populating mappings.
 INSERT_CHUNK = 500
+#: Who may connect to the prepopulated exports: the worker's default.
+CLIENT_ADDRESSES = ("127.0.0.1", "::1")
 
 
 class StartFailed(Exception):
@@ -181,6 +192,7 @@ class Stack:
         self.exchange = f"bench.{token}.exports"
         self.disks_dir = root / "disks"
         self.link_dir = root / "links"
+        self.auth_dir = root / "auth"
         self.nbd = NbdServerProcess(root / "nbd")
         self.connection: AbstractConnection | None = None
         self.processes: list[ManagedProcess] = []
@@ -193,7 +205,7 @@ class Stack:
     async def setup(self) -> None:
         """Directories, the database (migrated) and the broker connection; the nbd-server is
         started separately, once its snippets are written."""
-        for directory in (self.disks_dir, self.link_dir, self.nbd.root):
+        for directory in (self.disks_dir, self.link_dir, self.auth_dir, self.nbd.root):
             directory.mkdir(parents=True, exist_ok=True)
         self.nbd.write_base_config()
         self._database_created = True
@@ -291,13 +303,21 @@ class Stack:
         (re)started; the worker must not be running."""
         pairs = [self.new_pair() for _ in range(count)]
         policy = DevicePolicy((self.disks_dir,), allow_regular_files=True)
-        conf_dir, link_dir = self.nbd.conf_dir, self.link_dir
+        conf_dir, link_dir, auth_dir = self.nbd.conf_dir, self.link_dir, self.auth_dir
 
         def write_files() -> list[dict[str, Any]]:
             rows = []
             for pair in pairs:
                 device = policy.check(pair.device_path)
-                spec = ExportSpec(name=pair.export_name, link_path=link_dir / pair.export_name)
+                spec = ExportSpec(
+                    name=pair.export_name,
+                    link_path=link_dir / pair.export_name,
+                    authfile=authfile_path(auth_dir, pair.export_name),
+                )
+                assert spec.authfile is not None
+                # Loopback clients, and the worker's probes (from 127.0.0.1).
+                admitted = [*CLIENT_ADDRESSES, "127.0.0.1"]
+                write_authfile(spec.authfile, render_authfile(pair.export_name, admitted))
                 point_link(spec.link_path, pair.device_path)
                 write_snippet(conf_dir, spec)
                 rows.append(
@@ -310,6 +330,7 @@ class Stack:
                         "device_path": pair.device_path,
                         "device_id": device.device_id,
                         "status": "active",
+                        "client_addresses": stored_addresses(CLIENT_ADDRESSES),
                     }
                 )
             return rows
@@ -343,8 +364,12 @@ class Stack:
     async def stop_server(self) -> None:
         await asyncio.to_thread(self.nbd.stop)
 
-    async def restart_server(self) -> int:
+    async def restart_server(self, *, allowlist: bool | None = None) -> int:
+        """Restarts nbd-server (with `allowlist` changed, if given: read at start-up only)."""
         await asyncio.to_thread(self.nbd.stop)
+        if allowlist is not None and allowlist != self.nbd.allowlist:
+            self.nbd.allowlist = allowlist
+            self.nbd.write_base_config()
         return await self.start_server()
 
     # --- worker and floor processes -------------------------------------------------------
@@ -366,6 +391,7 @@ class Stack:
                 "EXPORT_WORKER_NBD_HOST": "127.0.0.1",
                 "EXPORT_WORKER_NBD_PORT": str(self.nbd.port),
                 "EXPORT_WORKER_LINK_DIR": str(self.link_dir),
+                "EXPORT_WORKER_AUTH_DIR": str(self.auth_dir),
                 "EXPORT_WORKER_DEVICE_ROOTS": str(self.disks_dir),
                 "EXPORT_WORKER_ALLOW_REGULAR_FILES": "true",
                 "EXPORT_WORKER_METRICS_PORT": str(metrics_port),

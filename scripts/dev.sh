@@ -9,16 +9,17 @@ bash scripts/bootstrap.sh
 
 DEV="$ROOT/.dev"
 PORT=${DEV_NBD_PORT:-10809}
-mkdir -p "$DEV/conf.d" "$DEV/links" "$DEV/disks"
+mkdir -p "$DEV/conf.d" "$DEV/links" "$DEV/auth" "$DEV/disks"
 for disk in disk-a disk-b disk-c; do
   [ -f "$DEV/disks/$disk" ] || truncate -s 1G "$DEV/disks/$disk"
 done
 truncate -s 1M "$DEV/placeholder.img"
-# allowlist: the worker lists exports to verify them; includedir: where it writes snippets
-# (absolute: the daemon chdirs to /); a placeholder, since a server with no export won't start.
+# allowlist = false: the server lists its exports (the VM disks it serves) to nobody; the
+# worker asks for each by name. includedir: where it writes snippets (absolute: the daemon
+# chdirs to /); a placeholder, since a server with no export won't start.
 cat >"$DEV/config" <<CONF
 [generic]
-    allowlist = true
+    allowlist = false
     includedir = $DEV/conf.d
     port = $PORT
     listenaddr = 127.0.0.1
@@ -32,6 +33,7 @@ export EXPORT_WORKER_NBD_CONF_DIR=${EXPORT_WORKER_NBD_CONF_DIR:-$DEV/conf.d}
 export EXPORT_WORKER_NBD_PID_FILE=${EXPORT_WORKER_NBD_PID_FILE:-$DEV/nbd-server.pid}
 export EXPORT_WORKER_NBD_PORT=${EXPORT_WORKER_NBD_PORT:-$PORT}
 export EXPORT_WORKER_LINK_DIR=${EXPORT_WORKER_LINK_DIR:-$DEV/links}
+export EXPORT_WORKER_AUTH_DIR=${EXPORT_WORKER_AUTH_DIR:-$DEV/auth}
 export EXPORT_WORKER_DEVICE_ROOTS=${EXPORT_WORKER_DEVICE_ROOTS:-$DEV/disks}
 export EXPORT_WORKER_ALLOW_REGULAR_FILES=${EXPORT_WORKER_ALLOW_REGULAR_FILES:-true}
 

@@ -58,8 +58,11 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture
-def nbd_server(tmp_path: Path) -> Iterator[NbdServerProcess]:
-    with NbdServerProcess.running(tmp_path / "nbd") as server:
+def nbd_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NbdServerProcess]:
+    """allowlist = false, as deployed; parametrize indirectly with True for a server that
+    lists its exports (everything must work with either)."""
+    allowlist = bool(getattr(request, "param", False))
+    with NbdServerProcess.running(tmp_path / "nbd", allowlist=allowlist) as server:
         yield server
 
 
@@ -121,11 +124,10 @@ async def settings(
         nbd_host="127.0.0.1",
         nbd_port=nbd_server.port,
         link_dir=tmp_path / "links",
+        auth_dir=tmp_path / "auth",
         device_roots=(disks_dir,),
         allow_regular_files=True,
         metrics_port=0,
-        # Parametrize a test with `settings` indirectly to run it with either probe.
-        probe=getattr(request, "param", "nbd-client"),
         prefetch=32,
         shutdown_grace_s=10,
         # Transient failures: two tries per delivery, two deliveries, short backoff.

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from worker.devices import Device
 from worker.errors import DeviceInUse, FlushFailed, TransientDatabaseError
-from worker.mappings import JobRecord, Mapping
+from worker.mappings import CommittedExport, JobRecord, Mapping
 from worker.messages import PrepareExport
 
 
@@ -38,11 +38,22 @@ class InMemoryMappings:
                 return row
         return None
 
-    async def committed_device(self, export_name: str) -> str | None:
+    async def committed_export(self, export_name: str) -> CommittedExport | None:
         for row in self.rows.values():
             if row.is_active and row.export_name == export_name:
-                return row.device_path
+                return CommittedExport(
+                    device_path=row.device_path, client_addresses=row.client_addresses
+                )
         return None
+
+    async def set_client_addresses(
+        self, vm_id: str, disk_unit_number: int, client_addresses: str
+    ) -> None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is not None and row.is_active:
+            self.rows[(vm_id, disk_unit_number)] = row.model_copy(
+                update={"client_addresses": client_addresses}
+            )
 
     async def deactivate(
         self, vm_id: str, disk_unit_number: int, job_id: str, *, flushed: bool
@@ -80,7 +91,9 @@ class InMemoryMappings:
         self.rows[key] = mapping
         return True
 
-    async def claim(self, request: PrepareExport, device: Device, action: str) -> None:
+    async def claim(
+        self, request: PrepareExport, device: Device, action: str, client_addresses: str
+    ) -> None:
         key = (request.vm_id, request.disk_unit_number)
         device_id = device.device_id
         holder = await self.find_active_by_device(device_id)
@@ -103,6 +116,7 @@ class InMemoryMappings:
             last_job_id=request.job_id,
             last_action=action,
             flush_error=None,  # a claim starts a new copy, as the SQL UPDATE does
+            client_addresses=client_addresses,
         )
         self.claims += 1
 
@@ -131,6 +145,34 @@ class FakeExportServer:
         self.flush_errors: list[str] = []
         self.held: dict[str, str] = {}
         self.detached: set[str] = set()
+        #: name -> the addresses its authfile admits (None: nobody, released).
+        self.authfiles: dict[str, tuple[str, ...] | None] = {}
+        self.authfile_writes = 0
+
+    def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool:
+        return self.authfiles.get(name) == client_addresses
+
+    async def _write_authfile(
+        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
+    ) -> CommittedExport | None:
+        found = await committed(name)
+        admitted = None
+        if found is not None:
+            admitted = tuple((found.client_addresses or "127.0.0.1,::1").split(","))
+        if self.authfiles.get(name, ()) != admitted:
+            self.authfiles[name] = admitted
+            self.authfile_writes += 1
+        return found
+
+    async def align_export(
+        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
+    ) -> bool:
+        found = await self._write_authfile(name, committed)
+        if found is None:
+            self.links.pop(name, None)
+        else:
+            self.links[name] = found.device_path
+        return True
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         live = name in self.listed and self.links.get(name) == device_path
@@ -138,7 +180,10 @@ class FakeExportServer:
         return live
 
     async def ensure_export(
-        self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
+        self,
+        name: str,
+        device_path: str,
+        committed: Callable[[str], Awaitable[CommittedExport | None]],
     ) -> FakeEnsured:
         self.ensure_calls += 1
         await asyncio.sleep(self.delay_s)
@@ -146,7 +191,8 @@ class FakeExportServer:
             await self.ensure_hook(name)
         if self.fail_with is not None:
             raise self.fail_with
-        target = await committed(name) or device_path
+        found = await self._write_authfile(name, committed)
+        target = found.device_path if found is not None else device_path
         changed = self.links.get(name) != target
         self.links[name] = target
         if name in self.listed:
@@ -155,15 +201,13 @@ class FakeExportServer:
         self.listed.add(name)
         return FakeEnsured(sighup_sent=True, changed=True)
 
-    async def point_export(self, name: str, device_path: str) -> None:
-        self.links[name] = device_path
-
     async def remove_export(
-        self, name: str, committed: Callable[[str], Awaitable[str | None]]
+        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
     ) -> bool:
         if await committed(name) is not None:
             return False
         await asyncio.sleep(self.delay_s)
+        await self._write_authfile(name, committed)
         self.links.pop(name, None)
         return True
 

@@ -72,6 +72,8 @@ class NbdServerProcess:
     binary: str = field(default_factory=server_binary)
     port: int = field(default_factory=free_port)
     pid: int = 0
+    #: As the worker's deployments run it: nobody may list the exports.
+    allowlist: bool = False
 
     @property
     def config_file(self) -> Path:
@@ -94,11 +96,11 @@ class NbdServerProcess:
         placeholder = self.root / "placeholder.img"
         placeholder.touch()
         os.truncate(placeholder, 1024 * 1024)
-        # allowlist lets `nbd-client -l` list; a server with no export refuses to start,
-        # hence the placeholder (nbd-server-facts.md). Absolute paths only.
+        # A server with no export refuses to start, hence the placeholder
+        # (nbd-server-facts.md). Absolute paths only.
         self.config_file.write_text(
             "[generic]\n"
-            "    allowlist = true\n"
+            f"    allowlist = {'true' if self.allowlist else 'false'}\n"
             f"    includedir = {self.conf_dir}\n"
             f"    port = {self.port}\n"
             "    listenaddr = 127.0.0.1\n"
@@ -132,9 +134,13 @@ class NbdServerProcess:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, root: Path, binary: str | None = None) -> Iterator[NbdServerProcess]:
+    def running(
+        cls, root: Path, binary: str | None = None, *, allowlist: bool = False
+    ) -> Iterator[NbdServerProcess]:
         """A started server under `root` (created), stopped by its pid on exit."""
-        server = cls(root) if binary is None else cls(root, binary=binary)
+        server = cls(root, allowlist=allowlist)
+        if binary is not None:
+            server.binary = binary
         root.mkdir()
         server.start()
         try:
@@ -142,7 +148,13 @@ class NbdServerProcess:
         finally:
             server.stop()
 
+    def knows(self, name: str) -> bool:
+        """Whether the server has the export `name` (loaded, maybe refusing us): what
+        NBD_OPT_GO answers, which needs no listing."""
+        return go_reply(self.port, name) != REP_ERR_UNKNOWN
+
     def listed(self) -> list[str]:
+        """`nbd-client -l` (the server must run with allowlist = true)."""
         out = subprocess.run(
             ["nbd-client", "-l", "127.0.0.1", str(self.port)],
             check=True,
@@ -163,6 +175,8 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 OPT_GO = 7
 REP_ACK = 1
 REP_INFO = 3
+REP_ERR_POLICY = 0x80000002
+REP_ERR_UNKNOWN = 0x80000006
 CMD_READ = 0
 CMD_DISC = 2
 
@@ -171,11 +185,31 @@ class NbdError(Exception):
     pass
 
 
-class NbdConnection:
-    """Opens one export with NBD_OPT_GO and reads from it, like the copy tool would."""
+def go_reply(port: int, name: str, *, source: str | None = None) -> int:
+    """The reply type NBD_OPT_GO gets for `name` (REP_ACK when it opened), from `source`."""
+    try:
+        with NbdConnection(port, name, source=source):
+            return REP_ACK
+    except NbdRefused as exc:
+        return exc.reply_type
 
-    def __init__(self, port: int, name: str, *, timeout_s: float = 10.0) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+
+class NbdRefused(NbdError):
+    def __init__(self, reply_type: int, message: str) -> None:
+        super().__init__(f"GO refused: type {reply_type:#x} {message}")
+        self.reply_type = reply_type
+
+
+class NbdConnection:
+    """Opens one export with NBD_OPT_GO and reads from it, like the copy tool would, from
+    the local address `source` if given (another loopback address: another client)."""
+
+    def __init__(
+        self, port: int, name: str, *, timeout_s: float = 10.0, source: str | None = None
+    ) -> None:
+        self._sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout_s, source_address=(source, 0) if source else None
+        )
         self._handle = 0
         self.size = self._go(name)
 
@@ -205,9 +239,8 @@ class NbdConnection:
             if magic != REPLY_MAGIC:
                 raise NbdError("bad option reply magic")
             if rtype & 0x80000000:
-                raise NbdError(
-                    f"GO refused: type {rtype:#x} {payload[4:].decode(errors='replace')}"
-                )
+                self._sock.close()
+                raise NbdRefused(rtype, payload.decode(errors="replace"))
             if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 0:
                 size = struct.unpack(">Q", payload[2:10])[0]
             if rtype == REP_ACK:

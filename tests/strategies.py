@@ -49,6 +49,37 @@ FIELD_VALUES = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 
+#: Client addresses: real ones (any spelling), networks, and what must never reach a file.
+ADDRESS_TEXT = st.one_of(
+    st.ip_addresses().map(str),
+    st.ip_addresses().map(lambda a: a.exploded),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses().map(str), st.integers(-1, 130)),
+    st.sampled_from(
+        [
+            "127.0.0.1\n0.0.0.0/0",
+            "10.0.0.1 #",
+            "[::1]",
+            "fe80::1%eth0",
+            "localhost",
+            "0x7f.1",
+            "127.1",
+            "::1/",
+            "/8",
+            "1.2.3.4/08",
+            " 10.0.0.1",
+            "::ffff:0:0/96",
+            "0.0.0.0/0",
+        ]
+    ),
+    NASTY_TEXT,
+)
+CLIENT_ADDRESSES = st.one_of(
+    st.lists(ADDRESS_TEXT, min_size=0, max_size=20),
+    st.lists(st.one_of(ADDRESS_TEXT, st.integers(), st.none(), st.lists(st.text())), max_size=4),
+    FIELD_VALUES,
+)
+
 FIELDS = [
     "type",
     "job_id",
@@ -57,6 +88,7 @@ FIELDS = [
     "disk_unit_number",
     "device_path",
     "volume_id",
+    "client_addresses",
 ]
 
 
@@ -71,7 +103,9 @@ def request_dicts(draw: st.DrawFn) -> dict[str, Any]:
         "device_path": "/dev/vdb",
     }
     for field in draw(st.lists(st.sampled_from(FIELDS), max_size=4, unique=True)):
-        if draw(st.booleans()):
+        if field == "client_addresses":
+            base[field] = draw(CLIENT_ADDRESSES)
+        elif draw(st.booleans()):
             base[field] = draw(FIELD_VALUES)
         else:
             base.pop(field, None)

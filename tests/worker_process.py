@@ -17,7 +17,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     for key, value in settings.model_dump(mode="json").items():
         if value is None:
             continue  # unset: the default
-        if key == "device_roots":
+        if key in ("device_roots", "client_addresses"):
             value = ",".join(value)
         env[f"EXPORT_WORKER_{key.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import configparser
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import resource
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ import aio_pika
 from pydantic import ValidationError
 
 from worker import faults
+from worker.access import all_loopback
 from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
 from worker.dead_letters import list_dead_letters, replay_dead_letters
@@ -93,8 +95,11 @@ async def _housekeeping(
         except WorkerError as exc:
             log.warning("Housekeeping failed: %s", exc)
         try:
-            metrics.active_mappings.set(await repository.count_active())
-            metrics.exports_live.set(len(await server.listed_exports()))
+            active = await repository.list_mappings(active_only=True)
+            metrics.active_mappings.set(len(active))
+            # Names the server knows are remembered per pid: only new ones are asked.
+            known = await server.known_names(m.export_name for m in active)
+            metrics.exports_live.set(len(known))
         except WorkerError as exc:
             log.warning("Housekeeping failed: %s", exc)
         try:
@@ -118,8 +123,8 @@ async def _reconcile_and_record(
 
 
 class Readiness:
-    """/readyz: broker consuming, database answering, nbd-server verified, listing, and its
-    binary passed the data-path self-test.
+    """/readyz: broker consuming, database answering, nbd-server verified and answering
+    NBD_OPT_GO, and its binary passed the data-path self-test.
 
     Results are kept for a couple of seconds: the endpoint is unauthenticated, and each
     fresh check costs the server a connection (and a forked child).
@@ -165,7 +170,7 @@ class Readiness:
                 await self._server.process.vet_running()
             except UnsafeServer as exc:
                 checks["nbd_data_path"] = str(exc)
-            await self._server.listed_exports()
+            await self._server.ping()
             checks["nbd_server"] = None
         except WorkerError as exc:
             checks["nbd_server"] = str(exc)
@@ -212,6 +217,7 @@ async def serve(
     # Created traversable by nbd-server and writable by the worker only (the links choose
     # devices); an existing directory keeps the mode its installer gave it.
     settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    settings.auth_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     repository = await Repository.connect(
         settings.database_url,
         node_id=settings.node_id,
@@ -344,46 +350,81 @@ def _offers(flags: dict[str, bool] | None) -> str:
     return ",".join(offered) or "none"
 
 
+def _access(row: dict[str, Any]) -> str:
+    """Who may connect, for the status table."""
+    if row["protected"] is False:
+        return "UNPROTECTED"
+    if row["authfile"] not in (None, "ok"):
+        return f"authfile {row['authfile']}"
+    if row["status"] != "active":
+        return "nobody"
+    return ",".join(row["client_addresses"] or []) or "-"
+
+
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    """Mappings with their live state. Only this node's server can be probed: rows of other
-    nodes (--node, --all-nodes) show the database's view, with listed/servable unknown."""
+    """Mappings with their live state; exit 1 when this node's nbd-server does not answer
+    (the health check `nbd-client -l` was, without listing anything to anyone). Only this
+    node's server can be probed: rows of other nodes (--node, --all-nodes) show the
+    database's view, with known/servable unknown."""
     async with _adapters(settings) as (repository, server):
         mappings = await repository.list_mappings(
             active_only=not args.all, node_id=args.node, all_nodes=args.all_nodes
         )
-        listed: frozenset[str] | None = None
-        probe_failed = False
-        if any(m.node_id == settings.node_id for m in mappings):
+        answering = True
+        try:
+            await server.ping()
+        except ServerUnavailable as exc:
+            print(f"warning: nbd-server does not answer: {exc}", file=sys.stderr)
+            answering = False
+        local = [m for m in mappings if m.node_id == settings.node_id]
+        known = await server.known_names(m.export_name for m in local) if answering else set()
+        doors: dict[str, tuple[str, ...] | None] = {}
+        for m in local:
             try:
-                listed = await server.listed_exports()
-            except ServerUnavailable as exc:
-                print(f"warning: cannot list exports: {exc}", file=sys.stderr)
-                probe_failed = True
+                doors[m.export_name] = (
+                    m.admitted(settings.client_addresses) if m.is_active else None
+                )
+            except ValueError:
+                doors[m.export_name] = ()  # a corrupt column: shown as a wrong authfile
+        live = [m.export_name for m in local if m.is_active and m.export_name in known]
+        infos = dict(
+            zip(live, await asyncio.gather(*(server.servable(n) for n in live)), strict=True)
+        )
+        protected = await server.unprotected(
+            {n: doors[n] or () for n, info in infos.items() if info is not None}
+        )
         rows: list[dict[str, Any]] = []
         for m in mappings:
-            local = m.node_id == settings.node_id
-            is_listed = listed is not None and m.export_name in listed
-            info = await server.servable(m.export_name) if local and is_listed else None
+            here = m.node_id == settings.node_id
+            probed = here and answering
+            name = m.export_name
+            info = infos.get(name)
+            verdict = protected.get(name)
             rows.append(
                 {
                     "node_id": m.node_id,
-                    "export_name": m.export_name,
+                    "export_name": name,
                     "vm_id": m.vm_id,
                     "disk_unit_number": m.disk_unit_number,
                     "vm_name": m.vm_name,
                     "status": m.status,
                     "device_path": m.device_path,
-                    "device_present": device_present(m.device_path) if local else None,
-                    "link_target": link_target(server.spec(m.export_name).link_path)
-                    if local
-                    else None,
-                    "listed": is_listed if local and listed is not None else None,
-                    "servable": info is not None if local and listed is not None else None,
+                    "device_present": device_present(m.device_path) if here else None,
+                    "link_target": link_target(server.spec(name).link_path) if here else None,
+                    # Known: the server has the name (loaded; released ones until a restart).
+                    "known": name in known if probed else None,
+                    "servable": info is not None if probed and m.is_active else None,
                     "size_bytes": info.size if info else None,
                     # As the server advertises them (NBD_OPT_GO): an export loaded before
                     # its snippet had the data-path options keeps its old ones until a
                     # restart.
                     "data_path": info.flags.as_dict() if info else None,
+                    "client_addresses": list(doors[name] or []) if name in doors else None,
+                    "authfile": server.authfile_state(name, doors[name]).value
+                    if name in doors
+                    else None,
+                    # False: it admits everyone (loaded before it had an authfile).
+                    "protected": None if verdict is None else not verdict,
                     "flush_error": m.flush_error,
                     "updated_at": m.updated_at.isoformat() if m.updated_at else None,
                 }
@@ -393,19 +434,20 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
     elif rows:
         for row in rows:
             row["offers"] = _offers(row["data_path"])
+            row["access"] = _access(row)
         columns = ["export_name", "status", "device_path", "device_present", "link_target"]
-        columns += ["listed", "servable", "offers"]
+        columns += ["known", "servable", "offers", "access"]
         if args.node or args.all_nodes:
             columns.insert(0, "node_id")
         print(_table(rows, columns))
     else:
         print("no mappings")
-    return EXIT_FAILURE if probe_failed else EXIT_OK
+    return EXIT_OK if answering else EXIT_FAILURE
 
 
 async def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     async with _adapters(settings) as (repository, server):
-        report = await reconcile(repository, server, dry_run=args.dry_run)
+        report = await reconcile(repository, server, dry_run=args.dry_run, thorough=True)
     print("\n".join(report.lines()))
     return EXIT_OK
 
@@ -471,6 +513,7 @@ def _flow(
         nbd_host=settings.advertised_host,
         nbd_port=settings.nbd_port,
         node_id=settings.node_id,
+        client_addresses=settings.client_addresses,
     )
 
 
@@ -497,20 +540,13 @@ async def _check(settings: Settings) -> int:
         results.append(("nbd-server data path (self-test of its binary)", problem))
     except WorkerError as exc:
         results.append(("nbd-server main process, version and data path", str(exc)))
+    warnings: list[tuple[str, str]] = []
+    generic: Mapping[str, str] = {}
     try:
         config = _read_server_config(settings.nbd_config_file)
-        generic = config["generic"] if config.has_section("generic") else {}
-        allowlist = str(generic.get("allowlist", "false")).strip().lower()
+        if config.has_section("generic"):
+            generic = config["generic"]
         includedir = str(generic.get("includedir", "")).strip()
-        results.append(
-            (
-                "config: allowlist = true",
-                None
-                if allowlist in ("true", "1")
-                else f"{settings.nbd_config_file} [generic] allowlist is {allowlist!r}: the worker "
-                "cannot list exports",
-            )
-        )
         results.append(
             (
                 "config: includedir is EXPORT_WORKER_NBD_CONF_DIR",
@@ -524,14 +560,29 @@ async def _check(settings: Settings) -> int:
     for label, directory in (
         ("includedir", settings.nbd_conf_dir),
         ("link directory", settings.link_dir),
+        ("authfile directory", settings.auth_dir),
     ):
         ok = directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
         results.append((f"{label} {directory} writable", None if ok else "missing or not writable"))
     try:
-        await server.listed_exports()
-        results.append((f"listing exports at {settings.nbd_host}:{settings.nbd_port}", None))
+        await server.ping()
+        route = server.route()
+        results.append(
+            (
+                f"nbd-server answers at {settings.nbd_host}:{settings.nbd_port} "
+                f"(probes from {route.source})",
+                None,
+            )
+        )
     except WorkerError as exc:
-        results.append(("listing exports", str(exc)))
+        results.append(("nbd-server answers NBD_OPT_GO", str(exc)))
+    mapped: list[str] = []
+    try:
+        access, mapped = await _access_results(settings, server)
+        results += access
+    except WorkerError as exc:
+        results.append(("every export's authfile in place, readable and right", str(exc)))
+    warnings += _exposure_warnings(settings, generic, mapped)
     for url in settings.amqp_urls:  # each node of a cluster, named without its password
         try:
             connection = await aio_pika.connect(url, timeout=settings.db_connect_timeout_s)
@@ -558,7 +609,80 @@ async def _check(settings: Settings) -> int:
         print(
             f"{'ok  ' if problem is None else 'FAIL'} {label}" + (f": {problem}" if problem else "")
         )
+    for label, problem in warnings:
+        print(f"warn {label}: {problem}")
     return EXIT_OK if all(problem is None for _, problem in results) else EXIT_FAILURE
+
+
+def _exposure_warnings(
+    settings: Settings, generic: Mapping[str, str], mapped: Sequence[str]
+) -> list[tuple[str, str]]:
+    """Settings that expose exports to more of the network than their clients need, or
+    that leave remote clients unable to connect (warnings: either may be meant). `mapped`:
+    the client addresses active exports admit."""
+    found = []
+    if str(generic.get("allowlist", "false")).strip().lower() in ("true", "1"):
+        found.append(
+            (
+                "config: allowlist = true",
+                "the server lists every export (so every VM disk it serves) to anyone who can "
+                "connect; the worker does not need it",
+            )
+        )
+    listenaddr = str(generic.get("listenaddr", "")).strip()
+    if not listenaddr and all_loopback([*settings.client_addresses, *mapped]):
+        found.append(
+            (
+                "config: no listenaddr",
+                "nbd-server listens on every address, but every client address is loopback: "
+                "set listenaddr = 127.0.0.1 in [generic]",
+            )
+        )
+    advertised = settings.advertised_host
+    remote = sorted({a for a in [*settings.client_addresses, *mapped] if not all_loopback([a])})
+    with contextlib.suppress(ValueError):
+        if remote and ipaddress.ip_address(advertised).is_loopback:
+            found.append(
+                (
+                    "EXPORT_WORKER_NBD_ADVERTISE_HOST",
+                    f"replies tell clients to connect to {advertised} (loopback), but client "
+                    f"addresses {', '.join(remote)} are not on this machine",
+                )
+            )
+    return found
+
+
+async def _access_results(
+    settings: Settings, server: NbdServer
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Every export's authfile in place and right, and no export that ignores its own; and
+    the client addresses of active exports that are not loopback."""
+    async with _adapters(settings) as (repository, _):
+        report = await reconcile(repository, server, dry_run=True)
+        remote = [
+            a
+            for m in await repository.list_mappings(active_only=True)
+            for a in m.admitted(settings.client_addresses)
+            if not all_loopback([a])
+        ]
+    problems = [f"{n} ({state})" for n, state in report.authfiles_repaired.items()]
+    results: list[tuple[str, str | None]] = [
+        (
+            "every export's authfile in place, readable and right",
+            f"{', '.join(problems)}: run reconcile (a missing or unreadable authfile admits "
+            "everyone)"
+            if problems
+            else None,
+        ),
+        (
+            "no export admits everyone",
+            f"{', '.join(report.unprotected_exports)} were loaded before they had an authfile: "
+            "restart nbd-server"
+            if report.unprotected_exports
+            else None,
+        ),
+    ]
+    return results, remote
 
 
 async def _request(settings: Settings, args: argparse.Namespace) -> int:

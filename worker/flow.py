@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 from worker.devices import Device, DevicePolicy
 from worker.errors import ExportNotFound, FlushFailed, InvalidRequest, Superseded, WorkerError
 from worker.faults import crash_point
-from worker.mappings import JobRecord, Mapping
+from worker.mappings import CommittedExport, JobRecord, Mapping, stored_addresses
 from worker.messages import (
     Action,
     AnyRequest,
@@ -45,9 +45,14 @@ class Mappings(Protocol):
     async def lookup(
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> tuple[Mapping | None, JobRecord | None]: ...
-    async def claim(self, request: PrepareExport, device: Device, action: str) -> None: ...
+    async def claim(
+        self, request: PrepareExport, device: Device, action: str, client_addresses: str
+    ) -> None: ...
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool: ...
-    async def committed_device(self, export_name: str) -> str | None: ...
+    async def committed_export(self, export_name: str) -> CommittedExport | None: ...
+    async def set_client_addresses(
+        self, vm_id: str, disk_unit_number: int, client_addresses: str
+    ) -> None: ...
     async def deactivate(
         self, vm_id: str, disk_unit_number: int, job_id: str, *, flushed: bool
     ) -> Mapping | None: ...
@@ -68,15 +73,15 @@ class Ensured(Protocol):
     def changed(self) -> bool: ...
 
 
+Committed = Callable[[str], Awaitable[CommittedExport | None]]
+
+
 class ExportServer(Protocol):
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
-    async def ensure_export(
-        self, name: str, device_path: str, committed: Callable[[str], Awaitable[str | None]]
-    ) -> Ensured: ...
-    async def point_export(self, name: str, device_path: str) -> None: ...
-    async def remove_export(
-        self, name: str, committed: Callable[[str], Awaitable[str | None]]
-    ) -> bool: ...
+    def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
+    async def ensure_export(self, name: str, device_path: str, committed: Committed) -> Ensured: ...
+    async def align_export(self, name: str, committed: Committed) -> bool: ...
+    async def remove_export(self, name: str, committed: Committed) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
     async def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
     def device_present(self, device_path: str) -> bool: ...
@@ -156,6 +161,7 @@ class ExportFlow:
         nbd_host: str,
         nbd_port: int,
         node_id: str,
+        client_addresses: tuple[str, ...],
     ) -> None:
         self._mappings = mappings
         self._server = server
@@ -164,8 +170,18 @@ class ExportFlow:
         self._nbd_host = nbd_host
         self._nbd_port = nbd_port
         self._node_id = node_id
+        #: Who may connect to an export whose job does not say.
+        self._client_addresses = client_addresses
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
+
+    def _admitted(self, request: PrepareExport) -> tuple[str, ...]:
+        return request.client_addresses or self._client_addresses
+
+    def _admits_now(self, mapping: Mapping, admitted: tuple[str, ...]) -> bool:
+        """Whether the mapping's row admits `admitted` (rows from before: the default)."""
+        stored = mapping.client_addresses or stored_addresses(self._client_addresses)
+        return stored == stored_addresses(admitted)
 
     def _ready(
         self, request: PrepareExport, device: Device, action: Action, *, reused: bool
@@ -183,6 +199,7 @@ class ExportFlow:
             nbd_host=self._nbd_host,
             nbd_port=self._nbd_port,
             node_id=self._node_id,
+            client_addresses=list(self._admitted(request)),
         )
 
     async def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:
@@ -208,13 +225,17 @@ class ExportFlow:
             # changed since, and nothing touched.
             return self._repeat(request, recorded, ExportReady)
         device = await self._devices.resolve(request.device_path, request.volume_id)
+        admitted = self._admitted(request)
         # Fast path, no lock: the common case is a job for a disk already being served, and
-        # then one database lookup and a shared listing decide it.
+        # then one database lookup, one small file read (its authfile admits the job's
+        # clients) and what is remembered of the server decide it.
         if (
             decide(mapping, device.path, live=True) is Action.REUSED
             and not _claimed_by(mapping, request.job_id)
             and mapping is not None
             and mapping.flush_error is None
+            and self._admits_now(mapping, admitted)
+            and self._server.admits(name, admitted)
             and await self._server.is_live(name, device.path, fresh=False)
             # A create, relink or release of this disk under way here, or done during the
             # awaits above, may have made what was read stale: then the locked path decides.
@@ -238,10 +259,24 @@ class ExportFlow:
                 and await self._server.is_live(name, mapping.device_path)
             )
             action = decide(mapping, device.path, live)
-            if action is Action.REUSED and not earlier:
-                if mapping is not None and mapping.flush_error is not None:
+            if action is Action.REUSED and not earlier and mapping is not None:
+                if mapping.flush_error is not None:
                     # A new prepare-export starts a new copy (a claim clears it the same way).
                     await self._mappings.set_flush_error(*key, None)
+                if not self._admits_now(mapping, admitted):
+                    # The row first: it is the truth the authfile is written from (here, by
+                    # reconciliation, by any worker).
+                    await self._mappings.set_client_addresses(*key, stored_addresses(admitted))
+                if not self._server.admits(name, admitted):
+                    # Takes effect on the next connection: the server reads it every time.
+                    await self._server.align_export(name, self._mappings.committed_export)
+                    log.info(
+                        "Export admits other clients now, without SIGHUP job_id=%s "
+                        "export_name=%s client_addresses=%s",
+                        request.job_id,
+                        name,
+                        ",".join(admitted),
+                    )
                 return await self._reuse(request, device)
 
             if not earlier:
@@ -257,11 +292,13 @@ class ExportFlow:
             # and workers before anything on disk or in the server changes (DeviceInUse).
             # A job finishing an earlier delivery keeps the action that delivery recorded.
             claimed_action = mapping.last_action if earlier and mapping else None
-            await self._mappings.claim(request, device, claimed_action or str(action))
+            await self._mappings.claim(
+                request, device, claimed_action or str(action), stored_addresses(admitted)
+            )
             crash_point("after_claim")
             try:
                 ensured = await self._server.ensure_export(
-                    name, device.path, self._mappings.committed_device
+                    name, device.path, self._mappings.committed_export
                 )
             except Superseded:
                 raise  # a newer job owns the row now: nothing of ours to undo
@@ -407,7 +444,7 @@ class ExportFlow:
                 # files of inactive mappings; the other order could bring a released export
                 # back.
                 await self._mappings.deactivate(*key, request.job_id, flushed=flushed)
-            await self._server.remove_export(request.export_name, self._mappings.committed_device)
+            await self._server.remove_export(request.export_name, self._mappings.committed_export)
             log.info(
                 "Released VM export mapping job_id=%s export_name=%s was_active=%s",
                 request.job_id,
@@ -427,19 +464,13 @@ class ExportFlow:
             return released
 
     async def _undo_relink(self, previous: Mapping, claimed_device_id: str) -> None:
-        """After a failed relink, makes the link agree with the row again, so no row frees
-        a device that the export's link still opens: back on the old device if the row
-        could be restored, else on whatever the row now commits the export to."""
-        name = previous.export_name
+        """After a failed relink, makes the link and authfile agree with the row again, so
+        no row frees a device that the export's link still opens: back on the old device
+        if the row could be restored, else on whatever the row now commits the export to
+        (or removed, if nothing)."""
         try:
-            if await self._mappings.restore(previous, claimed_device_id):
-                await self._server.point_export(name, previous.device_path)
-                return
-            device = await self._mappings.committed_device(name)
-            if device is None:
-                await self._server.remove_export(name, self._mappings.committed_device)
-            else:
-                await self._server.point_export(name, device)
+            await self._mappings.restore(previous, claimed_device_id)
+            await self._server.align_export(previous.export_name, self._mappings.committed_export)
         except WorkerError as exc:
             log.warning(
                 "Could not undo a failed relink; reconciliation will align it "

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.access import normalize_client_addresses
+
 
 class Mapping(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -33,10 +35,35 @@ class Mapping(BaseModel):
     #: Why fsync of the device failed ("EIO: ..."), kept until a new prepare-export: what
     #: was written before may be lost, so no flush may claim durability meanwhile.
     flush_error: str | None = None
+    #: Who may connect, as stored (normalized, comma-separated); None on rows from before
+    #: exports had access control, which admit the worker's default.
+    client_addresses: str | None = None
 
     @property
     def is_active(self) -> bool:
         return self.status == "active"
+
+    def admitted(self, default: tuple[str, ...]) -> tuple[str, ...]:
+        """The addresses this mapping admits, re-validated: nothing unvalidated from the
+        database reaches an authfile (raises ValueError on a corrupt value)."""
+        if self.client_addresses is None:
+            return default
+        return normalize_client_addresses(self.client_addresses.split(","))
+
+
+def stored_addresses(addresses: tuple[str, ...]) -> str:
+    """How a normalized address list is kept in the client_addresses column."""
+    return ",".join(addresses)
+
+
+class CommittedExport(BaseModel):
+    """What an active mapping commits its export to, read under the config lock."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_path: str
+    #: As stored (see Mapping.client_addresses).
+    client_addresses: str | None
 
 
 class JobRecord(BaseModel):

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaMode
 
+from worker.access import ADDRESS_PATTERN, MAX_CLIENT_ADDRESSES, normalize_client_addresses
+
 #: 8-4-4-4-12 hex digits, any variant: VMware's BIOS UUIDs are not RFC 4122 UUIDs.
 VM_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -39,6 +41,7 @@ VmId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
 #: A CloudStack volume UUID: 32 hex digits in 8-4-4-4-12 groups; stored lower-case.
 VolumeId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
 DiskUnitNumber = Annotated[int, Field(ge=0, le=MAX_DISK_UNIT_NUMBER, strict=True)]
+ClientAddress = Annotated[str, StringConstraints(pattern=ADDRESS_PATTERN)]
 
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _DEVICE_PATH_RE = re.compile(DEVICE_PATH_PATTERN)
@@ -122,6 +125,25 @@ class PrepareExport(BaseModel):
         "Exactly one of device_path and volume_id.",
         examples=["0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"],
     )
+    client_addresses: tuple[ClientAddress, ...] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CLIENT_ADDRESSES,
+        description="Who may connect to the export: 1-16 numeric IPv4/IPv6 addresses or CIDR "
+        "networks (no hostnames, no zone ids; a network's host bits must be zero). Default: "
+        "the worker's EXPORT_WORKER_CLIENT_ADDRESSES. A job for a served disk with other "
+        "addresses switches it over, at once and without a reload.",
+        examples=[["10.0.0.7", "fd00:1::/64"]],
+    )
+
+    @field_validator("client_addresses", mode="before")
+    @classmethod
+    def _normalized_addresses(cls, value: object) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple):
+            raise ValueError("client_addresses must be a list of addresses")  # noqa: TRY004
+        return normalize_client_addresses(value)
 
     @field_validator("vm_name")
     @classmethod
@@ -257,6 +279,12 @@ class ExportReady(BaseModel):
     nbd_host: str = Field(description="Where clients connect: this node's advertised host.")
     nbd_port: int
     node_id: str = Field(description="The appliance (node) whose nbd-server serves the export.")
+    client_addresses: list[str] | None = Field(
+        # A default for records of replies made before exports had access control.
+        default=None,
+        description="Who may connect to the export now (the job's client_addresses, or the "
+        "worker's default), normalized: the export refuses everyone else.",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -138,13 +138,13 @@ def _build(r: NodeRegistry) -> Metrics:
         ),
         probe_duration=Histogram(
             "nbd_server_probe_duration_seconds",
-            "Duration of listing probes of nbd-server.",
+            "Duration of probes of nbd-server (NBD_OPT_GO, from the worker's address).",
             buckets=JOB_BUCKETS,
             registry=r,
         ),
         probe_failures=Counter(
             "nbd_server_probe_failures",
-            "Listing probes that failed, by reason: timeout or unavailable.",
+            "Probes that failed, by reason: timeout or unavailable.",
             ["reason"],
             registry=r,
         ),
@@ -152,7 +152,9 @@ def _build(r: NodeRegistry) -> Metrics:
             "nbd_export_active_mappings", "Active rows in vm_export_mappings.", registry=r
         ),
         exports_live=Gauge(
-            "nbd_server_exports_listed", "Exports the server listed at the last probe.", registry=r
+            "nbd_server_exports_known",
+            "Active exports the running server knows (NBD_OPT_GO; no listing).",
+            registry=r,
         ),
         drift=Gauge(
             "nbd_export_reconcile_drift",

@@ -1,11 +1,18 @@
-"""Reconciliation: make the server, the snippets and the links agree with the mappings.
+"""Reconciliation: make the server, the snippets, the links and the authfiles agree with
+the mappings.
 
-Active mappings are the truth. Missing or wrong links and snippets are rewritten (also
-snippets with outdated data-path options) and the missing exports added with one SIGHUP;
-files of inactive mappings are removed (a stale link would let a new connection open a
-released device). What only a restart or an operator can fix is reported, never guessed
-at: snippets nobody maps, exports stuck in the server's memory, and exports the server
-serves without FLUSH (loaded before their snippet asked for it).
+Mappings are the truth. Every export the server may know has an authfile: an active one's
+admits its client addresses, any other's (released, or a snippet nobody maps) nobody; a
+missing, unreadable or wrong one is rewritten first, since a missing one admits everyone.
+Missing or wrong links and snippets are rewritten (also snippets with outdated options)
+and the missing exports added with one SIGHUP; files of inactive mappings are removed (a
+stale link would let a new connection open a released device). What only a restart or an
+operator can fix is reported, never guessed at: snippets nobody maps, exports stuck in the
+server's memory, exports served without FLUSH, and exports that ignore their authfile
+(both loaded before their snippet asked for it).
+
+The server is never asked to list its exports (it may refuse: `allowlist = false`): each
+name is asked with NBD_OPT_GO, once per server pid for names it knows.
 """
 
 from __future__ import annotations
@@ -15,7 +22,13 @@ from dataclasses import dataclass, field
 
 from worker.devices import device_present
 from worker.mappings import Mapping
-from worker.nbd.files import has_snippet, link_target, list_snippet_names, snippet_outdated
+from worker.nbd.files import (
+    AuthfileState,
+    has_snippet,
+    link_target,
+    list_snippet_names,
+    snippet_outdated,
+)
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
 
@@ -39,6 +52,12 @@ class ReconcileReport:
     #: Active exports the running server serves without FLUSH although their snippet asks
     #: for it: `nbdcopy --flush` fails on them until nbd-server restarts.
     exports_without_flush: list[str] = field(default_factory=list)
+    #: Authfiles missing, unreadable or wrong (name: what was found), for every export
+    #: the server may know: rewritten (in a dry run, to be).
+    authfiles_repaired: dict[str, str] = field(default_factory=dict)
+    #: Active exports that open from an address their authfile does not admit: loaded
+    #: without an `authfile` line, they admit everyone until nbd-server restarts.
+    unprotected_exports: list[str] = field(default_factory=list)
     sighup_sent: bool = False
 
     def drift(self) -> dict[str, int]:
@@ -52,13 +71,17 @@ class ReconcileReport:
             "orphan_snippet": len(self.orphan_snippets),
             "stuck_export": len(self.stuck_exports),
             "no_flush": len(self.exports_without_flush),
+            "authfile": len(self.authfiles_repaired),
+            "unprotected": len(self.unprotected_exports),
         }
 
     def lines(self) -> list[str]:
         """A human summary: what was done (or, in a dry run, what would be)."""
         done = not self.dry_run
         out = [f"active mappings: {self.active}"]
+        authfiles = [f"{name} ({found})" for name, found in self.authfiles_repaired.items()]
         for label, names in (
+            ("authfiles rewritten" if done else "authfiles to rewrite", authfiles),
             ("links rewritten" if done else "links to rewrite", self.links_rewritten),
             ("snippets rewritten" if done else "snippets to rewrite", self.snippets_rewritten),
             ("exports added" if done else "exports to add", self.exports_added),
@@ -72,6 +95,11 @@ class ReconcileReport:
             (
                 "exports served without FLUSH (loaded before; a restart of nbd-server fixes)",
                 self.exports_without_flush,
+            ),
+            (
+                "UNPROTECTED exports: they admit everyone (loaded before they had an authfile; "
+                "a restart of nbd-server fixes)",
+                self.unprotected_exports,
             ),
         ):
             out.append(f"{label}: {len(names)}")
@@ -90,16 +118,55 @@ async def hold_devices(server: NbdServer, mappings: list[Mapping]) -> None:
             server.let_go(mapping.export_name)
 
 
-async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool) -> ReconcileReport:
+async def reconcile(
+    repository: Repository, server: NbdServer, *, dry_run: bool, thorough: bool = False
+) -> ReconcileReport:
+    """One pass. `thorough` also asks the server about every released name, to report the
+    stuck ones (a connection each: for the operator's commands); otherwise only released
+    names already known to be loaded, or with files left, are reported."""
     report = ReconcileReport(dry_run=dry_run)
     mappings = await repository.list_mappings()
     if not dry_run:
         # First, whatever the server's state: after a restart, as early as can be.
         await hold_devices(server, mappings)
-    listed = await server.listed_exports()
     conf_dir = server.conf_dir
     active = {m.export_name: m for m in mappings if m.is_active}
+    released = sorted(m.export_name for m in mappings if not m.is_active)
+    mapped = {m.export_name for m in mappings}
     report.active = len(active)
+    report.orphan_snippets = sorted(list_snippet_names(conf_dir, EXPORT_PREFIX) - mapped)
+
+    # Authfiles before anything that needs the server: they are the door.
+    admitted: dict[str, tuple[str, ...]] = {}
+    for name, mapping in sorted(active.items()):
+        try:
+            admitted[name] = mapping.admitted(server.default_client_addresses)
+        except ValueError as exc:
+            log.error("Mapping of %s has invalid client_addresses: %s", name, exc)  # noqa: TRY400
+    doors: dict[str, tuple[str, ...] | None] = dict.fromkeys(released + report.orphan_snippets)
+    doors.update(admitted)
+    for name, addresses in doors.items():
+        state = server.authfile_state(name, addresses)
+        if state is not AuthfileState.OK:
+            report.authfiles_repaired[name] = state.value
+    if report.authfiles_repaired:
+        log.warning(
+            "Authfiles missing, unreadable or wrong dry_run=%s exports=%s",
+            dry_run,
+            ",".join(f"{n}:{s}" for n, s in report.authfiles_repaired.items()),
+        )
+        if not dry_run:
+            for name in report.authfiles_repaired:
+                # Re-read under the config lock: a job may have changed the row since.
+                await server.repair_authfile(name, repository.committed_export)
+
+    await server.ping()  # the server answers, or nothing below can be judged
+    asked = set(active) | {
+        name
+        for name in released + report.orphan_snippets
+        if thorough or has_snippet(conf_dir, name) or server.spec(name).link_path.is_symlink()
+    }
+    known = await server.known_names(asked) | server.remembered_names()
 
     wanted: dict[str, str] = {}
     for name, mapping in sorted(active.items()):
@@ -111,37 +178,43 @@ async def reconcile(repository: Repository, server: NbdServer, *, dry_run: bool)
             # An outdated one is rewritten so that a restart brings its new options.
             report.snippets_rewritten.append(name)
             wanted[name] = mapping.device_path
-        if name not in listed:
+        if name not in known:
             report.exports_added.append(name)
             wanted[name] = mapping.device_path
         if not device_present(mapping.device_path):
             report.devices_missing.append(name)
 
-    released = [m.export_name for m in mappings if not m.is_active]
-    for name in sorted(released):
+    for name in released:
         spec = server.spec(name)
         if has_snippet(conf_dir, name) or spec.link_path.is_symlink():
             report.released_cleaned.append(name)
 
-    mapped = {m.export_name for m in mappings}
-    report.orphan_snippets = sorted(list_snippet_names(conf_dir, EXPORT_PREFIX) - mapped)
     report.stuck_exports = sorted(
-        n for n in listed if n.startswith(EXPORT_PREFIX) and n not in active
+        n for n in known if n.startswith(EXPORT_PREFIX) and n not in active
     )
+    loaded = sorted(n for n in active if n in known)
     if server.options.flush:
         # Asked once per export and server pid (a reload never changes a loaded export).
-        flags = await server.data_path_flags(sorted(n for n in active if n in listed))
+        flags = await server.data_path_flags(loaded)
         report.exports_without_flush = [
             name for name, found in flags.items() if found is not None and not found.can_flush
         ]
+    verdicts = await server.unprotected({n: admitted[n] for n in loaded if n in admitted})
+    report.unprotected_exports = [name for name, bad in verdicts.items() if bad]
+    if report.unprotected_exports:
+        log.error(
+            "Exports admit everyone: loaded before they had an authfile; restart nbd-server "
+            "exports=%s",
+            ",".join(report.unprotected_exports),
+        )
 
     if not dry_run:
         # Each action re-reads its row under the config lock: a job may have changed the
         # mapping since the snapshot above, and the job's view wins.
         for name in report.released_cleaned:
-            await server.remove_export(name, repository.committed_device)
+            await server.remove_export(name, repository.committed_export)
         if wanted:
-            ensured = await server.ensure_exports(wanted, repository.committed_device)
+            ensured = await server.ensure_exports(wanted, repository.committed_export)
             report.sighup_sent = ensured.sighup_sent
             await hold_devices(server, [active[name] for name in wanted])  # links now right
     if any(report.drift().values()):

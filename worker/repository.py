@@ -35,7 +35,7 @@ from worker.errors import (
     TransientDatabaseError,
     WorkerError,
 )
-from worker.mappings import JobRecord, Mapping
+from worker.mappings import CommittedExport, JobRecord, Mapping
 from worker.messages import PrepareExport
 from worker.retrying import call_with_retries
 
@@ -55,7 +55,7 @@ _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
     "id, node_id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, "
-    "status, created_at, updated_at, last_job_id, last_action, flush_error"
+    "status, created_at, updated_at, last_job_id, last_action, flush_error, client_addresses"
 )
 
 
@@ -66,7 +66,7 @@ _FIELDS = tuple(_COLUMNS.split(", "))
 #: one JSON array column, decoded in C, instead of one column per field.
 _LOOKUP_FIELDS = (
     "id", "vm_name", "export_name", "device_path", "device_id", "status", "last_job_id",
-    "last_action", "flush_error",
+    "last_action", "flush_error", "client_addresses",
 )  # fmt: skip
 _LOOKUP_ROW = f"JSON_ARRAY({', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply)"
 
@@ -298,20 +298,40 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def committed_device(self, export_name: str) -> str | None:
-        """The device path an active mapping commits this export to, or None."""
+    async def committed_export(self, export_name: str) -> CommittedExport | None:
+        """What an active mapping commits this export to (its device, who may connect),
+        or None."""
 
-        async def query() -> str | None:
+        async def query() -> CommittedExport | None:
             async with self._cursor() as cur:
                 await cur.execute(
-                    "SELECT device_path FROM vm_export_mappings "
+                    "SELECT device_path, client_addresses FROM vm_export_mappings "
                     "WHERE node_id = %s AND export_name = %s AND status = 'active'",
                     (self._node, export_name),
                 )
                 row = await cur.fetchone()
-            return str(row[0]) if row else None
+            if not row:
+                return None
+            return CommittedExport(device_path=str(row[0]), client_addresses=row[1])
 
         return await self._retrying(query)
+
+    async def set_client_addresses(
+        self, vm_id: str, disk_unit_number: int, client_addresses: str
+    ) -> None:
+        """Changes who may connect to an active mapping's export (a reuse with other
+        addresses)."""
+
+        async def update() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET client_addresses = %s "
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s "
+                    "AND status = 'active'",
+                    (client_addresses, self._node, vm_id, disk_unit_number),
+                )
+
+        await self._retrying(update)
 
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
         """Puts a row back as `mapping` had it, undoing this job's claim of
@@ -324,7 +344,8 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "UPDATE vm_export_mappings SET vm_name = %s, device_path = %s, "
-                        "device_id = %s, status = %s, last_job_id = %s, last_action = %s "
+                        "device_id = %s, status = %s, last_job_id = %s, last_action = %s, "
+                        "client_addresses = %s "
                         "WHERE id = %s AND status = 'active' AND device_id = %s",
                         (
                             mapping.vm_name,
@@ -333,6 +354,7 @@ class Repository:
                             mapping.status,
                             mapping.last_job_id,
                             mapping.last_action,
+                            mapping.client_addresses,
                             mapping.id,
                             claimed_device_id,
                         ),
@@ -345,9 +367,11 @@ class Repository:
 
         return await self._retrying(update)
 
-    async def claim(self, request: PrepareExport, device: Device, action: str) -> None:
-        """Makes the request's mapping active with its device, inserting or updating its row,
-        and names the job and its `action` in it.
+    async def claim(
+        self, request: PrepareExport, device: Device, action: str, client_addresses: str
+    ) -> None:
+        """Makes the request's mapping active with its device and who may connect to it,
+        inserting or updating its row, and names the job and its `action` in it.
 
         The unique index on active devices is the arbiter between concurrent jobs and worker
         processes: raises DeviceInUse, with nothing changed, when another active mapping
@@ -361,6 +385,7 @@ class Repository:
             device_id,
             request.job_id,
             action,
+            client_addresses,
             self._node,
             request.vm_id,
             request.disk_unit_number,
@@ -376,9 +401,9 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
-                        "device_id, last_job_id, last_action, node_id, vm_id, "
-                        "disk_unit_number, status) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'active')",
+                        "device_id, last_job_id, last_action, client_addresses, node_id, "
+                        "vm_id, disk_unit_number, status) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'active')",
                         params,
                     )
             except pymysql.err.IntegrityError as exc:
@@ -394,7 +419,7 @@ class Repository:
                         # no longer speaks for what will be written.
                         "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
                         "device_path = %s, device_id = %s, last_job_id = %s, last_action = %s, "
-                        "status = 'active', flush_error = NULL "
+                        "client_addresses = %s, status = 'active', flush_error = NULL "
                         "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
                         params,
                     )

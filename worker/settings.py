@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AnyUrl, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.access import normalize_client_addresses
 from worker.faults import CrashPoint
 
 #: A routing-key word: no `*`, `#` or spaces; dots allowed (they only split words).
@@ -85,18 +86,16 @@ class Settings(BaseSettings):
     #: The host replies tell clients to connect to (default: nbd_host).
     nbd_advertise_host: str = ""
     nbd_port: int = Field(default=10809, ge=1, le=65535)
-    #: How the worker lists exports: "nbd-client" runs `nbd-client -l` (a process and
-    #: ~50 ms per probe); "native" speaks the NBD handshake itself (~1-3 ms).
-    probe: Literal["nbd-client", "native"] = "native"
-    #: How long the reuse path may trust a shared listing (it is dropped sooner on our
-    #: own SIGHUP or a new server pid).
-    listing_ttl_s: float = Field(default=2.0, ge=0)
+    #: How long the reuse path trusts that the server answers (one shared NBD_OPT_GO
+    #: confirms it again; a new server pid is noticed at once).
+    answer_ttl_s: float = Field(default=2.0, ge=0)
     #: Behave like the original system (a probe process per job, one SIGHUP per create,
     #: nothing shared), for the benchmark's comparison only.
     baseline: bool = False
-    #: The listing probe's binary; Debian 12's nbd-client is fine for `-l`.
+    #: The baseline's listing probe (`nbd-client -l`); Debian 12's nbd-client is fine.
     nbd_client_bin: str = "nbd-client"
-    #: A probe that has not answered by then is killed: `nbd-client -l` has no timeout of its own.
+    #: A probe that has not answered by then is abandoned (`nbd-client -l` is killed: it
+    #: has no timeout of its own).
     probe_timeout_s: float = Field(default=5.0, gt=0)
     #: How long to wait, after a SIGHUP, for new exports to be listed (reload is asynchronous).
     reload_timeout_s: float = Field(default=10.0, gt=0)
@@ -113,6 +112,18 @@ class Settings(BaseSettings):
     export_flush: bool = True
     export_fua: bool = True
     export_trim: bool = True
+    #: Who may connect to an export whose job gives no client_addresses: addresses or CIDR
+    #: networks, comma-separated. The default suits copy tools on this appliance or behind
+    #: an SSH tunnel to it (every copy then arrives from loopback).
+    client_addresses: Annotated[tuple[str, ...], NoDecode] = ("127.0.0.1", "::1")
+    #: The local address the worker's probes connect from, which every authfile admits
+    #: too. Empty: the one the kernel picks to reach nbd_host (127.0.0.1 on loopback). Set a
+    #: loopback address of its own (e.g. 127.0.0.2) so that exports whose jobs admit remote
+    #: copy tools only do not admit local processes connecting from 127.0.0.1.
+    probe_source_address: str = ""
+    #: One authfile per export here (`<export>.allow`): the addresses it admits, read by
+    #: nbd-server on every connection. A missing one would admit everyone.
+    auth_dir: Path = Path("/var/lib/nbd-export-worker/auth")
     #: Use an nbd-server that failed the data-path self-test anyway (it would corrupt or
     #: lose copies; a warning is logged on every start). Never on an appliance in use.
     accept_failed_self_test: bool = False
@@ -171,6 +182,25 @@ class Settings(BaseSettings):
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value
 
+    @field_validator("client_addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [a.strip() for a in value.split(",") if a.strip()]
+        if isinstance(value, list | tuple):
+            return normalize_client_addresses(value)
+        return value
+
+    @field_validator("probe_source_address")
+    @classmethod
+    def _host_address(cls, value: str) -> str:
+        if not value:
+            return value
+        (address,) = normalize_client_addresses([value])
+        if "/" in address:
+            raise ValueError("probe_source_address must be one address, not a network")
+        return address
+
     @field_validator("device_roots")
     @classmethod
     def _absolute_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
@@ -181,7 +211,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"device root {root} is not absolute")
         return value
 
-    @field_validator("nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir", "by_id_dir")
+    @field_validator(
+        "nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir", "by_id_dir", "auth_dir"
+    )
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # nbd-server chdir()s to / when it daemonizes: relative paths would silently differ.

@@ -34,7 +34,7 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     rows = results["rows"]
     sections = {row["section"] for row in rows}
     assert {
-        "floor", "reuse", "paired", "create", "few exports", "probe nbd-client", "baseline",
+        "floor", "reuse", "paired", "create", "few exports", "baseline",
         "scale",
     } <= sections  # fmt: skip
     few = next(r for r in rows if r["section"] == "few exports")

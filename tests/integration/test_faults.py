@@ -346,7 +346,7 @@ async def test_nbd_server_hung(
             # connections, and nobody answers them.
             os.kill(nbd_server.pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(fault_settings.listing_ttl_s)  # no listing to trust
+                await asyncio.sleep(fault_settings.answer_ttl_s)  # no answer to trust
                 creates = [
                     await run.publish(job(device=make_disk(disks_dir, f"h{i}"))) for i in range(3)
                 ]

@@ -166,7 +166,7 @@ async def test_status_release_and_reconcile_commands(
     assert proc.returncode == 0, proc.stderr
     rows = {row["export_name"]: row for row in json.loads(proc.stdout)}
     assert set(rows) == {a["export_name"], b["export_name"]}
-    assert rows[a["export_name"]]["listed"] is True
+    assert rows[a["export_name"]]["known"] is True
     assert rows[a["export_name"]]["servable"] is True
     assert rows[a["export_name"]]["size_bytes"] == 16 * 1024 * 1024
     assert rows[a["export_name"]]["link_target"] == a["device_path"]
@@ -233,9 +233,11 @@ async def test_check_command_lists_every_problem(
     settings: Settings, nbd_server: NbdServerProcess
 ) -> None:
     settings.link_dir.mkdir(parents=True, exist_ok=True)
+    settings.auth_dir.mkdir(parents=True, exist_ok=True)
     ok = await asyncio.to_thread(cli, settings, "check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "FAIL" not in ok.stdout
+    assert "warn" not in ok.stdout  # allowlist = false, listenaddr = 127.0.0.1
     assert "version 3.26.1" in ok.stdout
     assert "ok   nbd-server data path (self-test of its binary)" in ok.stdout
 
@@ -246,12 +248,16 @@ async def test_check_command_lists_every_problem(
         }
     )
     nbd_server.config_file.write_text(
-        nbd_server.config_file.read_text().replace("allowlist = true", "allowlist = false")
+        nbd_server.config_file.read_text()
+        .replace("allowlist = false", "allowlist = true")
+        .replace("listenaddr = 127.0.0.1", "")
     )
     bad = await asyncio.to_thread(cli, broken, "check")
     assert bad.returncode == 1
     failures = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
-    assert any("allowlist" in line for line in failures)
+    warnings = [line for line in bad.stdout.splitlines() if line.startswith("warn")]
+    assert any("allowlist = true" in line and "lists every export" in line for line in warnings)
+    assert any("no listenaddr" in line for line in warnings)
     assert any("includedir" in line for line in failures)
     assert any("broker" in line for line in failures)
     assert any("elsewhere" in line and "writable" in line for line in failures)

@@ -53,7 +53,7 @@ async def mapping_rows(settings: Settings) -> list[tuple[object, ...]]:
     )
 
 
-@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
+@pytest.mark.parametrize("nbd_server", [False, True], ids=["no-list", "allowlist"], indirect=True)
 async def test_first_job_creates_then_reuses_without_sighup(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -77,9 +77,10 @@ async def test_first_job_creates_then_reuses_without_sighup(
         "nbd_host": "127.0.0.1",
         "nbd_port": nbd_server.port,
         "node_id": "test-node",
+        "client_addresses": ["127.0.0.1", "::1"],
     }
     assert sighups(worker) == 1
-    assert name in nbd_server.listed()
+    assert nbd_server.knows(name)
     assert snippets(worker.settings) == [f"{name}.conf"]
     with NbdConnection(nbd_server.port, name) as conn:
         assert conn.size == disk.stat().st_size
@@ -129,10 +130,9 @@ async def test_disks_of_one_vm_and_twenty_vms_at_once(
         f"migration-vm-{vm}-disk1.conf",
     }
     assert set(snippets(worker.settings)) == expected
-    listed = set(nbd_server.listed())
     for i, vm_id in enumerate(vms):
         name = f"migration-vm-{vm_id}-disk0"
-        assert name in listed
+        assert nbd_server.knows(name)
         with NbdConnection(nbd_server.port, name) as conn:
             assert conn.read(0, 5) == f"vm {i:02d}".encode()
     for name, data in ((r0["export_name"], b"disk zero"), (r1["export_name"], b"disk one!")):
@@ -155,7 +155,7 @@ async def test_concurrent_jobs_for_one_disk_make_one_create(
     assert len(await mapping_rows(worker.settings)) == 1
 
 
-@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
+@pytest.mark.parametrize("nbd_server", [False, True], ids=["no-list", "allowlist"], indirect=True)
 async def test_held_connection_survives_twenty_creates(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -195,7 +195,7 @@ async def test_held_connection_survives_twenty_creates(
     assert os.path.exists(f"/proc/{main_pid}")
 
 
-@pytest.mark.parametrize("settings", ["nbd-client", "native"], indirect=True)
+@pytest.mark.parametrize("nbd_server", [False, True], ids=["no-list", "allowlist"], indirect=True)
 async def test_restarted_server_without_snippets_is_recreated(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -208,12 +208,12 @@ async def test_restarted_server_without_snippets_is_recreated(
         snippet.unlink()
     nbd_server.start()
     name = f"migration-vm-{request['vm_id']}-disk0"
-    assert name not in nbd_server.listed()
+    assert not nbd_server.knows(name)
 
     reply = await scheduler.request({**request, "job_id": "after-restart"})
     assert reply["action"] == "recreated"
     assert reply["reused"] is False
-    assert name in nbd_server.listed()
+    assert nbd_server.knows(name)
     with NbdConnection(nbd_server.port, name) as conn:
         assert conn.read(0, 14) == b"before restart"
 

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractConnection
 from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
 from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
 from worker.errors import ServerUnavailable
+from worker.mappings import CommittedExport
 from worker.metrics import build_metrics
 from worker.nbd.probe import list_exports
 from worker.nbd.server import NbdServer
@@ -49,8 +50,8 @@ async def test_pid_file_naming_a_connection_child_is_never_signalled(
     with pytest.raises(ServerUnavailable, match="not a session leader"):
         await server.process.send_reload()
 
-    async def committed(name: str) -> str:
-        return str(disks_dir / "b")
+    async def committed(name: str) -> CommittedExport:
+        return CommittedExport(device_path=str(disks_dir / "b"), client_addresses=None)
 
     make_disk(disks_dir, "b")
     with pytest.raises(ServerUnavailable, match="not a session leader"):
@@ -132,9 +133,9 @@ async def test_two_workers_on_one_host_share_the_server_safely(
     assert served == 30
     assert len(list(settings.nbd_conf_dir.glob("*.conf"))) == 30
     assert not list(settings.nbd_conf_dir.glob("*.tmp"))
-    listed = set(nbd_server.listed())
+
     for i, reply in enumerate(replies):
-        assert reply["export_name"] in listed
+        assert nbd_server.knows(reply["export_name"])
         with NbdConnection(nbd_server.port, reply["export_name"]) as conn:
             assert conn.read(0, 7) == f"disk {i:02d}".encode()
 
@@ -165,8 +166,8 @@ async def test_a_restarted_server_is_probed_again_before_the_next_reuse(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
     reply = await scheduler.request(job(device=make_disk(disks_dir, "r")))
-    # A listing trusted for ten minutes: only a new main pid (or our SIGHUP) may drop it.
-    trusting = worker.settings.model_copy(update={"listing_ttl_s": 600.0, "probe": "native"})
+    # The server's answers trusted for ten minutes: only a new main pid may drop them.
+    trusting = worker.settings.model_copy(update={"answer_ttl_s": 600.0})
     metrics = build_metrics("probe-count")
     server = NbdServer(trusting, metrics)
 
@@ -177,17 +178,18 @@ async def test_a_restarted_server_is_probed_again_before_the_next_reuse(
         return sample or 0.0
 
     name, device = reply["export_name"], reply["device_path"]
-    # Ten jobs asking at once share one listing in flight (single flight)...
+    # Ten jobs asking at once share one probe that the server answers and one that it
+    # knows the name (single flight)...
     answers = await asyncio.gather(*(server.is_live(name, device, fresh=False) for _ in range(10)))
     assert answers == [True] * 10
-    assert probes() == 1
-    # ...and a later one is answered from it.
+    assert probes() == 2
+    # ...and a later one is answered from what is remembered.
     assert await server.is_live(name, device, fresh=False)
-    assert probes() == 1
+    assert probes() == 2
 
     old_pid = nbd_server.pid
     nbd_server.stop()
     nbd_server.start()
     assert nbd_server.pid != old_pid
     assert await server.is_live(name, device, fresh=False)
-    assert probes() == 2  # the new server was asked, not the old listing trusted
+    assert probes() == 4  # the new server was asked, not the old one's answers trusted

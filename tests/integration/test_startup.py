@@ -70,7 +70,8 @@ async def test_server_older_than_3_25_is_refused_with_the_reason(
         assert "nbd-server 3.24" in proc.stderr
         assert "corrupt their heap on SIGHUP" in proc.stderr
         assert old_server.pid_file.read_text().strip() == str(old_server.pid)
-        assert old_server.listed() == ["placeholder"]
+        assert old_server.knows("placeholder")
+        assert not list(old_server.conf_dir.glob("*.conf"))
     finally:
         old_server.stop()
 
@@ -98,7 +99,7 @@ async def test_run_as_a_process_serves_jobs_and_exits_cleanly_on_sigterm(
         await scheduler.start()
         reply = await scheduler.request(job(device=make_disk(disks_dir, "proc")))
         assert reply["action"] == "created"
-        assert reply["export_name"] in nbd_server.listed()
+        assert nbd_server.knows(reply["export_name"])
         await channel.close()
     finally:
         if proc.returncode is None:
@@ -116,6 +117,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
             "0002_node_id.sql",
             "0003_export_jobs.sql",
             "0004_flush_error.sql",
+            "0005_client_addresses.sql",
         ]
         assert await migrate(url, node_id=NODE, timeout_s=5) == []
         conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
@@ -153,7 +155,7 @@ def test_migrate_command_exit_code_and_output() -> None:
     try:
         first = run_worker_cli("migrate", env=env)
         assert first.returncode == 0, first.stderr
-        assert "applied 4 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
+        assert "applied 5 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
             first.stdout
         )
         again = run_worker_cli("migrate", env=env)

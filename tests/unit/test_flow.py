@@ -108,6 +108,7 @@ def make_flow(tmp_path: Path) -> tuple[ExportFlow, InMemoryMappings, FakeExportS
         nbd_host="h",
         nbd_port=1,
         node_id="n",
+        client_addresses=("127.0.0.1", "::1"),
     )
     return flow, mappings, server
 
@@ -243,7 +244,7 @@ async def test_failed_relink_whose_old_device_was_taken_follows_the_row(
         # Meanwhile another VM's job claims the device this relink just freed.
         other = request(disk, vm=other_vm, job="other")
         policy = DevicePolicy((tmp_path,), allow_regular_files=True)
-        await mappings.claim(other, policy.check(str(disk)), "created")
+        await mappings.claim(other, policy.check(str(disk)), "created", "127.0.0.1,::1")
         raise ServerUnavailable("lock not free")
 
     server.ensure_hook = fail_after_another_claims_the_old_device
@@ -298,7 +299,7 @@ async def test_a_job_redelivered_after_its_claim_finishes_and_answers_as_created
     # The first delivery claimed the row, then the worker died before the snippet, or
     # after the SIGHUP (the export is live; only the record and the reply are missing).
     policy = DevicePolicy((tmp_path,), allow_regular_files=True)
-    await mappings.claim(job, policy.check(str(disk)), "created")
+    await mappings.claim(job, policy.check(str(disk)), "created", "127.0.0.1,::1")
     if died_after_sighup:
         server.listed.add(job.export_name)
         server.links[job.export_name] = str(disk)
@@ -357,6 +358,7 @@ async def test_a_volume_id_resolves_to_its_by_id_link(
         nbd_host="h",
         nbd_port=1,
         node_id="n",
+        client_addresses=("127.0.0.1", "::1"),
     )
     ready = await flow.prepare_export(volume_request(VOLUME))
     assert ready.device_path == str(by_id / f"{prefix}0a1b2c3d4e5f6a7b8c9d")

@@ -4,6 +4,7 @@ readable reason, and never raises anything else."""
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
 
 from tests.strategies import MESSAGE_BODIES
+from worker.access import normalize_client_addresses
 from worker.consumer import MAX_ERROR_MESSAGE, describe_validation_error, error_reply
 from worker.devices import volume_links
 from worker.messages import (
@@ -21,12 +23,14 @@ from worker.messages import (
     parse_request,
     salvage_job_id,
 )
-from worker.nbd.files import ExportSpec, render_snippet, snippet_path
+from worker.nbd.files import ExportSpec, render_authfile, render_snippet, snippet_path
 
 EXPORT_NAME = re.compile(r"migration-vm-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-disk\d{1,3}")
 CONF_DIR = Path("/etc/nbd-server/conf.d")
 LINK_DIR = Path("/var/lib/nbd-export-worker/links")
 BY_ID = Path("/dev/disk/by-id")
+#: What an authfile line may be: an address with its prefix length, nothing else.
+AUTHFILE_ENTRY = re.compile(r"[0-9a-f.:]{2,39}/\d{1,3}")
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,3 +70,15 @@ def test_every_message_is_accepted_safely_or_refused_with_a_reason(body: bytes) 
             for link in volume_links(BY_ID, request.volume_id):
                 assert Path(link).parent == BY_ID
         assert request.vm_name.isprintable()
+        if request.client_addresses is not None:
+            assert 1 <= len(request.client_addresses) <= 16
+            # Canonical: normalizing again changes nothing.
+            assert normalize_client_addresses(request.client_addresses) == (
+                request.client_addresses
+            )
+            door = render_authfile(name, request.client_addresses).decode()
+            entries = [line for line in door.splitlines() if not line.startswith("#")]
+            assert len(entries) == len(request.client_addresses)
+            for entry in entries:
+                assert AUTHFILE_ENTRY.fullmatch(entry), entry
+                ipaddress.ip_network(entry)  # what nbd-server's getaddrinfo reads

@@ -1,16 +1,20 @@
-"""Snippets in nbd-server's includedir and the export links they point at.
+"""Snippets in nbd-server's includedir, the export links they point at, and the authfiles
+that say who may connect.
 
-Both are written atomically and durably: a crash leaves the old file or the new one,
+All are written atomically and durably: a crash leaves the old file or the new one,
 never a torn one, and never a second file defining the same export.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from worker.access import authfile_line
 from worker.errors import ConfigWriteError
 
 #: nbd-server's includedir reads regular files ending in `.conf` only (nbd-server-facts.md),
@@ -18,6 +22,9 @@ from worker.errors import ConfigWriteError
 SNIPPET_SUFFIX = ".conf"
 TEMP_SUFFIX = ".tmp"
 SNIPPET_MODE = 0o644
+AUTHFILE_SUFFIX = ".allow"
+#: Read by nbd-server (often another user) on every connection; written by the worker only.
+AUTHFILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class ExportSpec:
     name: str
     link_path: Path
     options: DataPathOptions = DataPathOptions()
+    #: Who may connect (read by the server on every connection). None only in tests of
+    #: snippets as they were before exports had access control.
+    authfile: Path | None = None
 
 
 def render_snippet(spec: ExportSpec) -> str:
@@ -65,6 +75,7 @@ def render_snippet(spec: ExportSpec) -> str:
             "# Managed by nbd-export-worker; removing it stops the export after the next restart.",
             f"[{spec.name}]",
             f"exportname = {spec.link_path}",
+            *([f"authfile = {spec.authfile}"] if spec.authfile is not None else []),
             *spec.options.lines(),
         )
     )
@@ -90,6 +101,28 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _replace_file(target: Path, content: bytes, mode: int, *, sync_dir: bool) -> None:
+    """Writes `content` to a hidden temporary name, fsyncs it, renames it over `target`
+    (and, with sync_dir, fsyncs the directory). Raises OSError, leaving no temporary."""
+    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            # Exactly this mode whatever the umask: nbd-server (often another user) must
+            # read it; nobody but the worker may change it.
+            os.fchmod(fd, mode)
+            os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+        if sync_dir:
+            fsync_dir(target.parent)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 class SnippetWrite(Enum):
@@ -123,22 +156,9 @@ def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) ->
         pass
     except OSError as exc:
         raise ConfigWriteError(f"cannot read snippet {target}: {exc.strerror}") from exc
-    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, SNIPPET_MODE)
-        try:
-            # Exactly this mode whatever the umask: nbd-server (often another user) must
-            # read it; nobody but the worker may change it.
-            os.fchmod(fd, SNIPPET_MODE)
-            os.write(fd, content)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-        if sync_dir:
-            fsync_dir(conf_dir)
+        _replace_file(target, content, SNIPPET_MODE, sync_dir=sync_dir)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise ConfigWriteError(f"cannot write snippet {target}: {exc.strerror}") from exc
     return outcome
 
@@ -204,3 +224,67 @@ def list_snippet_names(conf_dir: Path, prefix: str) -> set[str]:
         for p in conf_dir.glob(f"{prefix}*{SNIPPET_SUFFIX}")
         if p.is_file()
     }
+
+
+# --- authfiles ----------------------------------------------------------------------------
+
+
+def authfile_path(auth_dir: Path, name: str) -> Path:
+    """Fixed by the export's name: the snippet names it once, and a reload never changes
+    what a loaded export reads, so the path must never move."""
+    return auth_dir / f"{name}{AUTHFILE_SUFFIX}"
+
+
+def render_authfile(name: str, admitted: Iterable[str]) -> bytes:
+    """Who may connect to `name`, one network per line (nothing admitted: nobody may). The
+    addresses come from `normalize_client_addresses` only (digits, hex, `.`, `:`, `/`)."""
+    lines = [f"# Managed by nbd-export-worker: who may connect to {name}."]
+    entries = [authfile_line(address) for address in admitted]
+    if not entries:
+        # An empty authfile refuses everyone; a missing one would admit everyone.
+        lines.append(
+            "# Nobody: the export was released (the server keeps its name until it restarts)."
+        )
+    return "".join(f"{line}\n" for line in lines + list(dict.fromkeys(entries))).encode()
+
+
+class AuthfileState(Enum):
+    OK = "ok"
+    MISSING = "missing"
+    #: Not a regular file, not readable by everyone (the server's user), or not readable.
+    UNREADABLE = "unreadable"
+    WRONG = "wrong"
+
+
+def authfile_state(path: Path, expected: bytes) -> AuthfileState:
+    """Whether the authfile is in place with `expected` content, and readable by the server
+    (nbd-server admits everyone when it cannot read it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return AuthfileState.MISSING
+    except OSError:
+        return AuthfileState.UNREADABLE
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH:
+            return AuthfileState.UNREADABLE
+        content = os.read(fd, len(expected) + 1)
+    except OSError:
+        return AuthfileState.UNREADABLE
+    finally:
+        os.close(fd)
+    return AuthfileState.OK if content == expected else AuthfileState.WRONG
+
+
+def write_authfile(path: Path, content: bytes, *, sync_dir: bool = True) -> bool:
+    """Puts `content` in the authfile unless it is there already; True if it wrote. The
+    server reads it on the next connection: no reload. With sync_dir=False the caller must
+    fsync the directory itself before relying on it. Raises ConfigWriteError."""
+    if authfile_state(path, content) is AuthfileState.OK:
+        return False
+    try:
+        _replace_file(path, content, AUTHFILE_MODE, sync_dir=sync_dir)
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot write authfile {path}: {exc.strerror}") from exc
+    return True

@@ -1,12 +1,14 @@
-"""NbdServer: the facade the flow and the CLI see (is_live, ensure_export(s), remove_export,
-flush_export).
+"""NbdServer: the facade the flow and the CLI see (is_live, admits, ensure_export(s),
+admit, remove_export, flush_export).
 
-It owns the order of a create: link, snippet, listing, SIGHUP to the verified main
-process, polling until every new export is listed, and opening each as a client would,
-all under the reload lock. Two things make it fast: creates that arrive while a reload is
-being prepared join one batch (one lock hold, one SIGHUP, one verification), and the
-reuse path shares one in-flight listing, valid until our next SIGHUP, a new main pid, or
-`listing_ttl_s`.
+It owns the order of a create: authfile, link, snippet, SIGHUP to the verified main
+process, then NBD_OPT_GO on each new name until the server opens it as a client would, all
+under the reload lock. It never lists exports (the server may refuse LIST to everyone:
+`allowlist = false`): whether the server knows a name is asked per name with NBD_OPT_GO,
+and remembered per main pid, since a running server never forgets a name. Two things make
+it fast: creates that arrive while a reload is being prepared join one batch (one lock
+hold, one SIGHUP, one verification), and the reuse path trusts what it remembers while
+one shared probe, at most every `answer_ttl_s`, shows the server still answers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from worker.access import admits, normalize_client_addresses
 from worker.devices import HeldDevices, device_present, device_size, fsync_device, open_device
 from worker.errors import (
     ConfigWriteError,
@@ -35,16 +39,22 @@ from worker.errors import (
     WorkerError,
 )
 from worker.faults import crash_point
+from worker.mappings import CommittedExport
 from worker.metrics import Metrics
 from worker.nbd.files import (
+    AuthfileState,
     DataPathOptions,
     ExportSpec,
     SnippetWrite,
+    authfile_path,
+    authfile_state,
     fsync_dir,
     has_snippet,
     link_target,
     point_link,
     remove_export_files,
+    render_authfile,
+    write_authfile,
     write_snippet,
 )
 from worker.nbd.probe import list_exports
@@ -56,7 +66,6 @@ from worker.nbd.wire import (
     ExportInfo,
     ExportState,
     export_state,
-    list_exports_native,
 )
 from worker.settings import Settings
 
@@ -66,6 +75,11 @@ LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
 #: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
 PROBES_AT_ONCE = 8
+#: Asked to show the server answers: no export has it (ours start with "migration-vm-").
+HEALTH_PROBE_NAME = "nbd-export-worker-health-probe"
+#: An IPv4 loopback address no authfile of ours admits (unless a job admits all of
+#: 127.0.0.0/8): an export that opens from here does not read its authfile.
+CANARY_ADDRESS_V4 = "127.255.255.254"
 T = TypeVar("T")
 
 
@@ -99,8 +113,8 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
     return await future
 
 
-#: Looks up, in the database, the device an export is committed to (None: not active).
-CommittedDevice = Callable[[str], Awaitable[str | None]]
+#: Looks up, in the database, what an export is committed to (None: not active).
+CommittedDevice = Callable[[str], Awaitable[CommittedExport | None]]
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,48 @@ class _PendingCreate:
 
 
 @dataclass(frozen=True)
-class _Listing:
+class ProbeRoute:
+    """How the worker's probes reach the server."""
+
+    #: The server's address (nbd_host resolved once) and port.
+    host: str
+    port: int
+    #: The local address probes connect from: every active export's authfile admits it.
+    source: str
+    #: A local address no authfile admits, to tell exports that ignore theirs (None: no
+    #: such address for this family: IPv6 has one loopback address only).
+    canary: str | None
+
+
+def probe_route(host: str, port: int, source: str = "") -> ProbeRoute:
+    """Resolves `host` and finds the source address the kernel picks for it (a connected
+    UDP socket sends nothing). Raises ServerUnavailable."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        server_ip = str(address[0])
+        if not source:
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                udp.connect((server_ip, port))
+                source = str(udp.getsockname()[0])
+    except OSError as exc:
+        raise ServerUnavailable(
+            f"cannot find a route to nbd-server at {host}:{port}: {exc}"
+        ) from exc
+    canary = CANARY_ADDRESS_V4 if family == socket.AF_INET and source != CANARY_ADDRESS_V4 else None
+    return ProbeRoute(server_ip, port, source, canary)
+
+
+@dataclass
+class _Remembered:
+    """What the running server (one main pid) is known to have: names it knows (a name is
+    never forgotten until a restart), what each offers, and whether each reads its
+    authfile (fixed when the export was loaded)."""
+
     pid: int
-    generation: int
-    taken_at: float
-    names: frozenset[str]
+    known: set[str]
+    flags: dict[str, DataPathFlags]
+    unprotected: dict[str, bool]
+    answered_at: float = float("-inf")
 
 
 class NbdServer:
@@ -143,22 +194,16 @@ class NbdServer:
         self._options = DataPathOptions(
             flush=settings.export_flush, fua=settings.export_fua, trim=settings.export_trim
         )
-        # What each export offers clients, as NBD_OPT_GO told: fixed for a server's lifetime
-        # (a reload never changes a loaded export), so kept per main pid.
-        self._flags: tuple[int, dict[str, DataPathFlags]] = (0, {})
+        self._remembered = _Remembered(0, set(), {}, {})
+        self._route: ProbeRoute | None = None
+        self._heartbeat: asyncio.Task[ExportState] | None = None
+        self._asking: dict[str, asyncio.Task[ExportState]] = {}
         self._held = HeldDevices()
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         self._lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
-        # The baseline reproduces the original system for the benchmark: a probe process
-        # per job, one SIGHUP per create, nothing shared.
-        self._probe = "nbd-client" if settings.baseline else settings.probe
         self._pending: list[_PendingCreate] = []
         self._drainer: asyncio.Task[None] | None = None
-        # Bumped by every SIGHUP we send: a listing taken before it is stale.
-        self._generation = 0
-        self._listing: _Listing | None = None
-        self._listing_in_flight: tuple[int, asyncio.Task[frozenset[str]]] | None = None
 
     @property
     def conf_dir(self) -> Path:
@@ -166,8 +211,41 @@ class NbdServer:
 
     def spec(self, name: str) -> ExportSpec:
         return ExportSpec(
-            name=name, link_path=self._settings.link_dir / name, options=self._options
+            name=name,
+            link_path=self._settings.link_dir / name,
+            options=self._options,
+            authfile=authfile_path(self._settings.auth_dir, name),
         )
+
+    def route(self) -> ProbeRoute:
+        """Resolved once (raises ServerUnavailable until it can be)."""
+        if self._route is None:
+            settings = self._settings
+            self._route = probe_route(
+                settings.nbd_host, settings.nbd_port, settings.probe_source_address
+            )
+        return self._route
+
+    def authfile_content(self, name: str, client_addresses: tuple[str, ...] | None) -> bytes:
+        """The authfile `name` must have: `client_addresses` and the probes' own address
+        (None: released, nobody may connect)."""
+        if client_addresses is None:
+            return render_authfile(name, [])
+        return render_authfile(name, [*client_addresses, self.route().source])
+
+    @property
+    def default_client_addresses(self) -> tuple[str, ...]:
+        return self._settings.client_addresses
+
+    def remembered_names(self) -> set[str]:
+        """Names the running server is known to have, without asking it."""
+        return set(self._memory().known)
+
+    def admitted(self, committed: CommittedExport) -> tuple[str, ...]:
+        """Who a committed export admits (rows from before access control: the default)."""
+        if committed.client_addresses is None:
+            return self._settings.client_addresses
+        return normalize_client_addresses(committed.client_addresses.split(","))
 
     @property
     def options(self) -> DataPathOptions:
@@ -188,22 +266,22 @@ class NbdServer:
     # --- probes ---------------------------------------------------------------------------
 
     async def listed_exports(self) -> frozenset[str]:
-        """Names the server lists now (a fresh probe). Raises ServerUnavailable (ProbeTimeout
-        if the server accepts but never answers)."""
+        """Names `nbd-client -l` lists: the original system's check, for the baseline only
+        (it needs `allowlist = true`). Raises ServerUnavailable/ProbeTimeout."""
         settings = self._settings
+        return await self._timed_probe(
+            list_exports(
+                settings.nbd_client_bin,
+                settings.nbd_host,
+                settings.nbd_port,
+                settings.probe_timeout_s,
+            )
+        )
+
+    async def _timed_probe(self, probe: Awaitable[T]) -> T:
         started = time.monotonic()
         try:
-            if self._probe == "native":
-                names = await list_exports_native(
-                    settings.nbd_host, settings.nbd_port, settings.probe_timeout_s
-                )
-            else:
-                names = await list_exports(
-                    settings.nbd_client_bin,
-                    settings.nbd_host,
-                    settings.nbd_port,
-                    settings.probe_timeout_s,
-                )
+            return await probe
         except ProbeTimeout:
             self._metrics.probe_failures.labels(reason="timeout").inc()
             raise
@@ -212,51 +290,71 @@ class NbdServer:
             raise
         finally:
             self._metrics.probe_duration.observe(time.monotonic() - started)
-        self._metrics.exports_live.set(len(names))
-        return names
 
-    async def _shared_listing(self, pid: int) -> frozenset[str]:
-        """A recent listing, shared by concurrent callers (single flight). Valid until the
-        next SIGHUP we send, a change of main pid (a restart forgets exports), or the TTL.
-        A SIGHUP from another worker only adds names: a name missing here sends the job to
-        the slow path, which probes afresh."""
-        now = time.monotonic()
-        cached = self._listing
-        if (
-            cached is not None
-            and cached.pid == pid
-            and cached.generation == self._generation
-            and now - cached.taken_at < self._settings.listing_ttl_s
-        ):
-            return cached.names
-        generation = self._generation
-        in_flight = self._listing_in_flight
-        if in_flight is None or in_flight[0] != generation or in_flight[1].done():
-            in_flight = (generation, asyncio.create_task(self.listed_exports()))
-            self._listing_in_flight = in_flight
-        # Shielded: one caller's cancellation must not cancel the probe the others await.
-        names = await asyncio.shield(in_flight[1])
-        if self._generation == generation:
-            self._listing = _Listing(pid, generation, now, names)
-        return names
-
-    async def export_state(self, name: str) -> ExportState:
-        """Opens the export as a client would (NBD_OPT_GO): its size and flags, or why not."""
-        state = await export_state(
-            self._settings.nbd_host, self._settings.nbd_port, name, self._settings.probe_timeout_s
-        )
-        if isinstance(state, ExportInfo):
-            self._known_flags()[name] = state.flags
-        return state
-
-    def _known_flags(self) -> dict[str, DataPathFlags]:
+    def _memory(self) -> _Remembered:
+        """What is remembered of the running server; forgotten when its pid changes."""
         try:
             pid = self.process.running_pid()
         except ServerUnavailable:
-            return {}
-        if self._flags[0] != pid:
-            self._flags = (pid, {})
-        return self._flags[1]
+            pid = 0
+        if self._remembered.pid != pid:
+            self._remembered = _Remembered(pid, set(), {}, {})
+        return self._remembered
+
+    async def export_state(self, name: str, *, source: str | None = None) -> ExportState:
+        """Opens the export as a client would (NBD_OPT_GO), from the probes' address (or
+        `source`): its size and flags, or why not. Raises ServerUnavailable/ProbeTimeout."""
+        route = self.route()
+        state = await self._timed_probe(
+            export_state(
+                route.host,
+                route.port,
+                name,
+                self._settings.probe_timeout_s,
+                source=source or route.source,
+            )
+        )
+        memory = self._memory()
+        memory.answered_at = time.monotonic()
+        if source is None and state != UNKNOWN:
+            memory.known.add(name)
+            if isinstance(state, ExportInfo):
+                memory.flags[name] = state.flags
+        return state
+
+    async def ping(self) -> None:
+        """Raises ServerUnavailable/ProbeTimeout unless the server answers an NBD_OPT_GO."""
+        await self.export_state(HEALTH_PROBE_NAME)
+
+    async def _answering(self) -> None:
+        """Returns at once when the server answered within `answer_ttl_s`; else one probe,
+        shared by every caller (single flight). Raises ServerUnavailable/ProbeTimeout."""
+        if time.monotonic() - self._memory().answered_at < self._settings.answer_ttl_s:
+            return
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self.export_state(HEALTH_PROBE_NAME))
+        # Shielded: one caller's cancellation must not cancel the probe the others await.
+        await asyncio.shield(self._heartbeat)
+
+    async def knows(self, name: str) -> bool:
+        """Whether the running server knows `name` (loaded, maybe released since): what
+        is remembered, else asked, once for every caller asking about that name at the
+        same time. Raises ServerUnavailable/ProbeTimeout."""
+        if name in self._memory().known:
+            return True
+        asking = self._asking.get(name)
+        if asking is None:
+            asking = asyncio.create_task(self.export_state(name))
+            self._asking[name] = asking
+            asking.add_done_callback(lambda _: self._asking.pop(name, None))
+        return await asyncio.shield(asking) != UNKNOWN
+
+    async def known_names(self, names: Iterable[str]) -> set[str]:
+        """Those of `names` the running server knows; only names not yet remembered are
+        asked, a few at a time."""
+        names = set(names)
+        await self._export_states(names - self._memory().known)
+        return names & self._memory().known
 
     async def servable(self, name: str) -> ExportInfo | None:
         state = await self.export_state(name)
@@ -266,25 +364,68 @@ class NbdServer:
         """What each export offers copy tools, as the server advertises it (None: it does
         not open). Asked once per export and server pid: a reload never changes them."""
         names = list(names)
-        known = self._known_flags()
         # export_state() keeps the flags of every export that opens.
-        await self._export_states(n for n in names if n not in known)
-        known = self._known_flags()
-        return {name: known.get(name) for name in names}
+        await self._export_states(n for n in names if n not in self._memory().flags)
+        flags = self._memory().flags
+        return {name: flags.get(name) for name in names}
+
+    async def unprotected(self, exports: Mapping[str, tuple[str, ...]]) -> dict[str, bool | None]:
+        """For each export (name -> the addresses it admits): True when it opens from an
+        address its authfile does not admit, i.e. the server loaded it without an
+        `authfile` line (before the worker wrote one; only a restart adds it); False when
+        that address is refused; None when it cannot be told (the export does not open,
+        no such address, or the export admits it). Known answers are kept per server pid."""
+        memory = self._memory()
+        canary = self.route().canary
+        gate = asyncio.Semaphore(PROBES_AT_ONCE)
+
+        async def ask(name: str, admitted: tuple[str, ...]) -> bool | None:
+            if name in memory.unprotected:
+                return memory.unprotected[name]
+            if canary is None or admits(admitted, canary):
+                return None
+            async with gate:
+                if not isinstance(await self.export_state(name), ExportInfo):
+                    return None
+                state = await self.export_state(name, source=canary)
+            if state == UNKNOWN:
+                return None
+            memory.unprotected[name] = isinstance(state, ExportInfo)
+            return memory.unprotected[name]
+
+        names = list(exports)
+        answers = await asyncio.gather(*(ask(name, exports[name]) for name in names))
+        return dict(zip(names, answers, strict=True))
+
+    def authfile_state(self, name: str, client_addresses: tuple[str, ...] | None) -> AuthfileState:
+        """Whether `name`'s authfile admits exactly `client_addresses` (None: nobody)."""
+        return authfile_state(
+            authfile_path(self._settings.auth_dir, name),
+            self.authfile_content(name, client_addresses),
+        )
+
+    def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool:
+        """Whether `name`'s authfile is in place and admits exactly these addresses (one
+        small read, for the reuse path)."""
+        return self.authfile_state(name, client_addresses) is AuthfileState.OK
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
-        """Listed by the server, its snippet on disk (so a restart keeps it), and its link
+        """Known to the server, its snippet on disk (so a restart keeps it), and its link
         pointing at `device_path` (so new connections open that device). `fresh=False`
-        accepts the shared recent listing (the reuse fast path)."""
-        pid = await self.vetted_pid()
+        trusts what is remembered while the server answers (the reuse fast path)."""
+        await self.vetted_pid()
         spec = self.spec(name)
         if link_target(spec.link_path) != device_path:
             return False
         if not has_snippet(self._settings.nbd_conf_dir, name):
             return False
-        if fresh or self._settings.baseline:
+        if self._settings.baseline:
+            # The original system: one `nbd-client -l` per job.
             return name in await self.listed_exports()
-        return name in await self._shared_listing(pid)
+        if fresh:
+            return await self.export_state(name) != UNKNOWN
+        await self._answering()
+        return await self.knows(name)
 
     # --- creates --------------------------------------------------------------------------
 
@@ -394,8 +535,9 @@ class NbdServer:
     ) -> dict[str, Ensured | WorkerError]:
         """The create steps for a batch; the caller holds the reload lock.
 
-        Each export is pointed at the device the database commits it to *now* (read under
-        the lock, so two workers cannot leave a link disagreeing with its row). Whether the
+        Each export is pointed at the device the database commits it to *now*, and admits
+        whom the database says (read under the lock, so two workers cannot leave a link or
+        an authfile disagreeing with its row). Whether the
         server knows a name, before and after the SIGHUP, is asked with NBD_OPT_GO on that
         name: one short connection whatever the number of exports (a listing carries every
         name: ~20 ms with 1,000 exports), and it proves the export opens. Errors are per
@@ -407,23 +549,33 @@ class NbdServer:
             *(items[name][1](name) for name in names), return_exceptions=True
         )
         linked: dict[str, str] = {}
-        for name, device in zip(names, devices, strict=True):
-            if isinstance(device, WorkerError):
-                results[name] = device
-            elif isinstance(device, BaseException):
-                raise device
-            elif device is None:
+        authfiles: dict[str, bytes] = {}
+        for name, committed in zip(names, devices, strict=True):
+            if isinstance(committed, WorkerError):
+                results[name] = committed
+            elif isinstance(committed, BaseException):
+                raise committed
+            elif committed is None:
                 results[name] = Ensured({}, sighup_sent=False, changed=False)
             else:
-                linked[name] = device
+                try:
+                    authfiles[name] = self.authfile_content(name, self.admitted(committed))
+                except ValueError as exc:  # a corrupt column: never guess who may connect
+                    results[name] = ConfigWriteError(
+                        f"{name}: the mapping's client_addresses are invalid ({exc})"
+                    )
+                    continue
+                linked[name] = committed.device_path
         try:
-            changed, replaced, created = await asyncio.to_thread(self._write_files, linked)
+            changed, replaced, created = await asyncio.to_thread(
+                self._write_files, linked, authfiles
+            )
             if changed:
                 crash_point("after_snippet")
             # A snippet we just created is news to the server unless the name is still in
-            # its memory (released, then prepared again): the shared listing, if we have
-            # one, says so. Everything else is asked.
-            remembered = self._listing.names if self._listing is not None else frozenset()
+            # its memory (released, then prepared again) as far as we know. Everything else
+            # is asked.
+            remembered = self._memory().known
             fresh = {name for name in created if name not in remembered}
             states: dict[str, ExportState] = dict.fromkeys(fresh, UNKNOWN)
             states |= await self._export_states(name for name in linked if name not in fresh)
@@ -481,14 +633,21 @@ class NbdServer:
         states = await asyncio.gather(*(ask(name) for name in names))
         return dict(zip(names, states, strict=True))
 
-    def _write_files(self, exports: Mapping[str, str]) -> tuple[set[str], set[str], set[str]]:
-        """Links and snippets; returns the names where anything changed, those whose
-        snippet had other content, and those whose snippet is new."""
+    def _write_files(
+        self, exports: Mapping[str, str], authfiles: Mapping[str, bytes]
+    ) -> tuple[set[str], set[str], set[str]]:
+        """Authfiles, links and snippets; returns the names where anything changed, those
+        whose snippet had other content, and those whose snippet is new."""
         changed, replaced, created = set(), set(), set()
         for name, device_path in exports.items():
             spec = self.spec(name)
-            # Each file is written and fsynced before its rename; the two directories are
-            # fsynced once for the batch, below, before anyone relies on them.
+            # Each file is written and fsynced before its rename; the directories are
+            # fsynced once for the batch, below, before anyone relies on them. The authfile
+            # first: a snippet names it, and a reload (ours, or another worker's) that
+            # loads the snippet while its authfile is missing would admit everyone.
+            assert spec.authfile is not None
+            if write_authfile(spec.authfile, authfiles[name], sync_dir=False):
+                changed.add(name)
             if point_link(spec.link_path, device_path, sync_dir=False):
                 changed.add(name)
             outcome = write_snippet(self._settings.nbd_conf_dir, spec, sync_dir=False)
@@ -508,6 +667,7 @@ class NbdServer:
                 )
         if changed:
             try:
+                fsync_dir(self._settings.auth_dir)
                 fsync_dir(self._settings.link_dir)
                 fsync_dir(self._settings.nbd_conf_dir)
             except OSError as exc:
@@ -522,7 +682,6 @@ class NbdServer:
         except ServerUnavailable:
             self._metrics.sighup_failures.inc()
             raise
-        self._generation += 1
         self._metrics.sighups.inc()
         crash_point("after_sighup")
         sent = time.monotonic()
@@ -553,37 +712,73 @@ class NbdServer:
         self._metrics.reload_visible.observe(time.monotonic() - sent)
         if not self.process.is_alive(pid):
             raise ServerUnavailable(f"nbd-server main process {pid} died after SIGHUP")
-        # A reload only adds names: the shared listing stays good with these added.
-        known = self._listing
-        if known is not None and known.pid == pid and known.generation == self._generation - 1:
-            self._listing = _Listing(pid, self._generation, known.taken_at, known.names | names)
         return states
 
     # --- other changes --------------------------------------------------------------------
 
-    async def point_export(self, name: str, device_path: str) -> None:
-        """Re-points the export's link only (new connections open `device_path`)."""
+    async def align_export(self, name: str, committed: CommittedDevice) -> bool:
+        """Makes the export's link and authfile agree with its row, read under the lock: a
+        reuse with other client addresses (the next connection is judged by the new
+        authfile, no reload), or the undoing of a failed relink. A row no longer active
+        removes the export as a release does. True if anything changed."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
-                await asyncio.to_thread(point_link, self.spec(name).link_path, device_path)
+                found = await committed(name)
+                if found is None:
+                    await self._remove_files(name)
+                    return True
+                spec = self.spec(name)
+                content = self.authfile_content(name, self.admitted(found))
+                assert spec.authfile is not None
+                wrote = await asyncio.to_thread(write_authfile, spec.authfile, content)
+                pointed = await asyncio.to_thread(point_link, spec.link_path, found.device_path)
+                return wrote or pointed
         except TimeoutError:
             raise self._lock_timeout() from None
+        except ValueError as exc:  # a corrupt client_addresses column
+            raise ConfigWriteError(
+                f"{name}: the mapping's client_addresses are invalid ({exc})"
+            ) from exc
 
     async def remove_export(self, name: str, committed: CommittedDevice) -> bool:
-        """Removes the export's snippet and link unless the database (read under the lock)
-        has it active again; True if removed. New connections then fail at once,
-        established ones keep their device, and the server forgets the name at restart."""
+        """Closes the export unless the database (read under the lock) has it active again;
+        True if it did. Its authfile is emptied first, so new connections are refused at
+        once although the server keeps the name until it restarts; then its snippet and
+        link go. Established connections keep their device."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
                 if await committed(name) is not None:
                     return False
-                await asyncio.to_thread(
-                    remove_export_files, self._settings.nbd_conf_dir, self.spec(name)
-                )
-                self._held.drop(name)
+                await self._remove_files(name)
                 return True
         except TimeoutError:
             raise self._lock_timeout() from None
+
+    async def _remove_files(self, name: str) -> None:
+        spec = self.spec(name)
+        assert spec.authfile is not None
+        # Emptied, never deleted: a missing authfile admits everyone.
+        await asyncio.to_thread(write_authfile, spec.authfile, self.authfile_content(name, None))
+        await asyncio.to_thread(remove_export_files, self._settings.nbd_conf_dir, spec)
+        self._held.drop(name)
+
+    async def repair_authfile(self, name: str, committed: CommittedDevice) -> bool:
+        """Rewrites the export's authfile from its row, read under the lock (an inactive
+        or missing row: nobody may connect). True if it wrote."""
+        try:
+            async with self._lock.hold(self._settings.lock_timeout_s):
+                found = await committed(name)
+                admitted = None if found is None else self.admitted(found)
+                spec = self.spec(name)
+                assert spec.authfile is not None
+                content = self.authfile_content(name, admitted)
+                return await asyncio.to_thread(write_authfile, spec.authfile, content)
+        except TimeoutError:
+            raise self._lock_timeout() from None
+        except ValueError as exc:
+            raise ConfigWriteError(
+                f"{name}: the mapping's client_addresses are invalid ({exc})"
+            ) from exc
 
     def close(self) -> None:
         """Lets go of the held device descriptors (the worker is stopping)."""

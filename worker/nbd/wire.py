@@ -1,5 +1,5 @@
-"""A native asyncio NBD client: list exports, open one with NBD_OPT_GO, and (for the
-data-path self-test) read, write, zero, flush and trim through it.
+"""A native asyncio NBD client: open an export with NBD_OPT_GO, and (for the data-path
+self-test) read, write, zero, flush and trim through it.
 
 `nbd-client -l` costs a process and ~45-50 ms per call (Nagle on the server, delayed ACK on
 the client); this handshake with TCP_NODELAY and TCP_QUICKACK takes ~1 ms, and GO is the
@@ -27,10 +27,8 @@ REQUEST_MAGIC = 0x25609513
 FLAG_FIXED_NEWSTYLE = 1
 FLAG_NO_ZEROES = 2
 OPT_ABORT = 2
-OPT_LIST = 3
 OPT_GO = 7
 REP_ACK = 1
-REP_SERVER = 2
 REP_INFO = 3
 REP_ERROR_BIT = 0x80000000
 INFO_EXPORT = 0
@@ -135,9 +133,11 @@ class _Session:
         return reply_type, await self.reader.readexactly(length)
 
 
-async def _open(host: str, port: int) -> _Session:
+async def _open(host: str, port: int, source: str | None) -> _Session:
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        # `source`: the address authfiles admit the worker's probes from.
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local)
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to nbd-server at {host}:{port}: {exc}") from exc
     sock = writer.get_extra_info("socket")
@@ -153,14 +153,16 @@ async def _close(session: _Session) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _session(host: str, port: int, timeout_s: float, what: str) -> AsyncIterator[_Session]:
+async def _session(
+    host: str, port: int, timeout_s: float, what: str, source: str | None = None
+) -> AsyncIterator[_Session]:
     """A handshaken session, closed on exit, the whole exchange under one deadline.
 
     Raises ProbeTimeout at the deadline and ServerUnavailable when the server is away or
     drops the connection."""
     try:
         async with asyncio.timeout(timeout_s):
-            session = await _open(host, port)
+            session = await _open(host, port, source)
             try:
                 await session.handshake()
                 yield session
@@ -172,28 +174,6 @@ async def _session(host: str, port: int, timeout_s: float, what: str) -> AsyncIt
         ) from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ServerUnavailable(f"nbd-server at {host}:{port} closed the connection") from exc
-
-
-async def list_exports_native(host: str, port: int, timeout_s: float) -> frozenset[str]:
-    """Export names the server lists (NBD_OPT_LIST). Raises ServerUnavailable/ProbeTimeout."""
-    async with _session(host, port, timeout_s, "a listing") as session:
-        session.send_option(OPT_LIST)
-        names = set()
-        while True:
-            reply_type, data = await session.read_reply()
-            if reply_type == REP_ACK:
-                break
-            if reply_type & REP_ERROR_BIT:
-                raise ServerUnavailable(
-                    f"nbd-server at {host}:{port} refused to list exports "
-                    "(is allowlist = true set in [generic]?)"
-                )
-            if reply_type == REP_SERVER:
-                (length,) = struct.unpack(">I", data[:4])
-                names.add(data[4 : 4 + length].decode(errors="replace"))
-        session.send_option(OPT_ABORT)
-        await session.writer.drain()
-        return frozenset(names)
 
 
 #: What NBD_OPT_GO said of an export: its size and flags when it opened, else why not.
@@ -235,13 +215,18 @@ def _disconnect(session: _Session) -> None:
     session.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
 
 
-async def export_state(host: str, port: int, name: str, timeout_s: float) -> ExportState:
-    """Opens `name` with NBD_OPT_GO, as a real client would, and disconnects at once.
+async def export_state(
+    host: str, port: int, name: str, timeout_s: float, *, source: str | None = None
+) -> ExportState:
+    """Opens `name` with NBD_OPT_GO, as a real client would, from the local address
+    `source` if given, and disconnects at once.
 
     One short connection whatever the number of exports, unlike a listing that carries
-    every name. Raises ServerUnavailable/ProbeTimeout when the server is away or hung.
+    every name, and it works with `allowlist = false`. REFUSED also when the export's
+    authfile does not admit `source`. Raises ServerUnavailable/ProbeTimeout when the server
+    is away or hung.
     """
-    async with _session(host, port, timeout_s, f"opening {name}") as session:
+    async with _session(host, port, timeout_s, f"opening {name}", source) as session:
         state = await _go(session, name)
         if isinstance(state, ExportInfo):
             _disconnect(session)
