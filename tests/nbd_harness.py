@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import struct
@@ -31,11 +32,21 @@ def server_binary() -> str:
     return found
 
 
+#: Below Linux's ephemeral range (32768-60999): a port picked now and bound later must not
+#: meanwhile become the local port of one of the thousands of short probe connections.
+LISTEN_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(100):
+        port = random.choice(LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 def wait_for(predicate: object, timeout_s: float, what: str) -> None:

@@ -95,11 +95,8 @@ async def _housekeeping(
         except WorkerError as exc:
             log.warning("Housekeeping failed: %s", exc)
         try:
-            active = await repository.list_mappings(active_only=True)
-            metrics.active_mappings.set(len(active))
             # Names the server knows are remembered per pid: only new ones are asked.
-            known = await server.known_names(m.export_name for m in active)
-            metrics.exports_live.set(len(known))
+            await _learn_known_exports(repository, server, metrics)
         except WorkerError as exc:
             log.warning("Housekeeping failed: %s", exc)
         try:
@@ -112,6 +109,15 @@ async def _housekeeping(
                 await _reconcile_and_record(repository, server, metrics)
         except WorkerError as exc:
             log.warning("Housekeeping failed: %s", exc)
+
+
+async def _learn_known_exports(repository: Repository, server: NbdServer, metrics: Metrics) -> None:
+    """Asks the server which active exports it knows (those not remembered yet, a few GOs
+    at a time), so that the first reuse of each after a start needs no probe of its own."""
+    active = await repository.list_mappings(active_only=True)
+    metrics.active_mappings.set(len(active))
+    known = await server.known_names(m.export_name for m in active)
+    metrics.exports_live.set(len(known))
 
 
 async def _reconcile_and_record(
@@ -234,6 +240,10 @@ async def serve(
                 await _reconcile_and_record(repository, server, metrics)
             except WorkerError as exc:
                 log.warning("Start-up reconciliation failed: %s", exc)
+        try:
+            await _learn_known_exports(repository, server, metrics)
+        except WorkerError as exc:
+            log.warning("Could not ask nbd-server which exports it has: %s", exc)
         ledger = JobLedger(repository)
         flow = _flow(settings, repository, server, ledger)
         queues = QueueConfig(

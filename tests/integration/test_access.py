@@ -350,3 +350,14 @@ async def test_hostile_client_addresses_are_invalid_and_reach_no_file(
     assert list(worker.settings.auth_dir.iterdir()) == []
     assert list(worker.settings.nbd_conf_dir.glob("*.conf")) == []
     assert not os.listdir(worker.settings.link_dir)
+
+
+async def test_releasing_what_was_never_prepared_writes_no_authfile(
+    worker: RunningWorker, scheduler: Scheduler
+) -> None:
+    released = await scheduler.request(
+        {"type": "release-export", "job_id": "never", "disk_unit_number": 3,
+         "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59"}
+    )  # fmt: skip
+    assert released["was_active"] is False
+    assert list(worker.settings.auth_dir.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from pydantic import ValidationError
 from worker.access import admits, authfile_line, normalize_client_addresses
 from worker.cli import _exposure_warnings
 from worker.messages import PrepareExport
+from worker.metrics import build_metrics
 from worker.nbd.files import AuthfileState, authfile_state, render_authfile, write_authfile
+from worker.nbd.server import NbdServer
 from worker.settings import Settings
 
 JOB = {"job_id": "j", "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "vm_name": "v",
@@ -129,3 +132,22 @@ def test_settings_refuse_a_bad_default() -> None:
         "10.0.0.1",
         "::1",
     )
+
+
+def test_the_reuse_check_sees_an_authfile_changed_in_place(tmp_path: Path) -> None:
+    settings = Settings(auth_dir=tmp_path, nbd_host="127.0.0.1")
+    server = NbdServer(settings, build_metrics("t"))
+    name = "migration-vm-4205784a-098a-40f1-1f1e-a5cd2597fd59-disk0"
+    door = tmp_path / f"{name}.allow"
+    admitted = ("10.0.0.1",)
+    write_authfile(door, server.authfile_content(name, admitted))
+    assert server.admits(name, admitted)
+    assert server.admits(name, admitted)  # from what it remembers
+    assert not server.admits(name, ("10.0.0.2",))
+    time.sleep(0.05)  # past a coarse clock tick
+    text = door.read_text()
+    with door.open("r+") as f:  # the same size, the same inode: only the ctime moves
+        f.write(text.replace("10.0.0.1/32", "10.0.0.9/32"))
+    assert not server.admits(name, admitted)
+    door.unlink()
+    assert not server.admits(name, admitted)

@@ -133,8 +133,8 @@ class SnippetWrite(Enum):
     server already has, so a listed export keeps serving the old path until a restart."""
     OPTIONS_CHANGED = "options_changed"
     """An existing snippet opened the same link with other options (one written before
-    the data-path options, or with other settings): harmless to rewrite; a loaded export
-    keeps its old options until a restart."""
+    the data-path options or the authfile line, or with other settings): harmless to
+    rewrite; a loaded export keeps its old options until a restart."""
 
 
 def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) -> SnippetWrite:

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import socket
 import threading
 import time
@@ -80,6 +81,8 @@ HEALTH_PROBE_NAME = "nbd-export-worker-health-probe"
 #: An IPv4 loopback address no authfile of ours admits (unless a job admits all of
 #: 127.0.0.0/8): an export that opens from here does not read its authfile.
 CANARY_ADDRESS_V4 = "127.255.255.254"
+#: Authfiles whose last good reading is kept for the reuse path (then forgotten at once).
+MAX_REMEMBERED_DOORS = 20_000
 T = TypeVar("T")
 
 
@@ -166,6 +169,13 @@ def probe_route(host: str, port: int, source: str = "") -> ProbeRoute:
     return ProbeRoute(server_ip, port, source, canary)
 
 
+@functools.lru_cache(maxsize=4096)
+def _authfile_for(name: str, client_addresses: tuple[str, ...], source: str) -> bytes:
+    # Cached: the reuse path compares every job's authfile, and parsing the addresses
+    # again costs more than reading the file.
+    return render_authfile(name, [*client_addresses, source])
+
+
 @dataclass
 class _Remembered:
     """What the running server (one main pid) is known to have: names it knows (a name is
@@ -198,6 +208,8 @@ class NbdServer:
         self._route: ProbeRoute | None = None
         self._heartbeat: asyncio.Task[ExportState] | None = None
         self._asking: dict[str, asyncio.Task[ExportState]] = {}
+        #: name -> (the authfile's identity when last found right, its content then).
+        self._doors: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
         self._held = HeldDevices()
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
@@ -231,7 +243,7 @@ class NbdServer:
         (None: released, nobody may connect)."""
         if client_addresses is None:
             return render_authfile(name, [])
-        return render_authfile(name, [*client_addresses, self.route().source])
+        return _authfile_for(name, client_addresses, self.route().source)
 
     @property
     def default_client_addresses(self) -> tuple[str, ...]:
@@ -291,12 +303,14 @@ class NbdServer:
         finally:
             self._metrics.probe_duration.observe(time.monotonic() - started)
 
-    def _memory(self) -> _Remembered:
-        """What is remembered of the running server; forgotten when its pid changes."""
-        try:
-            pid = self.process.running_pid()
-        except ServerUnavailable:
-            pid = 0
+    def _memory(self, pid: int | None = None) -> _Remembered:
+        """What is remembered of the running server (or of `pid`, just read); forgotten
+        when its pid changes."""
+        if pid is None:
+            try:
+                pid = self.process.running_pid()
+            except ServerUnavailable:
+                pid = 0
         if self._remembered.pid != pid:
             self._remembered = _Remembered(pid, set(), {}, {})
         return self._remembered
@@ -326,21 +340,21 @@ class NbdServer:
         """Raises ServerUnavailable/ProbeTimeout unless the server answers an NBD_OPT_GO."""
         await self.export_state(HEALTH_PROBE_NAME)
 
-    async def _answering(self) -> None:
-        """Returns at once when the server answered within `answer_ttl_s`; else one probe,
-        shared by every caller (single flight). Raises ServerUnavailable/ProbeTimeout."""
-        if time.monotonic() - self._memory().answered_at < self._settings.answer_ttl_s:
+    async def _answering(self, pid: int) -> None:
+        """Returns at once when the server (`pid`) answered within `answer_ttl_s`; else one
+        probe, shared by every caller (single flight). Raises ServerUnavailable/ProbeTimeout."""
+        if time.monotonic() - self._memory(pid).answered_at < self._settings.answer_ttl_s:
             return
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self.export_state(HEALTH_PROBE_NAME))
         # Shielded: one caller's cancellation must not cancel the probe the others await.
         await asyncio.shield(self._heartbeat)
 
-    async def knows(self, name: str) -> bool:
+    async def knows(self, name: str, pid: int | None = None) -> bool:
         """Whether the running server knows `name` (loaded, maybe released since): what
         is remembered, else asked, once for every caller asking about that name at the
         same time. Raises ServerUnavailable/ProbeTimeout."""
-        if name in self._memory().known:
+        if name in self._memory(pid).known:
             return True
         asking = self._asking.get(name)
         if asking is None:
@@ -405,15 +419,32 @@ class NbdServer:
         )
 
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool:
-        """Whether `name`'s authfile is in place and admits exactly these addresses (one
-        small read, for the reuse path)."""
-        return self.authfile_state(name, client_addresses) is AuthfileState.OK
+        """Whether `name`'s authfile is in place and admits exactly these addresses: for
+        the reuse path, one lstat when the file is as it was last read and found right
+        (a change moves its ctime, which no one can set; on kernels without fine-grained
+        timestamps a change within the same clock tick, a few ms, could go unseen until
+        the next), else a small read."""
+        path = authfile_path(self._settings.auth_dir, name)
+        expected = self.authfile_content(name, client_addresses)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mode)
+        if self._doors.get(name) == (key, expected):
+            return True
+        if authfile_state(path, expected) is not AuthfileState.OK:
+            return False
+        if len(self._doors) >= MAX_REMEMBERED_DOORS:
+            self._doors.clear()
+        self._doors[name] = (key, expected)
+        return True
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         """Known to the server, its snippet on disk (so a restart keeps it), and its link
         pointing at `device_path` (so new connections open that device). `fresh=False`
         trusts what is remembered while the server answers (the reuse fast path)."""
-        await self.vetted_pid()
+        pid = await self.vetted_pid()
         spec = self.spec(name)
         if link_target(spec.link_path) != device_path:
             return False
@@ -424,8 +455,8 @@ class NbdServer:
             return name in await self.listed_exports()
         if fresh:
             return await self.export_state(name) != UNKNOWN
-        await self._answering()
-        return await self.knows(name)
+        await self._answering(pid)
+        return await self.knows(name, pid)
 
     # --- creates --------------------------------------------------------------------------
 
@@ -660,8 +691,9 @@ class NbdServer:
                 replaced.add(name)
             elif outcome is SnippetWrite.OPTIONS_CHANGED:
                 log.warning(
-                    "Rewrote the snippet of %s with the current data-path options; a loaded "
-                    "export keeps its old ones until nbd-server restarts export_name=%s",
+                    "Rewrote the snippet of %s with the current options (data path, "
+                    "authfile); a loaded export keeps its old ones until nbd-server restarts "
+                    "export_name=%s",
                     name,
                     name,
                 )
@@ -757,10 +789,21 @@ class NbdServer:
     async def _remove_files(self, name: str) -> None:
         spec = self.spec(name)
         assert spec.authfile is not None
-        # Emptied, never deleted: a missing authfile admits everyone.
-        await asyncio.to_thread(write_authfile, spec.authfile, self.authfile_content(name, None))
+        # Emptied, never deleted: a missing authfile admits everyone. Not created for a
+        # name that never had any file (a release of what was never prepared).
+        if await asyncio.to_thread(self._has_files, spec):
+            content = self.authfile_content(name, None)
+            await asyncio.to_thread(write_authfile, spec.authfile, content)
         await asyncio.to_thread(remove_export_files, self._settings.nbd_conf_dir, spec)
         self._held.drop(name)
+
+    def _has_files(self, spec: ExportSpec) -> bool:
+        assert spec.authfile is not None
+        return (
+            os.path.lexists(spec.authfile)
+            or os.path.lexists(spec.link_path)
+            or has_snippet(self._settings.nbd_conf_dir, spec.name)
+        )
 
     async def repair_authfile(self, name: str, committed: CommittedDevice) -> bool:
         """Rewrites the export's authfile from its row, read under the lock (an inactive
