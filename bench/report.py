@@ -537,7 +537,7 @@ def render_markdown(results: Results) -> str:
             "peak RSS (VmHWM)",
             "jobs",
             "SIGHUPs",
-            "SIGHUP to listed, mean ms",
+            "SIGHUP to known, mean ms",
             "probes",
             "probe mean ms",
             "DB retries",
