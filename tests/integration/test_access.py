@@ -56,6 +56,24 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return run_worker_cli(*args, env=env_for(settings))
 
 
+async def reconciled_drift(settings: Settings, kind: str) -> float | None:
+    """One reconciliation as the worker runs it (start-up, periodic); the drift gauge of
+    `kind` it leaves."""
+    metrics = build_metrics("reconcile-test")
+    repository = await Repository.connect(
+        settings.database_url, node_id=settings.node_id, pool_size=2, timeout_s=5
+    )
+    server = NbdServer(settings, metrics)
+    try:
+        await _reconcile_and_record(repository, server, metrics)
+    finally:
+        server.close()
+        await repository.close()
+    return metrics.registry.get_sample_value(
+        "nbd_export_reconcile_drift", {"kind": kind, "node": "reconcile-test"}
+    )
+
+
 async def test_only_the_jobs_clients_connect_and_a_new_job_switches_them_without_sighup(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
@@ -164,21 +182,7 @@ async def test_a_deleted_authfile_is_reported_then_restored_by_reconciliation(
     assert authfile(worker.settings, name).exists() is False  # a dry run changes nothing
 
     # The worker's own reconciliation (start-up, periodic): reported on the drift gauge.
-    metrics = build_metrics("access-test")
-    settings = worker.settings
-    repository = await Repository.connect(
-        settings.database_url, node_id=settings.node_id, pool_size=2, timeout_s=5
-    )
-    server = NbdServer(settings, metrics)
-    try:
-        await _reconcile_and_record(repository, server, metrics)
-    finally:
-        server.close()
-        await repository.close()
-    drift = metrics.registry.get_sample_value(
-        "nbd_export_reconcile_drift", {"kind": "authfile", "node": "access-test"}
-    )
-    assert drift == 1
+    assert await reconciled_drift(worker.settings, "authfile") == 1
     assert go_reply(nbd_server.port, name, source=STRANGER) == REP_ERR_POLICY
     assert go_reply(nbd_server.port, name, source=TOOL_A) == REP_ACK
     after = await asyncio.to_thread(cli, worker.settings, "check")
@@ -288,20 +292,7 @@ async def test_an_export_loaded_without_an_authfile_line_is_named_unprotected(
         for line in check.stdout.splitlines()
     ), check.stdout
 
-    metrics = build_metrics("unprotected-test")
-    repository = await Repository.connect(
-        settings.database_url, node_id=settings.node_id, pool_size=2, timeout_s=5
-    )
-    server = NbdServer(settings, metrics)
-    try:
-        await _reconcile_and_record(repository, server, metrics)
-    finally:
-        server.close()
-        await repository.close()
-    drift = metrics.registry.get_sample_value(
-        "nbd_export_reconcile_drift", {"kind": "unprotected", "node": "unprotected-test"}
-    )
-    assert drift == 1
+    assert await reconciled_drift(settings, "unprotected") == 1
     # Reconciliation rewrote the snippet: the next start of nbd-server protects it.
     assert "authfile = " in snippet_path(settings.nbd_conf_dir, name).read_text()
     nbd_server.stop()
