@@ -166,13 +166,13 @@ class FakeExportServer:
 
     async def align_export(
         self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
-    ) -> bool:
+    ) -> CommittedExport | None:
         found = await self._write_authfile(name, committed)
         if found is None:
             self.links.pop(name, None)
         else:
             self.links[name] = found.device_path
-        return True
+        return found
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
         live = name in self.listed and self.links.get(name) == device_path

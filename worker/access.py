@@ -75,12 +75,23 @@ def authfile_line(address: str) -> str:
 
 
 def admits(addresses: Iterable[str], address: str) -> bool:
-    """Whether one of `addresses` (canonical) covers the host `address`."""
+    """Whether one of `addresses` (canonical) covers the host `address`, also as nbd-server
+    sees an IPv4 client on a dual-stack socket: as ::ffff:a.b.c.d, which IPv6 networks
+    such as ::/0 cover."""
     host = parse_network(address)
+    forms: list[Network] = [host]
+    if isinstance(host, ipaddress.IPv4Network):
+        forms.append(ipaddress.IPv6Network(f"::ffff:{host.network_address}/128"))
     return any(
-        (net := parse_network(a)).version == host.version and host.subnet_of(net)  # type: ignore[arg-type]
-        for a in addresses
+        form.version == net.version and form.subnet_of(net)  # type: ignore[arg-type]
+        for net in map(parse_network_raw, addresses)
+        for form in forms
     )
+
+
+def parse_network_raw(text: str) -> Network:
+    """A canonical entry as the network it is, without mapping IPv4-in-IPv6 networks."""
+    return ipaddress.ip_network(text, strict=True)
 
 
 def all_loopback(addresses: Iterable[str]) -> bool:

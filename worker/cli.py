@@ -223,7 +223,10 @@ async def serve(
     # Created traversable by nbd-server and writable by the worker only (the links choose
     # devices); an existing directory keeps the mode its installer gave it.
     settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    settings.auth_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not settings.auth_dir.is_dir():
+        settings.auth_dir.mkdir(parents=True, exist_ok=True)
+        # Whatever the umask: nbd-server (often another user) must enter it.
+        settings.auth_dir.chmod(0o755)
     repository = await Repository.connect(
         settings.database_url,
         node_id=settings.node_id,
@@ -669,14 +672,15 @@ async def _access_results(
     the client addresses of active exports that are not loopback."""
     async with _adapters(settings) as (repository, _):
         report = await reconcile(repository, server, dry_run=True)
-        remote = [
-            a
-            for m in await repository.list_mappings(active_only=True)
-            for a in m.admitted(settings.client_addresses)
-            if not all_loopback([a])
-        ]
+        remote: list[str] = []
+        for m in await repository.list_mappings(active_only=True):
+            with contextlib.suppress(ValueError):  # a corrupt row: reported above
+                remote += [
+                    a for a in m.admitted(settings.client_addresses) if not all_loopback([a])
+                ]
     problems = [f"{n} ({state})" for n, state in report.authfiles_repaired.items()]
     results: list[tuple[str, str | None]] = [
+        ("nbd-server's user can read the authfiles", report.auth_dir_problem),
         (
             "every export's authfile in place, readable and right",
             f"{', '.join(problems)}: run reconcile (a missing or unreadable authfile admits "

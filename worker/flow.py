@@ -80,7 +80,7 @@ class ExportServer(Protocol):
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
     async def ensure_export(self, name: str, device_path: str, committed: Committed) -> Ensured: ...
-    async def align_export(self, name: str, committed: Committed) -> bool: ...
+    async def align_export(self, name: str, committed: Committed) -> CommittedExport | None: ...
     async def remove_export(self, name: str, committed: Committed) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
     async def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
@@ -180,7 +180,9 @@ class ExportFlow:
 
     def _admits_now(self, mapping: Mapping, admitted: tuple[str, ...]) -> bool:
         """Whether the mapping's row admits `admitted` (rows from before: the default)."""
-        stored = mapping.client_addresses or stored_addresses(self._client_addresses)
+        stored = mapping.client_addresses
+        if stored is None:
+            stored = stored_addresses(self._client_addresses)
         return stored == stored_addresses(admitted)
 
     def _ready(
@@ -269,7 +271,12 @@ class ExportFlow:
                     await self._mappings.set_client_addresses(*key, stored_addresses(admitted))
                 if not self._server.admits(name, admitted):
                     # Takes effect on the next connection: the server reads it every time.
-                    await self._server.align_export(name, self._mappings.committed_export)
+                    found = await self._server.align_export(name, self._mappings.committed_export)
+                    if found is None or found.client_addresses != stored_addresses(admitted):
+                        raise Superseded(
+                            f"export {name} was released, or given other clients, by another "
+                            "job while this one ran; send the job again"
+                        )
                     log.info(
                         "Export admits other clients now, without SIGHUP job_id=%s "
                         "export_name=%s client_addresses=%s",

@@ -283,7 +283,8 @@ class ExportReady(BaseModel):
         # A default for records of replies made before exports had access control.
         default=None,
         description="Who may connect to the export now (the job's client_addresses, or the "
-        "worker's default), normalized: the export refuses everyone else.",
+        "worker's default), normalized: the export refuses everyone else but the worker's "
+        "own probes.",
     )
 
 

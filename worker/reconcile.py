@@ -21,12 +21,14 @@ import logging
 from dataclasses import dataclass, field
 
 from worker.devices import device_present
+from worker.errors import WorkerError
 from worker.mappings import Mapping
 from worker.nbd.files import (
     AuthfileState,
     has_snippet,
     link_target,
     list_snippet_names,
+    safe_export_name,
     snippet_outdated,
 )
 from worker.nbd.server import NbdServer
@@ -58,6 +60,8 @@ class ReconcileReport:
     #: Active exports that open from an address their authfile does not admit: loaded
     #: without an `authfile` line, they admit everyone until nbd-server restarts.
     unprotected_exports: list[str] = field(default_factory=list)
+    #: Why the server cannot read the authfiles at all (then it admits everyone).
+    auth_dir_problem: str | None = None
     sighup_sent: bool = False
 
     def drift(self) -> dict[str, int]:
@@ -73,12 +77,15 @@ class ReconcileReport:
             "no_flush": len(self.exports_without_flush),
             "authfile": len(self.authfiles_repaired),
             "unprotected": len(self.unprotected_exports),
+            "auth_dir": int(self.auth_dir_problem is not None),
         }
 
     def lines(self) -> list[str]:
         """A human summary: what was done (or, in a dry run, what would be)."""
         done = not self.dry_run
         out = [f"active mappings: {self.active}"]
+        if self.auth_dir_problem:
+            out.append(f"AUTHFILES UNREADABLE BY THE SERVER: {self.auth_dir_problem}")
         authfiles = [f"{name} ({found})" for name, found in self.authfiles_repaired.items()]
         for label, names in (
             ("authfiles rewritten" if done else "authfiles to rewrite", authfiles),
@@ -135,20 +142,30 @@ async def reconcile(
     mapped = {m.export_name for m in mappings}
     report.active = len(active)
     report.orphan_snippets = sorted(list_snippet_names(conf_dir, EXPORT_PREFIX) - mapped)
+    odd = [name for name in report.orphan_snippets if not safe_export_name(name)]
+    if odd:
+        # Not a name the worker gives: reported, never used to name a file.
+        log.error("Snippets with names the worker never gives names=%r", odd)
 
     # Authfiles before anything that needs the server: they are the door.
     admitted: dict[str, tuple[str, ...]] = {}
+    corrupt: list[str] = []
     for name, mapping in sorted(active.items()):
         try:
             admitted[name] = mapping.admitted(server.default_client_addresses)
         except ValueError as exc:
+            # Never guess who may connect: nobody, until a job names its clients again.
             log.error("Mapping of %s has invalid client_addresses: %s", name, exc)  # noqa: TRY400
-    doors: dict[str, tuple[str, ...] | None] = dict.fromkeys(released + report.orphan_snippets)
+            corrupt.append(name)
+    doors: dict[str, tuple[str, ...] | None] = dict.fromkeys(
+        name for name in released + report.orphan_snippets + corrupt if safe_export_name(name)
+    )
     doors.update(admitted)
     for name, addresses in doors.items():
         state = server.authfile_state(name, addresses)
         if state is not AuthfileState.OK:
-            report.authfiles_repaired[name] = state.value
+            found = "invalid client_addresses" if name in corrupt else state.value
+            report.authfiles_repaired[name] = found
     if report.authfiles_repaired:
         log.warning(
             "Authfiles missing, unreadable or wrong dry_run=%s exports=%s",
@@ -157,14 +174,21 @@ async def reconcile(
         )
         if not dry_run:
             for name in report.authfiles_repaired:
-                # Re-read under the config lock: a job may have changed the row since.
-                await server.repair_authfile(name, repository.committed_export)
+                try:
+                    # Re-read under the config lock: a job may have changed the row since.
+                    await server.repair_authfile(name, repository.committed_export)
+                except WorkerError as exc:  # the others are still worth repairing
+                    log.error("Cannot rewrite the authfile of %s: %s", name, exc)  # noqa: TRY400
 
     await server.ping()  # the server answers, or nothing below can be judged
+    report.auth_dir_problem = server.auth_dir_problem()
+    if report.auth_dir_problem:
+        log.error("%s", report.auth_dir_problem)
     asked = set(active) | {
         name
         for name in released + report.orphan_snippets
-        if thorough or has_snippet(conf_dir, name) or server.spec(name).link_path.is_symlink()
+        if safe_export_name(name)
+        and (thorough or has_snippet(conf_dir, name) or server.spec(name).link_path.is_symlink())
     }
     known = await server.known_names(asked) | server.remembered_names()
 
@@ -199,7 +223,14 @@ async def reconcile(
         report.exports_without_flush = [
             name for name, found in flags.items() if found is not None and not found.can_flush
         ]
-    verdicts = await server.unprotected({n: admitted[n] for n in loaded if n in admitted})
+    # Only exports whose authfile is right now: one that is missing admits everyone anyway,
+    # which says nothing about what the server loaded.
+    doors_right = {
+        n: admitted[n]
+        for n in loaded
+        if n in admitted and server.authfile_state(n, admitted[n]) is AuthfileState.OK
+    }
+    verdicts = await server.unprotected(doors_right)
     report.unprotected_exports = [name for name, bad in verdicts.items() if bad]
     if report.unprotected_exports:
         log.error(

@@ -30,6 +30,7 @@ from tests.nbd_harness import (
     NbdServerProcess,
     go_reply,
 )
+from tests.sql import execute_sql
 from tests.worker_process import env_for
 from worker.cli import _reconcile_and_record
 from worker.metrics import build_metrics
@@ -352,3 +353,24 @@ async def test_releasing_what_was_never_prepared_writes_no_authfile(
     )  # fmt: skip
     assert released["was_active"] is False
     assert list(worker.settings.auth_dir.iterdir()) == []
+
+
+async def test_a_corrupt_address_column_closes_the_export_rather_than_guess(
+    worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    request = job(device=make_disk(disks_dir, "c"), client_addresses=[TOOL_A])
+    name = (await scheduler.request(request))["export_name"]
+    await execute_sql(
+        worker.settings.database_url,
+        "UPDATE vm_export_mappings SET client_addresses = '0.0.0.0/0\\n#' "
+        f"WHERE export_name = '{name}'",
+    )
+    reconciled = await asyncio.to_thread(cli, worker.settings, "reconcile")
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert f"  {name} (invalid client_addresses)" in reconciled.stdout
+    assert go_reply(nbd_server.port, name, source=TOOL_A) == REP_ERR_POLICY
+    assert "0.0.0.0" not in authfile(worker.settings, name).read_text()
+    # A job naming its clients again repairs the row and opens the export to them.
+    again = await scheduler.request({**request, "job_id": "again"})
+    assert again["action"] == "reused"
+    assert go_reply(nbd_server.port, name, source=TOOL_A) == REP_ACK

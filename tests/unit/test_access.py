@@ -13,8 +13,14 @@ from worker.access import admits, authfile_line, normalize_client_addresses
 from worker.cli import _exposure_warnings
 from worker.messages import PrepareExport
 from worker.metrics import build_metrics
-from worker.nbd.files import AuthfileState, authfile_state, render_authfile, write_authfile
-from worker.nbd.server import NbdServer
+from worker.nbd.files import (
+    AuthfileState,
+    authfile_state,
+    render_authfile,
+    searchable_by,
+    write_authfile,
+)
+from worker.nbd.server import NbdServer, canary_for
 from worker.settings import Settings
 
 JOB = {"job_id": "j", "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "vm_name": "v",
@@ -104,7 +110,9 @@ def test_authfile_state_tells_what_is_wrong(tmp_path: Path) -> None:
 def test_admits_compares_hosts_with_networks() -> None:
     assert admits(["127.0.0.0/8"], "127.255.255.254")
     assert not admits(["127.0.0.1", "::1"], "127.255.255.254")
-    assert not admits(["::/0"], "127.0.0.1")
+    # On a dual-stack socket nbd-server sees IPv4 clients as ::ffff:a.b.c.d.
+    assert admits(["::/0"], "127.0.0.1")
+    assert not admits(["fd00::/8"], "127.0.0.1")
 
 
 def test_check_warns_about_exposure() -> None:
@@ -151,3 +159,31 @@ def test_the_reuse_check_sees_an_authfile_changed_in_place(tmp_path: Path) -> No
     assert not server.admits(name, admitted)
     door.unlink()
     assert not server.admits(name, admitted)
+
+
+def test_a_directory_the_server_cannot_enter_is_found(tmp_path: Path) -> None:
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp: searchable by everyone
+    auth = top / "auth"
+    auth.mkdir()
+    try:
+        nobody, nogroup = 65534, {65534}
+        os.chmod(top, 0o755)
+        assert searchable_by(auth, nobody, nogroup)
+        os.chmod(top, 0o700)  # owned by root: nobody cannot pass through it
+        assert not searchable_by(auth, nobody, nogroup)
+        assert searchable_by(auth, 0, set())
+        os.chmod(top, 0o750)
+        os.chown(top, 0, 65534)
+        assert searchable_by(auth, nobody, nogroup)
+    finally:
+        os.chmod(top, 0o755)
+        auth.rmdir()
+        top.rmdir()
+
+
+def test_the_canary_is_used_only_on_ipv4_loopback() -> None:
+    assert canary_for("127.0.0.1", "127.0.0.1") == "127.255.255.254"
+    assert canary_for("10.0.0.5", "10.0.0.5") is None  # from 127/8 connect() fails
+    assert canary_for("::1", "::1") is None

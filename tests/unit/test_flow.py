@@ -540,3 +540,50 @@ def test_a_release_recorded_before_releases_flushed_still_repeats() -> None:
         "export_name": "e", "was_active": True, "node_id": "n",
     }  # fmt: skip
     assert ExportReleased.model_validate(old).flushed is False
+
+
+def with_clients(job: PrepareExport, *addresses: str) -> PrepareExport:
+    return job.model_copy(update={"client_addresses": addresses})
+
+
+async def test_other_clients_switch_the_authfile_without_a_reload(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    first = await flow.prepare_export(with_clients(request(disk), "10.0.0.1"))
+    assert first.client_addresses == ["10.0.0.1"]
+    name = first.export_name
+    assert server.authfiles[name] == ("10.0.0.1",)
+    writes = server.authfile_writes
+
+    same = await flow.prepare_export(with_clients(request(disk), "10.0.0.1"))
+    assert server.authfile_writes == writes  # the fast path: nothing written
+
+    other = await flow.prepare_export(with_clients(request(disk), "10.0.0.2"))
+    assert (other.action, other.reused) == (Action.REUSED, True)
+    assert other.client_addresses == ["10.0.0.2"]
+    assert server.authfiles[name] == ("10.0.0.2",)
+    assert mappings.rows[(VM, 0)].client_addresses == "10.0.0.2"
+    assert server.sighups == 1
+    assert same.action is Action.REUSED
+
+    default = await flow.prepare_export(request(disk))
+    assert default.client_addresses == ["127.0.0.1", "::1"]
+    assert server.authfiles[name] == ("127.0.0.1", "::1")
+
+
+async def test_a_switch_raced_by_a_release_is_not_answered_reused(
+    tmp_path: Path, disk: Path
+) -> None:
+    flow, mappings, server = make_flow(tmp_path)
+    await flow.prepare_export(with_clients(request(disk), "10.0.0.1"))
+    real_set = mappings.set_client_addresses
+
+    async def released_meanwhile(vm_id: str, disk_unit_number: int, addresses: str) -> None:
+        await real_set(vm_id, disk_unit_number, addresses)
+        await mappings.deactivate(vm_id, disk_unit_number, "rel", flushed=True)
+
+    mappings.set_client_addresses = released_meanwhile  # type: ignore[method-assign,assignment]
+    with pytest.raises(Superseded):
+        await flow.prepare_export(with_clients(request(disk), "10.0.0.2"))
+    assert server.authfiles[request(disk).export_name] is None  # closed: nobody

@@ -8,6 +8,7 @@ never a torn one, and never a second file defining the same export.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ SNIPPET_SUFFIX = ".conf"
 TEMP_SUFFIX = ".tmp"
 SNIPPET_MODE = 0o644
 AUTHFILE_SUFFIX = ".allow"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: Read by nbd-server (often another user) on every connection; written by the worker only.
 AUTHFILE_MODE = 0o644
 
@@ -229,16 +231,31 @@ def list_snippet_names(conf_dir: Path, prefix: str) -> set[str]:
 # --- authfiles ----------------------------------------------------------------------------
 
 
+def safe_export_name(name: str) -> bool:
+    """Whether `name` may name files (export names come from validated ids; this guards the
+    names read back from the database or from snippet file names)."""
+    return _SAFE_NAME.fullmatch(name) is not None
+
+
+def _checked(name: str) -> str:
+    if not safe_export_name(name):
+        raise ValueError(f"not a name the worker gives an export: {name[:80]!r}")
+    return name
+
+
 def authfile_path(auth_dir: Path, name: str) -> Path:
     """Fixed by the export's name: the snippet names it once, and a reload never changes
-    what a loaded export reads, so the path must never move."""
-    return auth_dir / f"{name}{AUTHFILE_SUFFIX}"
+    what a loaded export reads, so the path must never move. Raises ValueError for a name
+    the worker never gives."""
+    return auth_dir / f"{_checked(name)}{AUTHFILE_SUFFIX}"
 
 
 def render_authfile(name: str, admitted: Iterable[str]) -> bytes:
     """Who may connect to `name`, one network per line (nothing admitted: nobody may). The
-    addresses come from `normalize_client_addresses` only (digits, hex, `.`, `:`, `/`)."""
-    lines = [f"# Managed by nbd-export-worker: who may connect to {name}."]
+    addresses come from `normalize_client_addresses` only (digits, hex, `.`, `:`, `/`), the
+    name is checked: nothing else reaches the file, and every line is far below
+    nbd-server's 256-character line buffer."""
+    lines = [f"# Managed by nbd-export-worker: who may connect to {_checked(name)}."]
     entries = [authfile_line(address) for address in admitted]
     if not entries:
         # An empty authfile refuses everyone; a missing one would admit everyone.
@@ -287,4 +304,26 @@ def write_authfile(path: Path, content: bytes, *, sync_dir: bool = True) -> bool
         _replace_file(path, content, AUTHFILE_MODE, sync_dir=sync_dir)
     except OSError as exc:
         raise ConfigWriteError(f"cannot write authfile {path}: {exc.strerror}") from exc
+    return True
+
+
+def searchable_by(directory: Path, uid: int, gids: set[int]) -> bool:
+    """Whether a process with these (file-system) ids can reach files in `directory`: it
+    and every directory above it searchable (nbd-server admits everyone when it cannot
+    open an authfile, so a directory it cannot enter opens every export)."""
+    if uid == 0:
+        return True
+    for part in (directory, *directory.parents):
+        try:
+            st = os.stat(part)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
     return True

@@ -96,6 +96,22 @@ def read_pid_file(pid_file: Path) -> int:
     return int(text)
 
 
+def file_credentials(pid: int) -> tuple[int, set[int]]:
+    """The file-system uid and the gids (primary and supplementary) a process opens files
+    with, from /proc/PID/status. Raises ServerUnavailable."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        raise ServerUnavailable(f"nbd-server process {pid} is not running") from exc
+    fields = {key: value.split() for key, _, value in (line.partition(":") for line in lines)}
+    try:
+        uid = int(fields["Uid"][3])
+        gids = {int(fields["Gid"][3]), *(int(g) for g in fields.get("Groups", []))}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ServerUnavailable(f"cannot read the credentials of process {pid}") from exc
+    return uid, gids
+
+
 def check_main_process(pid: int, config_file: Path) -> None:
     """Raises ServerUnavailable unless `pid` is a live nbd-server main process using our config.
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -55,11 +56,12 @@ from worker.nbd.files import (
     point_link,
     remove_export_files,
     render_authfile,
+    searchable_by,
     write_authfile,
     write_snippet,
 )
 from worker.nbd.probe import list_exports
-from worker.nbd.process import MainProcess, ReloadLock
+from worker.nbd.process import MainProcess, ReloadLock, file_credentials
 from worker.nbd.selftest import SelfTestResult, run_self_test
 from worker.nbd.wire import (
     UNKNOWN,
@@ -165,8 +167,16 @@ def probe_route(host: str, port: int, source: str = "") -> ProbeRoute:
         raise ServerUnavailable(
             f"cannot find a route to nbd-server at {host}:{port}: {exc}"
         ) from exc
-    canary = CANARY_ADDRESS_V4 if family == socket.AF_INET and source != CANARY_ADDRESS_V4 else None
-    return ProbeRoute(server_ip, port, source, canary)
+    return ProbeRoute(server_ip, port, source, canary_for(server_ip, source))
+
+
+def canary_for(server_ip: str, source: str) -> str | None:
+    """An address to tell exports that ignore their authfile from, when there is one: only
+    a server on IPv4 loopback can be reached from another loopback address (from 127/8 to
+    another host, connect() fails with EINVAL)."""
+    if not ipaddress.ip_address(server_ip).is_loopback or ":" in server_ip:
+        return None
+    return CANARY_ADDRESS_V4 if source != CANARY_ADDRESS_V4 else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -244,6 +254,19 @@ class NbdServer:
         if client_addresses is None:
             return render_authfile(name, [])
         return _authfile_for(name, client_addresses, self.route().source)
+
+    def auth_dir_problem(self) -> str | None:
+        """Why the running server cannot read the authfiles, if it cannot (it would then
+        admit everyone to every export). Raises ServerUnavailable."""
+        pid = self.process.verified_pid()
+        uid, gids = file_credentials(pid)
+        if searchable_by(self._settings.auth_dir, uid, gids):
+            return None
+        return (
+            f"nbd-server (pid {pid}, uid {uid}) cannot enter {self._settings.auth_dir}: it "
+            "admits everyone to every export; make the directory and those above it "
+            "searchable by that user"
+        )
 
     @property
     def default_client_addresses(self) -> tuple[str, ...]:
@@ -398,10 +421,14 @@ class NbdServer:
                 return memory.unprotected[name]
             if canary is None or admits(admitted, canary):
                 return None
-            async with gate:
-                if not isinstance(await self.export_state(name), ExportInfo):
-                    return None
-                state = await self.export_state(name, source=canary)
+            try:
+                async with gate:
+                    if not isinstance(await self.export_state(name), ExportInfo):
+                        return None
+                    state = await self.export_state(name, source=canary)
+            except WorkerError as exc:  # cannot be told now: never a reason to stop
+                log.warning("Cannot tell whether %s reads its authfile: %s", name, exc)
+                return None
             if state == UNKNOWN:
                 return None
             memory.unprotected[name] = isinstance(state, ExportInfo)
@@ -670,15 +697,22 @@ class NbdServer:
         """Authfiles, links and snippets; returns the names where anything changed, those
         whose snippet had other content, and those whose snippet is new."""
         changed, replaced, created = set(), set(), set()
+        # Authfiles first, durably (their directory too): a snippet names its authfile, and
+        # a reload (ours, another worker's, a restart after a crash) that loads a snippet
+        # whose authfile is missing admits everyone.
+        for name in exports:
+            door = authfile_path(self._settings.auth_dir, name)
+            if write_authfile(door, authfiles[name], sync_dir=False):
+                changed.add(name)
+        if changed:
+            try:
+                fsync_dir(self._settings.auth_dir)
+            except OSError as exc:
+                raise ConfigWriteError(f"cannot sync the authfile directory: {exc}") from exc
         for name, device_path in exports.items():
             spec = self.spec(name)
-            # Each file is written and fsynced before its rename; the directories are
-            # fsynced once for the batch, below, before anyone relies on them. The authfile
-            # first: a snippet names it, and a reload (ours, or another worker's) that
-            # loads the snippet while its authfile is missing would admit everyone.
-            assert spec.authfile is not None
-            if write_authfile(spec.authfile, authfiles[name], sync_dir=False):
-                changed.add(name)
+            # Each file is written and fsynced before its rename; the two directories are
+            # fsynced once for the batch, below, before anyone relies on them.
             if point_link(spec.link_path, device_path, sync_dir=False):
                 changed.add(name)
             outcome = write_snippet(self._settings.nbd_conf_dir, spec, sync_dir=False)
@@ -699,7 +733,6 @@ class NbdServer:
                 )
         if changed:
             try:
-                fsync_dir(self._settings.auth_dir)
                 fsync_dir(self._settings.link_dir)
                 fsync_dir(self._settings.nbd_conf_dir)
             except OSError as exc:
@@ -748,23 +781,24 @@ class NbdServer:
 
     # --- other changes --------------------------------------------------------------------
 
-    async def align_export(self, name: str, committed: CommittedDevice) -> bool:
+    async def align_export(self, name: str, committed: CommittedDevice) -> CommittedExport | None:
         """Makes the export's link and authfile agree with its row, read under the lock: a
         reuse with other client addresses (the next connection is judged by the new
-        authfile, no reload), or the undoing of a failed relink. A row no longer active
-        removes the export as a release does. True if anything changed."""
+        authfile, no reload), or the undoing of a failed relink. Returns what the row
+        commits the export to; a row no longer active (None) removes the export as a
+        release does."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
                 found = await committed(name)
                 if found is None:
                     await self._remove_files(name)
-                    return True
+                    return None
                 spec = self.spec(name)
                 content = self.authfile_content(name, self.admitted(found))
                 assert spec.authfile is not None
-                wrote = await asyncio.to_thread(write_authfile, spec.authfile, content)
-                pointed = await asyncio.to_thread(point_link, spec.link_path, found.device_path)
-                return wrote or pointed
+                await asyncio.to_thread(write_authfile, spec.authfile, content)
+                await asyncio.to_thread(point_link, spec.link_path, found.device_path)
+                return found
         except TimeoutError:
             raise self._lock_timeout() from None
         except ValueError as exc:  # a corrupt client_addresses column
@@ -811,17 +845,16 @@ class NbdServer:
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
                 found = await committed(name)
-                admitted = None if found is None else self.admitted(found)
+                try:
+                    admitted = None if found is None else self.admitted(found)
+                except ValueError:
+                    admitted = None  # a corrupt column: nobody, never a guess
                 spec = self.spec(name)
                 assert spec.authfile is not None
                 content = self.authfile_content(name, admitted)
                 return await asyncio.to_thread(write_authfile, spec.authfile, content)
         except TimeoutError:
             raise self._lock_timeout() from None
-        except ValueError as exc:
-            raise ConfigWriteError(
-                f"{name}: the mapping's client_addresses are invalid ({exc})"
-            ) from exc
 
     def close(self) -> None:
         """Lets go of the held device descriptors (the worker is stopping)."""
