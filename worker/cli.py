@@ -114,9 +114,9 @@ async def _housekeeping(
 async def _learn_known_exports(repository: Repository, server: NbdServer, metrics: Metrics) -> None:
     """Asks the server which active exports it knows (those not remembered yet, a few GOs
     at a time), so that the first reuse of each after a start needs no probe of its own."""
-    active = await repository.list_mappings(active_only=True)
+    active = await repository.active_export_names()
     metrics.active_mappings.set(len(active))
-    known = await server.known_names(m.export_name for m in active)
+    known = await server.known_names(active)
     metrics.exports_live.set(len(known))
 
 

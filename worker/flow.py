@@ -172,6 +172,7 @@ class ExportFlow:
         self._node_id = node_id
         #: Who may connect to an export whose job does not say.
         self._client_addresses = client_addresses
+        self._default_stored = stored_addresses(client_addresses)
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
 
@@ -182,7 +183,7 @@ class ExportFlow:
         """Whether the mapping's row admits `admitted` (rows from before: the default)."""
         stored = mapping.client_addresses
         if stored is None:
-            stored = stored_addresses(self._client_addresses)
+            stored = self._default_stored
         return stored == stored_addresses(admitted)
 
     def _ready(
@@ -229,8 +230,8 @@ class ExportFlow:
         device = await self._devices.resolve(request.device_path, request.volume_id)
         admitted = self._admitted(request)
         # Fast path, no lock: the common case is a job for a disk already being served, and
-        # then one database lookup, one small file read (its authfile admits the job's
-        # clients) and what is remembered of the server decide it.
+        # then one database lookup, one lstat (its authfile, as last found right, admits the
+        # job's clients) and what is remembered of the server decide it.
         if (
             decide(mapping, device.path, live=True) is Action.REUSED
             and not _claimed_by(mapping, request.job_id)

@@ -44,11 +44,16 @@ class Mapping(BaseModel):
         return self.status == "active"
 
     def admitted(self, default: tuple[str, ...]) -> tuple[str, ...]:
-        """The addresses this mapping admits, re-validated: nothing unvalidated from the
-        database reaches an authfile (raises ValueError on a corrupt value)."""
-        if self.client_addresses is None:
-            return default
-        return normalize_client_addresses(self.client_addresses.split(","))
+        return admitted_addresses(self.client_addresses, default)
+
+
+def admitted_addresses(stored: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The addresses a row's client_addresses column admits, re-validated: nothing
+    unvalidated from the database reaches an authfile. None (a row from before access
+    control): `default`. Raises ValueError on a corrupt value."""
+    if stored is None:
+        return default
+    return normalize_client_addresses(stored.split(","))
 
 
 def stored_addresses(addresses: tuple[str, ...]) -> str:
@@ -64,6 +69,9 @@ class CommittedExport(BaseModel):
     device_path: str
     #: As stored (see Mapping.client_addresses).
     client_addresses: str | None
+
+    def admitted(self, default: tuple[str, ...]) -> tuple[str, ...]:
+        return admitted_addresses(self.client_addresses, default)
 
 
 class JobRecord(BaseModel):

@@ -172,13 +172,16 @@ async def reconcile(
             dry_run,
             ",".join(f"{n}:{s}" for n, s in report.authfiles_repaired.items()),
         )
-        if not dry_run:
-            for name in report.authfiles_repaired:
-                try:
-                    # Re-read under the config lock: a job may have changed the row since.
-                    await server.repair_authfile(name, repository.committed_export)
-                except WorkerError as exc:  # the others are still worth repairing
-                    log.error("Cannot rewrite the authfile of %s: %s", name, exc)  # noqa: TRY400
+    # What is still wrong after this pass's repairs (all of it, in a dry run).
+    still_wrong = set(report.authfiles_repaired)
+    if not dry_run:
+        for name in report.authfiles_repaired:
+            try:
+                # Re-read under the config lock: a job may have changed the row since.
+                await server.repair_authfile(name, repository.committed_export)
+                still_wrong.discard(name)
+            except WorkerError as exc:  # the others are still worth repairing
+                log.error("Cannot rewrite the authfile of %s: %s", name, exc)  # noqa: TRY400
 
     await server.ping()  # the server answers, or nothing below can be judged
     report.auth_dir_problem = server.auth_dir_problem()
@@ -225,11 +228,7 @@ async def reconcile(
         ]
     # Only exports whose authfile is right now: one that is missing admits everyone anyway,
     # which says nothing about what the server loaded.
-    doors_right = {
-        n: admitted[n]
-        for n in loaded
-        if n in admitted and server.authfile_state(n, admitted[n]) is AuthfileState.OK
-    }
+    doors_right = {n: admitted[n] for n in loaded if n in admitted and n not in still_wrong}
     verdicts = await server.unprotected(doors_right)
     report.unprotected_exports = [name for name, bad in verdicts.items() if bad]
     if report.unprotected_exports:

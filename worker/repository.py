@@ -458,16 +458,18 @@ class Repository:
 
         return await self._retrying(query)
 
-    async def count_active(self) -> int:
-        async def query() -> int:
+    async def active_export_names(self) -> list[str]:
+        """This node's active exports, by name only (housekeeping runs it every few
+        seconds: whole rows would cost it a parse of every column)."""
+
+        async def query() -> list[str]:
             async with self._cursor() as cur:
                 await cur.execute(
-                    "SELECT COUNT(*) FROM vm_export_mappings "
+                    "SELECT export_name FROM vm_export_mappings "
                     "WHERE node_id = %s AND status = 'active'",
                     (self._node,),
                 )
-                row = await cur.fetchone()
-            return int(row[0])
+                return [str(row[0]) for row in await cur.fetchall()]
 
         return await self._retrying(query)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from worker.access import admits, normalize_client_addresses
+from worker.access import admits
 from worker.devices import HeldDevices, device_present, device_size, fsync_device, open_device
 from worker.errors import (
     ConfigWriteError,
@@ -278,9 +278,7 @@ class NbdServer:
 
     def admitted(self, committed: CommittedExport) -> tuple[str, ...]:
         """Who a committed export admits (rows from before access control: the default)."""
-        if committed.client_addresses is None:
-            return self._settings.client_addresses
-        return normalize_client_addresses(committed.client_addresses.split(","))
+        return committed.admitted(self._settings.client_addresses)
 
     @property
     def options(self) -> DataPathOptions:
