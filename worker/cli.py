@@ -19,6 +19,8 @@ import re
 import resource
 import signal
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +44,15 @@ from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import link_target
 from worker.nbd.process import format_version
 from worker.nbd.selftest import run_self_test
-from worker.nbd.server import NbdServer
+from worker.nbd.server import HEALTH_PROBE_NAME, NbdServer
+from worker.nbd.wire import export_state
+from worker.node_identity import (
+    NODE_ID_FILE,
+    NodeIdentity,
+    NodeIdError,
+    NodeIdSource,
+    settle_node_id,
+)
 from worker.ops_http import OpsServer
 from worker.reconcile import reconcile
 from worker.repository import Repository, latest_migration_version, migrate
@@ -536,9 +546,22 @@ def _read_server_config(path: Path) -> configparser.ConfigParser:
     return parser
 
 
-async def _check(settings: Settings) -> int:
+async def _check(settings: Settings, identity: NodeIdentity) -> int:
     """Pre-flight: every problem found, not just the first."""
     results: list[tuple[str, str | None]] = []
+    warnings: list[tuple[str, str]] = []
+    results.append((f"node id {settings.node_id} (from the {identity.source.value})", None))
+    drift = identity.container_warning()
+    if drift:
+        warnings.append(("node id", drift))
+    if identity.source is NodeIdSource.HOST_NAME:
+        warnings.append(
+            (
+                "node id",
+                f"not written down yet: the first run writes it to "
+                f"{settings.state_dir / NODE_ID_FILE}",
+            )
+        )
     server = NbdServer(settings, build_metrics(settings.node_id))
 
     try:
@@ -553,7 +576,6 @@ async def _check(settings: Settings) -> int:
         results.append(("nbd-server data path (self-test of its binary)", problem))
     except WorkerError as exc:
         results.append(("nbd-server main process, version and data path", str(exc)))
-    warnings: list[tuple[str, str]] = []
     generic: Mapping[str, str] = {}
     try:
         config = _read_server_config(settings.nbd_config_file)
@@ -747,6 +769,49 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """A container's HEALTHCHECK: the worker's /healthz (or /readyz) on the host and port
+    its own settings give, or, with --nbd-server, an NBD handshake with the server."""
+    if args.nbd_server:
+        try:
+            await export_state(
+                settings.nbd_host,
+                settings.nbd_port,
+                HEALTH_PROBE_NAME,
+                settings.probe_timeout_s,
+                source=settings.probe_source_address or None,
+            )
+        except WorkerError as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"nbd-server answers at {settings.nbd_host}:{settings.nbd_port}")
+        return EXIT_OK
+    if not settings.metrics_port:
+        print("unhealthy: EXPORT_WORKER_METRICS_PORT is 0, so no health endpoint", file=sys.stderr)
+        return EXIT_FAILURE
+    # A wildcard listener is reached on loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(  # noqa: S104
+        settings.metrics_host, settings.metrics_host
+    )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.metrics_port}/"
+    url += "readyz" if args.ready else "healthz"
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=settings.probe_timeout_s) as response:  # noqa: S310
+            return f"{response.status} {response.reason}"
+
+    try:
+        status = await asyncio.to_thread(get)
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: {url} answered {exc.code}: {exc.read()[:300]!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # URLError too
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{url}: {status}")
+    return EXIT_OK
+
+
 async def _migrate(settings: Settings) -> int:
     try:
         applied = await migrate(
@@ -825,6 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     dead.add_argument("--json", action="store_true")
     commands.add_parser("check", help="pre-flight checks; exit 1 listing what is wrong")
+    health = commands.add_parser(
+        "healthcheck",
+        help="for a container's HEALTHCHECK: exit 0 when the worker's /healthz answers 200",
+    )
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead")
+    health.add_argument(
+        "--nbd-server", action="store_true", help="check instead that nbd-server answers NBD"
+    )
     commands.add_parser("show-config", help="print the effective settings, secrets masked")
     schemas = commands.add_parser(
         "schemas", help="write the JSON Schemas of the messages (default: schema/messages)"
@@ -845,6 +918,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(settings.log_format, settings.log_level)
+    try:
+        identity = settle_node_id(settings, persist=args.command == "run")
+    except NodeIdError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = identity.settings
+    if args.command == "run":
+        for problem in (identity.unsaved, identity.container_warning()):
+            if problem:
+                log.warning(
+                    "Node id %s may change on the next start: %s", settings.node_id, problem
+                )
     if args.command == "show-config":
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
         return EXIT_OK
@@ -860,7 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "release": lambda: _release(settings, args),
         "flush": lambda: _flush(settings, args),
         "self-test": lambda: _self_test(settings, args),
-        "check": lambda: _check(settings),
+        "check": lambda: _check(settings, identity),
+        "healthcheck": lambda: _healthcheck(settings, args),
         "request": lambda: _request(settings, args),
         "dead-letters": lambda: _dead_letters(settings, args),
     }

@@ -35,8 +35,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXPORT_WORKER_", frozen=True, extra="ignore")
 
     #: This appliance's name: its mappings, job records, metrics and replies carry it, and
-    #: schedulers address it by routing key `prepare-export.<node_id>`.
+    #: schedulers address it by routing key `prepare-export.<node_id>`. Unset: the one in
+    #: `<state_dir>/node-id`, which the first `run` fills with the host name
+    #: (worker/node_identity.py), so that it never drifts.
     node_id: str = Field(default_factory=socket.gethostname, pattern=NODE_ID_PATTERN)
+    #: The worker's own state: the node id it chose on its first start.
+    state_dir: Path = Path("/var/lib/nbd-export-worker")
 
     # --- RabbitMQ ---
     #: One URL, or several separated by commas (the nodes of a RabbitMQ cluster): the
@@ -212,7 +216,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "nbd_conf_dir", "nbd_config_file", "nbd_pid_file", "link_dir", "by_id_dir", "auth_dir"
+        "nbd_conf_dir",
+        "nbd_config_file",
+        "nbd_pid_file",
+        "link_dir",
+        "by_id_dir",
+        "auth_dir",
+        "state_dir",
     )
     @classmethod
     def _absolute(cls, value: Path) -> Path:
