@@ -35,7 +35,13 @@ from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
 from worker.dead_letters import list_dead_letters, replay_dead_letters
 from worker.devices import DevicePolicy, device_present
-from worker.errors import ServerUnavailable, UnsafeServer, UnsupportedServer, WorkerError
+from worker.errors import (
+    ConfigWriteError,
+    ServerUnavailable,
+    UnsafeServer,
+    UnsupportedServer,
+    WorkerError,
+)
 from worker.flow import ExportFlow
 from worker.jobs import JobLedger
 from worker.logs import setup_logging
@@ -232,11 +238,14 @@ async def serve(
         log.warning("nbd-server is not available at start-up: %s", exc)
     # Created traversable by nbd-server and writable by the worker only (the links choose
     # devices); an existing directory keeps the mode its installer gave it.
-    settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if not settings.auth_dir.is_dir():
-        settings.auth_dir.mkdir(parents=True, exist_ok=True)
-        # Whatever the umask: nbd-server (often another user) must enter it.
-        settings.auth_dir.chmod(0o755)
+    try:
+        settings.link_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not settings.auth_dir.is_dir():
+            settings.auth_dir.mkdir(parents=True, exist_ok=True)
+            # Whatever the umask: nbd-server (often another user) must enter it.
+            settings.auth_dir.chmod(0o755)
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot create {exc.filename}: {exc.strerror}") from exc
     repository = await Repository.connect(
         settings.database_url,
         node_id=settings.node_id,

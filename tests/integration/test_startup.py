@@ -193,3 +193,18 @@ async def test_request_command_prints_the_reply(
     proc = await asyncio.to_thread(run_worker_cli, *argv, env=env)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["code"] == "device_not_found"
+
+
+@pytest.mark.parametrize("directory", ["auth_dir", "link_dir"])
+async def test_a_directory_run_cannot_create_is_one_clear_error(
+    settings: Settings, tmp_path: Path, directory: str
+) -> None:
+    """The image once lacked a writable parent of the authfile directory: `run` died with
+    a traceback, which a container's restart loop repeats forever."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    broken = settings.model_copy(update={directory: blocker / "sub"})
+    proc = await asyncio.to_thread(run_worker_cli, "run", env=env_for(broken))
+    assert proc.returncode == 1, proc.stderr
+    assert f"Cannot start: cannot create {blocker / 'sub'}: Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
