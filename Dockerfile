@@ -1,8 +1,16 @@
-# The worker's image; docker-compose.yml also runs nbd-server from it.
+# The worker's image; docker-compose.yml runs nbd-server from it too.
 #
-# Base: debian:trixie-slim and Debian's own python3 in a venv, so that a base image made
-# locally from Debian's mirror (debootstrap/mmdebstrap, then `docker import`) is the same
-# thing when no registry can be reached.
+#   DOCKER_BUILDKIT=1 docker build -t nbd-export-worker .
+#
+# Base: debian:trixie-slim with Debian's own python3 in a venv. A base image made locally
+# from Debian's mirror (scripts/container-base.sh: debootstrap, then `docker import`) is the
+# same thing, so the image builds where no registry but Debian's mirror and PyPI answers,
+# and its nbd-server is built against the very libraries it runs with.
+#
+# BuildKit (the default builder since Docker 23) is needed for one optional secret: where
+# HTTPS egress is re-signed by a site CA, pass the host's bundle for pip, which is used
+# during the build only and never stored in a layer:
+#   docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt ...
 
 # --- nbd-server: Debian trixie's source with the project's patches (nbd-server/patches/).
 # apt's nbd-server zeroes only the first 64 MiB of a longer WRITE_ZEROES and says success.
@@ -17,8 +25,10 @@ RUN NBD_BUILD_CACHE=/build bash /src/nbd-server/build.sh --no-self-test --dest /
 
 # --- the worker, and the server binary it has tested.
 FROM debian:trixie-slim
+# tini: PID 1 when the image runs in a PID namespace of its own, so that the orphans of
+# the self-test's private server instances are reaped.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv nbd-client \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
         libglib2.0-0t64 libgnutls30t64 \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/nbd-export-worker
@@ -28,7 +38,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY schema ./schema
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+    && pip install --no-cache-dir --disable-pip-version-check . && rm -rf /src
 
 # Installed only once the worker's data-path self-test passed on it (a private instance on
 # a loopback port and a scratch file: write, WRITE_ZEROES over 64 MiB, FLUSH, TRIM, read back).
@@ -37,15 +49,18 @@ RUN nbd-export-worker self-test --binary /usr/local/sbin/nbd-server.untested \
     && mv /usr/local/sbin/nbd-server.untested /usr/local/sbin/nbd-server
 
 # One unprivileged user for the worker and nbd-server: signalling the server's main
-# process and reading /proc/PID/exe then need no capability.
+# process and reading /proc/PID/exe then need no capability. /var/lib/nbd-export-worker
+# is the worker's state (its node id) and holds the link and authfile directories.
 RUN useradd --system --uid 10809 --home-dir /var/lib/nbd-export-worker nbdexport \
-    && install -d -o nbdexport -g nbdexport \
-        /var/lib/nbd-export-worker/links /etc/nbd-server/conf.d /run/nbd-server /srv/disks
+    && install -d -o nbdexport -g nbdexport /var/lib/nbd-export-worker \
+        /var/lib/nbd-export-worker/links /var/lib/nbd-export-worker/auth \
+        /etc/nbd-server/conf.d /run/nbd-server /srv/disks
 USER nbdexport
 WORKDIR /var/lib/nbd-export-worker
 
 EXPOSE 9108
-HEALTHCHECK --interval=15s --timeout=5s --start-period=20s \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)"]
-ENTRYPOINT ["nbd-export-worker"]
+# Reads the worker's own settings (EXPORT_WORKER_METRICS_HOST/PORT): no port written here.
+HEALTHCHECK --interval=15s --timeout=10s --start-period=30s \
+    CMD ["nbd-export-worker", "healthcheck"]
+ENTRYPOINT ["tini", "-s", "--", "nbd-export-worker"]
 CMD ["run"]

@@ -13,17 +13,22 @@ CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 
 # --with-test-tools: also what only the tests use: Debian 12's nbd-server 3.24 and
 # Prometheus's promtool, both unpacked (not installed: no service starts) under $CACHE,
-# docker-compose to validate docker-compose.yml, and Debian's nbd-server source built
-# without the project's patches (to show that the worker refuses it).
+# Debian's docker.io, docker-compose and debootstrap to build the image and run its stack
+# (tests/containers.py starts a private daemon and stops it by pid; the packages start
+# none), and Debian's nbd-server source built without the project's patches (to show that
+# the worker refuses it).
 WITH_TEST_TOOLS=
 [ "${1:-}" = "--with-test-tools" ] && WITH_TEST_TOOLS=1
 
 log() { printf 'install-system-deps: %s\n' "$*" >&2; }
 
+# Not `dpkg -s`: it succeeds for a removed package whose config files are left.
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
 apt_updated=
 apt_install() {
   local missing=()
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "$@"; do installed "$p" || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
   log "apt-get install ${missing[*]}"
@@ -48,6 +53,13 @@ unpack() {  # $1 = apt package (with an optional =version), $2 = directory to un
 if [ -n "$WITH_TEST_TOOLS" ]; then
   [ -x "$CACHE/nbd-server-3.24/bin/nbd-server" ] || unpack 'nbd-server=1:3.24*' "$CACHE/nbd-server-3.24"
   [ -x "$CACHE/prometheus/usr/bin/promtool" ] || unpack prometheus "$CACHE/prometheus"
-  apt_install docker-compose
+  # Installing docker.io must not start the system's daemon (its default bridge takes
+  # 172.17.x addresses): no service starts while a policy-rc.d says 101.
+  if ! installed docker.io && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt_install docker.io docker-compose debootstrap
   bash "$ROOT/nbd-server/build.sh" --unpatched --dest "$CACHE/nbd-server-unpatched/nbd-server"
 fi

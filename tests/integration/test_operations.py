@@ -265,18 +265,31 @@ async def test_check_command_lists_every_problem(
 
 
 def test_compose_file_is_valid() -> None:
+    """With what an operator must set (test_containers.py runs it)."""
     proc = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
+        env=clean_environ(
+            EXPORT_WORKER_NODE_ID="appliance-1", EXPORT_WORKER_NBD_ADVERTISE_HOST="192.0.2.10"
+        ),
     )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_every_cli_command_has_help() -> None:
-    commands = ("run", "migrate", "status", "reconcile", "request", "release", "check")
+    commands = (
+        "run",
+        "migrate",
+        "status",
+        "reconcile",
+        "request",
+        "release",
+        "check",
+        "healthcheck",
+    )
     for command in (*commands, "show-config", "schemas"):
         proc = run_worker_cli(command, "--help", env=clean_environ())
         assert proc.returncode == 0
