@@ -297,6 +297,9 @@ async def test_job_created_then_reused_and_a_copy_through_the_container_export(
         True,
         True,
     )
+    check = stack.compose.exec("worker", "nbd-export-worker", "check", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"ok   node id {NODE} (from the EXPORT_WORKER_NODE_ID)" in check.stdout
     code, body = stack.ready()
     assert code == 200, body
     # The HEALTHCHECK follows EXPORT_WORKER_METRICS_PORT (not the image's 9108).
