@@ -328,6 +328,17 @@ def _wait_down(stack: Stack) -> dict[str, Any]:
         time.sleep(0.5)
 
 
+def _assert_back_with_the_same_worker(
+    stack: Stack, export: dict[str, Any], worker_started_at: str
+) -> None:
+    """nbd-server healthy again, the worker ready, never restarted, and reusing."""
+    stack.compose.wait_healthy("nbd-server")
+    stack.wait_ready()
+    _assert_reused(stack, export)
+    assert _started_at(stack, "worker") == worker_started_at
+    assert stack.compose.state("worker")["Running"]
+
+
 def test_worker_survives_nbd_server_stop_and_start(stack: Stack, export: dict[str, Any]) -> None:
     started = _started_at(stack, "worker")
     stack.compose.compose("stop", "nbd-server")
@@ -335,22 +346,15 @@ def test_worker_survives_nbd_server_stop_and_start(stack: Stack, export: dict[st
     assert "not running" in body["checks"]["nbd_server"]
     assert stack.compose.state("worker")["Running"]
     stack.compose.compose("start", "nbd-server")
-    stack.compose.wait_healthy("nbd-server")
-    stack.wait_ready()
-    _assert_reused(stack, export)
-    assert _started_at(stack, "worker") == started
-    assert stack.compose.state("worker")["Running"]
+    _assert_back_with_the_same_worker(stack, export, started)
 
 
 def test_worker_survives_nbd_server_restart(stack: Stack, export: dict[str, Any]) -> None:
     started = _started_at(stack, "worker")
     old_pid = stack.compose.exec("worker", "cat", "/run/nbd-server/nbd-server.pid").stdout
     stack.compose.compose("restart", "nbd-server")
-    stack.compose.wait_healthy("nbd-server")
-    stack.wait_ready()
+    _assert_back_with_the_same_worker(stack, export, started)
     assert stack.compose.exec("worker", "cat", "/run/nbd-server/nbd-server.pid").stdout != old_pid
-    _assert_reused(stack, export)
-    assert _started_at(stack, "worker") == started
 
 
 def test_nbd_server_recreated_then_up_again(stack: Stack, export: dict[str, Any]) -> None:
@@ -360,11 +364,7 @@ def test_nbd_server_recreated_then_up_again(stack: Stack, export: dict[str, Any]
     assert stack.compose.container("nbd-server") != old
     # What operators run after any change: it must not fail, nor leave the worker dead.
     stack.compose.compose("up", "-d")
-    stack.compose.wait_healthy("nbd-server")
-    stack.wait_ready()
-    _assert_reused(stack, export)
-    assert _started_at(stack, "worker") == started
-    assert stack.compose.state("worker")["Running"]
+    _assert_back_with_the_same_worker(stack, export, started)
 
 
 async def test_worker_upgraded_keeps_its_node_id_its_rows_and_the_copy_tools_connection(
