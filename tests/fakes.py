@@ -151,6 +151,8 @@ class FakeExportServer:
         self.authfiles: dict[str, tuple[str, ...] | None] = {}
         self.authfile_writes = 0
 
+    tls = False
+
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool:
         return self.authfiles.get(name) == client_addresses
 

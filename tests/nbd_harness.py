@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.tls_certs import Pki
+
 #: Where scripts/install-system-deps.sh --with-old-server unpacks Debian 12's 3.24.
 OLD_SERVER_BIN = Path("/var/cache/nbd-export-worker/nbd-server-3.24/bin/nbd-server")
 #: Debian's nbd-server source built without the project's patches (install-system-deps.sh
@@ -58,6 +60,11 @@ def wait_for(predicate: object, timeout_s: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+#: GnuTLS priorities as the sample base configs give them: TLS 1.2 and newer only (the
+#: documented default is not applied, and 1.0/1.1 were accepted: nbd-server-facts.md).
+TLS_PRIORITY = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+
+
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
@@ -85,6 +92,8 @@ class NbdServerProcess:
     pid: int = 0
     #: As the worker's deployments run it: nobody may list the exports.
     allowlist: bool = False
+    #: TLS offered (certfile, keyfile, cacertfile, TLS 1.2+): tests/tls_certs.py's PKI.
+    tls: Pki | None = None
 
     @property
     def config_file(self) -> Path:
@@ -115,7 +124,15 @@ class NbdServerProcess:
             f"    includedir = {self.conf_dir}\n"
             f"    port = {self.port}\n"
             "    listenaddr = 127.0.0.1\n"
-            "[placeholder]\n"
+            + (
+                f"    certfile = {self.tls.server_cert}\n"
+                f"    keyfile = {self.tls.server_key}\n"
+                f"    cacertfile = {self.tls.ca}\n"
+                f"    tlsprio = {TLS_PRIORITY}\n"
+                if self.tls is not None
+                else ""
+            )
+            + "[placeholder]\n"
             f"    exportname = {placeholder}\n"
             "    readonly = true\n"
         )
@@ -146,10 +163,15 @@ class NbdServerProcess:
     @classmethod
     @contextlib.contextmanager
     def running(
-        cls, root: Path, binary: str | None = None, *, allowlist: bool = False
+        cls,
+        root: Path,
+        binary: str | None = None,
+        *,
+        allowlist: bool = False,
+        tls: Pki | None = None,
     ) -> Iterator[NbdServerProcess]:
         """A started server under `root` (created), stopped by its pid on exit."""
-        server = cls(root, allowlist=allowlist)
+        server = cls(root, allowlist=allowlist, tls=tls)
         if binary is not None:
             server.binary = binary
         root.mkdir()

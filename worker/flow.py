@@ -77,6 +77,11 @@ Committed = Callable[[str], Awaitable[CommittedExport | None]]
 
 
 class ExportServer(Protocol):
+    @property
+    def tls(self) -> bool:
+        """Whether copy tools must connect with TLS (replies say so)."""
+        ...
+
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
     async def ensure_export(self, name: str, device_path: str, committed: Committed) -> Ensured: ...
@@ -203,6 +208,7 @@ class ExportFlow:
             nbd_port=self._nbd_port,
             node_id=self._node_id,
             client_addresses=list(self._admitted(request)),
+            tls=self._server.tls,
         )
 
     async def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:

@@ -286,6 +286,12 @@ class ExportReady(BaseModel):
         "worker's default), normalized: the export refuses everyone else but the worker's "
         "own probes.",
     )
+    tls: bool = Field(
+        # A default for records of replies made before exports could require TLS.
+        default=False,
+        description="True: connect with TLS (nbds://) and a client certificate the "
+        "appliance's CA signed; the export refuses plain clients.",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -9,13 +9,14 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from pydantic import AnyUrl, Field, field_validator
+from pydantic import AnyUrl, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.access import normalize_client_addresses
 from worker.faults import CrashPoint
+from worker.tls import TlsFiles
 
 #: A routing-key word: no `*`, `#` or spaces; dots allowed (they only split words).
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
@@ -73,6 +74,14 @@ class Settings(BaseSettings):
 
     # --- MariaDB / MySQL ---
     database_url: AnyUrl = AnyUrl("mysql://root@127.0.0.1:3306/nbd_exports")
+    #: Every database connection over TLS, verifying the server's certificate (and name)
+    #: against database_tls_ca; a server that offers no TLS is refused before any
+    #: credential is sent, and each session is checked to be encrypted.
+    database_tls: bool = False
+    database_tls_ca: Path | None = None
+    #: A client certificate and key, for servers that require one (REQUIRE X509).
+    database_tls_cert: Path | None = None
+    database_tls_key: Path | None = None
     #: Connections to the database; each job in flight holds one for a lookup at a time.
     db_pool_size: int = Field(default=16, ge=1, le=100)
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -90,6 +99,15 @@ class Settings(BaseSettings):
     #: The host replies tell clients to connect to (default: nbd_host).
     nbd_advertise_host: str = ""
     nbd_port: int = Field(default=10809, ge=1, le=65535)
+    #: TLS only: every export the worker creates gets `force_tls = true`, and every probe
+    #: does STARTTLS with the client certificate below, verifying the server's against
+    #: nbd_tls_ca (nbd-server always requires a client certificate). Replies say `tls`.
+    nbd_tls: bool = False
+    nbd_tls_ca: Path | None = None
+    nbd_tls_cert: Path | None = None
+    nbd_tls_key: Path | None = None
+    #: The name (or address) the server's certificate must carry; default: nbd_host.
+    nbd_tls_server_name: str = ""
     #: How long the reuse path trusts that the server answers (one shared NBD_OPT_GO
     #: confirms it again; a new server pid is noticed at once).
     answer_ttl_s: float = Field(default=2.0, ge=0)
@@ -172,6 +190,40 @@ class Settings(BaseSettings):
         return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
 
     @property
+    def nbd_tls_files(self) -> TlsFiles | None:
+        if not self.nbd_tls or self.nbd_tls_ca is None:  # the validator requires the CA
+            return None
+        return TlsFiles(self.nbd_tls_ca, self.nbd_tls_cert, self.nbd_tls_key)
+
+    @property
+    def database_tls_files(self) -> TlsFiles | None:
+        if not self.database_tls or self.database_tls_ca is None:
+            return None
+        return TlsFiles(self.database_tls_ca, self.database_tls_cert, self.database_tls_key)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        # Impossible to half-enable: a TLS link with a missing piece is a settings error.
+        if self.nbd_tls and None in (self.nbd_tls_ca, self.nbd_tls_cert, self.nbd_tls_key):
+            raise ValueError(
+                "nbd_tls needs nbd_tls_ca, nbd_tls_cert and nbd_tls_key (nbd-server requires "
+                "a client certificate from every TLS client)"
+            )
+        if self.database_tls and self.database_tls_ca is None:
+            raise ValueError("database_tls needs database_tls_ca")
+        if (self.database_tls_cert is None) != (self.database_tls_key is None):
+            raise ValueError("database_tls_cert and database_tls_key go together")
+        schemes = {urlsplit(url).scheme for url in self.amqp_urls}
+        if not schemes <= {"amqp", "amqps"}:
+            raise ValueError("amqp_url: every URL must be amqp:// or amqps://")
+        if schemes == {"amqp", "amqps"}:
+            raise ValueError("amqp_url mixes amqp:// and amqps://: a failover must never lose TLS")
+        for url in self.amqp_urls:
+            if "no_verify_ssl" in parse_qs(urlsplit(url).query):
+                raise ValueError("amqp_url: no_verify_ssl is refused (the broker is verified)")
+        return self
+
+    @property
     def advertised_host(self) -> str:
         return self.nbd_advertise_host or self.nbd_host
 
@@ -223,11 +275,17 @@ class Settings(BaseSettings):
         "by_id_dir",
         "auth_dir",
         "state_dir",
+        "nbd_tls_ca",
+        "nbd_tls_cert",
+        "nbd_tls_key",
+        "database_tls_ca",
+        "database_tls_cert",
+        "database_tls_key",
     )
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
+    def _absolute(cls, value: Path | None) -> Path | None:
         # nbd-server chdir()s to / when it daemonizes: relative paths would silently differ.
-        if not value.is_absolute():
+        if value is not None and not value.is_absolute():
             raise ValueError(f"{value} must be an absolute path")
         return value
 

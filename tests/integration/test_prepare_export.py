@@ -78,6 +78,7 @@ async def test_first_job_creates_then_reuses_without_sighup(
         "nbd_port": nbd_server.port,
         "node_id": "test-node",
         "client_addresses": ["127.0.0.1", "::1"],
+        "tls": False,
     }
     assert sighups(worker) == 1
     assert nbd_server.knows(name)

@@ -61,6 +61,8 @@ class ExportSpec:
     #: Who may connect (read by the server on every connection). None only in tests of
     #: snippets as they were before exports had access control.
     authfile: Path | None = None
+    #: TLS clients only (`force_tls`): a plain client gets NBD_REP_ERR_TLS_REQD.
+    force_tls: bool = False
 
 
 def render_snippet(spec: ExportSpec) -> str:
@@ -79,6 +81,7 @@ def render_snippet(spec: ExportSpec) -> str:
             f"exportname = {spec.link_path}",
             *([f"authfile = {spec.authfile}"] if spec.authfile is not None else []),
             *spec.options.lines(),
+            *(["force_tls = true"] if spec.force_tls else []),
         )
     )
 

@@ -144,30 +144,46 @@ def _allocated_in(path: Path, start: int, end: int) -> bool:
 
 
 @dataclass(frozen=True)
-class _Scratch:
+class Scratch:
     export: str
     path: Path
     punch: bool
     where: str
 
 
-class _PrivateServer:
+class PrivateServer:
     """One nbd-server of the binary under test, in the foreground, as our own child, with
     one export per scratch file."""
 
-    def __init__(self, binary: str, workdir: Path, scratches: list[_Scratch]) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        scratches: list[Scratch],
+        *,
+        generic: tuple[str, ...] = (),
+        export_options: tuple[str, ...] = (),
+    ) -> None:
         self._binary = binary
         self._workdir = workdir
         self._scratches = scratches
+        self._generic = generic
+        self._export_options = export_options
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def _write_config(self) -> Path:
         config = self._workdir / "config"
         lines = ["[generic]", f"    port = {self.port}", "    listenaddr = 127.0.0.1"]
+        lines += [f"    {line}" for line in self._generic]
         for scratch in self._scratches:
             lines += [f"[{scratch.export}]", f"    exportname = {scratch.path}"]
             lines += ["    flush = true", "    fua = true", "    trim = true"]
+            lines += [f"    {line}" for line in self._export_options]
         config.write_text("\n".join(lines) + "\n")
         return config
 
@@ -227,7 +243,7 @@ class _PrivateServer:
             await process.wait()
 
 
-async def _exercise(export: Transmission, scratch: _Scratch) -> list[str]:
+async def _exercise(export: Transmission, scratch: Scratch) -> list[str]:
     failures: list[str] = []
     flags = export.info.flags
     for wanted, name in (
@@ -338,8 +354,8 @@ async def run_self_test(
                 if not punch:
                     notes.append(f"TRIM not verified {where}: it cannot punch holes")
                 name = f"{EXPORT}-{i}"
-                scratches.append(_Scratch(name, directory / "scratch.img", punch, where))
-            server = _PrivateServer(binary, dirs[0], scratches)
+                scratches.append(Scratch(name, directory / "scratch.img", punch, where))
+            server = PrivateServer(binary, dirs[0], scratches)
             try:
                 async with asyncio.timeout(timeout_s):
                     await server.start()

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,10 +64,12 @@ from worker.nbd.probe import list_exports
 from worker.nbd.process import MainProcess, ReloadLock, file_credentials
 from worker.nbd.selftest import SelfTestResult, run_self_test
 from worker.nbd.wire import (
+    TLS_REQUIRED,
     UNKNOWN,
     DataPathFlags,
     ExportInfo,
     ExportState,
+    NbdTls,
     export_state,
 )
 from worker.settings import Settings
@@ -196,6 +198,8 @@ class _Remembered:
     known: set[str]
     flags: dict[str, DataPathFlags]
     unprotected: dict[str, bool]
+    #: Whether each refuses plain clients (`force_tls`, fixed when it was loaded).
+    tls_only: dict[str, bool] = field(default_factory=dict)
     answered_at: float = float("-inf")
 
 
@@ -215,6 +219,16 @@ class NbdServer:
             flush=settings.export_flush, fua=settings.export_fua, trim=settings.export_trim
         )
         self._remembered = _Remembered(0, set(), {}, {})
+        tls_files = settings.nbd_tls_files
+        #: Every probe over TLS when set (raises TlsConfigError now, not at the first job).
+        self._tls = (
+            NbdTls(
+                tls_files.client_context("NBD"),
+                settings.nbd_tls_server_name or settings.nbd_host,
+            )
+            if tls_files is not None
+            else None
+        )
         self._route: ProbeRoute | None = None
         self._heartbeat: asyncio.Task[ExportState] | None = None
         self._asking: dict[str, asyncio.Task[ExportState]] = {}
@@ -237,7 +251,13 @@ class NbdServer:
             link_path=self._settings.link_dir / name,
             options=self._options,
             authfile=authfile_path(self._settings.auth_dir, name),
+            force_tls=self._tls is not None,
         )
+
+    @property
+    def tls(self) -> bool:
+        """Whether copy tools must connect with TLS (replies say so)."""
+        return self._tls is not None
 
     def route(self) -> ProbeRoute:
         """Resolved once (raises ServerUnavailable until it can be)."""
@@ -336,7 +356,9 @@ class NbdServer:
             self._remembered = _Remembered(pid, set(), {}, {})
         return self._remembered
 
-    async def export_state(self, name: str, *, source: str | None = None) -> ExportState:
+    async def export_state(
+        self, name: str, *, source: str | None = None, plain: bool = False
+    ) -> ExportState:
         """Opens the export as a client would (NBD_OPT_GO), from the probes' address (or
         `source`): its size and flags, or why not. Raises ServerUnavailable/ProbeTimeout."""
         route = self.route()
@@ -347,11 +369,12 @@ class NbdServer:
                 name,
                 self._settings.probe_timeout_s,
                 source=source or route.source,
+                tls=None if plain else self._tls,
             )
         )
         memory = self._memory()
         memory.answered_at = time.monotonic()
-        if source is None and state != UNKNOWN:
+        if source is None and not plain and state != UNKNOWN:
             memory.known.add(name)
             if isinstance(state, ExportInfo):
                 memory.flags[name] = state.flags
@@ -435,6 +458,35 @@ class NbdServer:
         names = list(exports)
         answers = await asyncio.gather(*(ask(name, exports[name]) for name in names))
         return dict(zip(names, answers, strict=True))
+
+    async def plaintext_open(self, names: Iterable[str]) -> dict[str, bool | None]:
+        """For each export: True when a plain (non-TLS) client can open it, i.e. it was
+        loaded before the worker wrote `force_tls` (only a restart adds it); False when it
+        refuses plain clients; None when it cannot be told (it does not open). Known
+        answers are kept per server pid."""
+        memory = self._memory()
+        gate = asyncio.Semaphore(PROBES_AT_ONCE)
+
+        async def ask(name: str) -> bool | None:
+            if name in memory.tls_only:
+                return not memory.tls_only[name]
+            try:
+                async with gate:
+                    state = await self.export_state(name, plain=True)
+            except WorkerError as exc:  # cannot be told now: never a reason to stop
+                log.warning("Cannot tell whether %s refuses plain clients: %s", name, exc)
+                return None
+            if state == TLS_REQUIRED:
+                memory.tls_only[name] = True
+            elif isinstance(state, ExportInfo):
+                memory.tls_only[name] = False
+            else:
+                return None
+            return not memory.tls_only[name]
+
+        listed = list(names)
+        answers = await asyncio.gather(*(ask(name) for name in listed))
+        return dict(zip(listed, answers, strict=True))
 
     def authfile_state(self, name: str, client_addresses: tuple[str, ...] | None) -> AuthfileState:
         """Whether `name`'s authfile admits exactly `client_addresses` (None: nobody)."""

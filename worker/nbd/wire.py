@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ REQUEST_MAGIC = 0x25609513
 FLAG_FIXED_NEWSTYLE = 1
 FLAG_NO_ZEROES = 2
 OPT_ABORT = 2
+OPT_STARTTLS = 5
 OPT_GO = 7
 REP_ACK = 1
 REP_INFO = 3
@@ -100,6 +102,15 @@ class ExportInfo:
     flags: DataPathFlags
 
 
+@dataclass(frozen=True)
+class NbdTls:
+    """STARTTLS for a session: the client context (CA, client certificate) and the name
+    the server's certificate must carry."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
 class _Session:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -119,6 +130,21 @@ class _Session:
         if magic != NBDMAGIC or opt_magic != IHAVEOPT or not flags & FLAG_FIXED_NEWSTYLE:
             raise ServerUnavailable("the server does not speak fixed-newstyle NBD")
         self.writer.write(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
+
+    async def start_tls(self, tls: NbdTls) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake: every later byte is encrypted. A
+        server that will not is refused, never talked to in clear."""
+        self.send_option(OPT_STARTTLS)
+        reply_type, _ = await self.read_reply()
+        if reply_type != REP_ACK:
+            raise ServerUnavailable(
+                f"nbd-server refused STARTTLS (reply {reply_type:#x}): its [generic] section "
+                "needs certfile, keyfile and cacertfile"
+            )
+        try:
+            await self.writer.start_tls(tls.context, server_hostname=tls.server_name)
+        except ssl.SSLError as exc:
+            raise ServerUnavailable(f"TLS with nbd-server failed: {exc}") from exc
 
     def send_option(self, option: int, data: bytes = b"") -> None:
         self.writer.write(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
@@ -146,25 +172,44 @@ async def _open(host: str, port: int, source: str | None) -> _Session:
     return _Session(reader, writer)
 
 
+#: How long a close waits for the server's side of it (a TLS close_notify answered).
+CLOSE_WAIT_S = 2.0
+
+
 async def _close(session: _Session) -> None:
     session.writer.close()
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        await session.writer.wait_closed()
+    # Bounded: a TLS shutdown waits for the peer's close_notify, which a hung server (or
+    # one that busy-loops on our close) never sends. wait() neither raises nor cancels.
+    closing = asyncio.ensure_future(session.writer.wait_closed())
+    await asyncio.wait([closing], timeout=CLOSE_WAIT_S)
+    if closing.done():
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            closing.result()
+    else:
+        closing.cancel()
 
 
 @contextlib.asynccontextmanager
 async def _session(
-    host: str, port: int, timeout_s: float, what: str, source: str | None = None
+    host: str,
+    port: int,
+    timeout_s: float,
+    what: str,
+    source: str | None = None,
+    tls: NbdTls | None = None,
 ) -> AsyncIterator[_Session]:
-    """A handshaken session, closed on exit, the whole exchange under one deadline.
+    """A handshaken session (over TLS when `tls` is given), closed on exit, the whole
+    exchange under one deadline.
 
-    Raises ProbeTimeout at the deadline and ServerUnavailable when the server is away or
-    drops the connection."""
+    Raises ProbeTimeout at the deadline and ServerUnavailable when the server is away,
+    drops the connection or fails TLS."""
     try:
         async with asyncio.timeout(timeout_s):
             session = await _open(host, port, source)
             try:
                 await session.handshake()
+                if tls is not None:
+                    await session.start_tls(tls)
                 yield session
             finally:
                 await _close(session)
@@ -174,6 +219,8 @@ async def _session(
         ) from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ServerUnavailable(f"nbd-server at {host}:{port} closed the connection") from exc
+    except ssl.SSLError as exc:
+        raise ServerUnavailable(f"TLS with nbd-server at {host}:{port} failed: {exc}") from exc
 
 
 #: What NBD_OPT_GO said of an export: its size and flags when it opened, else why not.
@@ -181,8 +228,11 @@ async def _session(
 UNKNOWN: Final = "unknown"
 #: The server knows the name but would not serve it (its file or device cannot be opened).
 REFUSED: Final = "refused"
-ExportState = ExportInfo | Literal["unknown", "refused"]
+#: The export serves TLS clients only (`force_tls`), and this session is plain.
+TLS_REQUIRED: Final = "tls-required"
+ExportState = ExportInfo | Literal["unknown", "refused", "tls-required"]
 
+REP_ERR_TLS_REQD = 0x80000005
 REP_ERR_UNKNOWN = 0x80000006
 
 
@@ -200,6 +250,8 @@ async def _go(session: _Session, name: str) -> ExportState:
             return REFUSED
         if reply_type == REP_ERR_UNKNOWN:
             return UNKNOWN
+        if reply_type == REP_ERR_TLS_REQD:
+            return TLS_REQUIRED
         if reply_type & REP_ERROR_BIT:
             return REFUSED
         if reply_type == REP_INFO and len(payload) >= 12:
@@ -216,7 +268,13 @@ def _disconnect(session: _Session) -> None:
 
 
 async def export_state(
-    host: str, port: int, name: str, timeout_s: float, *, source: str | None = None
+    host: str,
+    port: int,
+    name: str,
+    timeout_s: float,
+    *,
+    source: str | None = None,
+    tls: NbdTls | None = None,
 ) -> ExportState:
     """Opens `name` with NBD_OPT_GO, as a real client would, from the local address
     `source` if given, and disconnects at once.
@@ -226,7 +284,7 @@ async def export_state(
     authfile does not admit `source`. Raises ServerUnavailable/ProbeTimeout when the server
     is away or hung.
     """
-    async with _session(host, port, timeout_s, f"opening {name}", source) as session:
+    async with _session(host, port, timeout_s, f"opening {name}", source, tls) as session:
         state = await _go(session, name)
         if isinstance(state, ExportInfo):
             _disconnect(session)
@@ -286,14 +344,23 @@ class Transmission:
 
 @contextlib.asynccontextmanager
 async def open_export(
-    host: str, port: int, name: str, timeout_s: float
+    host: str,
+    port: int,
+    name: str,
+    timeout_s: float,
+    *,
+    tls: NbdTls | None = None,
+    disconnect: bool = True,
 ) -> AsyncIterator[Transmission]:
-    """The export opened for I/O, disconnected cleanly on exit; every command within the one
-    deadline. Raises ServerUnavailable when it does not open, ProbeTimeout at the deadline."""
-    async with _session(host, port, timeout_s, f"I/O on {name}") as session:
+    """The export opened for I/O, disconnected cleanly on exit (NBD_CMD_DISC; without
+    `disconnect`, the connection, and its TLS session, just closes); every command within
+    the one deadline. Raises ServerUnavailable when it does not open, ProbeTimeout at the
+    deadline."""
+    async with _session(host, port, timeout_s, f"I/O on {name}", tls=tls) as session:
         state = await _go(session, name)
         if not isinstance(state, ExportInfo):
             raise ServerUnavailable(f"nbd-server would not open export {name} ({state})")
         yield Transmission(session, state)
-        _disconnect(session)
-        await session.writer.drain()
+        if disconnect:
+            _disconnect(session)
+            await session.writer.drain()
