@@ -14,6 +14,8 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        #: Every byte clients sent upstream: what crossed the wire from the client side.
+        self.client_bytes = bytearray()
 
     async def start(self) -> int:
         """Listens (again: on the same port after a stop) and returns the port."""
@@ -23,9 +25,16 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: bytearray | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if record is not None:
+                    record += data
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -41,7 +50,7 @@ class TcpProxy:
             return
         self._writers |= {writer, up_writer}
         for task in (
-            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, self.client_bytes)),
             asyncio.create_task(self._pipe(up_reader, writer)),
         ):
             self._tasks.add(task)

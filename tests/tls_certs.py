@@ -52,10 +52,8 @@ def _issue(directory: Path, name: str, subject: str, extensions: str, ca_dir: Pa
     )  # fmt: skip
 
 
-def make_pki(directory: Path, *, client_ca: Path | None = None) -> Pki:
-    """A CA and its server and client certificates under `directory`. With `client_ca`
-    (another PKI's directory), the client certificate is signed by that CA instead: a copy
-    tool that trusts the server but holds a foreign certificate."""
+def make_pki(directory: Path) -> Pki:
+    """A CA and its server and client certificates under `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
@@ -76,7 +74,7 @@ def make_pki(directory: Path, *, client_ca: Path | None = None) -> Pki:
         "client",
         "/CN=copy tool",
         "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
-        client_ca or directory,
+        directory,
     )
     for key in directory.glob("*-key.pem"):
         key.chmod(0o600)

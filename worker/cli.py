@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import signal
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -49,8 +50,9 @@ from worker.messages import VM_ID_PATTERN, FlushExport, ReleaseExport, write_sch
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import link_target
 from worker.nbd.process import format_version
-from worker.nbd.selftest import run_self_test
+from worker.nbd.selftest import HOW_TO_FIX, run_self_test
 from worker.nbd.server import HEALTH_PROBE_NAME, NbdServer
+from worker.nbd.tls_selftest import TLS_FILE_KEYS, TLS_PRIORITY, ServerTlsFiles, run_tls_close_test
 from worker.nbd.wire import export_state
 from worker.node_identity import (
     NODE_ID_FILE,
@@ -64,6 +66,7 @@ from worker.reconcile import reconcile
 from worker.repository import Repository, latest_migration_version, migrate
 from worker.requester import connect_first, request_export
 from worker.settings import Settings, mask_url
+from worker.tls import TlsConfigError
 
 log = logging.getLogger("worker")
 T = TypeVar("T")
@@ -252,6 +255,7 @@ async def serve(
         pool_size=settings.db_pool_size,
         timeout_s=settings.db_connect_timeout_s,
         on_retry=metrics.retries.labels(operation="database").inc,
+        tls=_database_tls(settings),
     )
     ops: OpsServer | None = None
     housekeeping: asyncio.Task[None] | None = None
@@ -346,6 +350,12 @@ async def _run(settings: Settings) -> int:
 # --- operator commands ------------------------------------------------------------------
 
 
+def _database_tls(settings: Settings) -> ssl.SSLContext | None:
+    """Raises TlsConfigError when the configured files cannot be used."""
+    files = settings.database_tls_files
+    return None if files is None else files.client_context("database")
+
+
 @contextlib.asynccontextmanager
 async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdServer]]:
     repository = await Repository.connect(
@@ -353,6 +363,7 @@ async def _adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdSe
         node_id=settings.node_id,
         pool_size=2,
         timeout_s=settings.db_connect_timeout_s,
+        tls=_database_tls(settings),
     )
     server = NbdServer(settings, build_metrics(settings.node_id))
     try:
@@ -386,6 +397,8 @@ def _access(row: dict[str, Any]) -> str:
     """Who may connect, for the status table."""
     if row["protected"] is False:
         return "UNPROTECTED"
+    if row["tls_only"] is False:
+        return "PLAINTEXT"
     if row["authfile"] not in (None, "ok"):
         return f"authfile {row['authfile']}"
     if row["status"] != "active":
@@ -425,6 +438,12 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
         protected = await server.unprotected(
             {n: doors[n] or () for n, info in infos.items() if info is not None}
         )
+        # With TLS on: exports loaded before it keep serving plain clients until a restart.
+        plaintext = (
+            await server.plaintext_open([n for n, info in infos.items() if info is not None])
+            if server.tls
+            else {}
+        )
         rows: list[dict[str, Any]] = []
         for m in mappings:
             here = m.node_id == settings.node_id
@@ -457,6 +476,8 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
                     else None,
                     # False: it admits everyone (loaded before it had an authfile).
                     "protected": None if verdict is None else not verdict,
+                    # With NBD TLS on: False when plain clients can still open it.
+                    "tls_only": None if plaintext.get(name) is None else not plaintext[name],
                     "flush_error": m.flush_error,
                     "updated_at": m.updated_at.isoformat() if m.updated_at else None,
                 }
@@ -559,6 +580,11 @@ async def _check(settings: Settings, identity: NodeIdentity) -> int:
     """Pre-flight: every problem found, not just the first."""
     results: list[tuple[str, str | None]] = []
     warnings: list[tuple[str, str]] = []
+    try:
+        server = NbdServer(settings, build_metrics(settings.node_id))
+    except TlsConfigError as exc:
+        print(f"FAIL {exc}")
+        return EXIT_FAILURE
     results.append((f"node id {settings.node_id} (from the {identity.source.value})", None))
     drift = identity.container_warning()
     if drift:
@@ -571,7 +597,6 @@ async def _check(settings: Settings, identity: NodeIdentity) -> int:
                 f"{settings.state_dir / NODE_ID_FILE}",
             )
         )
-    server = NbdServer(settings, build_metrics(settings.node_id))
 
     try:
         pid = server.process.verified_pid()
@@ -627,6 +652,16 @@ async def _check(settings: Settings, identity: NodeIdentity) -> int:
     except WorkerError as exc:
         results.append(("every export's authfile in place, readable and right", str(exc)))
     warnings += _exposure_warnings(settings, generic, mapped)
+    if settings.nbd_tls:
+        results += await _nbd_tls_results(settings, server, generic)
+        if not str(generic.get("tlsprio", "")).strip():
+            warnings.append(
+                (
+                    "config: no tlsprio",
+                    "nbd-server does not apply its documented default, so TLS 1.0 and 1.1 "
+                    f"are accepted: set tlsprio = {TLS_PRIORITY} in [generic]",
+                )
+            )
     for url in settings.amqp_urls:  # each node of a cluster, named without its password
         try:
             connection = await aio_pika.connect(url, timeout=settings.db_connect_timeout_s)
@@ -694,6 +729,52 @@ def _exposure_warnings(
                 )
             )
     return found
+
+
+async def _nbd_tls_results(
+    settings: Settings, server: NbdServer, generic: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
+    """With NBD TLS on: the server offers TLS, its build lets go of clients that close
+    their TLS session, and every export refuses plain clients."""
+    results: list[tuple[str, str | None]] = []
+    label = "nbd-server lets go of TLS clients that close cleanly (close_notify self-test)"
+    files = {key: str(generic.get(key, "")).strip() for key in TLS_FILE_KEYS}
+    missing = [key for key, value in files.items() if not value]
+    client = server.tls_session
+    if missing or client is None:
+        results.append(("config: nbd-server offers TLS", f"[generic] lacks {', '.join(missing)}"))
+    else:
+        try:
+            pid = server.process.verified_pid()
+            verdict = await run_tls_close_test(
+                f"/proc/{pid}/exe",
+                ServerTlsFiles(*(Path(files[key]) for key in TLS_FILE_KEYS)),
+                client,
+                timeout_s=settings.self_test_timeout_s,
+            )
+            results.append(
+                (label, None if verdict.ok else f"{'; '.join(verdict.failures)}. {HOW_TO_FIX}")
+            )
+        except WorkerError as exc:
+            results.append((label, str(exc)))
+    label = "every export refuses plain clients (force_tls)"
+    try:
+        async with _adapters(settings) as (repository, _):
+            active = await repository.active_export_names()
+        plain = await server.plaintext_open(sorted(await server.known_names(active)))
+        open_to_all = sorted(name for name, opens in plain.items() if opens)
+        results.append(
+            (
+                label,
+                f"{', '.join(open_to_all)} were loaded before TLS was turned on and still "
+                "serve plain clients: restart nbd-server"
+                if open_to_all
+                else None,
+            )
+        )
+    except WorkerError as exc:
+        results.append((label, str(exc)))
+    return results
 
 
 async def _access_results(
@@ -827,6 +908,7 @@ async def _migrate(settings: Settings) -> int:
             settings.database_url,
             node_id=settings.node_id,
             timeout_s=settings.db_connect_timeout_s,
+            tls=_database_tls(settings),
         )
     except WorkerError as exc:
         log.critical("Migration failed: %s", exc)

@@ -11,6 +11,7 @@ import importlib.resources
 import json
 import logging
 import re
+import ssl
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.db_tls import refuse_plaintext_logins, session_cipher
 from worker.devices import Device
 from worker.errors import (
     DatabaseError,
@@ -121,7 +123,9 @@ def database_name(url: AnyUrl) -> str:
     return name
 
 
-def _connect_args(url: AnyUrl, timeout_s: float) -> dict[str, Any]:
+def _connect_args(url: AnyUrl, timeout_s: float, tls: ssl.SSLContext | None) -> dict[str, Any]:
+    if tls is not None:
+        refuse_plaintext_logins()
     return {
         "host": url.host or "127.0.0.1",
         "port": url.port or 3306,
@@ -129,7 +133,21 @@ def _connect_args(url: AnyUrl, timeout_s: float) -> dict[str, Any]:
         "password": url.password or "",
         "connect_timeout": timeout_s,
         "charset": "utf8mb4",
+        "ssl": tls,
     }
+
+
+async def _check_encrypted(conn: Any, url: AnyUrl) -> None:
+    """Raises DatabaseError unless the session is encrypted, as the server says."""
+    try:
+        cipher = await session_cipher(conn)
+    except pymysql.MySQLError as exc:
+        raise translate_error(exc) from exc
+    if not cipher:
+        raise DatabaseError(
+            f"the session with the database at {url.host}:{url.port or 3306} is not "
+            "encrypted although TLS is required"
+        )
 
 
 class Repository:
@@ -151,7 +169,10 @@ class Repository:
         pool_size: int,
         timeout_s: float,
         on_retry: Callable[[], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Repository:
+        """`tls`: every connection over TLS; a server that offers none is refused before
+        login, and the first session is checked to be encrypted."""
         try:
             pool = await aiomysql.create_pool(
                 minsize=1,
@@ -159,10 +180,18 @@ class Repository:
                 db=database_name(url),
                 autocommit=True,
                 pool_recycle=3600,
-                **_connect_args(url, timeout_s),
+                **_connect_args(url, timeout_s, tls),
             )
         except pymysql.MySQLError as exc:
             raise translate_error(exc) from exc
+        if tls is not None:
+            try:
+                async with pool.acquire() as conn:
+                    await _check_encrypted(conn, url)
+            except BaseException:
+                pool.close()
+                await pool.wait_closed()
+                raise
         return cls(pool, node_id, on_retry)
 
     async def close(self) -> None:
@@ -580,7 +609,12 @@ async def _apply_migrations(cur: Any, name: str, files: list[Path], node_id: str
 
 
 async def migrate(
-    url: AnyUrl, *, node_id: str, timeout_s: float, directory: Path | None = None
+    url: AnyUrl,
+    *,
+    node_id: str,
+    timeout_s: float,
+    directory: Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[str]:
     """Creates the database if missing and applies new migrations in order; returns their
     names. Safe to run again and from two hosts at once: every statement is idempotent."""
@@ -588,10 +622,12 @@ async def migrate(
     directory = directory or migrations_dir()
     files = sorted(p for p in directory.iterdir() if _MIGRATION_RE.match(p.name))
     try:
-        conn = await aiomysql.connect(autocommit=True, **_connect_args(url, timeout_s))
+        conn = await aiomysql.connect(autocommit=True, **_connect_args(url, timeout_s, tls))
     except pymysql.MySQLError as exc:
         raise translate_error(exc) from exc
     try:
+        if tls is not None:
+            await _check_encrypted(conn, url)
         with warnings.catch_warnings():
             # "database exists" / "table exists" notes are the point of IF NOT EXISTS.
             warnings.simplefilter("ignore", pymysql.Warning)

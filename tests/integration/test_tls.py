@@ -7,14 +7,50 @@ tls-creds-x509.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiomysql
 import pytest
+from aio_pika.abc import AbstractConnection
+from pydantic import AnyUrl
 
-from tests.nbd_harness import server_binary
+from tests.conftest import (
+    DISK_SIZE,
+    MYSQL_URL,
+    NODE,
+    job,
+    make_disk,
+    run_worker_cli,
+    running_worker,
+    scheduler_for,
+)
+from tests.mariadb_instance import MariaDbInstance, running_mariadb
+from tests.nbd_harness import (
+    REP_ACK,
+    REP_ERR_TLS_REQD,
+    NbdServerProcess,
+    go_reply,
+    server_binary,
+)
+from tests.sql import execute_sql
+from tests.tcp_proxy import TcpProxy
 from tests.tls_certs import Pki, make_pki
+from tests.worker_process import env_for
+from worker.db_tls import session_cipher
+from worker.errors import ServerUnavailable
+from worker.metrics import build_metrics
+from worker.nbd.server import NbdServer
 from worker.nbd.tls_selftest import ServerTlsFiles, run_tls_close_test
 from worker.nbd.wire import NbdTls
+from worker.repository import Repository
+from worker.settings import Settings
 from worker.tls import TlsFiles
 
 UNPATCHED_BIN = Path("/var/cache/nbd-export-worker/nbd-server-unpatched/nbd-server")
@@ -47,3 +83,255 @@ async def test_tls_close_self_test_tells_a_spinning_build(
     assert verdict.ok is not spins, verdict.failures
     if spins:
         assert "spun at" in verdict.failures[0]
+
+
+# --- the worker with NBD TLS on ---------------------------------------------------------
+
+
+@pytest.fixture
+def nbd_server(tmp_path: Path, pki: Pki) -> Iterator[NbdServerProcess]:
+    """This module's server offers TLS (overrides conftest's)."""
+    with NbdServerProcess.running(tmp_path / "nbd", tls=pki) as server:
+        yield server
+
+
+def _with_nbd_tls(settings: Settings, pki: Pki) -> Settings:
+    return settings.model_copy(
+        update={
+            "nbd_tls": True,
+            "nbd_tls_ca": pki.ca,
+            "nbd_tls_cert": pki.client_cert,
+            "nbd_tls_key": pki.client_key,
+        }
+    )
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def _image(path: Path) -> Path:
+    """A VM disk image: data, a zero run of 8 MiB, more data."""
+    with path.open("wb") as f:
+        f.truncate(DISK_SIZE)
+        f.write(os.urandom(2 << 20))
+        f.seek(12 << 20)
+        f.write(os.urandom(1 << 20))
+    return path
+
+
+def _foreign_client(tmp_path: Path, pki: Pki) -> Path:
+    """A copy tool that trusts the server's CA but holds a certificate of another CA."""
+    other = make_pki(tmp_path / "other-ca")
+    mixed = tmp_path / "foreign-client"
+    mixed.mkdir()
+    shutil.copy(pki.ca, mixed / "ca-cert.pem")
+    shutil.copy(other.client_cert, mixed / "client-cert.pem")
+    shutil.copy(other.client_key, mixed / "client-key.pem")
+    return mixed
+
+
+async def test_copy_tools_write_through_a_tls_export_and_nobody_else_gets_in(
+    settings: Settings,
+    amqp: AbstractConnection,
+    disks_dir: Path,
+    nbd_server: NbdServerProcess,
+    pki: Pki,
+    tmp_path: Path,
+) -> None:
+    tls = _with_nbd_tls(settings, pki)
+    async with running_worker(tls):
+        scheduler = await scheduler_for(amqp, tls)
+        disk = make_disk(disks_dir, "vdb", b"\xa5" * (4 << 20))  # a volume with old data
+        reply = await scheduler.request(job(device=disk))
+        assert (reply["status"], reply["action"], reply["tls"]) == ("ready", "created", True)
+        name, port = reply["export_name"], nbd_server.port
+        assert "force_tls = true" in (nbd_server.conf_dir / f"{name}.conf").read_text()
+
+        # Plain clients are told TLS is required, whoever they are.
+        assert go_reply(port, name) == REP_ERR_TLS_REQD
+        assert _run("nbdinfo", f"nbd://127.0.0.1:{port}/{name}").returncode != 0
+
+        uri = f"nbds://127.0.0.1:{port}/{name}?tls-certificates={pki.dir}"
+        image = _image(tmp_path / "disk.img")
+        copy = _run("nbdcopy", "--flush", "--connections=4", str(image), uri)
+        assert copy.returncode == 0, copy.stderr
+        assert _run("cmp", str(image), str(disk)).returncode == 0
+        shown = json.loads(_run("nbdinfo", "--json", uri).stdout)
+        info = shown["exports"][0]
+        assert (info["can_flush"], info["can_zero"], shown["TLS"]) == (True, True, True), shown
+
+        # qemu-img with its own TLS stack (GnuTLS through QEMU's tls-creds-x509).
+        image2 = _image(tmp_path / "disk2.img")
+        qemu = _run(
+            "qemu-img", "convert", "-n", "-f", "raw",
+            "--object", f"tls-creds-x509,id=tls0,dir={pki.dir},endpoint=client",
+            "--target-image-opts", str(image2),
+            f"driver=nbd,host=127.0.0.1,port={port},export={name},tls-creds=tls0",
+        )  # fmt: skip
+        assert qemu.returncode == 0, qemu.stderr
+        assert _run("cmp", str(image2), str(disk)).returncode == 0
+
+        # A certificate of another CA, or none, is refused by the server.
+        foreign = _foreign_client(tmp_path, pki)
+        refused = _run("nbdinfo", f"nbds://127.0.0.1:{port}/{name}?tls-certificates={foreign}")
+        assert refused.returncode != 0
+        no_cert = tmp_path / "no-cert"
+        no_cert.mkdir()
+        shutil.copy(pki.ca, no_cert / "ca-cert.pem")
+        assert (
+            _run("nbdinfo", f"nbds://127.0.0.1:{port}/{name}?tls-certificates={no_cert}").returncode
+            != 0
+        )
+
+        again = await scheduler.request(job(vm_id=reply["vm_id"], device=disk))
+        assert (again["action"], again["reused"], again["tls"]) == ("reused", True, True)
+        await scheduler.channel.close()
+
+    check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+    assert "ok   every export refuses plain clients (force_tls)" in check.stdout, check.stdout
+    assert "ok   nbd-server lets go of TLS clients that close cleanly" in check.stdout
+
+
+async def test_a_server_without_tls_is_refused_and_never_probed_in_clear(
+    settings: Settings, pki: Pki, tmp_path: Path
+) -> None:
+    with NbdServerProcess.running(tmp_path / "plain") as plain:
+        tls = _with_nbd_tls(settings, pki).model_copy(
+            update={
+                "nbd_port": plain.port,
+                "nbd_pid_file": plain.pid_file,
+                "nbd_config_file": plain.config_file,
+                "nbd_conf_dir": plain.conf_dir,
+            }
+        )
+        server = NbdServer(tls, build_metrics("tls-test"))
+        with pytest.raises(ServerUnavailable, match="refused STARTTLS"):
+            await server.ping()
+        check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+        assert check.returncode == 1
+        assert "refused STARTTLS" in check.stdout
+        assert "FAIL config: nbd-server offers TLS: [generic] lacks certfile" in check.stdout
+
+
+async def test_exports_loaded_before_tls_are_named_until_a_restart(
+    settings: Settings,
+    amqp: AbstractConnection,
+    disks_dir: Path,
+    nbd_server: NbdServerProcess,
+    pki: Pki,
+) -> None:
+    disk = make_disk(disks_dir, "vdc")
+    async with running_worker(settings):  # TLS off: a plain export
+        scheduler = await scheduler_for(amqp, settings)
+        before = await scheduler.request(job(device=disk))
+        assert (before["action"], before["tls"]) == ("created", False)
+        await scheduler.channel.close()
+    name = before["export_name"]
+    tls = _with_nbd_tls(settings, pki)
+    async with running_worker(tls):  # reconciliation rewrites the snippet with force_tls
+        scheduler = await scheduler_for(amqp, tls)
+        after = await scheduler.request(job(vm_id=before["vm_id"], device=disk))
+        assert (after["action"], after["tls"]) == ("reused", True)
+        await scheduler.channel.close()
+    assert "force_tls = true" in (nbd_server.conf_dir / f"{name}.conf").read_text()
+    assert go_reply(nbd_server.port, name) == REP_ACK  # the loaded section has no force_tls
+
+    def status() -> dict[str, Any]:
+        proc = run_worker_cli("status", "--json", env=env_for(tls))
+        (row,) = json.loads(proc.stdout)
+        return dict(row)
+
+    assert (await asyncio.to_thread(status))["tls_only"] is False
+    table = await asyncio.to_thread(run_worker_cli, "status", env=env_for(tls))
+    assert "PLAINTEXT" in table.stdout
+    check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+    assert check.returncode == 1
+    assert (
+        f"FAIL every export refuses plain clients (force_tls): {name} were loaded" in check.stdout
+    )
+
+    nbd_server.stop()
+    nbd_server.start()
+    assert go_reply(nbd_server.port, name) == REP_ERR_TLS_REQD
+    assert (await asyncio.to_thread(status))["tls_only"] is True
+
+
+# --- the database ------------------------------------------------------------------------
+
+DB_USER, DB_PASSWORD = "exporter", "Db-Pw-7f3c2a9e41d8"
+
+
+@pytest.fixture
+def tls_mariadb(tmp_path: Path, pki: Pki) -> Iterator[MariaDbInstance]:
+    """A private MariaDB that offers TLS, with a user that may log in over TLS only."""
+    with running_mariadb(tmp_path / "mariadb", tls=pki) as db:
+        db.sql(
+            f"CREATE USER '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}' REQUIRE SSL; "
+            f"GRANT ALL ON *.* TO '{DB_USER}'@'127.0.0.1'"
+        )
+        yield db
+
+
+def _with_database_tls(settings: Settings, pki: Pki, url: str) -> Settings:
+    return settings.model_copy(
+        update={"database_url": AnyUrl(url), "database_tls": True, "database_tls_ca": pki.ca}
+    )
+
+
+async def test_the_worker_runs_on_a_database_over_tls(
+    settings: Settings,
+    tls_mariadb: MariaDbInstance,
+    pki: Pki,
+    amqp: AbstractConnection,
+    disks_dir: Path,
+) -> None:
+    url = f"mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{tls_mariadb.port}/nbd_exports_tls"
+    tls = _with_database_tls(settings, pki, url)
+    migrated = await asyncio.to_thread(run_worker_cli, "migrate", env=env_for(tls))
+    assert migrated.returncode == 0, migrated.stderr
+    async with running_worker(tls):
+        scheduler = await scheduler_for(amqp, tls)
+        reply = await scheduler.request(job(device=make_disk(disks_dir, "vdd")))
+        assert (reply["status"], reply["action"]) == ("ready", "created"), reply
+        await scheduler.channel.close()
+    context = TlsFiles(pki.ca).client_context("database")
+    repository = await Repository.connect(
+        AnyUrl(url), node_id="tls-test", pool_size=1, timeout_s=5, tls=context
+    )
+    try:
+        assert len(await repository.list_mappings(active_only=True, node_id=NODE)) == 1
+    finally:
+        await repository.close()
+    # The server says so: the session is encrypted, and the user may not log in otherwise.
+    conn = await aiomysql.connect(
+        host="127.0.0.1", port=tls_mariadb.port, user=DB_USER, password=DB_PASSWORD, ssl=context
+    )
+    try:
+        assert await session_cipher(conn)
+    finally:
+        conn.close()
+
+
+async def test_a_plaintext_database_is_refused_before_any_credential_is_sent(
+    settings: Settings, pki: Pki
+) -> None:
+    # The machine's MariaDB offers no TLS; the proxy records what the client sends it.
+    (row,) = await execute_sql(AnyUrl(MYSQL_URL), "SHOW VARIABLES LIKE 'have_ssl'")
+    assert row[1] != "YES"
+    proxy = TcpProxy("127.0.0.1", 3306)
+    port = await proxy.start()
+    try:
+        url = f"mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{port}/nbd_exports_tls"
+        tls = _with_database_tls(settings, pki, url)
+        for command in ("migrate", "status"):
+            done = await asyncio.to_thread(run_worker_cli, command, env=env_for(tls))
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert "offers none: refusing to log in in plaintext" in done.stderr
+        check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+        assert "FAIL database reachable and migrated" in check.stdout
+        assert "refusing to log in in plaintext" in check.stdout
+        # Not a byte of a login: no user name, no password hash, nothing at all.
+        assert bytes(proxy.client_bytes) == b""
+    finally:
+        await proxy.stop()

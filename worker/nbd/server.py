@@ -259,6 +259,11 @@ class NbdServer:
         """Whether copy tools must connect with TLS (replies say so)."""
         return self._tls is not None
 
+    @property
+    def tls_session(self) -> NbdTls | None:
+        """How the probes do STARTTLS (None: TLS off)."""
+        return self._tls
+
     def route(self) -> ProbeRoute:
         """Resolved once (raises ServerUnavailable until it can be)."""
         if self._route is None:

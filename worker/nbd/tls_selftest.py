@@ -30,6 +30,10 @@ SPINNING_SHARE = 0.3
 TLS_PRIORITY = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 
 
+#: The [generic] keys of a server's TLS files, in ServerTlsFiles' order.
+TLS_FILE_KEYS = ("certfile", "keyfile", "cacertfile")
+
+
 @dataclass(frozen=True)
 class ServerTlsFiles:
     """The [generic] TLS files of the server under test (its own, so that the worker's

@@ -1,0 +1,101 @@
+"""A private MariaDB server for tests that need one configured otherwise than the
+machine's (TLS): Debian's mariadbd on a free loopback port with its own datadir, started
+and stopped by its pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.nbd_harness import free_port, pid_running, wait_for
+from tests.tls_certs import Pki
+
+
+@dataclass
+class MariaDbInstance:
+    root: Path
+    tls: Pki | None = None
+    port: int = 0
+    pid: int = 0
+
+    @property
+    def datadir(self) -> Path:
+        return self.root / "data"
+
+    def _argv(self) -> list[str]:
+        argv = [
+            "/usr/sbin/mariadbd",
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={self.root / 'mysqld.sock'}",
+            f"--pid-file={self.root / 'mysqld.pid'}",
+            f"--log-error={self.root / 'error.log'}",
+            "--user=root",
+            "--innodb-buffer-pool-size=16M",
+            "--skip-log-bin",
+        ]
+        if self.tls is not None:
+            argv += [
+                f"--ssl-ca={self.tls.ca}",
+                f"--ssl-cert={self.tls.server_cert}",
+                f"--ssl-key={self.tls.server_key}",
+                "--tls-version=TLSv1.2,TLSv1.3",
+            ]
+        return argv
+
+    def start(self) -> None:
+        self.datadir.mkdir(parents=True)
+        subprocess.run(
+            [
+                "mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}",
+                "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db",
+            ],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        self.port = free_port()
+        proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = proc.pid
+        wait_for(lambda: self._answers(proc), 60, f"mariadbd on port {self.port}")
+
+    def _answers(self, proc: subprocess.Popen[bytes]) -> bool:
+        if proc.poll() is not None:
+            log = (self.root / "error.log").read_text(errors="replace")[-2000:]
+            raise AssertionError(f"mariadbd exited {proc.returncode}: {log}")
+        return self.sql("SELECT 1", check=False).returncode == 0
+
+    def sql(self, statement: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """As root over the instance's own socket (set-up only)."""
+        return subprocess.run(
+            ["mariadb", f"--socket={self.root / 'mysqld.sock'}", "-uroot", "-e", statement],
+            check=check, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.pid and pid_running(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while pid_running(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid_running(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.pid = 0
+
+
+@contextlib.contextmanager
+def running_mariadb(root: Path, tls: Pki | None = None) -> Iterator[MariaDbInstance]:
+    instance = MariaDbInstance(root, tls)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
