@@ -350,6 +350,18 @@ async def _run(settings: Settings) -> int:
 # --- operator commands ------------------------------------------------------------------
 
 
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind `exc`, if any (aio-pika wraps it in its own error's args)."""
+    seen: list[object] = [exc]
+    while seen:
+        found = seen.pop()
+        if isinstance(found, ssl.SSLError):
+            return found
+        if isinstance(found, BaseException):
+            seen += [*found.args, found.__cause__, found.__context__]
+    return None
+
+
 def _database_tls(settings: Settings) -> ssl.SSLContext | None:
     """Raises TlsConfigError when the configured files cannot be used."""
     files = settings.database_tls_files
@@ -668,7 +680,13 @@ async def _check(settings: Settings, identity: NodeIdentity) -> int:
             await connection.close()
             results.append((f"broker {mask_url(url)} reachable", None))
         except Exception as exc:
-            results.append((f"broker {mask_url(url)} reachable", type(exc).__name__))
+            tls_error = _tls_error(exc)  # its words name no credential; others may
+            results.append(
+                (
+                    f"broker {mask_url(url)} reachable",
+                    f"TLS failed: {tls_error}" if tls_error else type(exc).__name__,
+                )
+            )
     try:
         async with _adapters(settings) as (repository, _):
             version_db = await repository.schema_version()
@@ -1006,7 +1024,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        # Without the input values: they may hold a password (a URL's credentials).
+        problems = [
+            f"  {'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        print("invalid settings:\n" + "\n".join(problems), file=sys.stderr)
         return EXIT_USAGE
     setup_logging(settings.log_format, settings.log_level)
     try:

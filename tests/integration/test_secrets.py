@@ -12,7 +12,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.conftest import AMQP_URL, Scheduler, job, make_disk, run_worker_cli
+from tests.conftest import AMQP_URL, Scheduler, clean_environ, job, make_disk, run_worker_cli
 from tests.sql import execute_sql
 from tests.tcp_proxy import TcpProxy
 from tests.worker_process import WorkerProcess, env_for
@@ -87,3 +87,18 @@ async def test_passwords_never_appear_in_logs_or_replies(
     assert "Retrying" in text  # the failures were logged
     for secret in (password, amqp_password, ":guest@"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EXPORT_WORKER_DATABASE_URL", "postgres://exporter:Pw-leaks-not@db.example/nbd"),
+        ("EXPORT_WORKER_AMQP_URL", "amqps://exporter:Pw-leaks-not@mq.example/,amqp://b:c@x/"),
+    ],
+)
+def test_invalid_settings_are_named_without_their_values(variable: str, value: str) -> None:
+    """pydantic's own message repeats the input, a URL's password with it."""
+    done = run_worker_cli("show-config", env=clean_environ(**{variable: value}))
+    assert done.returncode == 2
+    assert "invalid settings:" in done.stderr
+    assert "Pw-leaks-not" not in done.stderr

@@ -8,10 +8,13 @@ tls-creds-x509.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from tests.conftest import (
     DISK_SIZE,
     MYSQL_URL,
     NODE,
+    clean_environ,
     job,
     make_disk,
     run_worker_cli,
@@ -36,8 +40,10 @@ from tests.nbd_harness import (
     REP_ACK,
     REP_ERR_TLS_REQD,
     NbdServerProcess,
+    free_port,
     go_reply,
     server_binary,
+    wait_for,
 )
 from tests.sql import execute_sql
 from tests.tcp_proxy import TcpProxy
@@ -335,3 +341,132 @@ async def test_a_plaintext_database_is_refused_before_any_credential_is_sent(
         assert bytes(proxy.client_bytes) == b""
     finally:
         await proxy.stop()
+
+
+# --- the broker ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stunnel(directory: Path, pki: Pki, upstream: int = 5672) -> Iterator[int]:
+    """A TLS listener in front of the machine's RabbitMQ (Debian's stunnel4), started and
+    stopped by its pid; yields its port."""
+    directory.mkdir()
+    port = free_port()
+    config = directory / "stunnel.conf"
+    config.write_text(
+        "foreground = yes\n"
+        f"output = {directory / 'stunnel.log'}\n"
+        "[amqps]\n"
+        f"accept = 127.0.0.1:{port}\n"
+        f"connect = 127.0.0.1:{upstream}\n"
+        f"cert = {pki.server_cert}\n"
+        f"key = {pki.server_key}\n"
+        "sslVersionMin = TLSv1.2\n"
+    )
+    proc = subprocess.Popen(["stunnel4", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), 15, "stunnel")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+async def test_the_worker_works_through_a_tls_broker_listener(
+    settings: Settings, pki: Pki, tmp_path: Path, amqp: AbstractConnection, disks_dir: Path
+) -> None:
+    with _stunnel(tmp_path / "stunnel", pki) as port:
+        url = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={pki.ca}"
+        tls = settings.model_copy(update={"amqp_url": url})
+        async with running_worker(tls):
+            scheduler = await scheduler_for(amqp, tls)  # the scheduler's own plain link
+            reply = await scheduler.request(job(device=make_disk(disks_dir, "vde")))
+            assert (reply["status"], reply["action"]) == ("ready", "created"), reply
+            await scheduler.channel.close()
+        check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+        assert f"ok   broker amqps://guest:***@127.0.0.1:{port}/?cafile={pki.ca} reachable" in (
+            check.stdout
+        )
+        # A listener whose certificate another CA signed is not the broker.
+        other = make_pki(tmp_path / "other-ca")
+        with _stunnel(tmp_path / "stunnel-other", other) as other_port:
+            wrong = url.replace(f":{port}/", f":{other_port}/")
+            check = await asyncio.to_thread(
+                run_worker_cli,
+                "check",
+                env=env_for(settings.model_copy(update={"amqp_url": wrong})),
+            )
+            assert "reachable: TLS failed: [SSL: CERTIFICATE_VERIFY_FAILED]" in check.stdout
+
+
+async def test_an_amqps_url_to_a_plaintext_port_is_refused_and_sends_no_credential(
+    settings: Settings, pki: Pki
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)  # the plaintext AMQP port, recording the client
+    port = await proxy.start()
+    try:
+        url = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={pki.ca}"
+        tls = settings.model_copy(update={"amqp_url": url})
+        check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
+        assert check.returncode == 1
+        assert (
+            f"FAIL broker amqps://guest:***@127.0.0.1:{port}/?cafile={pki.ca} reachable: TLS failed"
+            in (check.stdout)
+        ), check.stdout
+        request = await asyncio.to_thread(
+            run_worker_cli, "request", "--vm-id", str(uuid.uuid4()), "--vm-name", "x",
+            "--device", "/dev/vdb", "--timeout", "3", env=env_for(tls),
+        )  # fmt: skip
+        assert request.returncode != 0
+        sent = bytes(proxy.client_bytes)
+        assert sent[:1] == b"\x16"  # every connection began with a TLS ClientHello
+        assert b"guest" not in sent
+        assert b"AMQP" not in sent
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("urls", "message"),
+    [
+        ("amqps://a:b@127.0.0.1:5671/,amqp://a:b@127.0.0.1:5672/", "mixes amqp:// and amqps://"),
+        ("amqps://a:b@127.0.0.1:5671/?no_verify_ssl=1", "no_verify_ssl is refused"),
+        ("http://127.0.0.1/", "must be amqp:// or amqps://"),
+    ],
+)
+def test_a_half_tls_broker_list_is_a_settings_error(urls: str, message: str) -> None:
+    done = run_worker_cli("show-config", env=clean_environ(EXPORT_WORKER_AMQP_URL=urls))
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "a:b@" not in done.stderr
+
+
+async def test_tls_keys_and_passwords_stay_out_of_show_config_check_and_logs(
+    settings: Settings, pki: Pki, tls_mariadb: MariaDbInstance, tmp_path: Path
+) -> None:
+    url = f"mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{tls_mariadb.port}/nbd_exports_tls"
+    with _stunnel(tmp_path / "stunnel", pki) as port:
+        tls = _with_nbd_tls(_with_database_tls(settings, pki, url), pki).model_copy(
+            update={
+                "amqp_url": f"amqps://guest:guest@127.0.0.1:{port}/?cafile={pki.ca}",
+                "log_level": "DEBUG",
+            }
+        )
+        env = env_for(tls)
+        outputs = [
+            await asyncio.to_thread(run_worker_cli, *command, env=env)
+            for command in (["migrate"], ["show-config"], ["check"], ["status"])
+        ]
+    text = "".join(done.stdout + done.stderr for done in outputs)
+    assert "nbd_tls_key" in text  # show-config names the key's path...
+    for key in (pki.client_key, pki.server_key):  # ...never what it holds
+        body = [line for line in key.read_text().splitlines() if "-----" not in line]
+        assert not [line for line in body if line in text]
+    assert DB_PASSWORD not in text
+    assert "guest:guest" not in text
