@@ -15,7 +15,7 @@ CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 # Prometheus's promtool, both unpacked (not installed: no service starts) under $CACHE,
 # Debian's docker.io, docker-compose and debootstrap to build the image and run its stack
 # (tests/containers.py starts a private daemon and stops it by pid; the packages start
-# none), and Debian's nbd-server source built without the project's patches (to show that
+# none), openssl and stunnel4 for the TLS tests, and Debian's nbd-server source built without the project's patches (to show that
 # the worker refuses it).
 WITH_TEST_TOOLS=
 [ "${1:-}" = "--with-test-tools" ] && WITH_TEST_TOOLS=1
@@ -61,5 +61,7 @@ if [ -n "$WITH_TEST_TOOLS" ]; then
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   apt_install docker.io docker-compose debootstrap
+  # TLS tests: a CA made with openssl, and stunnel as a TLS listener in front of RabbitMQ.
+  apt_install openssl stunnel4
   bash "$ROOT/nbd-server/build.sh" --unpatched --dest "$CACHE/nbd-server-unpatched/nbd-server"
 fi

@@ -11,10 +11,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
+import ssl
+import struct
 import subprocess
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,7 @@ from worker.repository import Repository
 from worker.settings import Settings
 from worker.tls import TlsFiles
 
+ROOT = Path(__file__).resolve().parents[2]
 UNPATCHED_BIN = Path("/var/cache/nbd-export-worker/nbd-server-unpatched/nbd-server")
 
 
@@ -470,3 +475,83 @@ async def test_tls_keys_and_passwords_stay_out_of_show_config_check_and_logs(
         assert not [line for line in body if line in text]
     assert DB_PASSWORD not in text
     assert "guest:guest" not in text
+
+
+# --- the sample base config ---------------------------------------------------------------
+
+OPT_STARTTLS = 5
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def _tls_handshake(port: int, pki: Pki, version: ssl.TLSVersion) -> bool:
+    """NBD STARTTLS, then a TLS handshake at exactly `version`: whether the server took it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert _recv(sock, 18)[:8] == b"NBDMAGIC"
+        sock.sendall(struct.pack(">I", 1 | 2))  # fixed newstyle, no zeroes
+        sock.sendall(struct.pack(">QII", 0x49484156454F5054, OPT_STARTTLS, 0))
+        reply = _recv(sock, 20)
+        assert struct.unpack(">QIII", reply)[2] == REP_ACK
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(str(pki.ca))
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer old versions
+        with warnings.catch_warnings():  # TLS 1.1 on purpose: what the server must refuse
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = context.maximum_version = version
+        try:
+            with context.wrap_socket(sock, server_hostname="127.0.0.1"):
+                return True
+        except (ssl.SSLError, OSError):
+            return False
+
+
+@pytest.mark.parametrize(
+    "sample", ["deploy/systemd/nbd-server.config", "deploy/compose/nbd-server.conf"]
+)
+def test_the_sample_configs_tls_lines_allow_tls_1_2_and_newer_only(
+    sample: str, pki: Pki, tmp_path: Path
+) -> None:
+    text = (ROOT / sample).read_text()
+    for key, path in (
+        ("certfile", pki.server_cert),
+        ("keyfile", pki.server_key),
+        ("cacertfile", pki.ca),
+    ):
+        text, found = re.subn(rf"^    # {key} = .*$", f"    {key} = {path}", text, flags=re.M)
+        assert found == 1, key
+    text, found = re.subn(r"^    # (tlsprio = .*)$", r"    \1", text, flags=re.M)
+    assert found == 1
+
+    def serve(config: str, name: str) -> NbdServerProcess:
+        server = NbdServerProcess(tmp_path / name)
+        server.root.mkdir()
+        server.conf_dir.mkdir()
+        config = re.sub(r"^    port = \d+$", f"    port = {server.port}", config, flags=re.M)
+        config = re.sub(
+            r"^    includedir = .*$", f"    includedir = {server.conf_dir}", config, flags=re.M
+        )
+        server.config_file.write_text(config)
+        server.start()
+        return server
+
+    server = serve(text, "sample")
+    try:
+        assert _tls_handshake(server.port, pki, ssl.TLSVersion.TLSv1_2)
+        assert _tls_handshake(server.port, pki, ssl.TLSVersion.TLSv1_3)
+        assert not _tls_handshake(server.port, pki, ssl.TLSVersion.TLSv1_1)
+    finally:
+        server.stop()
+    # Why the line is there: without it, nbd-server takes TLS 1.1.
+    server = serve(re.sub(r"^    tlsprio = .*\n", "", text, flags=re.M), "no-tlsprio")
+    try:
+        assert _tls_handshake(server.port, pki, ssl.TLSVersion.TLSv1_1)
+    finally:
+        server.stop()
