@@ -57,7 +57,7 @@ from worker.db_tls import session_cipher
 from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics
 from worker.nbd.server import NbdServer
-from worker.nbd.tls_selftest import ServerTlsFiles, run_tls_close_test
+from worker.nbd.tls_selftest import ServerTlsFiles, children_cpu_s, run_tls_close_test
 from worker.nbd.wire import NbdTls
 from worker.repository import Repository
 from worker.settings import Settings
@@ -198,6 +198,12 @@ async def test_copy_tools_write_through_a_tls_export_and_nobody_else_gets_in(
         again = await scheduler.request(job(vm_id=reply["vm_id"], device=disk))
         assert (again["action"], again["reused"], again["tls"]) == ("reused", True, True)
         await scheduler.channel.close()
+
+        # Every one of those TLS clients has gone: no child of the server is left busy.
+        _, before = children_cpu_s(nbd_server.pid)
+        await asyncio.sleep(1)
+        _, after = children_cpu_s(nbd_server.pid)
+        assert after - before < 0.3, f"children used {after - before:.2f} s of CPU in 1 s"
 
     check = await asyncio.to_thread(run_worker_cli, "check", env=env_for(tls))
     assert "ok   every export refuses plain clients (force_tls)" in check.stdout, check.stdout

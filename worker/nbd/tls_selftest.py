@@ -44,7 +44,7 @@ class ServerTlsFiles:
     cacertfile: Path
 
 
-def _children_cpu_s(pid: int) -> tuple[int, float]:
+def children_cpu_s(pid: int) -> tuple[int, float]:
     """How many children `pid` has, and their CPU time (user + system) in seconds."""
     ticks = os.sysconf("SC_CLK_TCK")
     count, total = 0, 0
@@ -97,9 +97,9 @@ async def run_tls_close_test(
                 pid = server.pid
                 if pid is None:
                     raise ServerUnavailable(f"the private instance of {binary} exited")
-                _, before = await asyncio.to_thread(_children_cpu_s, pid)
+                _, before = await asyncio.to_thread(children_cpu_s, pid)
                 await asyncio.sleep(WATCH_S)
-                left, after = await asyncio.to_thread(_children_cpu_s, pid)
+                left, after = await asyncio.to_thread(children_cpu_s, pid)
                 if left and after - before > SPINNING_SHARE * WATCH_S:
                     failures.append(
                         f"{left} child(ren) spun at {100 * (after - before) / WATCH_S:.0f}% CPU "
