@@ -52,8 +52,9 @@ def _issue(directory: Path, name: str, subject: str, extensions: str, ca_dir: Pa
     )  # fmt: skip
 
 
-def make_pki(directory: Path) -> Pki:
-    """A CA and its server and client certificates under `directory`."""
+def make_pki(directory: Path, *, server_names: str = "IP:127.0.0.1,DNS:localhost") -> Pki:
+    """A CA and its server and client certificates under `directory`; the server's
+    certificate names `server_names` (subjectAltName)."""
     directory.mkdir(parents=True, exist_ok=True)
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
@@ -65,7 +66,7 @@ def make_pki(directory: Path) -> Pki:
         directory,
         "server",
         "/CN=127.0.0.1",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+        f"subjectAltName={server_names}\nextendedKeyUsage=serverAuth\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n",
         directory,
     )

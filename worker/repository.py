@@ -88,6 +88,12 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
     errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
     # The server's own words: they name tables, keys and hosts, never passwords.
     text = str(exc.args[1]) if len(exc.args) > 1 else type(exc).__name__
+    if isinstance(exc.__cause__, ssl.SSLError):
+        # "Can't connect" hides why. A certificate the CA did not sign, or for another
+        # name, is a configuration error, not an outage: not retried.
+        text += f": TLS failed: {exc.__cause__}"
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            return DatabaseError(f"database error {errno}: {text}")
     if errno in CONFLICT_ERRNOS:
         return TransactionConflict(f"database error {errno} (transient): {text}")
     if errno in TRANSIENT_ERRNOS:

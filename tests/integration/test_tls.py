@@ -561,3 +561,34 @@ def test_the_sample_configs_tls_lines_allow_tls_1_2_and_newer_only(
         assert _tls_handshake(server.port, pki, ssl.TLSVersion.TLSv1_1)
     finally:
         server.stop()
+
+
+async def test_a_certificate_for_another_name_is_refused_on_nbd_and_amqp(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Signed by the trusted CA, but naming another host: not the server asked for."""
+    elsewhere = make_pki(tmp_path / "elsewhere", server_names="DNS:elsewhere.example")
+    with NbdServerProcess.running(tmp_path / "nbd-elsewhere", tls=elsewhere) as server:
+        tls = _with_nbd_tls(settings, elsewhere).model_copy(
+            update={"nbd_port": server.port, "nbd_pid_file": server.pid_file}
+        )
+        with pytest.raises(ServerUnavailable, match="IP address mismatch"):
+            await NbdServer(tls, build_metrics("tls-test")).ping()
+    with _stunnel(tmp_path / "stunnel", elsewhere) as port:
+        url = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={elsewhere.ca}"
+        env = env_for(settings.model_copy(update={"amqp_url": url}))
+        check = await asyncio.to_thread(run_worker_cli, "check", env=env)
+        assert "reachable: TLS failed" in check.stdout
+        assert "IP address mismatch" in check.stdout
+
+
+async def test_a_database_certificate_for_another_name_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    elsewhere = make_pki(tmp_path / "elsewhere", server_names="DNS:elsewhere.example")
+    with running_mariadb(tmp_path / "mariadb", tls=elsewhere) as db:
+        url = f"mysql://root@127.0.0.1:{db.port}/nbd_exports_tls"
+        tls = _with_database_tls(settings, elsewhere, url)
+        done = await asyncio.to_thread(run_worker_cli, "migrate", env=env_for(tls))
+        assert done.returncode == 1
+        assert "IP address mismatch" in done.stderr, done.stderr
