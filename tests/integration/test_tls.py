@@ -358,9 +358,12 @@ async def test_a_plaintext_database_is_refused_before_any_credential_is_sent(
 
 
 @contextlib.contextmanager
-def _stunnel(directory: Path, pki: Pki, upstream: int = 5672) -> Iterator[int]:
+def _stunnel(
+    directory: Path, pki: Pki, upstream: int = 5672, *, client_certificate: bool = False
+) -> Iterator[int]:
     """A TLS listener in front of the machine's RabbitMQ (Debian's stunnel4), started and
-    stopped by its pid; yields its port."""
+    stopped by its pid; yields its port. `client_certificate`: one signed by the PKI's CA
+    is required."""
     directory.mkdir()
     port = free_port()
     config = directory / "stunnel.conf"
@@ -373,6 +376,7 @@ def _stunnel(directory: Path, pki: Pki, upstream: int = 5672) -> Iterator[int]:
         f"cert = {pki.server_cert}\n"
         f"key = {pki.server_key}\n"
         "sslVersionMin = TLSv1.2\n"
+        + (f"verify = 2\nCAfile = {pki.ca}\n" if client_certificate else "")
     )
     proc = subprocess.Popen(["stunnel4", str(config)], stderr=subprocess.DEVNULL)
     try:
@@ -592,3 +596,18 @@ async def test_a_database_certificate_for_another_name_is_refused(
         done = await asyncio.to_thread(run_worker_cli, "migrate", env=env_for(tls))
         assert done.returncode == 1
         assert "IP address mismatch" in done.stderr, done.stderr
+
+
+async def test_a_broker_that_requires_a_client_certificate_gets_the_configured_one(
+    settings: Settings, pki: Pki, tmp_path: Path
+) -> None:
+    with _stunnel(tmp_path / "stunnel", pki, client_certificate=True) as port:
+        base = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={pki.ca}"
+        for url, reachable in (
+            (base, False),
+            (f"{base}&certfile={pki.client_cert}&keyfile={pki.client_key}", True),
+        ):
+            env = env_for(settings.model_copy(update={"amqp_url": url}))
+            check = await asyncio.to_thread(run_worker_cli, "check", env=env)
+            line = f"broker {url.replace('guest:guest', 'guest:***')} reachable"
+            assert (f"ok   {line}" in check.stdout) is reachable, check.stdout
