@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import configparser
 import contextlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -53,7 +54,7 @@ from worker.nbd.process import format_version
 from worker.nbd.selftest import HOW_TO_FIX, run_self_test
 from worker.nbd.server import HEALTH_PROBE_NAME, NbdServer
 from worker.nbd.tls_selftest import TLS_FILE_KEYS, TLS_PRIORITY, ServerTlsFiles, run_tls_close_test
-from worker.nbd.wire import export_state
+from worker.nbd.wire import NbdTls, export_state
 from worker.node_identity import (
     NODE_ID_FILE,
     NodeIdentity,
@@ -882,12 +883,20 @@ async def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     its own settings give, or, with --nbd-server, an NBD handshake with the server."""
     if args.nbd_server:
         try:
+            tls_files = settings.nbd_tls_files
             await export_state(
                 settings.nbd_host,
                 settings.nbd_port,
                 HEALTH_PROBE_NAME,
                 settings.probe_timeout_s,
                 source=settings.probe_source_address or None,
+                # As the worker's probes do: a server whose TLS is broken is not healthy.
+                tls=NbdTls(
+                    tls_files.client_context("NBD"),
+                    settings.nbd_tls_server_name or settings.nbd_host,
+                )
+                if tls_files is not None
+                else None,
             )
         except WorkerError as exc:
             print(f"unhealthy: {exc}", file=sys.stderr)
@@ -913,8 +922,8 @@ async def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(f"unhealthy: {url} answered {exc.code}: {exc.read()[:300]!r}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as exc:  # URLError too
-        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException) as exc:  # URLError; not HTTP at all
+        print(f"unhealthy: {url}: {exc!r}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"{url}: {status}")
     return EXIT_OK

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -116,10 +117,12 @@ def _create(path: Path, node_id: str) -> str:
     """Writes `node_id` to `path` unless it exists (then returns what it holds): the file
     appears whole or not at all, and of two first starts only one id wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # A name of its own: two first starts in two containers may both be pid 1.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(name)
     try:
         try:
+            os.fchmod(fd, 0o644)
             os.write(fd, f"{node_id}\n".encode())
             os.fsync(fd)
         finally:
@@ -127,14 +130,20 @@ def _create(path: Path, node_id: str) -> str:
         try:
             os.link(temp, path)  # fails if it exists: never overwrites an id in use
         except FileExistsError:
-            existing = _read(path)
-            return existing if existing is not None else node_id
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            pass
+        else:
+            _fsync_dir(path.parent)
+        # What the file holds now is the id, whoever wrote it.
+        existing = _read(path)
+        return existing if existing is not None else node_id
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
-    return node_id
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -60,6 +60,9 @@ class ReconcileReport:
     #: Active exports that open from an address their authfile does not admit: loaded
     #: without an `authfile` line, they admit everyone until nbd-server restarts.
     unprotected_exports: list[str] = field(default_factory=list)
+    #: With NBD TLS on: active exports that plain clients can still open (loaded before
+    #: `force_tls`; a restart of nbd-server fixes them).
+    plaintext_exports: list[str] = field(default_factory=list)
     #: Why the server cannot read the authfiles at all (then it admits everyone).
     auth_dir_problem: str | None = None
     sighup_sent: bool = False
@@ -77,6 +80,7 @@ class ReconcileReport:
             "no_flush": len(self.exports_without_flush),
             "authfile": len(self.authfiles_repaired),
             "unprotected": len(self.unprotected_exports),
+            "plaintext": len(self.plaintext_exports),
             "auth_dir": int(self.auth_dir_problem is not None),
         }
 
@@ -107,6 +111,11 @@ class ReconcileReport:
                 "UNPROTECTED exports: they admit everyone (loaded before they had an authfile; "
                 "a restart of nbd-server fixes)",
                 self.unprotected_exports,
+            ),
+            (
+                "PLAINTEXT exports: TLS is on, but they serve plain clients too (loaded "
+                "before force_tls; a restart of nbd-server fixes)",
+                self.plaintext_exports,
             ),
         ):
             out.append(f"{label}: {len(names)}")
@@ -237,6 +246,16 @@ async def reconcile(
             "exports=%s",
             ",".join(report.unprotected_exports),
         )
+
+    if server.tls:
+        plain = await server.plaintext_open(loaded)
+        report.plaintext_exports = [name for name, opens in plain.items() if opens]
+        if report.plaintext_exports:
+            log.error(
+                "Exports serve plain clients although NBD TLS is on: loaded before force_tls; "
+                "restart nbd-server exports=%s",
+                ",".join(report.plaintext_exports),
+            )
 
     if not dry_run:
         # Each action re-reads its row under the config lock: a job may have changed the

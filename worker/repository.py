@@ -192,8 +192,11 @@ class Repository:
             raise translate_error(exc) from exc
         if tls is not None:
             try:
-                async with pool.acquire() as conn:
-                    await _check_encrypted(conn, url)
+                try:
+                    async with pool.acquire() as conn:
+                        await _check_encrypted(conn, url)
+                except pymysql.MySQLError as exc:
+                    raise translate_error(exc) from exc
             except BaseException:
                 pool.close()
                 await pool.wait_closed()

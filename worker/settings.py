@@ -209,6 +209,30 @@ class Settings(BaseSettings):
                 "nbd_tls needs nbd_tls_ca, nbd_tls_cert and nbd_tls_key (nbd-server requires "
                 "a client certificate from every TLS client)"
             )
+        # And none set while its link is off: that would be plaintext the operator did not
+        # mean (a typo in EXPORT_WORKER_NBD_TLS, say).
+        stray = [
+            name
+            for flag, names in (
+                (
+                    self.nbd_tls,
+                    ("nbd_tls_ca", "nbd_tls_cert", "nbd_tls_key", "nbd_tls_server_name"),
+                ),
+                (self.database_tls, ("database_tls_ca", "database_tls_cert", "database_tls_key")),
+            )
+            if not flag
+            for name in names
+            if getattr(self, name)
+        ]
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} set, but their link's TLS is off: set nbd_tls or "
+                "database_tls to true, or remove them"
+            )
+        if self.nbd_tls and self.baseline:
+            raise ValueError(
+                "baseline lists exports with nbd-client -l, in plaintext: not with nbd_tls"
+            )
         if self.database_tls and self.database_tls_ca is None:
             raise ValueError("database_tls needs database_tls_ca")
         if (self.database_tls_cert is None) != (self.database_tls_key is None):
@@ -219,7 +243,8 @@ class Settings(BaseSettings):
         if schemes == {"amqp", "amqps"}:
             raise ValueError("amqp_url mixes amqp:// and amqps://: a failover must never lose TLS")
         for url in self.amqp_urls:
-            if "no_verify_ssl" in parse_qs(urlsplit(url).query):
+            # Blank too: aiormq takes `?no_verify_ssl=` (or a bare one) as "do not verify".
+            if "no_verify_ssl" in parse_qs(urlsplit(url).query, keep_blank_values=True):
                 raise ValueError("amqp_url: no_verify_ssl is refused (the broker is verified)")
         return self
 

@@ -58,7 +58,7 @@ from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics
 from worker.nbd.server import NbdServer
 from worker.nbd.tls_selftest import ServerTlsFiles, children_cpu_s, run_tls_close_test
-from worker.nbd.wire import NbdTls
+from worker.nbd.wire import NbdTls, export_state
 from worker.repository import Repository
 from worker.settings import Settings
 from worker.tls import TlsFiles
@@ -229,6 +229,11 @@ async def test_a_server_without_tls_is_refused_and_never_probed_in_clear(
         assert check.returncode == 1
         assert "refused STARTTLS" in check.stdout
         assert "FAIL config: nbd-server offers TLS: [generic] lacks certfile" in check.stdout
+        health = await asyncio.to_thread(
+            run_worker_cli, "healthcheck", "--nbd-server", env=env_for(tls)
+        )
+        assert health.returncode == 1
+        assert "refused STARTTLS" in health.stderr
 
 
 async def test_exports_loaded_before_tls_are_named_until_a_restart(
@@ -267,6 +272,8 @@ async def test_exports_loaded_before_tls_are_named_until_a_restart(
     assert (
         f"FAIL every export refuses plain clients (force_tls): {name} were loaded" in check.stdout
     )
+    reconciled = await asyncio.to_thread(run_worker_cli, "reconcile", "--dry-run", env=env_for(tls))
+    assert f"restart of nbd-server fixes): 1\n  {name}" in reconciled.stdout, reconciled.stdout
 
     nbd_server.stop()
     nbd_server.start()
@@ -452,6 +459,9 @@ async def test_an_amqps_url_to_a_plaintext_port_is_refused_and_sends_no_credenti
     [
         ("amqps://a:b@127.0.0.1:5671/,amqp://a:b@127.0.0.1:5672/", "mixes amqp:// and amqps://"),
         ("amqps://a:b@127.0.0.1:5671/?no_verify_ssl=1", "no_verify_ssl is refused"),
+        # aiormq takes a blank one as "do not verify" too.
+        ("amqps://a:b@127.0.0.1:5671/?no_verify_ssl=", "no_verify_ssl is refused"),
+        ("amqps://a:b@127.0.0.1:5671/?cafile=/ca.pem&no_verify_ssl", "no_verify_ssl is refused"),
         ("http://127.0.0.1/", "must be amqp:// or amqps://"),
     ],
 )
@@ -460,6 +470,45 @@ def test_a_half_tls_broker_list_is_a_settings_error(urls: str, message: str) -> 
     assert done.returncode == 2
     assert message in done.stderr
     assert "a:b@" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"EXPORT_WORKER_NBD_TLS_CA": "/ca.pem"},
+        {"EXPORT_WORKER_NBD_TLS": "ture", "EXPORT_WORKER_NBD_TLS_CERT": "/c.pem"},
+        {"EXPORT_WORKER_DATABASE_TLS_CA": "/ca.pem"},
+        {"EXPORT_WORKER_NBD_TLS": "true", "EXPORT_WORKER_NBD_TLS_CA": "/ca.pem"},
+    ],
+    ids=["nbd-file-without-flag", "nbd-flag-typo", "database-file-without-flag", "nbd-no-cert"],
+)
+def test_tls_settings_half_set_are_a_settings_error(variables: dict[str, str]) -> None:
+    done = run_worker_cli("show-config", env=clean_environ(**variables))
+    assert done.returncode == 2, done.stdout
+    assert "invalid settings" in done.stderr
+
+
+async def test_bytes_injected_after_the_starttls_answer_are_refused(pki: Pki) -> None:
+    """A fake server: the ACK to STARTTLS and, in the same segment, a forged GO reply that
+    would be read as if it came over TLS."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+        await reader.readexactly(4 + 16)  # client flags, the STARTTLS option
+        ack = struct.pack(">QIII", 0x3E889045565A9, OPT_STARTTLS, REP_ACK, 0)
+        forged = struct.pack(">QIII", 0x3E889045565A9, 7, REP_ACK, 0)
+        writer.write(ack + forged)
+        await writer.drain()
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ServerUnavailable, match="sent data after its STARTTLS answer"):
+            await export_state("127.0.0.1", port, "x", 5, tls=_client(pki))
+    finally:
+        server.close()
 
 
 async def test_tls_keys_and_passwords_stay_out_of_show_config_check_and_logs(

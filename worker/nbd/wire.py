@@ -141,6 +141,10 @@ class _Session:
                 f"nbd-server refused STARTTLS (reply {reply_type:#x}): its [generic] section "
                 "needs certfile, keyfile and cacertfile"
             )
+        # Bytes already after the plaintext ACK did not come through TLS: someone on the
+        # path injected them, to be read later as if they had (the STARTTLS injection).
+        if getattr(self.reader, "_buffer", b""):
+            raise ServerUnavailable("nbd-server sent data after its STARTTLS answer: refused")
         try:
             await self.writer.start_tls(tls.context, server_hostname=tls.server_name)
         except ssl.SSLError as exc:
@@ -181,12 +185,15 @@ async def _close(session: _Session) -> None:
     # Bounded: a TLS shutdown waits for the peer's close_notify, which a hung server (or
     # one that busy-loops on our close) never sends. wait() neither raises nor cancels.
     closing = asyncio.ensure_future(session.writer.wait_closed())
-    await asyncio.wait([closing], timeout=CLOSE_WAIT_S)
-    if closing.done():
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            closing.result()
-    else:
-        closing.cancel()
+    try:
+        await asyncio.wait([closing], timeout=CLOSE_WAIT_S)
+    finally:
+        if closing.done():
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ssl.SSLError):
+                closing.result()
+        else:  # timed out, or we are cancelled: drop the connection, leave nothing behind
+            session.writer.transport.abort()
+            closing.cancel()
 
 
 @contextlib.asynccontextmanager
