@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 from worker.errors import WorkerError
+from worker.nbd.files import fsync_dir
 from worker.settings import NODE_ID_PATTERN, Settings
 
 NODE_ID_FILE = "node-id"
@@ -132,18 +133,10 @@ def _create(path: Path, node_id: str) -> str:
         except FileExistsError:
             pass
         else:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         # What the file holds now is the id, whoever wrote it.
         existing = _read(path)
         return existing if existing is not None else node_id
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
