@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.nbd_harness import wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("NBD_BUILD_CACHE", "/var/cache/nbd-export-worker"))
 DOCKERD = "/usr/sbin/dockerd"
@@ -33,17 +35,6 @@ CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 class DockerError(AssertionError):
     pass
-
-
-def _wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise DockerError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @dataclass
@@ -87,7 +78,7 @@ class DockerDaemon:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        _wait(self._answers, timeout_s, "dockerd to answer")
+        wait_for(self._answers, timeout_s, "dockerd to answer", interval_s=0.5)
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -215,7 +206,7 @@ class ComposeStack:
         return None if health is None else str(health["Status"])
 
     def wait_healthy(self, service: str, timeout_s: float = 90) -> None:
-        _wait(lambda: self.health(service) == "healthy", timeout_s, f"{service} healthy", 1)
+        wait_for(lambda: self.health(service) == "healthy", timeout_s, f"{service} healthy", 1)
 
     def exec(
         self, service: str, *args: str, check: bool = True

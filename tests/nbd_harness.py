@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.tls_certs import Pki
+from worker.nbd.tls_selftest import TLS_PRIORITY
 
 #: Where scripts/install-system-deps.sh --with-old-server unpacks Debian 12's 3.24.
 OLD_SERVER_BIN = Path("/var/cache/nbd-export-worker/nbd-server-3.24/bin/nbd-server")
@@ -51,18 +52,13 @@ def free_port() -> int:
     raise OSError("no free port below the ephemeral range")
 
 
-def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+def wait_for(predicate: object, timeout_s: float, what: str, interval_s: float = 0.01) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():  # type: ignore[operator]
             return
-        time.sleep(0.01)
+        time.sleep(interval_s)
     raise TimeoutError(f"timed out waiting for {what}")
-
-
-#: GnuTLS priorities as the sample base configs give them: TLS 1.2 and newer only (the
-#: documented default is not applied, and 1.0/1.1 were accepted: nbd-server-facts.md).
-TLS_PRIORITY = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 
 
 def _accepts(port: int) -> bool:

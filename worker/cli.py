@@ -52,9 +52,9 @@ from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import link_target
 from worker.nbd.process import format_version
 from worker.nbd.selftest import HOW_TO_FIX, run_self_test
-from worker.nbd.server import HEALTH_PROBE_NAME, NbdServer
+from worker.nbd.server import HEALTH_PROBE_NAME, NbdServer, nbd_tls_session
 from worker.nbd.tls_selftest import TLS_FILE_KEYS, TLS_PRIORITY, ServerTlsFiles, run_tls_close_test
-from worker.nbd.wire import NbdTls, export_state
+from worker.nbd.wire import export_state
 from worker.node_identity import (
     NODE_ID_FILE,
     NodeIdentity,
@@ -753,8 +753,8 @@ def _exposure_warnings(
 async def _nbd_tls_results(
     settings: Settings, server: NbdServer, generic: Mapping[str, str]
 ) -> list[tuple[str, str | None]]:
-    """With NBD TLS on: the server offers TLS, its build lets go of clients that close
-    their TLS session, and every export refuses plain clients."""
+    """With NBD TLS on: the server offers TLS, and its build lets go of clients that
+    close their TLS session (that every export refuses plain clients: _access_results)."""
     results: list[tuple[str, str | None]] = []
     label = "nbd-server lets go of TLS clients that close cleanly (close_notify self-test)"
     files = {key: str(generic.get(key, "")).strip() for key in TLS_FILE_KEYS}
@@ -776,23 +776,6 @@ async def _nbd_tls_results(
             )
         except WorkerError as exc:
             results.append((label, str(exc)))
-    label = "every export refuses plain clients (force_tls)"
-    try:
-        async with _adapters(settings) as (repository, _):
-            active = await repository.active_export_names()
-        plain = await server.plaintext_open(sorted(await server.known_names(active)))
-        open_to_all = sorted(name for name, opens in plain.items() if opens)
-        results.append(
-            (
-                label,
-                f"{', '.join(open_to_all)} were loaded before TLS was turned on and still "
-                "serve plain clients: restart nbd-server"
-                if open_to_all
-                else None,
-            )
-        )
-    except WorkerError as exc:
-        results.append((label, str(exc)))
     return results
 
 
@@ -827,6 +810,16 @@ async def _access_results(
             else None,
         ),
     ]
+    if server.tls:
+        results.append(
+            (
+                "every export refuses plain clients (force_tls)",
+                f"{', '.join(report.plaintext_exports)} were loaded before TLS was turned on "
+                "and still serve plain clients: restart nbd-server"
+                if report.plaintext_exports
+                else None,
+            )
+        )
     return results, remote
 
 
@@ -883,7 +876,6 @@ async def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     its own settings give, or, with --nbd-server, an NBD handshake with the server."""
     if args.nbd_server:
         try:
-            tls_files = settings.nbd_tls_files
             await export_state(
                 settings.nbd_host,
                 settings.nbd_port,
@@ -891,12 +883,7 @@ async def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
                 settings.probe_timeout_s,
                 source=settings.probe_source_address or None,
                 # As the worker's probes do: a server whose TLS is broken is not healthy.
-                tls=NbdTls(
-                    tls_files.client_context("NBD"),
-                    settings.nbd_tls_server_name or settings.nbd_host,
-                )
-                if tls_files is not None
-                else None,
+                tls=nbd_tls_session(settings),
             )
         except WorkerError as exc:
             print(f"unhealthy: {exc}", file=sys.stderr)

@@ -40,9 +40,9 @@ def test_parse_listing_matches_whole_lines() -> None:
 
 
 def test_parse_stat_handles_odd_command_names() -> None:
-    stat_line = "1234 (nbd (server) x) S 1 1234 1234 0 -1 4194560 0 0"
-    assert parse_stat(stat_line).state == "S"
-    assert parse_stat(stat_line).session == 1234
+    stat_line = "1234 (nbd (server) x) S 1 1234 1234 0 -1 4194560 0 0 0 0 17 5 0 0 20 0"
+    stat = parse_stat(stat_line)
+    assert (stat.state, stat.ppid, stat.session, stat.cpu_ticks) == ("S", 1, 1234, 22)
 
 
 @pytest.mark.parametrize(

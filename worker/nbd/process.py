@@ -47,14 +47,23 @@ _VERSION_RE = re.compile(r"nbd-server version (\d+)\.(\d+)(?:\.(\d+))?")
 @dataclass(frozen=True)
 class ProcStat:
     state: str
+    ppid: int
     session: int
+    #: User plus system CPU time, in clock ticks.
+    cpu_ticks: int
 
 
 def parse_stat(text: str) -> ProcStat:
     """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses."""
     fields = text[text.rindex(")") + 2 :].split()
-    # After "(comm)": state ppid pgrp session ...
-    return ProcStat(state=fields[0], session=int(fields[3]))
+    # After "(comm)": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    # cmajflt utime stime ...
+    return ProcStat(
+        state=fields[0],
+        ppid=int(fields[1]),
+        session=int(fields[3]),
+        cpu_ticks=int(fields[11]) + int(fields[12]),
+    )
 
 
 def config_from_cmdline(argv: Sequence[str]) -> str:

@@ -203,6 +203,14 @@ class _Remembered:
     answered_at: float = float("-inf")
 
 
+def nbd_tls_session(settings: Settings) -> NbdTls | None:
+    """How probes do STARTTLS with these settings (None: TLS off). Raises TlsConfigError."""
+    files = settings.nbd_tls_files
+    if files is None:
+        return None
+    return NbdTls(files.client_context("NBD"), settings.nbd_tls_server_name or settings.nbd_host)
+
+
 class NbdServer:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
@@ -219,16 +227,8 @@ class NbdServer:
             flush=settings.export_flush, fua=settings.export_fua, trim=settings.export_trim
         )
         self._remembered = _Remembered(0, set(), {}, {})
-        tls_files = settings.nbd_tls_files
         #: Every probe over TLS when set (raises TlsConfigError now, not at the first job).
-        self._tls = (
-            NbdTls(
-                tls_files.client_context("NBD"),
-                settings.nbd_tls_server_name or settings.nbd_host,
-            )
-            if tls_files is not None
-            else None
-        )
+        self._tls = nbd_tls_session(settings)
         self._route: ProbeRoute | None = None
         self._heartbeat: asyncio.Task[ExportState] | None = None
         self._asking: dict[str, asyncio.Task[ExportState]] = {}
@@ -467,31 +467,21 @@ class NbdServer:
     async def plaintext_open(self, names: Iterable[str]) -> dict[str, bool | None]:
         """For each export: True when a plain (non-TLS) client can open it, i.e. it was
         loaded before the worker wrote `force_tls` (only a restart adds it); False when it
-        refuses plain clients; None when it cannot be told (it does not open). Known
-        answers are kept per server pid."""
+        refuses plain clients; None when it cannot be told (it does not open, or the server
+        does not answer). Known answers are kept per server pid."""
+        names = list(names)
         memory = self._memory()
-        gate = asyncio.Semaphore(PROBES_AT_ONCE)
-
-        async def ask(name: str) -> bool | None:
-            if name in memory.tls_only:
-                return not memory.tls_only[name]
-            try:
-                async with gate:
-                    state = await self.export_state(name, plain=True)
-            except WorkerError as exc:  # cannot be told now: never a reason to stop
-                log.warning("Cannot tell whether %s refuses plain clients: %s", name, exc)
-                return None
-            if state == TLS_REQUIRED:
-                memory.tls_only[name] = True
-            elif isinstance(state, ExportInfo):
-                memory.tls_only[name] = False
-            else:
-                return None
-            return not memory.tls_only[name]
-
-        listed = list(names)
-        answers = await asyncio.gather(*(ask(name) for name in listed))
-        return dict(zip(listed, answers, strict=True))
+        try:
+            states = await self._export_states(
+                (n for n in names if n not in memory.tls_only), plain=True
+            )
+        except WorkerError as exc:  # cannot be told now: never a reason to stop
+            log.warning("Cannot tell which exports refuse plain clients: %s", exc)
+            states = {}
+        for name, state in states.items():
+            if state == TLS_REQUIRED or isinstance(state, ExportInfo):
+                memory.tls_only[name] = state == TLS_REQUIRED
+        return {n: None if n not in memory.tls_only else not memory.tls_only[n] for n in names}
 
     def authfile_state(self, name: str, client_addresses: tuple[str, ...] | None) -> AuthfileState:
         """Whether `name`'s authfile admits exactly `client_addresses` (None: nobody)."""
@@ -733,14 +723,17 @@ class NbdServer:
                 )
         return results
 
-    async def _export_states(self, names: Iterable[str]) -> dict[str, ExportState]:
-        """NBD_OPT_GO on each name, a few at a time: every connection costs the server a
-        fork, and a burst must not swamp the server that serves live migrations."""
+    async def _export_states(
+        self, names: Iterable[str], *, plain: bool = False
+    ) -> dict[str, ExportState]:
+        """NBD_OPT_GO on each name (`plain`: without TLS), a few at a time: every
+        connection costs the server a fork, and a burst must not swamp the server that
+        serves live migrations."""
         gate = asyncio.Semaphore(PROBES_AT_ONCE)
 
         async def ask(name: str) -> ExportState:
             async with gate:
-                return await self.export_state(name)
+                return await self.export_state(name, plain=plain)
 
         names = list(names)
         states = await asyncio.gather(*(ask(name) for name in names))
