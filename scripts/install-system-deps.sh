@@ -15,8 +15,10 @@ CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 # Prometheus's promtool, both unpacked (not installed: no service starts) under $CACHE,
 # Debian's docker.io, docker-compose and debootstrap to build the image and run its stack
 # (tests/containers.py starts a private daemon and stops it by pid; the packages start
-# none), openssl and stunnel4 for the TLS tests, and Debian's nbd-server source built without the project's patches (to show that
-# the worker refuses it).
+# none), openssl and stunnel4 for the TLS tests, galera-4, rsync and haproxy for the
+# cluster tests and the soak (tests/clusters.py starts private nodes; no service starts),
+# and Debian's nbd-server source built without the project's patches (to show that the
+# worker refuses it).
 WITH_TEST_TOOLS=
 [ "${1:-}" = "--with-test-tools" ] && WITH_TEST_TOOLS=1
 
@@ -54,8 +56,8 @@ if [ -n "$WITH_TEST_TOOLS" ]; then
   [ -x "$CACHE/nbd-server-3.24/bin/nbd-server" ] || unpack 'nbd-server=1:3.24*' "$CACHE/nbd-server-3.24"
   [ -x "$CACHE/prometheus/usr/bin/promtool" ] || unpack prometheus "$CACHE/prometheus"
   # Installing docker.io must not start the system's daemon (its default bridge takes
-  # 172.17.x addresses): no service starts while a policy-rc.d says 101.
-  if ! installed docker.io && [ ! -e /usr/sbin/policy-rc.d ]; then
+  # 172.17.x addresses), nor haproxy its own: no service starts while a policy-rc.d says 101.
+  if { ! installed docker.io || ! installed haproxy; } && [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
@@ -63,5 +65,7 @@ if [ -n "$WITH_TEST_TOOLS" ]; then
   apt_install docker.io docker-compose debootstrap
   # TLS tests: a CA made with openssl, and stunnel as a TLS listener in front of RabbitMQ.
   apt_install openssl stunnel4
+  # Cluster tests: Galera replication with rsync state transfer, HAProxy in front of it.
+  apt_install galera-4 rsync haproxy
   bash "$ROOT/nbd-server/build.sh" --unpatched --dest "$CACHE/nbd-server-unpatched/nbd-server"
 fi

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.nbd_harness import free_port, pid_running, wait_for
@@ -23,6 +24,11 @@ class MariaDbInstance:
     tls: Pki | None = None
     port: int = 0
     pid: int = 0
+    #: More server options (tests/clusters.py: a Galera node's).
+    extra_args: list[str] = field(default_factory=list)
+    #: The account mariadbd runs as. A Galera node runs as mysql, as deployed: its rsync
+    #: state transfer daemon, started by root, would write as nobody.
+    user: str = "root"
 
     @property
     def datadir(self) -> Path:
@@ -38,9 +44,10 @@ class MariaDbInstance:
             f"--socket={self.root / 'mysqld.sock'}",
             f"--pid-file={self.root / 'mysqld.pid'}",
             f"--log-error={self.root / 'error.log'}",
-            "--user=root",
+            f"--user={self.user}",
             "--innodb-buffer-pool-size=16M",
             "--skip-log-bin",
+            *self.extra_args,
         ]
         if self.tls is not None:
             argv += [
@@ -51,19 +58,29 @@ class MariaDbInstance:
             ]
         return argv
 
-    def start(self) -> None:
+    def start(self, *, bootstrap: bool = False) -> None:
+        """Starts the server, creating its datadir the first time; `bootstrap`: a Galera
+        node that forms a new cluster (--wsrep-new-cluster)."""
+        if not self.datadir.exists():
+            self._install()
+        self.port = self.port or free_port()
+        argv = self._argv() + (["--wsrep-new-cluster"] if bootstrap else [])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = proc.pid
+        wait_for(lambda: self._answers(proc), 120, f"mariadbd on port {self.port}", 0.1)
+
+    def _install(self) -> None:
         self.datadir.mkdir(parents=True)
+        if self.user != "root":
+            shutil.chown(self.root, self.user, self.user)
+            shutil.chown(self.datadir, self.user, self.user)
         subprocess.run(
             [
                 "mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}",
-                "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db",
+                f"--user={self.user}", "--auth-root-authentication-method=normal", "--skip-test-db",
             ],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        self.port = free_port()
-        proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = proc.pid
-        wait_for(lambda: self._answers(proc), 60, f"mariadbd on port {self.port}")
 
     def _answers(self, proc: subprocess.Popen[bytes]) -> bool:
         if proc.poll() is not None:

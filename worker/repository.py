@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: MySQL error numbers worth retrying: deadlock (also Galera certification failures),
-#: lock wait timeout, server gone away / lost connection, cannot connect.
-TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003})
+#: lock wait timeout, server gone away / lost connection, cannot connect, and a Galera
+#: node not ready for queries yet (1047, while it rejoins its cluster).
+TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003, 1047})
 #: Those a statement retries at once, on its own: a deadlock clears in milliseconds. A lock
 #: wait timeout (which has already waited innodb_lock_wait_timeout) and a lost or refused
 #: connection are left to the job's retries, which wait longer: retrying them in both
@@ -640,12 +641,21 @@ async def migrate(
         with warnings.catch_warnings():
             # "database exists" / "table exists" notes are the point of IF NOT EXISTS.
             warnings.simplefilter("ignore", pymysql.Warning)
-            async with conn.cursor() as cur:
-                return await _apply_migrations(cur, name, files, node_id)
+            # On Galera, migrators on two nodes can fail each other's transactions at
+            # certification (a deadlock, 1213): every statement is idempotent, so the
+            # whole run is tried again.
+            async for attempt in retry_policy():
+                with attempt:
+                    try:
+                        async with conn.cursor() as cur:
+                            return await _apply_migrations(cur, name, files, node_id)
+                    except pymysql.MySQLError as exc:
+                        raise translate_error(exc) from exc
     except pymysql.MySQLError as exc:
         raise translate_error(exc) from exc
     finally:
         conn.close()
+    raise AssertionError("unreachable: retry_policy reraises")
 
 
 def latest_migration_version(directory: Path | None = None) -> int:

@@ -9,109 +9,54 @@ and kept in RELIABILITY.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import os
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
+from pydantic import AnyUrl
 
+from tests.clusters import rabbit_cluster
 from tests.conftest import (
     AMQP_URL,
     DEAD_LETTERED_CODES,
-    Scheduler,
+    delete_broker_objects,
     job,
     make_disk,
     running_worker,
     scheduler_for,
     take_dead_letters,
+    unique,
+)
+from tests.fault_run import (
+    HELD_BYTES,
+    FaultRun,
+    Held,
+    assert_all_ready,
+    check_consistent,
+    cut_after_some_replies,
+    publish_mix,
+    repaired_and_consistent,
 )
 from tests.fault_table import ROWS, FaultRow
+from tests.mariadb_instance import running_mariadb
 from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
 from tests.tcp_proxy import TcpProxy
 from tests.worker_process import WorkerProcess
 from worker.faults import CRASH_POINTS
-from worker.metrics import build_metrics
-from worker.nbd.server import NbdServer
-from worker.reconcile import reconcile
-from worker.repository import Repository
+from worker.repository import migrate
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-HELD_BYTES = b"held-connection-bytes"
-
-
-class Held:
-    """A client connected to an export before the fault, like a copy in progress."""
-
-    def __init__(self, port: int, export_name: str, request: dict[str, Any]) -> None:
-        self.export_name = export_name
-        #: The job that made the export: reuses of it are this with another job_id.
-        self.request = request
-        self.conn = NbdConnection(port, export_name)
-
-    def survived(self) -> bool:
-        try:
-            return self.conn.read(0, len(HELD_BYTES)) == HELD_BYTES
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class FaultRun:
-    """One fault's jobs: publishes them, waits for replies, counts dead letters."""
-
-    def __init__(self, amqp: AbstractConnection, scheduler: Scheduler, settings: Settings) -> None:
-        self.amqp = amqp
-        self.scheduler = scheduler
-        self.settings = settings
-        self.sent: dict[str, dict[str, Any] | bytes] = {}
-
-    @classmethod
-    async def start(cls, amqp: AbstractConnection, settings: Settings) -> FaultRun:
-        return cls(amqp, await scheduler_for(amqp, settings), settings)
-
-    async def publish(self, body: dict[str, Any] | bytes) -> str:
-        corr = await self.scheduler.publish(body)
-        self.sent[corr] = body
-        return corr
-
-    async def replies(self, timeout_s: float = 90) -> dict[str, dict[str, Any]]:
-        """Every sent job's reply; a job with none by the timeout counts as lost."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while any(c not in self.scheduler.replies for c in self.sent) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        return {c: self.scheduler.replies[c] for c in self.sent if c in self.scheduler.replies}
-
-    async def replies_to(self, corrs: list[str], timeout_s: float = 30) -> None:
-        for corr in corrs:
-            await self.scheduler.reply(corr, timeout_s)
-
-    async def row(self, fault: str, held: Held | None) -> FaultRow:
-        replies = await self.replies()
-        expected = [
-            r for r in replies.values() if r.get("error", {}).get("code") in DEAD_LETTERED_CODES
-        ]
-        dead = await take_dead_letters(
-            self.amqp, self.settings.request_queue, at_least=len(expected)
-        )
-        row = FaultRow(
-            fault=fault,
-            sent=len(self.sent),
-            replied=len(replies),
-            dead_lettered=len(dead),
-            held_connection=(
-                "n/a (server killed)" if held is None else "survived" if held.survived() else "LOST"
-            ),
-        )
-        ROWS.append(row)
-        return row
 
 
 @pytest.fixture
@@ -133,50 +78,6 @@ async def held(
         yield connection
     finally:
         connection.close()
-
-
-async def check_consistent(settings: Settings) -> None:
-    """Exactly one snippet per active mapping, every active export servable, and nothing
-    for reconciliation to repair or explain."""
-    repository = await Repository.connect(
-        settings.database_url, node_id=settings.node_id, pool_size=1, timeout_s=5
-    )
-    try:
-        active = {m.export_name for m in await repository.list_mappings(active_only=True)}
-        snippets = {p.stem for p in settings.nbd_conf_dir.glob("migration-vm-*.conf")}
-        assert snippets == active
-        server = NbdServer(settings, build_metrics(settings.node_id))
-        report = await reconcile(repository, server, dry_run=True)
-        assert report.drift() == dict.fromkeys(report.drift(), 0), report.lines()
-        for name in active:
-            with NbdConnection(settings.nbd_port, name):
-                pass  # it opens (NBD_OPT_GO): servable
-    finally:
-        await repository.close()
-
-
-async def publish_mix(
-    run: FaultRun, disks_dir: Path, held_request: dict[str, Any], tag: str, pairs: int
-) -> None:
-    """`pairs` creates of new disks, each with a reuse of the held export."""
-    for i in range(pairs):
-        await run.publish(job(device=make_disk(disks_dir, f"{tag}{i}")))
-        await run.publish({**held_request, "job_id": f"reuse-{tag}{i}"})
-
-
-async def cut_after_some_replies(proxy: TcpProxy, run: FaultRun, outage_s: float) -> None:
-    """Once a few jobs are answered, drops the proxied connections and refuses new ones
-    for `outage_s`, then lets them through again (on the same port)."""
-    while len(run.scheduler.replies) < 10:
-        await asyncio.sleep(0.01)
-    await proxy.stop()
-    await asyncio.sleep(outage_s)
-    await proxy.start()
-
-
-def assert_all_ready(scheduler: Scheduler) -> None:
-    replies = list(scheduler.replies.values())
-    assert [r["error"] for r in replies if r["status"] != "ready"] == []
 
 
 @pytest.fixture
@@ -564,3 +465,323 @@ async def test_broker_cut_while_a_create_is_in_flight(
     assert (reply["status"], reply["action"]) == ("ready", "created")
     assert sighups == 1  # the redelivery found the export made and changed nothing
     await check_consistent(fault_settings)
+
+
+# --- full restarts, full and read-only directories, a reload cut short ------------------
+
+
+class DurableReplies:
+    """A scheduler whose reply queue outlives a broker restart: a durable queue, read
+    again on a new connection after the restart."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        self.queue = unique("test.durable-replies")
+        self.sent: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, dict[str, Any]] = {}
+
+    async def publish(self, bodies: list[dict[str, Any]]) -> None:
+        connection = await aio_pika.connect(self.url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(self.queue, durable=True)
+            for body in bodies:
+                corr = uuid.uuid4().hex
+                self.sent[corr] = body
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(body).encode(), correlation_id=corr, reply_to=self.queue,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=self.settings.request_queue,
+                )  # fmt: skip
+
+    async def answered(self) -> int:
+        """How many replies wait in the queue now (without taking them)."""
+        connection = await aio_pika.connect(self.url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(self.queue, durable=True, passive=True)
+            return queue.declaration_result.message_count or 0
+
+    async def collect(self, timeout_s: float = 90) -> FaultRow:
+        """Every reply (a job answered twice must be answered alike), and the dead letters."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while set(self.sent) - set(self.replies) and loop.time() < deadline:
+            with contextlib.suppress(OSError, aio_pika.exceptions.AMQPError):
+                connection = await aio_pika.connect(self.url, timeout=5)
+                async with connection:
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue(self.queue, durable=True)
+                    while (message := await queue.get(fail=False)) is not None:
+                        body = json.loads(message.body)
+                        corr = message.correlation_id or ""
+                        assert self.replies.setdefault(corr, body) == body, (
+                            "answered twice, unalike"
+                        )
+                        await message.ack()
+            await asyncio.sleep(0.2)
+        connection = await aio_pika.connect(self.url, timeout=10)
+        async with connection:
+            expected = [
+                r
+                for r in self.replies.values()
+                if r.get("error", {}).get("code") in DEAD_LETTERED_CODES
+            ]
+            dead = await take_dead_letters(
+                connection, self.settings.request_queue, at_least=len(expected)
+            )
+            await delete_broker_objects(connection, [self.queue], [])
+        return FaultRow("", len(self.sent), len(self.replies), len(dead), "")
+
+
+def reuses_and_creates(held: Held, disks_dir: Path, tag: str, pairs: int) -> list[dict[str, Any]]:
+    return [
+        body
+        for i in range(pairs)
+        for body in (
+            job(device=make_disk(disks_dir, f"{tag}{i}")),
+            {**held.request, "job_id": f"reuse-{tag}{i}"},
+        )
+    ]
+
+
+def record(row: FaultRow, fault: str, held: Held | None) -> FaultRow:
+    state = "n/a (server killed)" if held is None else "survived" if held.survived() else "LOST"
+    done = dataclasses.replace(row, fault=fault, held_connection=state)
+    ROWS.append(done)
+    return done
+
+
+async def test_broker_restarted_with_jobs_in_flight(
+    tmp_path: Path, fault_settings: Settings, disks_dir: Path, nbd_server: NbdServerProcess,
+) -> None:  # fmt: skip
+    """`rabbitmqctl stop_app` / `start_app` on a broker of the test's own: every client
+    connection is closed, the durable queues and their messages stay."""
+    with rabbit_cluster(tmp_path / "broker", size=1) as broker:
+        settings = fault_settings.model_copy(update={"amqp_url": broker.node(1).url})
+        async with running_worker(settings):
+            scheduler = DurableReplies(broker.node(1).url, settings)
+            first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+            await scheduler.publish([first])
+            await scheduler.collect()
+            reply = next(iter(scheduler.replies.values()))
+            held = Held(nbd_server.port, reply["export_name"], first)
+            scheduler.sent.clear()
+            scheduler.replies.clear()
+            try:
+                await scheduler.publish(reuses_and_creates(held, disks_dir, "r", 30))
+                while await scheduler.answered() < 5:
+                    await asyncio.sleep(0.02)
+                broker.ctl(1, "stop_app")
+                await asyncio.sleep(1.0)
+                broker.ctl(1, "start_app")
+                row = record(
+                    await scheduler.collect(), "broker restarted (stop_app, start_app)", held
+                )
+            finally:
+                held.close()
+    assert row.lost == 0, row
+    assert row.held_connection == "survived"
+    assert [r for r in scheduler.replies.values() if r["status"] != "ready"] == []
+    await check_consistent(settings)
+
+
+async def test_database_restarted_with_jobs_in_flight(
+    tmp_path: Path, fault_settings: Settings, amqp: AbstractConnection, disks_dir: Path,
+    nbd_server: NbdServerProcess,
+) -> None:  # fmt: skip
+    """The database server of the test's own stopped (SIGTERM, a clean shutdown) and
+    started again on the same datadir and port while jobs run."""
+    with running_mariadb(tmp_path / "mariadb") as database:
+        url = AnyUrl(f"mysql://root@127.0.0.1:{database.port}/nbd_restart")
+        database.sql(
+            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; GRANT ALL ON *.* TO 'root'@'127.0.0.1'"
+        )
+        await migrate(url, node_id=fault_settings.node_id, timeout_s=10)
+        settings = fault_settings.model_copy(
+            update={"database_url": url, "db_connect_timeout_s": 1.0}
+        )
+        run = await FaultRun.start(amqp, settings)
+        try:
+            async with running_worker(settings):
+                first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+                reply = await run.scheduler.request(first)
+                held = Held(nbd_server.port, reply["export_name"], first)
+                try:
+                    await publish_mix(run, disks_dir, first, "m", 30)
+                    while len(run.scheduler.replies) < 10:
+                        await asyncio.sleep(0.01)
+                    await asyncio.to_thread(database.stop)
+                    await asyncio.to_thread(database.start)
+                    row = await run.row("database server restarted", held)
+                finally:
+                    held.close()
+        finally:
+            await run.scheduler.channel.close()
+        assert row.lost == 0, row
+        assert row.held_connection == "survived"
+        assert_all_ready(run.scheduler)
+        await check_consistent(settings)
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *options: str) -> Iterator[None]:
+    """`mount` on `target` (a tmpfs, or a read-only bind of itself), unmounted on exit."""
+    subprocess.run(["mount", *options, str(target)], check=True, capture_output=True, timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(target)], check=True, capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file into `directory` until its filesystem is full; the file."""
+    filler = directory / ".filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 4096)
+    with contextlib.suppress(OSError):  # and the inodes: small files in a tmpfs
+        for i in range(100_000):
+            (directory / f".filler{i}").touch()
+    return filler
+
+
+# Every try of a create fails alike: fewer of them, so the test ends sooner.
+@pytest.mark.fault_settings(delivery_limit=1, job_attempts=2)
+async def test_config_directory_full(
+    fault_settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:  # fmt: skip
+    """The includedir on a 1 MiB tmpfs, filled up: creates fail with ENOSPC, are answered
+    (retries_exhausted, kept as dead letters), reuses go on; freed, creates work again."""
+    conf_dir = fault_settings.nbd_conf_dir
+    with mounted(conf_dir, "-t", "tmpfs", "-o", "size=1m,nr_inodes=256", "tmpfs"):
+        run = await FaultRun.start(amqp, fault_settings)
+        try:
+            async with running_worker(fault_settings):
+                first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+                reply = await run.scheduler.request(first)
+                held = Held(nbd_server.port, reply["export_name"], first)
+                try:
+                    fill(conf_dir)
+                    creates = [
+                        await run.publish(job(device=make_disk(disks_dir, f"f{i}")))
+                        for i in range(3)
+                    ]
+                    reuses = [
+                        await run.publish({**first, "job_id": f"reuse-f{i}"}) for i in range(3)
+                    ]
+                    await run.replies_to(creates + reuses, 60)
+                    for path in conf_dir.glob(".filler*"):
+                        path.unlink()
+                    after = await run.publish(job(device=make_disk(disks_dir, "after", b"a")))
+                    row = await run.row("config directory full (ENOSPC, 1 MiB tmpfs)", held)
+                finally:
+                    held.close()
+        finally:
+            await run.scheduler.channel.close()
+        errors = [run.scheduler.replies[c]["error"] for c in creates]
+        assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
+        assert all("No space left on device" in e["message"] for e in errors), errors
+        assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
+        assert run.scheduler.replies[after]["status"] == "ready"
+        assert row.lost == 0, row
+        assert row.dead_lettered == len(creates)
+        assert row.held_connection == "survived"
+        await repaired_and_consistent(fault_settings)
+
+
+@pytest.mark.fault_settings(delivery_limit=1, job_attempts=2)
+async def test_link_directory_read_only(
+    fault_settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:  # fmt: skip
+    """The link directory remounted read-only (a bind mount of itself) under a running
+    worker: creates are answered retries_exhausted, reuses go on; writable again, creates
+    work again."""
+    link_dir = fault_settings.link_dir
+    run = await FaultRun.start(amqp, fault_settings)
+    try:
+        async with running_worker(fault_settings):
+            first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+            reply = await run.scheduler.request(first)
+            held = Held(nbd_server.port, reply["export_name"], first)
+            try:
+                with mounted(link_dir, "--bind", str(link_dir)):
+                    subprocess.run(
+                        ["mount", "-o", "remount,bind,ro", str(link_dir)], check=True, timeout=10
+                    )
+                    creates = [
+                        await run.publish(job(device=make_disk(disks_dir, f"ro{i}")))
+                        for i in range(3)
+                    ]
+                    reuses = [
+                        await run.publish({**first, "job_id": f"reuse-ro{i}"}) for i in range(3)
+                    ]
+                    await run.replies_to(creates + reuses, 60)
+                after = await run.publish(job(device=make_disk(disks_dir, "after", b"a")))
+                row = await run.row("link directory read-only (remounted ro)", held)
+            finally:
+                held.close()
+    finally:
+        await run.scheduler.channel.close()
+    errors = [run.scheduler.replies[c]["error"] for c in creates]
+    assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
+    assert all("Read-only file system" in e["message"] for e in errors), errors
+    assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
+    assert run.scheduler.replies[after]["status"] == "ready"
+    assert row.lost == 0, row
+    assert row.dead_lettered == len(creates)
+    assert row.held_connection == "survived"
+    await repaired_and_consistent(fault_settings)
+
+
+def sighup_pending(pid: int) -> bool:
+    """Whether SIGHUP waits, undelivered, for process `pid` (stopped, it cannot take it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & (
+            1 << (signal.SIGHUP - 1)
+        ):
+            return True
+    return False
+
+
+async def test_nbd_server_killed_mid_reload(
+    fault_settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess,
+    disks_dir: Path, held: Held,
+) -> None:  # fmt: skip
+    """The server stopped, so the worker's SIGHUP waits undelivered; killed then, between
+    the SIGHUP and the new export being visible, and started again: the create finishes
+    on the new server, once, and nothing is left half-made."""
+    run = await FaultRun.start(amqp, fault_settings)
+    try:
+        async with running_worker(fault_settings) as worker:
+            old_pid = nbd_server.pid
+            os.kill(old_pid, signal.SIGSTOP)
+            create = await run.publish(job(device=make_disk(disks_dir, "mid", b"mid-reload")))
+            reuses = [
+                await run.publish({**held.request, "job_id": f"reuse-mid{i}"}) for i in range(3)
+            ]
+            deadline = asyncio.get_running_loop().time() + 30
+            while not sighup_pending(old_pid):
+                assert asyncio.get_running_loop().time() < deadline, "no SIGHUP was sent"
+                await asyncio.sleep(0.01)
+            os.kill(old_pid, signal.SIGKILL)
+            while pid_running(old_pid):
+                await asyncio.sleep(0.01)
+            nbd_server.start()  # same config and includedir: a new main pid
+            row = await run.row("nbd-server killed mid-reload (after the SIGHUP)", held)
+            sighups = worker.sample("nbd_server_sighups_total")
+    finally:
+        await run.scheduler.channel.close()
+    assert row.lost == 0, row
+    reply = run.scheduler.replies[create]
+    assert (reply["status"], reply["action"]) == ("ready", "created"), reply
+    assert all(run.scheduler.replies[c]["status"] == "ready" for c in reuses)
+    assert sighups == 1  # the new server read the snippet at start: no second SIGHUP
+    with NbdConnection(nbd_server.port, reply["export_name"]) as conn:
+        assert conn.read(0, 10) == b"mid-reload"
+    await repaired_and_consistent(fault_settings)

@@ -127,6 +127,7 @@ def test_split_statements_ignores_comments() -> None:
         (1205, TransientDatabaseError),
         (2013, TransientDatabaseError),
         (2003, TransientDatabaseError),
+        (1047, TransientDatabaseError),  # a Galera node rejoining its cluster
         (1146, DatabaseError),
     ],
 )

@@ -7,6 +7,7 @@ never a torn one, and never a second file defining the same export.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -108,6 +109,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _discard(temp: Path) -> None:
+    """Removes a temporary left by a failed write. On a read-only or broken filesystem
+    that fails too (EROFS even for a missing file): the write's own error is the one to
+    report, so this one is dropped."""
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
+
+
 def _replace_file(target: Path, content: bytes, mode: int, *, sync_dir: bool) -> None:
     """Writes `content` to a hidden temporary name, fsyncs it, renames it over `target`
     (and, with sync_dir, fsyncs the directory). Raises OSError, leaving no temporary."""
@@ -126,7 +135,7 @@ def _replace_file(target: Path, content: bytes, mode: int, *, sync_dir: bool) ->
         if sync_dir:
             fsync_dir(target.parent)
     except OSError:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise
 
 
@@ -199,7 +208,7 @@ def point_link(link_path: Path, device_path: str, *, sync_dir: bool = True) -> b
         if sync_dir:
             fsync_dir(link_path.parent)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise ConfigWriteError(f"cannot point link {link_path}: {exc.strerror}") from exc
     return True
 

@@ -1,0 +1,601 @@
+"""Private clusters on one machine, all on 127.0.0.1: three RabbitMQ nodes (quorum queues)
+and three MariaDB nodes replicating with Galera 4, with HAProxy from Debian in front of
+the Galera nodes as the one database address the worker is given.
+
+Every process is started here, on free ports, with its own directories, and stopped (or
+killed) by its pid: nothing touches the machine's own RabbitMQ, MariaDB or epmd. A
+cluster's state (ports, pids) is kept in `<root>/cluster.json`, so the command line
+(`python -m tests.clusters up|status|kill|restart|down`, see scripts/clusters.sh) can
+manage one across invocations, and `down` is idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.mariadb_instance import MariaDbInstance
+from tests.nbd_harness import free_port, pid_running, wait_for
+
+#: The real RabbitMQ scripts: /usr/sbin/rabbitmq* switch to the rabbitmq user and take the
+#: system node's cookie and environment.
+RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin")
+GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
+HAPROXY = Path("/usr/sbin/haproxy")
+#: Bounded start-up: a cluster that is not up by then is torn down and reported.
+START_TIMEOUT_S = 120.0
+#: The user HAProxy's mysql-check logs in as (no password, no privileges, loopback only).
+HAPROXY_CHECK_USER = "haproxy_check"
+
+
+def _stop_pid(pid: int, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+    """Signals `pid` and waits for it to go; SIGKILL after `timeout_s`. A no-op when gone."""
+    if not pid or not pid_running(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while pid_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_running(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_running(pid), 10, f"pid {pid} to exit")
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------
+
+
+@dataclass
+class RabbitNode:
+    index: int
+    amqp_port: int
+    dist_port: int
+    pid: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"rmq{self.index}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+
+@dataclass
+class RabbitCluster:
+    """`size` RabbitMQ nodes sharing a private epmd and cookie, clustered by RabbitMQ's
+    classic-config peer discovery (each later node joins the first one at its first boot)."""
+
+    root: Path
+    size: int = 3
+    epmd_port: int = 0
+    epmd_pid: int = 0
+    nodes: list[RabbitNode] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def node(self, index: int) -> RabbitNode:
+        return self.nodes[index - 1]
+
+    def _env(self, node: RabbitNode) -> dict[str, str]:
+        base = self.root / node.name.split("@")[0]
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C.UTF-8",
+            # The cookie is read from $HOME/.erlang.cookie, by the nodes and by rabbitmqctl.
+            "HOME": str(self.root),
+            "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
+            "RABBITMQ_NODENAME": node.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(node.amqp_port),
+            "RABBITMQ_DIST_PORT": str(node.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # Erlang distribution (the nodes' and the CLI's) on loopback only.
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cookie = self.root / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(20))
+        cookie.chmod(0o400)
+        (self.root / "rabbitmq-env.conf").write_text("")
+        (self.root / "enabled_plugins").write_text("[].\n")
+        self.epmd_port = free_port()
+        epmd = subprocess.Popen(
+            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.epmd_pid = epmd.pid
+        # Up before any node: a node finding no epmd would start one of its own (-daemon),
+        # which nobody here would know the pid of.
+        wait_for(lambda: _accepts(self.epmd_port), 10, "epmd", 0.05)
+        self.nodes = [RabbitNode(i, free_port(), free_port()) for i in range(1, self.size + 1)]
+        peers = "".join(
+            f"cluster_formation.classic_config.nodes.{n.index} = {n.name}\n" for n in self.nodes
+        )
+        for node in self.nodes:
+            base = self.root / node.name.split("@")[0]
+            base.mkdir(exist_ok=True)
+            (base / "rabbitmq.conf").write_text(
+                f"listeners.tcp.default = 127.0.0.1:{node.amqp_port}\n"
+                "cluster_formation.peer_discovery_backend = classic_config\n"
+                f"{peers}"
+                "log.console = false\n"
+                "log.file.level = info\n"
+            )
+        self.save()
+        # The first node alone forms the cluster; the others join it as they boot.
+        self.start_node(1)
+        scripts = [(node, self._spawn(node)) for node in self.nodes[1:]]
+        for node, script in scripts:
+            self._await_node(node, script)
+        wait_for(lambda: len(self.running_nodes()) == self.size, 60, "all nodes clustered", 0.5)
+
+    def _spawn(self, node: RabbitNode) -> subprocess.Popen[bytes]:
+        base = self.root / node.name.split("@")[0]
+        (base / "rabbit.pid").unlink(missing_ok=True)
+        log = (base / "console.log").open("ab")
+        script = subprocess.Popen(
+            [str(RABBIT_SBIN / "rabbitmq-server")],
+            env=self._env(node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        return script
+
+    def _await_node(self, node: RabbitNode, script: subprocess.Popen[bytes]) -> None:
+        """Waits for the node to serve AMQP. Its pid is the Erlang VM's, from its pid
+        file: the script forks the VM and waits, so killing the script would orphan it."""
+        pid_file = self.root / node.name.split("@")[0] / "rabbit.pid"
+
+        def answers() -> bool:
+            if script.poll() is not None:
+                raise RuntimeError(f"RabbitMQ node {node.name} exited: {self._log_tail(node)}")
+            return amqp_answers(node.amqp_port)
+
+        wait_for(answers, START_TIMEOUT_S, f"RabbitMQ node {node.name}", 0.2)
+        node.pid = int(pid_file.read_text().strip())
+        self.save()
+
+    def _log_tail(self, node: RabbitNode) -> str:
+        base = self.root / node.name.split("@")[0]
+        with contextlib.suppress(OSError):
+            return (base / "console.log").read_text(errors="replace")[-2000:]
+        return ""
+
+    def start_node(self, index: int) -> None:
+        node = self.node(index)
+        if node.pid and pid_running(node.pid):
+            return
+        self._await_node(node, self._spawn(node))
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL, as a crash or a power cut would."""
+        node = self.node(index)
+        _stop_pid(node.pid, signal.SIGKILL)
+        node.pid = 0
+        self.save()
+
+    def ctl(self, index: int, *args: str, timeout_s: float = 60) -> str:
+        """rabbitmqctl against node `index` (stop_app, start_app, list_queues ...)."""
+        node = self.node(index)
+        done = subprocess.run(
+            [str(RABBIT_SBIN / "rabbitmqctl"), "-n", node.name, "-q", *args],
+            env=self._env(node), capture_output=True, text=True, timeout=timeout_s,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def running_nodes(self, via: int | None = None) -> list[str]:
+        for node in self.nodes if via is None else [self.node(via)]:
+            if not (node.pid and pid_running(node.pid)):
+                continue
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, ValueError):
+                status = json.loads(self.ctl(node.index, "cluster_status", "--formatter", "json"))
+                return sorted(status["running_nodes"])
+        return []
+
+    def queue_leader(self, queue: str) -> tuple[int, list[int]]:
+        """The index of the node leading quorum queue `queue`, and its members' indexes."""
+        for node in self.nodes:
+            if not (node.pid and pid_running(node.pid)):
+                continue
+            rows = json.loads(
+                self.ctl(
+                    node.index, "list_queues", "name", "leader", "members", "--formatter", "json"
+                )
+            )
+            for row in rows:
+                if row["name"] == queue:
+                    index = {n.name: n.index for n in self.nodes}
+                    return index[row["leader"]], sorted(index[m] for m in row["members"])
+            raise LookupError(f"queue {queue} not found")
+        raise RuntimeError("no RabbitMQ node is running")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            _stop_pid(node.pid)
+            node.pid = 0
+        _stop_pid(self.epmd_pid)
+        self.epmd_pid = 0
+        self.save()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "epmd": {"port": self.epmd_port, "pid": self.epmd_pid},
+            "running_nodes": self.running_nodes(),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "url": n.url,
+                    "pid": n.pid,
+                    "up": bool(n.pid and pid_running(n.pid)),
+                }
+                for n in self.nodes
+            ],
+        }
+
+    def save(self) -> None:
+        _save(self.root, "rabbitmq", asdict(self))
+
+    @classmethod
+    def load(cls, root: Path) -> RabbitCluster:
+        data = _load(root, "rabbitmq")
+        nodes = [RabbitNode(**n) for n in data.pop("nodes")]
+        data["root"] = Path(data["root"])
+        return cls(**data, nodes=nodes)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def amqp_answers(port: int) -> bool:
+    """Whether an AMQP listener answers the protocol header with Connection.Start."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            sock.settimeout(2)
+            return sock.recv(1) == b"\x01"  # a METHOD frame
+    except OSError:
+        return False
+
+
+# --- Galera -----------------------------------------------------------------------------
+
+
+@dataclass
+class GaleraNode:
+    index: int
+    port: int
+    gcomm_port: int
+    ist_port: int
+    sst_port: int
+    pid: int = 0
+
+
+@dataclass
+class GaleraCluster:
+    """`size` MariaDB nodes replicating with Galera 4 (rsync state transfer), bootstrapped
+    with --wsrep-new-cluster on the first, plus HAProxy sending every connection to one
+    node at a time (the others are backups): one writer, so no certification conflicts
+    between the worker's own connections, and failover within about a second."""
+
+    root: Path
+    size: int = 3
+    name: str = "nbdtest"
+    nodes: list[GaleraNode] = field(default_factory=list)
+    proxy_port: int = 0
+    proxy_pid: int = 0
+
+    def node(self, index: int) -> GaleraNode:
+        return self.nodes[index - 1]
+
+    def url(self, index: int | None = None, database: str = "") -> str:
+        """The database URL through HAProxy, or straight to node `index`."""
+        port = self.proxy_port if index is None else self.node(index).port
+        return f"mysql://root@127.0.0.1:{port}/{database}".rstrip("/")
+
+    def _instance(self, node: GaleraNode) -> MariaDbInstance:
+        peers = ",".join(f"127.0.0.1:{n.gcomm_port}" for n in self.nodes)
+        provider = (
+            f"gmcast.listen_addr=tcp://127.0.0.1:{node.gcomm_port};"
+            f"ist.recv_addr=127.0.0.1:{node.ist_port}"
+        )
+        return MariaDbInstance(
+            self.root / f"galera{node.index}",
+            port=node.port,
+            pid=node.pid,
+            user="mysql",
+            extra_args=[
+                "--wsrep-on=ON",
+                f"--wsrep-provider={GALERA_PROVIDER}",
+                f"--wsrep-cluster-name={self.name}",
+                f"--wsrep-cluster-address=gcomm://{peers}",
+                f"--wsrep-node-name=galera{node.index}",
+                f"--wsrep-node-address=127.0.0.1:{node.gcomm_port}",
+                f"--wsrep-provider-options={provider}",
+                f"--wsrep-sst-receive-address=127.0.0.1:{node.sst_port}",
+                "--wsrep-sst-method=rsync",
+                "--binlog-format=ROW",
+                "--innodb-autoinc-lock-mode=2",
+                # Galera's rule, enforced: a table without a primary key is refused.
+                "--innodb-force-primary-key=ON",
+            ],
+        )
+
+    def start(self) -> None:
+        # The nodes run as mysql: every directory above theirs must let it through.
+        self.root.mkdir(parents=True, exist_ok=True)
+        for path in (self.root, *self.root.parents):
+            if not path.stat().st_mode & 0o001:
+                raise RuntimeError(f"{path} is not searchable by the mysql user: use another root")
+        self.nodes = [
+            GaleraNode(i, free_port(), free_port(), free_port(), free_port())
+            for i in range(1, self.size + 1)
+        ]
+        self.save()
+        self.start_node(1, bootstrap=True)
+        first = self._instance(self.node(1))
+        first.sql(f"CREATE USER IF NOT EXISTS '{HAPROXY_CHECK_USER}'@'127.0.0.1'")
+        first.sql("CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'")
+        first.sql("GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION")
+        for node in self.nodes[1:]:
+            self.start_node(node.index)
+        self.start_proxy()
+
+    def start_node(self, index: int, *, bootstrap: bool = False) -> None:
+        node = self.node(index)
+        if node.pid and pid_running(node.pid):
+            return
+        instance = self._instance(node)
+        instance.start(bootstrap=bootstrap)
+        node.pid = instance.pid
+        self.save()
+        wait_for(lambda: self._synced(node), START_TIMEOUT_S, f"galera{index} synced", 0.2)
+
+    def _synced(self, node: GaleraNode) -> bool:
+        state = self.wsrep_status(node.index)
+        return (
+            state.get("wsrep_local_state_comment") == "Synced"
+            and state.get("wsrep_cluster_status") == "Primary"
+        )
+
+    def wsrep_status(self, index: int) -> dict[str, str]:
+        node = self.node(index)
+        if not (node.pid and pid_running(node.pid)):
+            return {}
+        done = self._instance(node).sql("SHOW GLOBAL STATUS LIKE 'wsrep_%'", check=False)
+        rows = (line.split("\t", 1) for line in done.stdout.splitlines()[1:])
+        return {k: v for k, v in (r for r in rows if len(r) == 2)}
+
+    def kill_node(self, index: int) -> None:
+        node = self.node(index)
+        _stop_pid(node.pid, signal.SIGKILL)
+        node.pid = 0
+        self.save()
+
+    def stop_node(self, index: int) -> None:
+        node = self.node(index)
+        _stop_pid(node.pid)
+        node.pid = 0
+        self.save()
+
+    def start_proxy(self) -> None:
+        if self.proxy_pid and pid_running(self.proxy_pid):
+            return
+        self.proxy_port = self.proxy_port or free_port()
+        servers = "".join(
+            f"    server galera{n.index} 127.0.0.1:{n.port} check inter 500 fall 2 rise 3"
+            + (" on-marked-up shutdown-backup-sessions" if n.index == 1 else " backup")
+            + " on-marked-down shutdown-sessions\n"
+            for n in self.nodes
+        )
+        config = self.root / "haproxy.cfg"
+        config.write_text(
+            "global\n"
+            "    maxconn 512\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    timeout connect 2s\n"
+            "    timeout client 1h\n"
+            "    timeout server 1h\n"
+            "listen galera\n"
+            f"    bind 127.0.0.1:{self.proxy_port}\n"
+            f"    option mysql-check user {HAPROXY_CHECK_USER}\n"
+            f"{servers}"
+        )
+        check = subprocess.run(
+            [str(HAPROXY), "-c", "-q", "-f", str(config)], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c: {check.stderr.strip()}")
+        log = (self.root / "haproxy.log").open("ab")
+        proc = subprocess.Popen(
+            [str(HAPROXY), "-db", "-f", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.proxy_pid = proc.pid
+        self.save()
+        wait_for(lambda: self._proxy_serves(), 30, "HAProxy in front of Galera", 0.1)
+
+    def _proxy_serves(self) -> bool:
+        done = subprocess.run(
+            ["mariadb", "-h127.0.0.1", f"-P{self.proxy_port}", "-uroot", "-e", "SELECT 1"],
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+        return done.returncode == 0
+
+    def proxy_backend(self) -> int:
+        """The index of the node HAProxy sends new connections to (by @@wsrep_node_name)."""
+        done = subprocess.run(
+            ["mariadb", "-h127.0.0.1", f"-P{self.proxy_port}", "-uroot", "-N", "-e",
+             "SELECT @@wsrep_node_name"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return int(done.stdout.strip().removeprefix("galera"))
+
+    def stop(self) -> None:
+        _stop_pid(self.proxy_pid)
+        self.proxy_pid = 0
+        # The last node down is the most advanced one: stopping in reverse keeps node 1,
+        # which `start` bootstraps, the one with everything.
+        for node in reversed(self.nodes):
+            _stop_pid(node.pid)
+            node.pid = 0
+        self.save()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "proxy": {"url": self.url(), "pid": self.proxy_pid},
+            "nodes": [
+                {
+                    "name": f"galera{n.index}",
+                    "url": self.url(n.index),
+                    "pid": n.pid,
+                    "state": self.wsrep_status(n.index).get("wsrep_local_state_comment", "down"),
+                }
+                for n in self.nodes
+            ],
+        }
+
+    def save(self) -> None:
+        _save(self.root, "galera", asdict(self))
+
+    @classmethod
+    def load(cls, root: Path) -> GaleraCluster:
+        data = _load(root, "galera")
+        nodes = [GaleraNode(**n) for n in data.pop("nodes")]
+        data["root"] = Path(data["root"])
+        return cls(**data, nodes=nodes)
+
+
+# --- state file and context managers ----------------------------------------------------
+
+
+def _save(root: Path, key: str, value: dict[str, object]) -> None:
+    path = root.parent / "cluster.json"  # root is <cluster root>/rabbitmq or /galera
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state[key] = json.loads(json.dumps(value, default=str))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def _load(root: Path, key: str) -> dict[str, Any]:
+    state = json.loads((root / "cluster.json").read_text())
+    if key not in state:
+        raise LookupError(f"no {key} cluster in {root}")
+    data: dict[str, Any] = state[key]
+    return data
+
+
+@contextlib.contextmanager
+def rabbit_cluster(root: Path, size: int = 3) -> Iterator[RabbitCluster]:
+    cluster = RabbitCluster(root / "rabbitmq", size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def galera_cluster(root: Path, size: int = 3) -> Iterator[GaleraCluster]:
+    cluster = GaleraCluster(root / "galera", size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/clusters.sh", description="Private RabbitMQ and Galera clusters on 127.0.0.1."
+    )
+    parser.add_argument("--root", type=Path, default=Path("/tmp/nbd-export-worker-clusters"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start both clusters (3 nodes each) and HAProxy")
+    up.add_argument("--size", type=int, default=3)
+    sub.add_parser("status", help="nodes, pids, URLs and health")
+    for verb in ("kill", "restart"):
+        p = sub.add_parser(verb, help=f"{verb} one node (kill: SIGKILL)")
+        p.add_argument("cluster", choices=("rabbitmq", "galera"))
+        p.add_argument("index", type=int)
+    sub.add_parser("down", help="stop everything by pid (idempotent) and delete the root")
+    args = parser.parse_args(argv)
+    root: Path = args.root
+
+    if args.command == "up":
+        if (root / "cluster.json").exists():
+            parser.error(f"{root} holds a cluster already: `down` it first")
+        root.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            RabbitCluster(root / "rabbitmq", args.size).start()
+            GaleraCluster(root / "galera", args.size).start()
+        except BaseException:
+            main(["--root", str(root), "down"])
+            raise
+        print(f"up in {time.monotonic() - started:.0f} s")
+        args.command = "status"
+    if args.command == "down":
+        if (root / "cluster.json").exists():
+            for loader in (GaleraCluster.load, RabbitCluster.load):
+                with contextlib.suppress(LookupError):
+                    loader(root).stop()
+        shutil.rmtree(root, ignore_errors=True)
+        return 0
+    rabbit, galera = RabbitCluster.load(root), GaleraCluster.load(root)
+    if args.command in ("kill", "restart"):
+        cluster = rabbit if args.cluster == "rabbitmq" else galera
+        if args.command == "kill":
+            cluster.kill_node(args.index)
+        else:
+            cluster.kill_node(args.index)
+            cluster.start_node(args.index)
+    print(json.dumps({"rabbitmq": rabbit.status(), "galera": galera.status()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

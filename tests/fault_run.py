@@ -1,0 +1,158 @@
+"""What the fault suites share: the jobs of one fault run and their row of the fault
+table, the connection held through a fault, and the consistency check after it
+(tests/integration/test_faults.py, test_clusters.py; bench/soak.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+
+from tests.conftest import (
+    DEAD_LETTERED_CODES,
+    Scheduler,
+    job,
+    make_disk,
+    scheduler_for,
+    take_dead_letters,
+)
+from tests.fault_table import ROWS, FaultRow
+from tests.nbd_harness import NbdConnection
+from tests.tcp_proxy import TcpProxy
+from worker.metrics import build_metrics
+from worker.nbd.server import NbdServer
+from worker.reconcile import reconcile
+from worker.repository import Repository
+from worker.settings import Settings
+
+HELD_BYTES = b"held-connection-bytes"
+
+
+class Held:
+    """A client connected to an export before the fault, like a copy in progress."""
+
+    def __init__(self, port: int, export_name: str, request: dict[str, Any]) -> None:
+        self.export_name = export_name
+        #: The job that made the export: reuses of it are this with another job_id.
+        self.request = request
+        self.conn = NbdConnection(port, export_name)
+
+    def survived(self) -> bool:
+        try:
+            return self.conn.read(0, len(HELD_BYTES)) == HELD_BYTES
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class FaultRun:
+    """One fault's jobs: publishes them, waits for replies, counts dead letters."""
+
+    def __init__(self, amqp: AbstractConnection, scheduler: Scheduler, settings: Settings) -> None:
+        self.amqp = amqp
+        self.scheduler = scheduler
+        self.settings = settings
+        self.sent: dict[str, dict[str, Any] | bytes] = {}
+
+    @classmethod
+    async def start(cls, amqp: AbstractConnection, settings: Settings) -> FaultRun:
+        return cls(amqp, await scheduler_for(amqp, settings), settings)
+
+    async def publish(self, body: dict[str, Any] | bytes) -> str:
+        corr = await self.scheduler.publish(body)
+        self.sent[corr] = body
+        return corr
+
+    async def replies(self, timeout_s: float = 90) -> dict[str, dict[str, Any]]:
+        """Every sent job's reply; a job with none by the timeout counts as lost."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(c not in self.scheduler.replies for c in self.sent) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return {c: self.scheduler.replies[c] for c in self.sent if c in self.scheduler.replies}
+
+    async def replies_to(self, corrs: list[str], timeout_s: float = 30) -> None:
+        for corr in corrs:
+            await self.scheduler.reply(corr, timeout_s)
+
+    async def row(self, fault: str, held: Held | None) -> FaultRow:
+        replies = await self.replies()
+        expected = [
+            r for r in replies.values() if r.get("error", {}).get("code") in DEAD_LETTERED_CODES
+        ]
+        dead = await take_dead_letters(
+            self.amqp, self.settings.request_queue, at_least=len(expected)
+        )
+        row = FaultRow(
+            fault=fault,
+            sent=len(self.sent),
+            replied=len(replies),
+            dead_lettered=len(dead),
+            held_connection=(
+                "n/a (server killed)" if held is None else "survived" if held.survived() else "LOST"
+            ),
+        )
+        ROWS.append(row)
+        return row
+
+
+async def check_consistent(settings: Settings) -> None:
+    """Exactly one snippet per active mapping, every active export servable, and nothing
+    for reconciliation to repair or explain."""
+    repository = await Repository.connect(
+        settings.database_url, node_id=settings.node_id, pool_size=1, timeout_s=5
+    )
+    try:
+        active = {m.export_name for m in await repository.list_mappings(active_only=True)}
+        snippets = {p.stem for p in settings.nbd_conf_dir.glob("migration-vm-*.conf")}
+        assert snippets == active
+        server = NbdServer(settings, build_metrics(settings.node_id))
+        report = await reconcile(repository, server, dry_run=True)
+        assert report.drift() == dict.fromkeys(report.drift(), 0), report.lines()
+        for name in active:
+            with NbdConnection(settings.nbd_port, name):
+                pass  # it opens (NBD_OPT_GO): servable
+    finally:
+        await repository.close()
+
+
+async def publish_mix(
+    run: FaultRun, disks_dir: Path, held_request: dict[str, Any], tag: str, pairs: int
+) -> None:
+    """`pairs` creates of new disks, each with a reuse of the held export."""
+    for i in range(pairs):
+        await run.publish(job(device=make_disk(disks_dir, f"{tag}{i}")))
+        await run.publish({**held_request, "job_id": f"reuse-{tag}{i}"})
+
+
+async def cut_after_some_replies(proxy: TcpProxy, run: FaultRun, outage_s: float) -> None:
+    """Once a few jobs are answered, drops the proxied connections and refuses new ones
+    for `outage_s`, then lets them through again (on the same port)."""
+    while len(run.scheduler.replies) < 10:
+        await asyncio.sleep(0.01)
+    await proxy.stop()
+    await asyncio.sleep(outage_s)
+    await proxy.start()
+
+
+def assert_all_ready(scheduler: Scheduler) -> None:
+    replies = list(scheduler.replies.values())
+    assert [r["error"] for r in replies if r["status"] != "ready"] == []
+
+
+async def repaired_and_consistent(settings: Settings) -> None:
+    """Reconciliation, then the consistency check: nothing may stay half-made."""
+    repository = await Repository.connect(
+        settings.database_url, node_id=settings.node_id, pool_size=1, timeout_s=5
+    )
+    try:
+        await reconcile(
+            repository, NbdServer(settings, build_metrics(settings.node_id)), dry_run=False
+        )
+    finally:
+        await repository.close()
+    await check_consistent(settings)

@@ -1,0 +1,465 @@
+"""The worker on real clusters (tests/clusters.py): three RabbitMQ nodes with the request
+queue a quorum queue of three members, and three Galera nodes behind HAProxy. Every job
+path, `migrate` from three nodes at once, two appliances writing through two Galera nodes
+at once, and the loss of the broker node the worker uses, of the quorum queue's leader
+and of the Galera node the worker uses (rows of the fault table).
+
+The clusters start once for this module (about a minute) and every test leaves them whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+from pydantic import AnyUrl
+
+from tests.clusters import GaleraCluster, RabbitCluster
+from tests.conftest import NODE, job, make_disk, running_worker, unique
+from tests.fault_run import FaultRun, Held, assert_all_ready, check_consistent, publish_mix
+from tests.nbd_harness import NbdConnection, NbdServerProcess, wait_for
+from tests.sql import execute_sql
+from worker.consumer import request_queue_arguments
+from worker.repository import migrate
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def clusters_root() -> Iterator[Path]:
+    # Not pytest's tmp_path: the Galera nodes run as mysql, which must reach their files.
+    root = Path(tempfile.mkdtemp(prefix="nbd-clusters-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rabbit(clusters_root: Path) -> Iterator[RabbitCluster]:
+    cluster = RabbitCluster(clusters_root / "rabbitmq")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def galera(clusters_root: Path) -> Iterator[GaleraCluster]:
+    cluster = GaleraCluster(clusters_root / "galera")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def whole(rabbit: RabbitCluster, galera: GaleraCluster) -> Iterator[None]:
+    """Every node up again after a test that killed one (and HAProxy on node 1)."""
+    yield
+    for index in range(1, rabbit.size + 1):
+        rabbit.start_node(index)
+    wait_for(lambda: len(rabbit.running_nodes()) == rabbit.size, 60, "RabbitMQ whole", 0.5)
+    for index in range(1, galera.size + 1):
+        galera.start_node(index)
+    wait_for(lambda: galera.proxy_backend() == 1, 30, "HAProxy back on galera1", 0.2)
+
+
+@pytest.fixture
+async def galera_db(galera: GaleraCluster) -> AsyncIterator[str]:
+    """A fresh database on the cluster, migrated through HAProxy; its name."""
+    name = unique("nbdcluster")
+    await migrate(AnyUrl(galera.url(database=name)), node_id=NODE, timeout_s=10)
+    try:
+        yield name
+    finally:
+        await execute_sql(AnyUrl(galera.url()), f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+async def scheduler_amqp(rabbit: RabbitCluster) -> AsyncIterator[AbstractConnection]:
+    """The scheduler's connection, on node 3: the faults below never take it down."""
+    connection = await aio_pika.connect(rabbit.node(3).url, timeout=10)
+    async with connection:
+        yield connection
+
+
+def cluster_settings(
+    tmp_path: Path,
+    server: NbdServerProcess,
+    disks: Path,
+    *,
+    node_id: str,
+    amqp_urls: list[str],
+    database_url: str,
+) -> Settings:
+    return Settings(
+        node_id=node_id,
+        exchange=unique("test.exports"),
+        amqp_url=",".join(amqp_urls),
+        database_url=AnyUrl(database_url),
+        request_queue=unique(f"test.prepare-export.{node_id}"),
+        reply_queue=unique("test.export-ready"),
+        nbd_conf_dir=server.conf_dir,
+        nbd_config_file=server.config_file,
+        nbd_pid_file=server.pid_file,
+        nbd_host="127.0.0.1",
+        nbd_port=server.port,
+        link_dir=tmp_path / f"links-{node_id}",
+        auth_dir=tmp_path / f"auth-{node_id}",
+        device_roots=(disks,),
+        allow_regular_files=True,
+        metrics_port=0,
+        prefetch=32,
+        probe_timeout_s=1.0,
+        # As the fault suite: a job outlasts about 8 s of outage per delivery round.
+        delivery_limit=5,
+        job_attempts=4,
+        retry_backoff_s=0.2,
+        retry_backoff_max_s=1.0,
+        db_connect_timeout_s=2.0,
+    )
+
+
+async def declare_request_queue(rabbit: RabbitCluster, settings: Settings) -> None:
+    """Declares the request queue from node 2, so node 2 leads it (a quorum queue starts
+    its leader on the declaring node), and its dead-letter queue from node 3, the
+    scheduler's, which the tests never take down."""
+    dead = f"{settings.request_queue}.dead"
+    queues: list[tuple[int, str, dict[str, Any]]] = [
+        (3, dead, {"x-queue-type": "quorum"}),
+        (2, settings.request_queue, request_queue_arguments(dead, settings.delivery_limit)),
+    ]
+    for index, name, arguments in queues:
+        connection = await aio_pika.connect(rabbit.node(index).url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+
+
+def galera_rows(galera: GaleraCluster, index: int, database: str, sql: str) -> list[list[str]]:
+    """Rows of `sql` read straight from Galera node `index`."""
+    node = galera.node(index)
+    done = subprocess.run(
+        ["mariadb", "-h127.0.0.1", f"-P{node.port}", "-uroot", "-N", "-B", database, "-e", sql],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return [line.split("\t") for line in done.stdout.splitlines()]
+
+
+# --- migrate and the job paths -----------------------------------------------------------
+
+
+async def test_migrate_from_three_galera_nodes_at_once(galera: GaleraCluster) -> None:
+    name = unique("nbdmigrate")
+    try:
+        results = await asyncio.gather(
+            *(
+                migrate(AnyUrl(galera.url(i, name)), node_id=f"node-{i}", timeout_s=10)
+                for i in (1, 2, 3)
+            )
+        )
+        # Every migration applied exactly once in all, whoever got there first...
+        applied = sorted(m for result in results for m in result)
+        assert len(applied) >= 5
+        # ...and every node has the same schema, every table with a primary key (the
+        # nodes run with innodb_force_primary_key: a table without one is refused).
+        versions = [
+            galera_rows(galera, i, name, "SELECT version FROM schema_migrations") for i in (1, 2, 3)
+        ]
+        assert versions[0] == versions[1] == versions[2] == [[str(v)] for v in range(1, 6)]
+        again = await migrate(AnyUrl(galera.url(3, name)), node_id="node-3", timeout_s=10)
+        assert again == []
+    finally:
+        await execute_sql(AnyUrl(galera.url()), f"DROP DATABASE IF EXISTS `{name}`")
+
+
+async def job_paths(
+    settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    server: NbdServerProcess,
+    disks: Path,
+    tag: str,
+) -> list[dict[str, Any]]:
+    """Creates (3 at once), a reuse, a relink, a flush and a release on one appliance;
+    every reply in order."""
+    run = await FaultRun.start(scheduler_amqp, settings)
+    scheduler = run.scheduler
+    replies: list[dict[str, Any]] = []
+    try:
+        requests = [
+            job(device=make_disk(disks, f"{tag}{i}", f"{tag}-disk-{i}".encode())) for i in range(3)
+        ]
+        replies += await asyncio.gather(*(scheduler.request(r, 60) for r in requests))
+        first = requests[0]
+        replies.append(await scheduler.request({**first, "job_id": unique("reuse")}, 60))
+        moved = make_disk(disks, f"{tag}-moved", f"{tag}-disk-0".encode())
+        replies.append(
+            await scheduler.request(
+                {**first, "job_id": unique("relink"), "device_path": str(moved)}, 60
+            )
+        )
+        disk_job = {"vm_id": first["vm_id"], "disk_unit_number": 0}
+        replies.append(
+            await scheduler.request(
+                {"type": "flush-export", "job_id": unique("flush"), **disk_job}, 60
+            )
+        )
+        second = requests[1]
+        replies.append(
+            await scheduler.request(
+                {
+                    "type": "release-export",
+                    "job_id": unique("release"),
+                    "vm_id": second["vm_id"],
+                    "disk_unit_number": 0,
+                },
+                60,
+            )
+        )
+        with NbdConnection(server.port, replies[0]["export_name"]) as conn:
+            assert conn.read(0, len(tag) + 7) == f"{tag}-disk-0".encode()
+    finally:
+        await scheduler.channel.close()
+    return replies
+
+
+async def test_every_job_path_with_two_appliances_writing_through_two_galera_nodes(
+    tmp_path: Path,
+    rabbit: RabbitCluster,
+    galera: GaleraCluster,
+    galera_db: str,
+    scheduler_amqp: AbstractConnection,
+) -> None:
+    appliances = []
+    for index, node_id in ((1, "appliance-a"), (2, "appliance-b")):
+        root = tmp_path / node_id
+        root.mkdir()
+        disks = root / "disks"
+        disks.mkdir()
+        server_cm = NbdServerProcess.running(root / "nbd")
+        server = server_cm.__enter__()
+        settings = cluster_settings(
+            root, server, disks, node_id=node_id,
+            amqp_urls=rabbit.urls, database_url=galera.url(index, galera_db),
+        )  # fmt: skip
+        appliances.append((settings, server, server_cm, disks))
+    try:
+        async with running_worker(appliances[0][0]), running_worker(appliances[1][0]):
+            for settings, *_ in appliances:
+                _, members = rabbit.queue_leader(settings.request_queue)
+                assert members == [1, 2, 3], "the request queue is replicated on every node"
+            results = await asyncio.gather(
+                *(
+                    job_paths(settings, scheduler_amqp, server, disks, f"t{i}")
+                    for i, (settings, server, _, disks) in enumerate(appliances)
+                )
+            )
+        for (settings, *_), replies in zip(appliances, results, strict=True):
+            assert [r.get("action") or r["status"] for r in replies] == [
+                "created", "created", "created", "reused", "relinked", "flushed", "released",
+            ]  # fmt: skip
+            assert all(r["node_id"] == settings.node_id for r in replies)
+            await check_consistent(settings)
+        # Every Galera node holds both appliances' rows: one active mapping per device.
+        for index in (1, 2, 3):
+            rows = galera_rows(
+                galera, index, galera_db,
+                "SELECT node_id, status, COUNT(*) FROM vm_export_mappings"
+                " GROUP BY node_id, status ORDER BY node_id, status",
+            )  # fmt: skip
+            assert rows == [
+                ["appliance-a", "active", "2"], ["appliance-a", "inactive", "1"],
+                ["appliance-b", "active", "2"], ["appliance-b", "inactive", "1"],
+            ]  # fmt: skip
+    finally:
+        for *_, server_cm, _ in appliances:
+            server_cm.__exit__(None, None, None)
+
+
+# --- losing a node ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cluster_worker_settings(
+    tmp_path: Path,
+    rabbit: RabbitCluster,
+    galera: GaleraCluster,
+    galera_db: str,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> Settings:
+    """One appliance: broker nodes 1, 2, 3 in that order (it connects to node 1), its
+    request queue led by node 2, the database through HAProxy (on galera1)."""
+    settings = cluster_settings(
+        tmp_path, nbd_server, disks_dir, node_id=NODE,
+        amqp_urls=rabbit.urls, database_url=galera.url(database=galera_db),
+    )  # fmt: skip
+    await declare_request_queue(rabbit, settings)
+    assert rabbit.queue_leader(settings.request_queue) == (2, [1, 2, 3])
+    return settings
+
+
+@pytest.fixture
+async def cluster_held(
+    cluster_worker_settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> AsyncIterator[Held]:
+    from tests.fault_run import HELD_BYTES
+
+    async with running_worker(cluster_worker_settings):
+        run = await FaultRun.start(scheduler_amqp, cluster_worker_settings)
+        request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+        reply = await run.scheduler.request(request, 60)
+        await run.scheduler.channel.close()
+    assert reply["status"] == "ready"
+    held = Held(nbd_server.port, reply["export_name"], request)
+    try:
+        yield held
+    finally:
+        held.close()
+
+
+async def after_replies(run: FaultRun, count: int) -> None:
+    while len(run.scheduler.replies) < count:
+        await asyncio.sleep(0.01)
+
+
+async def fault_row(
+    settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    disks_dir: Path,
+    held: Held,
+    fault: str,
+    inject: Any,
+) -> tuple[FaultRun, Any]:
+    """Runs 30 creates and 30 reuses with the worker, calls `inject()` (a coroutine
+    function) once 10 are answered, and records the row."""
+    run = await FaultRun.start(scheduler_amqp, settings)
+    try:
+        async with running_worker(settings) as worker:
+            await publish_mix(run, disks_dir, held.request, uuid.uuid4().hex[:6], 30)
+            await after_replies(run, 10)
+            await inject()
+            row = await run.row(fault, held)
+            reconnects = worker.sample("nbd_export_broker_reconnects_total")
+    finally:
+        await run.scheduler.channel.close()
+    assert row.lost == 0, row
+    assert row.held_connection == "survived"
+    assert_all_ready(run.scheduler)
+    await check_consistent(settings)
+    return run, reconnects
+
+
+async def test_rabbitmq_node_the_worker_uses_killed(
+    whole: None,
+    rabbit: RabbitCluster,
+    cluster_worker_settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    disks_dir: Path,
+    cluster_held: Held,
+) -> None:
+    settings = cluster_worker_settings  # led by node 2: this kills only the worker's node
+
+    async def kill() -> None:
+        rabbit.kill_node(1)
+
+    _, reconnects = await fault_row(
+        settings, scheduler_amqp, disks_dir, cluster_held,
+        "RabbitMQ node killed (the one the worker uses; 3-node cluster)", kill,
+    )  # fmt: skip
+    assert reconnects >= 1
+
+
+async def test_quorum_leader_killed(
+    whole: None,
+    rabbit: RabbitCluster,
+    cluster_worker_settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    disks_dir: Path,
+    cluster_held: Held,
+) -> None:
+    settings = cluster_worker_settings
+
+    async def kill() -> None:
+        rabbit.kill_node(2)  # the worker stays connected to node 1
+
+    await fault_row(
+        settings, scheduler_amqp, disks_dir, cluster_held,
+        "quorum queue leader killed (not the worker's node)", kill,
+    )  # fmt: skip
+    leader, _ = rabbit.queue_leader(settings.request_queue)
+    assert leader in (1, 3)
+
+
+async def test_galera_node_the_worker_uses_killed(
+    whole: None,
+    galera: GaleraCluster,
+    cluster_worker_settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    disks_dir: Path,
+    cluster_held: Held,
+) -> None:
+    assert galera.proxy_backend() == 1
+
+    async def kill() -> None:
+        galera.kill_node(1)
+
+    await fault_row(
+        cluster_worker_settings, scheduler_amqp, disks_dir, cluster_held,
+        "Galera node killed (the one the worker uses, behind HAProxy)", kill,
+    )  # fmt: skip
+    assert galera.proxy_backend() == 2
+
+
+async def test_leader_of_a_quorum_reply_queue_killed(
+    whole: None,
+    rabbit: RabbitCluster,
+    cluster_worker_settings: Settings,
+    scheduler_amqp: AbstractConnection,
+    disks_dir: Path,
+    cluster_held: Held,
+) -> None:
+    """A scheduler that takes its replies from a durable quorum queue led by node 2. When
+    node 2 dies the worker's confirmed reply publishes are nacked during the election:
+    each is "not published", the job goes back and is answered again."""
+    settings = cluster_worker_settings
+    replies = unique("test.quorum-replies")
+    connection = await aio_pika.connect(rabbit.node(2).url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(replies, durable=True, arguments={"x-queue-type": "quorum"})
+    run = await FaultRun.start(scheduler_amqp, settings)
+    queue = await run.scheduler.channel.declare_queue(replies, passive=True)
+    await queue.consume(run.scheduler._on_reply, no_ack=True)
+    run.scheduler.reply_queue_name = replies
+    try:
+        async with running_worker(settings):
+            await publish_mix(run, disks_dir, cluster_held.request, uuid.uuid4().hex[:6], 30)
+            await after_replies(run, 10)
+            rabbit.kill_node(2)
+            row = await run.row(
+                "quorum reply queue's leader killed (not the worker's node)", cluster_held
+            )
+    finally:
+        await run.scheduler.channel.close()
+    assert row.lost == 0, row
+    assert row.held_connection == "survived"
+    assert_all_ready(run.scheduler)
+    await check_consistent(settings)
