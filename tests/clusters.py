@@ -35,6 +35,7 @@ from tests.nbd_harness import free_port, pid_running, wait_for
 RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin")
 GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
 HAPROXY = Path("/usr/sbin/haproxy")
+HAPROXY_SAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "galera.cfg"
 #: Bounded start-up: a cluster that is not up by then is torn down and reported.
 START_TIMEOUT_S = 120.0
 #: The user HAProxy's mysql-check logs in as (no password, no privileges, loopback only).
@@ -419,26 +420,16 @@ class GaleraCluster:
         if self.proxy_pid and pid_running(self.proxy_pid):
             return
         self.proxy_port = self.proxy_port or free_port()
-        servers = "".join(
-            f"    server galera{n.index} 127.0.0.1:{n.port} check inter 500 fall 2 rise 3"
-            + (" on-marked-up shutdown-backup-sessions" if n.index == 1 else " backup")
-            + " on-marked-down shutdown-sessions\n"
-            for n in self.nodes
+        # The sample operators copy (deploy/haproxy/galera.cfg), with this cluster's ports.
+        config_text = HAPROXY_SAMPLE.read_text().replace(
+            "bind 127.0.0.1:3307", f"bind 127.0.0.1:{self.proxy_port}"
         )
+        for n in self.nodes:
+            config_text = config_text.replace(
+                f"galera{n.index}.example:3306", f"127.0.0.1:{n.port}"
+            )
         config = self.root / "haproxy.cfg"
-        config.write_text(
-            "global\n"
-            "    maxconn 512\n"
-            "defaults\n"
-            "    mode tcp\n"
-            "    timeout connect 2s\n"
-            "    timeout client 1h\n"
-            "    timeout server 1h\n"
-            "listen galera\n"
-            f"    bind 127.0.0.1:{self.proxy_port}\n"
-            f"    option mysql-check user {HAPROXY_CHECK_USER}\n"
-            f"{servers}"
-        )
+        config.write_text(config_text)
         check = subprocess.run(
             [str(HAPROXY), "-c", "-q", "-f", str(config)], capture_output=True, text=True
         )

@@ -23,6 +23,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
+from bench.soak import FAULTS, soak
 from tests.clusters import GaleraCluster, RabbitCluster
 from tests.conftest import NODE, job, make_disk, running_worker, unique
 from tests.fault_run import FaultRun, Held, assert_all_ready, check_consistent, publish_mix
@@ -32,7 +33,8 @@ from worker.consumer import request_queue_arguments
 from worker.repository import migrate
 from worker.settings import Settings
 
-pytestmark = pytest.mark.integration
+# The clusters' start (about a minute) counts against the first test's time.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +465,17 @@ async def test_leader_of_a_quorum_reply_queue_killed(
     assert row.held_connection == "survived"
     assert_all_ready(run.scheduler)
     await check_consistent(settings)
+
+
+async def test_soak_smoke(
+    whole: None, tmp_path: Path, rabbit: RabbitCluster, galera: GaleraCluster
+) -> None:
+    """bench/soak.py for two minutes, a fault every 20 s (the hour-long run is in
+    RELIABILITY.md): every invariant holds."""
+    result = await soak(tmp_path / "soak", rabbit, galera, 120, 20, seed=1)
+    assert result["ok"], result
+    assert result["lost"] == 0
+    assert result["faults"] >= 3
+    assert set(result["fault_kinds"]) == set(FAULTS)
+    assert result["jobs"] > 500
+    assert {"created", "reused", "relinked", "released"} <= set(result["by_outcome"])
