@@ -15,6 +15,7 @@ from tests.conftest import (
     Scheduler,
     job,
     make_disk,
+    running_worker,
     scheduler_for,
     take_dead_letters,
 )
@@ -156,3 +157,16 @@ async def repaired_and_consistent(settings: Settings) -> None:
     finally:
         await repository.close()
     await check_consistent(settings)
+
+
+async def held_export(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path, port: int
+) -> Held:
+    """An export made by a worker that is then stopped, with a client connected to it."""
+    async with running_worker(settings):
+        scheduler = await scheduler_for(amqp, settings)
+        request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+        reply = await scheduler.request(request, 60)
+        await scheduler.channel.close()
+    assert reply["status"] == "ready", reply
+    return Held(port, reply["export_name"], request)

@@ -10,11 +10,13 @@ The clusters start once for this module (about a minute) and every test leaves t
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,16 @@ from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
 from bench.soak import FAULTS, soak
-from tests.clusters import GaleraCluster, RabbitCluster
+from tests.clusters import GaleraCluster, RabbitCluster, galera_cluster, rabbit_cluster
 from tests.conftest import NODE, job, make_disk, running_worker, unique
-from tests.fault_run import FaultRun, Held, assert_all_ready, check_consistent, publish_mix
+from tests.fault_run import (
+    FaultRun,
+    Held,
+    assert_all_ready,
+    check_consistent,
+    held_export,
+    publish_mix,
+)
 from tests.nbd_harness import NbdConnection, NbdServerProcess, wait_for
 from tests.sql import execute_sql
 from worker.consumer import request_queue_arguments
@@ -50,22 +59,14 @@ def clusters_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def rabbit(clusters_root: Path) -> Iterator[RabbitCluster]:
-    cluster = RabbitCluster(clusters_root / "rabbitmq")
-    try:
-        cluster.start()
+    with rabbit_cluster(clusters_root) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def galera(clusters_root: Path) -> Iterator[GaleraCluster]:
-    cluster = GaleraCluster(clusters_root / "galera")
-    try:
-        cluster.start()
+    with galera_cluster(clusters_root) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
@@ -322,15 +323,7 @@ async def cluster_held(
     nbd_server: NbdServerProcess,
     disks_dir: Path,
 ) -> AsyncIterator[Held]:
-    from tests.fault_run import HELD_BYTES
-
-    async with running_worker(cluster_worker_settings):
-        run = await FaultRun.start(scheduler_amqp, cluster_worker_settings)
-        request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
-        reply = await run.scheduler.request(request, 60)
-        await run.scheduler.channel.close()
-    assert reply["status"] == "ready"
-    held = Held(nbd_server.port, reply["export_name"], request)
+    held = await held_export(cluster_worker_settings, scheduler_amqp, disks_dir, nbd_server.port)
     try:
         yield held
     finally:
@@ -348,8 +341,8 @@ async def fault_row(
     disks_dir: Path,
     held: Held,
     fault: str,
-    inject: Any,
-) -> tuple[FaultRun, Any]:
+    inject: Callable[[], Awaitable[None]],
+) -> tuple[FaultRun, float]:
     """Runs 30 creates and 30 reuses with the worker, calls `inject()` (a coroutine
     function) once 10 are answered, and records the row."""
     run = await FaultRun.start(scheduler_amqp, settings)
@@ -479,3 +472,20 @@ async def test_soak_smoke(
     assert set(result["fault_kinds"]) == set(FAULTS)
     assert result["jobs"] > 500
     assert {"created", "reused", "relinked", "released"} <= set(result["by_outcome"])
+
+
+def test_the_clusters_command_reports_health_and_down_is_idempotent(
+    clusters_root: Path, rabbit: RabbitCluster, galera: GaleraCluster, tmp_path: Path
+) -> None:
+    """scripts/clusters.sh (python -m tests.clusters) reads the state the clusters keep."""
+    command = [sys.executable, "-m", "tests.clusters", "--root", str(clusters_root), "status"]
+    status = json.loads(
+        subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+    )
+    assert len(status["rabbitmq"]["running_nodes"]) == 3
+    assert [n["state"] for n in status["galera"]["nodes"]] == ["Synced"] * 3
+    assert status["galera"]["proxy"]["url"] == galera.url()
+    empty = tmp_path / "nothing-here"
+    for _ in range(2):
+        down = [sys.executable, "-m", "tests.clusters", "--root", str(empty), "down"]
+        assert subprocess.run(down, capture_output=True, timeout=60).returncode == 0

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from tests.conftest import (
     job,
     make_disk,
     running_worker,
-    scheduler_for,
     take_dead_letters,
     unique,
 )
@@ -44,6 +43,7 @@ from tests.fault_run import (
     assert_all_ready,
     check_consistent,
     cut_after_some_replies,
+    held_export,
     publish_mix,
     repaired_and_consistent,
 )
@@ -67,13 +67,7 @@ async def held(
     nbd_server: NbdServerProcess,
 ) -> AsyncIterator[Held]:
     """An export made by a worker that is then stopped, with a client connected to it."""
-    async with running_worker(fault_settings):
-        scheduler = await scheduler_for(amqp, fault_settings)
-        request = job(device=make_disk(disks_dir, "held", HELD_BYTES))
-        reply = await scheduler.request(request)
-        await scheduler.channel.close()
-    assert reply["status"] == "ready"
-    connection = Held(nbd_server.port, reply["export_name"], request)
+    connection = await held_export(fault_settings, amqp, disks_dir, nbd_server.port)
     try:
         yield connection
     finally:
@@ -632,7 +626,7 @@ def mounted(target: Path, *options: str) -> Iterator[None]:
     """`mount` on `target` (a tmpfs, or a read-only bind of itself), unmounted on exit."""
     subprocess.run(["mount", *options, str(target)], check=True, capture_output=True, timeout=10)
     try:
-        yield
+        yield None
     finally:
         subprocess.run(["umount", str(target)], check=True, capture_output=True, timeout=30)
 
@@ -649,49 +643,72 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-# Every try of a create fails alike: fewer of them, so the test ends sooner.
+async def creates_fail_while(
+    broken: Callable[[], contextlib.AbstractContextManager[object]],
+    why: str,
+    fault: str,
+    settings: Settings,
+    amqp: AbstractConnection,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    """While `broken()` is entered (after the held export was made), creates fail with
+    `why`: each is answered retries_exhausted and kept as a dead letter; reuses, which
+    write nothing, go on. After it, creates work again and nothing is left half-made."""
+    run = await FaultRun.start(amqp, settings)
+    try:
+        async with running_worker(settings):
+            first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
+            reply = await run.scheduler.request(first)
+            held = Held(nbd_server.port, reply["export_name"], first)
+            try:
+                with broken():
+                    creates = [
+                        await run.publish(job(device=make_disk(disks_dir, f"c{i}")))
+                        for i in range(3)
+                    ]
+                    reuses = [
+                        await run.publish({**first, "job_id": f"reuse-c{i}"}) for i in range(3)
+                    ]
+                    await run.replies_to(creates + reuses, 60)
+                after = await run.publish(job(device=make_disk(disks_dir, "after", b"a")))
+                row = await run.row(fault, held)
+            finally:
+                held.close()
+    finally:
+        await run.scheduler.channel.close()
+    errors = [run.scheduler.replies[c]["error"] for c in creates]
+    assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
+    assert all(why in e["message"] for e in errors), errors
+    assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
+    assert run.scheduler.replies[after]["status"] == "ready"
+    assert row.lost == 0, row
+    assert row.dead_lettered == len(creates)
+    assert row.held_connection == "survived"
+    await repaired_and_consistent(settings)
+
+
+# Every try of a create fails alike: fewer of them, so the tests end sooner.
 @pytest.mark.fault_settings(delivery_limit=1, job_attempts=2)
 async def test_config_directory_full(
     fault_settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess,
     disks_dir: Path,
 ) -> None:  # fmt: skip
-    """The includedir on a 1 MiB tmpfs, filled up: creates fail with ENOSPC, are answered
-    (retries_exhausted, kept as dead letters), reuses go on; freed, creates work again."""
+    """The includedir on a 1 MiB tmpfs, filled up (blocks and inodes), then freed."""
     conf_dir = fault_settings.nbd_conf_dir
+
+    @contextlib.contextmanager
+    def full() -> Iterator[object]:
+        fill(conf_dir)
+        yield None
+        for path in conf_dir.glob(".filler*"):
+            path.unlink()
+
     with mounted(conf_dir, "-t", "tmpfs", "-o", "size=1m,nr_inodes=256", "tmpfs"):
-        run = await FaultRun.start(amqp, fault_settings)
-        try:
-            async with running_worker(fault_settings):
-                first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
-                reply = await run.scheduler.request(first)
-                held = Held(nbd_server.port, reply["export_name"], first)
-                try:
-                    fill(conf_dir)
-                    creates = [
-                        await run.publish(job(device=make_disk(disks_dir, f"f{i}")))
-                        for i in range(3)
-                    ]
-                    reuses = [
-                        await run.publish({**first, "job_id": f"reuse-f{i}"}) for i in range(3)
-                    ]
-                    await run.replies_to(creates + reuses, 60)
-                    for path in conf_dir.glob(".filler*"):
-                        path.unlink()
-                    after = await run.publish(job(device=make_disk(disks_dir, "after", b"a")))
-                    row = await run.row("config directory full (ENOSPC, 1 MiB tmpfs)", held)
-                finally:
-                    held.close()
-        finally:
-            await run.scheduler.channel.close()
-        errors = [run.scheduler.replies[c]["error"] for c in creates]
-        assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
-        assert all("No space left on device" in e["message"] for e in errors), errors
-        assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
-        assert run.scheduler.replies[after]["status"] == "ready"
-        assert row.lost == 0, row
-        assert row.dead_lettered == len(creates)
-        assert row.held_connection == "survived"
-        await repaired_and_consistent(fault_settings)
+        await creates_fail_while(
+            full, "No space left on device", "config directory full (ENOSPC, 1 MiB tmpfs)",
+            fault_settings, amqp, nbd_server, disks_dir,
+        )  # fmt: skip
 
 
 @pytest.mark.fault_settings(delivery_limit=1, job_attempts=2)
@@ -700,43 +717,21 @@ async def test_link_directory_read_only(
     disks_dir: Path,
 ) -> None:  # fmt: skip
     """The link directory remounted read-only (a bind mount of itself) under a running
-    worker: creates are answered retries_exhausted, reuses go on; writable again, creates
-    work again."""
+    worker, then writable again."""
     link_dir = fault_settings.link_dir
-    run = await FaultRun.start(amqp, fault_settings)
-    try:
-        async with running_worker(fault_settings):
-            first = job(device=make_disk(disks_dir, "held", HELD_BYTES))
-            reply = await run.scheduler.request(first)
-            held = Held(nbd_server.port, reply["export_name"], first)
-            try:
-                with mounted(link_dir, "--bind", str(link_dir)):
-                    subprocess.run(
-                        ["mount", "-o", "remount,bind,ro", str(link_dir)], check=True, timeout=10
-                    )
-                    creates = [
-                        await run.publish(job(device=make_disk(disks_dir, f"ro{i}")))
-                        for i in range(3)
-                    ]
-                    reuses = [
-                        await run.publish({**first, "job_id": f"reuse-ro{i}"}) for i in range(3)
-                    ]
-                    await run.replies_to(creates + reuses, 60)
-                after = await run.publish(job(device=make_disk(disks_dir, "after", b"a")))
-                row = await run.row("link directory read-only (remounted ro)", held)
-            finally:
-                held.close()
-    finally:
-        await run.scheduler.channel.close()
-    errors = [run.scheduler.replies[c]["error"] for c in creates]
-    assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
-    assert all("Read-only file system" in e["message"] for e in errors), errors
-    assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
-    assert run.scheduler.replies[after]["status"] == "ready"
-    assert row.lost == 0, row
-    assert row.dead_lettered == len(creates)
-    assert row.held_connection == "survived"
-    await repaired_and_consistent(fault_settings)
+
+    @contextlib.contextmanager
+    def read_only() -> Iterator[object]:
+        with mounted(link_dir, "--bind", str(link_dir)):
+            subprocess.run(
+                ["mount", "-o", "remount,bind,ro", str(link_dir)], check=True, timeout=10
+            )
+            yield None
+
+    await creates_fail_while(
+        read_only, "Read-only file system", "link directory read-only (remounted ro)",
+        fault_settings, amqp, nbd_server, disks_dir,
+    )  # fmt: skip
 
 
 def sighup_pending(pid: int) -> bool:
