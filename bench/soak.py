@@ -1,7 +1,7 @@
 """The soak: the worker, as a process of its own, against the clusters (tests/clusters.py:
 three RabbitMQ nodes, three Galera nodes behind HAProxy) for a given time with a steady
-job mix (creates, reuses, relinks, releases, flushes) and one fault at a time, chosen at
-random every `--fault-every` seconds:
+job mix (creates, reuses, relinks, releases, flushes) and one fault at a time, about
+every `--fault-every` seconds: each kind once in a random order (`--seed`), then again:
 
 - `rabbit-kill`   SIGKILL a RabbitMQ node (1 or 2: node 1 is the worker's first and leads
                   its queue; node 3 is the scheduler's), started again 10 s later;
@@ -12,10 +12,13 @@ random every `--fault-every` seconds:
 - `nbd-hang`      SIGSTOP nbd-server's main process for 5 s.
 
 Then it checks the invariants and prints them (and writes --out as JSON): every job has
-one outcome (a reply, the same one each time it was answered, or a dead letter with the
-broker's reason); one active mapping per device; snippets, links and authfiles agree with
-the mappings (a dry-run reconciliation finds nothing); the NBD connection held from the
-start survived every fault (none kills its server); the worker's RSS over its longest life.
+one outcome: a reply (the same one each time it was answered: a job whose ack was lost
+with its connection is answered again from its record) or a dead letter with the broker's
+reason; the only error replies are retries_exhausted, each with its job in the
+dead-letter queue; one active mapping per device; snippets, links and authfiles agree
+with the mappings (a dry-run reconciliation finds nothing); the NBD connection held from
+the start survived every fault (none kills its server); the worker's RSS at the end of
+its longest life within 1.2 x of its first warm minute.
 
     python -m bench.soak --duration 3600            # starts and stops its own clusters
     python -m bench.soak --clusters-root R          # clusters from scripts/clusters.sh up
@@ -61,6 +64,10 @@ FAULTS = ("rabbit-kill", "galera-kill", "broker-cut", "db-cut", "worker-kill", "
 DISKS = 24
 #: The pause between a disk's jobs: about 20 jobs a second in all, a steady mix.
 JOB_PAUSE_S = 1.0
+RSS_SAMPLE_S = 5
+RSS_WARM_UP_S = 60
+#: "RSS flat": the end of the worker's longest life against its first warm minute.
+RSS_GROWTH_LIMIT = 1.2
 
 
 @dataclass
@@ -84,8 +91,13 @@ class Tally:
 
 class Soak:
     def __init__(self, work: Path, rabbit: RabbitCluster, galera: GaleraCluster, seed: int) -> None:
-        #: The job mix and the faults come from this: a run can be replayed by its seed.
+        # The job mix, and apart from it the faults: a seed gives the same sequence of
+        # faults (their timing, and so the jobs, follow the machine).
         self.rng = random.Random(seed)  # noqa: S311 (not for secrets)
+        self.fault_rng = random.Random(seed)  # noqa: S311
+        self.deck: list[str] = []
+        #: What `close` undoes, in reverse: only what `start` got as far as making.
+        self.cleanup = contextlib.AsyncExitStack()
         self.work = work
         self.rabbit = rabbit
         self.galera = galera
@@ -97,14 +109,23 @@ class Soak:
 
     async def start(self) -> None:
         self.disks_dir.mkdir(parents=True)
+        cleanup = self.cleanup
         self.server = NbdServerProcess(self.work / "nbd")
         (self.work / "nbd").mkdir()
+        cleanup.callback(self.server.stop)
         self.server.start()
-        self.broker_proxies = [TcpProxy("127.0.0.1", n.amqp_port) for n in self.rabbit.nodes]
+        self.broker_proxies = [
+            TcpProxy("127.0.0.1", n.amqp_port, record=False) for n in self.rabbit.nodes
+        ]
+        self.db_proxy = TcpProxy("127.0.0.1", self.galera.proxy_port, record=False)
+        for proxy in [*self.broker_proxies, self.db_proxy]:
+            cleanup.push_async_callback(proxy.stop)
         broker_ports = [await p.start() for p in self.broker_proxies]
-        self.db_proxy = TcpProxy("127.0.0.1", self.galera.proxy_port)
         db_port = await self.db_proxy.start()
         self.database = f"nbdsoak_{uuid.uuid4().hex[:8]}"
+        cleanup.push_async_callback(
+            execute_sql, AnyUrl(self.galera.url()), f"DROP DATABASE IF EXISTS `{self.database}`"
+        )
         await migrate(AnyUrl(self.galera.url(database=self.database)), node_id="soak", timeout_s=10)
         tag = uuid.uuid4().hex[:8]
         self.settings = Settings(
@@ -135,11 +156,23 @@ class Soak:
         )
         # The scheduler: on node 3, which no fault takes down.
         self.amqp = await aio_pika.connect(self.rabbit.node(3).url, timeout=10)
+        cleanup.push_async_callback(self.amqp.close)
+        cleanup.push_async_callback(
+            delete_broker_objects,
+            self.amqp,
+            [
+                self.settings.request_queue,
+                f"{self.settings.request_queue}.dead",
+                self.settings.reply_queue,
+            ],
+            [self.settings.exchange],
+        )
         self.channel = await self.amqp.channel(publisher_confirms=True)
         reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
         self.reply_to = reply_queue.name
         await reply_queue.consume(self._on_reply, no_ack=True)
         self.worker = await self._start_worker()
+        cleanup.push_async_callback(lambda: self.worker.stop())  # the one running at the end
         self.disks = [
             Disk(str(uuid.uuid4()), make_disk(self.disks_dir, f"d{i}")) for i in range(DISKS)
         ]
@@ -149,6 +182,7 @@ class Soak:
                     "disk_unit_number": 0, "device_path": str(held_device)}  # fmt: skip
         reply = await self.request(held_job, 60)
         self.held = Held(self.server.port, reply["export_name"], held_job)
+        cleanup.callback(self.held.close)
 
     async def _start_worker(self) -> WorkerProcess:
         worker = WorkerProcess(self.settings, EXPORT_WORKER_LOG_LEVEL="WARNING")
@@ -221,13 +255,13 @@ class Soak:
         started = time.monotonic()
         detail = ""
         if fault == "rabbit-kill":
-            index = self.rng.choice((1, 2))
+            index = self.fault_rng.choice((1, 2))
             detail = f"node {index}"
             await asyncio.to_thread(self.rabbit.kill_node, index)
             await asyncio.sleep(10)
             await asyncio.to_thread(self.rabbit.start_node, index)
         elif fault == "galera-kill":
-            index = self.rng.choice((1, 2, 3))
+            index = self.fault_rng.choice((1, 2, 3))
             detail = f"node {index}"
             await asyncio.to_thread(self.galera.kill_node, index)
             await asyncio.sleep(10)
@@ -260,10 +294,12 @@ class Soak:
 
     async def faults(self, until: float, every_s: float) -> None:
         while True:
-            await asyncio.sleep(every_s * self.rng.uniform(0.8, 1.2))
+            await asyncio.sleep(every_s * self.fault_rng.uniform(0.8, 1.2))
             if time.monotonic() + 20 > until:
                 return
-            self.tally.faults.append(await self.inject(self.rng.choice(FAULTS)))
+            if not self.deck:  # every kind once, in a random order, then again
+                self.deck = self.fault_rng.sample(FAULTS, len(FAULTS))
+            self.tally.faults.append(await self.inject(self.deck.pop()))
 
     async def sample_rss(self, until: float) -> None:
         while time.monotonic() < until:
@@ -271,7 +307,7 @@ class Soak:
                 with contextlib.suppress(OSError, ValueError, StopIteration):
                     kib = rss_kib(self.worker.proc.pid)
                     self.tally.rss_kib[self.worker.proc.pid].append(kib)
-            await asyncio.sleep(5)
+            await asyncio.sleep(RSS_SAMPLE_S)
 
     # --- the run and its invariants ---------------------------------------------------
 
@@ -294,23 +330,39 @@ class Soak:
         unanswered = set(tally.sent) - set(tally.replies)
         lost = sorted(c for c in unanswered if tally.sent[c]["job_id"] not in dead)
         errors: dict[str, int] = {}
+        unexpected: list[str] = []
+        not_kept: list[str] = []
         for reply in tally.replies.values():
-            if "error" in reply:
-                code = f"{reply['error']['code']}/{reply['error'].get('cause')}"
-                errors[code] = errors.get(code, 0) + 1
+            if "error" not in reply:
+                continue
+            code = str(reply["error"]["code"])
+            key = f"{code}/{reply['error'].get('cause')}"
+            errors[key] = errors.get(key, 0) + 1
+            # A fault outlasting a job's every retry answers retries_exhausted, and the job
+            # must then wait in the dead-letter queue. A flush cut short by a fault (the
+            # worker killed, or its job cancelled with its broker connection) cannot prove
+            # durability: that flush and every later one of the copy are refused, as
+            # designed (RELIABILITY.md "How"). Any other error is a finding.
+            if code == "retries_exhausted":
+                if reply.get("job_id") not in dead:
+                    not_kept.append(str(reply.get("job_id")))
+            elif not (code == "flush_failed" and "did not finish" in reply["error"]["message"]):
+                unexpected.append(f"{key}: {reply['error']['message']}")
+        reasons = set(dead.values())
         await self.worker.stop()
         consistent = "ok"
         try:
             await check_consistent(self.settings)
         except AssertionError as exc:
             consistent = f"FAILED: {exc}"
+        # The unique key uq_node_active_device_id forbids it; counted anyway, as the issue's
+        # invariant, on the rows as Galera has them.
         active = await execute_sql(
             AnyUrl(self.galera.url(database=self.database)),
             "SELECT device_id, COUNT(*) FROM vm_export_mappings WHERE status = 'active'"
             " GROUP BY device_id HAVING COUNT(*) > 1",
         )
-        lives = [s for s in tally.rss_kib.values() if len(s) >= 2]
-        longest = max(lives, key=len, default=[0, 0])
+        rss = rss_summary(tally.rss_kib)
         kinds: dict[str, int] = {}
         for reply in tally.replies.values():
             kind = str(reply.get("action") or reply.get("status"))
@@ -322,9 +374,11 @@ class Soak:
             "answered_twice_alike": tally.duplicates - len(tally.unalike),
             "answered_twice_unalike": len(tally.unalike),
             "dead_lettered": len(dead),
-            "dead_letter_reasons": sorted({r for r in dead.values()}),
+            "dead_letter_reasons": sorted(reasons),
             "lost": len(lost),
             "error_replies": errors,
+            "unexpected_errors": sorted(set(unexpected))[:20],
+            "retries_exhausted_not_dead_lettered": len(not_kept),
             "faults": len(tally.faults),
             "fault_kinds": {f: sum(1 for x in tally.faults if x["fault"] == f) for f in FAULTS},
             "held_connection": (
@@ -335,18 +389,19 @@ class Soak:
             "devices_with_two_active_mappings": len(active or []),
             "files_agree_with_mappings": consistent,
             "worker_processes": len(tally.rss_kib),
-            "rss_mib_longest_life": [round(longest[0] / 1024, 1), round(longest[-1] / 1024, 1)],
-            "rss_samples_longest_life": len(longest),
+            **rss,
             "fault_log": tally.faults,
         }
-        growth = longest[-1] / longest[0] if longest[0] else 1.0
         result["ok"] = (
             not lost
             and not tally.unalike
+            and not unexpected
+            and not not_kept
+            and reasons <= {"rejected", "delivery_limit"}
             and not tally.held_lost_after
             and not active
             and consistent == "ok"
-            and growth < 1.5
+            and rss["rss_growth"] < RSS_GROWTH_LIMIT
         )
         return result
 
@@ -366,30 +421,23 @@ class Soak:
         return found
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.worker.stop()
-        with contextlib.suppress(Exception):
-            self.held.close()
-        with contextlib.suppress(Exception):
-            await delete_broker_objects(
-                self.amqp,
-                [
-                    self.settings.request_queue,
-                    f"{self.settings.request_queue}.dead",
-                    self.settings.reply_queue,
-                ],
-                [self.settings.exchange],
-            )
-        with contextlib.suppress(Exception):
-            await self.amqp.close()
-        for proxy in [*self.broker_proxies, self.db_proxy]:
-            with contextlib.suppress(Exception):
-                await proxy.stop()
-        with contextlib.suppress(Exception):
-            await execute_sql(
-                AnyUrl(self.galera.url()), f"DROP DATABASE IF EXISTS `{self.database}`"
-            )
-        self.server.stop()
+        await self.cleanup.aclose()
+
+
+def rss_summary(lives: dict[int, list[int]]) -> dict[str, Any]:
+    """The worker's RSS over its longest life (the soak's worker-kill fault ends lives),
+    from the end of its first minute (imports, pools and caches filling) to its end."""
+    warm = RSS_WARM_UP_S // RSS_SAMPLE_S
+    longest = max(lives.values(), key=len, default=[])
+    window = longest[warm:] if len(longest) > warm + 1 else longest
+    first, last = (window[0], window[-1]) if window else (0, 0)
+    return {
+        "rss_longest_life_s": len(longest) * RSS_SAMPLE_S,
+        "rss_mib_after_warm_up": round(first / 1024, 1),
+        "rss_mib_at_end": round(last / 1024, 1),
+        "rss_mib_peak": round(max(window, default=0) / 1024, 1),
+        "rss_growth": round(last / first, 3) if first else 1.0,
+    }
 
 
 def rss_kib(pid: int) -> int:

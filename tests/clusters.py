@@ -36,32 +36,77 @@ RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin")
 GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
 HAPROXY = Path("/usr/sbin/haproxy")
 HAPROXY_SAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "galera.cfg"
-#: Bounded start-up: a cluster that is not up by then is torn down and reported.
+#: Bounded start-up: each node (or, for RabbitMQ, the nodes that boot together) must be
+#: up within this, or the start fails and everything started is stopped.
 START_TIMEOUT_S = 120.0
 #: The user HAProxy's mysql-check logs in as (no password, no privileges, loopback only).
 HAPROXY_CHECK_USER = "haproxy_check"
 
 
-def _stop_pid(pid: int, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
-    """Signals `pid` and waits for it to go; SIGKILL after `timeout_s`. A no-op when gone."""
-    if not pid or not pid_running(pid):
+#: Ports handed out by this process: two nodes of one cluster never get the same one.
+_TAKEN: set[int] = set()
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            ports.append(port)
+    return ports
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot), or None if it is gone: with the pid it
+    names one process, so a recorded pid that was since reused is never signalled."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def running(pid: int, started: int) -> bool:
+    """Whether the process recorded as (`pid`, `started`) is still running."""
+    return bool(pid) and start_ticks(pid) == started and pid_running(pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is still in process group `pgid`."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)  # our own child's zombie leaves the group
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = stat_file.read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                return True
+    return False
+
+
+def stop_group(pid: int, started: int, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+    """Signals the process group `pid` leads (every process here starts one: a node with
+    its helpers, such as the VM a RabbitMQ script forks or a Galera state transfer) and
+    waits for all of it to go; SIGKILL after `timeout_s`. A no-op when the group is gone,
+    or when `pid` now names another process: Linux does not reuse a pid while a group of
+    that id has members, so a reused pid means ours has none left."""
+    if not pid:
+        return
+    ticks = start_ticks(pid)
+    if ticks is not None and ticks != started:
+        return
+    if not _group_alive(pid):
         return
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+        os.killpg(pid, sig)
     deadline = time.monotonic() + timeout_s
-    while pid_running(pid) and time.monotonic() < deadline:
+    while _group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if pid_running(pid):
+    if _group_alive(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not pid_running(pid), 10, f"pid {pid} to exit")
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+            os.killpg(pid, signal.SIGKILL)
+        wait_for(lambda: not _group_alive(pid), 10, f"process group {pid} to exit")
 
 
 # --- RabbitMQ ---------------------------------------------------------------------------
@@ -72,7 +117,9 @@ class RabbitNode:
     index: int
     amqp_port: int
     dist_port: int
+    #: The node's process group: the rabbitmq-server script, which forks the Erlang VM.
     pid: int = 0
+    started: int = 0
 
     @property
     def name(self) -> str:
@@ -92,6 +139,7 @@ class RabbitCluster:
     size: int = 3
     epmd_port: int = 0
     epmd_pid: int = 0
+    epmd_started: int = 0
     nodes: list[RabbitNode] = field(default_factory=list)
 
     @property
@@ -118,6 +166,10 @@ class RabbitCluster:
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+            # Nothing of the machine's own broker: no advanced.config, no conf.d.
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+            "RABBITMQ_CONFIG_FILES": str(base / "conf.d"),
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),
             "ERL_EPMD_PORT": str(self.epmd_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             # Erlang distribution (the nodes' and the CLI's) on loopback only.
@@ -131,16 +183,19 @@ class RabbitCluster:
         cookie.chmod(0o400)
         (self.root / "rabbitmq-env.conf").write_text("")
         (self.root / "enabled_plugins").write_text("[].\n")
-        self.epmd_port = free_port()
+        self.epmd_port, *ports = _free_ports(1 + 2 * self.size)
         epmd = subprocess.Popen(
             ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        self.epmd_pid = epmd.pid
+        self.epmd_pid, self.epmd_started = epmd.pid, start_ticks(epmd.pid) or 0
+        self.save()
         # Up before any node: a node finding no epmd would start one of its own (-daemon),
         # which nobody here would know the pid of.
         wait_for(lambda: _accepts(self.epmd_port), 10, "epmd", 0.05)
-        self.nodes = [RabbitNode(i, free_port(), free_port()) for i in range(1, self.size + 1)]
+        self.nodes = [
+            RabbitNode(i, ports[2 * i - 2], ports[2 * i - 1]) for i in range(1, self.size + 1)
+        ]
         peers = "".join(
             f"cluster_formation.classic_config.nodes.{n.index} = {n.name}\n" for n in self.nodes
         )
@@ -164,28 +219,24 @@ class RabbitCluster:
 
     def _spawn(self, node: RabbitNode) -> subprocess.Popen[bytes]:
         base = self.root / node.name.split("@")[0]
-        (base / "rabbit.pid").unlink(missing_ok=True)
         log = (base / "console.log").open("ab")
         script = subprocess.Popen(
             [str(RABBIT_SBIN / "rabbitmq-server")],
             env=self._env(node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
+        # Recorded at once: a node that then fails to come up is still stopped by `stop`.
+        node.pid, node.started = script.pid, start_ticks(script.pid) or 0
+        self.save()
         return script
 
     def _await_node(self, node: RabbitNode, script: subprocess.Popen[bytes]) -> None:
-        """Waits for the node to serve AMQP. Its pid is the Erlang VM's, from its pid
-        file: the script forks the VM and waits, so killing the script would orphan it."""
-        pid_file = self.root / node.name.split("@")[0] / "rabbit.pid"
-
         def answers() -> bool:
             if script.poll() is not None:
                 raise RuntimeError(f"RabbitMQ node {node.name} exited: {self._log_tail(node)}")
             return amqp_answers(node.amqp_port)
 
         wait_for(answers, START_TIMEOUT_S, f"RabbitMQ node {node.name}", 0.2)
-        node.pid = int(pid_file.read_text().strip())
-        self.save()
 
     def _log_tail(self, node: RabbitNode) -> str:
         base = self.root / node.name.split("@")[0]
@@ -195,14 +246,14 @@ class RabbitCluster:
 
     def start_node(self, index: int) -> None:
         node = self.node(index)
-        if node.pid and pid_running(node.pid):
+        if running(node.pid, node.started):
             return
         self._await_node(node, self._spawn(node))
 
     def kill_node(self, index: int) -> None:
         """SIGKILL, as a crash or a power cut would."""
         node = self.node(index)
-        _stop_pid(node.pid, signal.SIGKILL)
+        stop_group(node.pid, node.started, signal.SIGKILL)
         node.pid = 0
         self.save()
 
@@ -219,7 +270,7 @@ class RabbitCluster:
 
     def running_nodes(self, via: int | None = None) -> list[str]:
         for node in self.nodes if via is None else [self.node(via)]:
-            if not (node.pid and pid_running(node.pid)):
+            if not (running(node.pid, node.started)):
                 continue
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, ValueError):
                 status = json.loads(self.ctl(node.index, "cluster_status", "--formatter", "json"))
@@ -227,27 +278,26 @@ class RabbitCluster:
         return []
 
     def queue_leader(self, queue: str) -> tuple[int, list[int]]:
-        """The index of the node leading quorum queue `queue`, and its members' indexes."""
+        """The index of the node leading quorum queue `queue`, and its members' indexes,
+        as the first running node that can tell sees them (not during an election)."""
+        index = {n.name: n.index for n in self.nodes}
         for node in self.nodes:
-            if not (node.pid and pid_running(node.pid)):
+            if not running(node.pid, node.started):
                 continue
-            rows = json.loads(
-                self.ctl(
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, ValueError):
+                out = self.ctl(
                     node.index, "list_queues", "name", "leader", "members", "--formatter", "json"
                 )
-            )
-            for row in rows:
-                if row["name"] == queue:
-                    index = {n.name: n.index for n in self.nodes}
-                    return index[row["leader"]], sorted(index[m] for m in row["members"])
-            raise LookupError(f"queue {queue} not found")
-        raise RuntimeError("no RabbitMQ node is running")
+                for row in json.loads(out):
+                    if row["name"] == queue and row.get("leader") in index:
+                        return index[row["leader"]], sorted(index[m] for m in row["members"])
+        raise LookupError(f"no running node knows the leader of {queue}")
 
     def stop(self) -> None:
         for node in self.nodes:
-            _stop_pid(node.pid)
+            stop_group(node.pid, node.started)
             node.pid = 0
-        _stop_pid(self.epmd_pid)
+        stop_group(self.epmd_pid, self.epmd_started)
         self.epmd_pid = 0
         self.save()
 
@@ -260,7 +310,7 @@ class RabbitCluster:
                     "name": n.name,
                     "url": n.url,
                     "pid": n.pid,
-                    "up": bool(n.pid and pid_running(n.pid)),
+                    "up": bool(running(n.pid, n.started)),
                 }
                 for n in self.nodes
             ],
@@ -307,6 +357,7 @@ class GaleraNode:
     ist_port: int
     sst_port: int
     pid: int = 0
+    started: int = 0
 
 
 @dataclass
@@ -322,6 +373,7 @@ class GaleraCluster:
     nodes: list[GaleraNode] = field(default_factory=list)
     proxy_port: int = 0
     proxy_pid: int = 0
+    proxy_started: int = 0
 
     def node(self, index: int) -> GaleraNode:
         return self.nodes[index - 1]
@@ -329,6 +381,8 @@ class GaleraCluster:
     def url(self, index: int | None = None, database: str = "") -> str:
         """The database URL through HAProxy, or straight to node `index`."""
         port = self.proxy_port if index is None else self.node(index).port
+        if not port:  # never the machine's own server on the default port
+            raise RuntimeError("the cluster has not been started")
         return f"mysql://root@127.0.0.1:{port}/{database}".rstrip("/")
 
     def _instance(self, node: GaleraNode) -> MariaDbInstance:
@@ -365,10 +419,9 @@ class GaleraCluster:
         for path in (self.root, *self.root.parents):
             if not path.stat().st_mode & 0o001:
                 raise RuntimeError(f"{path} is not searchable by the mysql user: use another root")
-        self.nodes = [
-            GaleraNode(i, free_port(), free_port(), free_port(), free_port())
-            for i in range(1, self.size + 1)
-        ]
+        ports = _free_ports(4 * self.size + 1)
+        self.proxy_port = ports.pop()
+        self.nodes = [GaleraNode(i, *ports[4 * i - 4 : 4 * i]) for i in range(1, self.size + 1)]
         self.save()
         self.start_node(1, bootstrap=True)
         first = self._instance(self.node(1))
@@ -381,12 +434,14 @@ class GaleraCluster:
 
     def start_node(self, index: int, *, bootstrap: bool = False) -> None:
         node = self.node(index)
-        if node.pid and pid_running(node.pid):
+        if running(node.pid, node.started):
             return
         instance = self._instance(node)
-        instance.start(bootstrap=bootstrap)
-        node.pid = instance.pid
-        self.save()
+        try:
+            instance.start(bootstrap=bootstrap)
+        finally:  # also when it did not come up: `stop` must find it
+            node.pid, node.started = instance.pid, start_ticks(instance.pid) or 0
+            self.save()
         wait_for(lambda: self._synced(node), START_TIMEOUT_S, f"galera{index} synced", 0.2)
 
     def _synced(self, node: GaleraNode) -> bool:
@@ -398,7 +453,7 @@ class GaleraCluster:
 
     def wsrep_status(self, index: int) -> dict[str, str]:
         node = self.node(index)
-        if not (node.pid and pid_running(node.pid)):
+        if not (running(node.pid, node.started)):
             return {}
         done = self._instance(node).sql("SHOW GLOBAL STATUS LIKE 'wsrep_%'", check=False)
         rows = (line.split("\t", 1) for line in done.stdout.splitlines()[1:])
@@ -406,20 +461,19 @@ class GaleraCluster:
 
     def kill_node(self, index: int) -> None:
         node = self.node(index)
-        _stop_pid(node.pid, signal.SIGKILL)
+        stop_group(node.pid, node.started, signal.SIGKILL)
         node.pid = 0
         self.save()
 
     def stop_node(self, index: int) -> None:
         node = self.node(index)
-        _stop_pid(node.pid)
+        stop_group(node.pid, node.started)
         node.pid = 0
         self.save()
 
     def start_proxy(self) -> None:
-        if self.proxy_pid and pid_running(self.proxy_pid):
+        if running(self.proxy_pid, self.proxy_started):
             return
-        self.proxy_port = self.proxy_port or free_port()
         # The sample operators copy (deploy/haproxy/galera.cfg), with this cluster's ports.
         config_text = HAPROXY_SAMPLE.read_text().replace(
             "bind 127.0.0.1:3307", f"bind 127.0.0.1:{self.proxy_port}"
@@ -441,7 +495,7 @@ class GaleraCluster:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
-        self.proxy_pid = proc.pid
+        self.proxy_pid, self.proxy_started = proc.pid, start_ticks(proc.pid) or 0
         self.save()
         wait_for(lambda: self._proxy_serves(), 30, "HAProxy in front of Galera", 0.1)
 
@@ -453,21 +507,23 @@ class GaleraCluster:
         return done.returncode == 0
 
     def proxy_backend(self) -> int:
-        """The index of the node HAProxy sends new connections to (by @@wsrep_node_name)."""
+        """The index of the node HAProxy sends new connections to (by @@wsrep_node_name);
+        0 when none answers through it now."""
         done = subprocess.run(
             ["mariadb", "-h127.0.0.1", f"-P{self.proxy_port}", "-uroot", "-N", "-e",
              "SELECT @@wsrep_node_name"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True, text=True, timeout=10,
         )  # fmt: skip
-        return int(done.stdout.strip().removeprefix("galera"))
+        name = done.stdout.strip()
+        return int(name.removeprefix("galera")) if done.returncode == 0 and name else 0
 
     def stop(self) -> None:
-        _stop_pid(self.proxy_pid)
+        stop_group(self.proxy_pid, self.proxy_started)
         self.proxy_pid = 0
         # The last node down is the most advanced one: stopping in reverse keeps node 1,
         # which `start` bootstraps, the one with everything.
         for node in reversed(self.nodes):
-            _stop_pid(node.pid)
+            stop_group(node.pid, node.started)
             node.pid = 0
         self.save()
 
@@ -545,8 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, default=Path("/tmp/nbd-export-worker-clusters"))
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start both clusters (3 nodes each) and HAProxy")
-    up.add_argument("--size", type=int, default=3)
+    # Three nodes each: the HAProxy sample names three Galera servers.
+    sub.add_parser("up", help="start both clusters (3 nodes each) and HAProxy")
     sub.add_parser("status", help="nodes, pids, URLs and health")
     for verb in ("kill", "restart"):
         p = sub.add_parser(verb, help=f"{verb} one node (kill: SIGKILL)")
@@ -562,10 +618,14 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True)
         started = time.monotonic()
         try:
-            RabbitCluster(root / "rabbitmq", args.size).start()
-            GaleraCluster(root / "galera", args.size).start()
+            RabbitCluster(root / "rabbitmq").start()
+            GaleraCluster(root / "galera").start()
         except BaseException:
-            main(["--root", str(root), "down"])
+            # Everything stopped, the logs kept for the reason: `down` deletes them.
+            for loader in (GaleraCluster.load, RabbitCluster.load):
+                with contextlib.suppress(LookupError, OSError):
+                    loader(root).stop()
+            print(f"up failed: logs in {root}; `down` removes them", file=sys.stderr)
             raise
         print(f"up in {time.monotonic() - started:.0f} s")
         args.command = "status"

@@ -65,7 +65,10 @@ class MariaDbInstance:
             self._install()
         self.port = self.port or free_port()
         argv = self._argv() + (["--wsrep-new-cluster"] if bootstrap else [])
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A process group of its own: a Galera node's state transfer scripts go with it.
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         self.pid = proc.pid
         wait_for(lambda: self._answers(proc), 120, f"mariadbd on port {self.port}", 0.1)
 

@@ -8,8 +8,10 @@ import contextlib
 
 
 class TcpProxy:
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, record: bool = True) -> None:
+        """`record=False`: keep no copy of the traffic (the soak runs for hours)."""
         self._upstream = (upstream_host, upstream_port)
+        self._record = record
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -41,6 +43,7 @@ class TcpProxy:
             pass
         finally:
             writer.close()
+            self._writers.discard(writer)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -50,7 +53,9 @@ class TcpProxy:
             return
         self._writers |= {writer, up_writer}
         for task in (
-            asyncio.create_task(self._pipe(reader, up_writer, self.client_bytes)),
+            asyncio.create_task(
+                self._pipe(reader, up_writer, self.client_bytes if self._record else None)
+            ),
             asyncio.create_task(self._pipe(up_reader, writer)),
         ):
             self._tasks.add(task)

@@ -549,6 +549,7 @@ def record(row: FaultRow, fault: str, held: Held | None) -> FaultRow:
     return done
 
 
+@pytest.mark.timeout(300)  # a RabbitMQ node of its own to start first
 async def test_broker_restarted_with_jobs_in_flight(
     tmp_path: Path, fault_settings: Settings, disks_dir: Path, nbd_server: NbdServerProcess,
 ) -> None:  # fmt: skip
@@ -569,6 +570,7 @@ async def test_broker_restarted_with_jobs_in_flight(
                 await scheduler.publish(reuses_and_creates(held, disks_dir, "r", 30))
                 while await scheduler.answered() < 5:
                     await asyncio.sleep(0.02)
+                in_flight = len(scheduler.sent) - await scheduler.answered()
                 broker.ctl(1, "stop_app")
                 await asyncio.sleep(1.0)
                 broker.ctl(1, "start_app")
@@ -577,6 +579,7 @@ async def test_broker_restarted_with_jobs_in_flight(
                 )
             finally:
                 held.close()
+    assert in_flight > 0, "the restart came after every job was answered"
     assert row.lost == 0, row
     assert row.held_connection == "survived"
     assert [r for r in scheduler.replies.values() if r["status"] != "ready"] == []
@@ -608,6 +611,7 @@ async def test_database_restarted_with_jobs_in_flight(
                     await publish_mix(run, disks_dir, first, "m", 30)
                     while len(run.scheduler.replies) < 10:
                         await asyncio.sleep(0.01)
+                    in_flight = len(run.sent) - len(run.scheduler.replies)
                     await asyncio.to_thread(database.stop)
                     await asyncio.to_thread(database.start)
                     row = await run.row("database server restarted", held)
@@ -615,6 +619,7 @@ async def test_database_restarted_with_jobs_in_flight(
                     held.close()
         finally:
             await run.scheduler.channel.close()
+        assert in_flight > 0, "the restart came after every job was answered"
         assert row.lost == 0, row
         assert row.held_connection == "survived"
         assert_all_ready(run.scheduler)
@@ -773,6 +778,7 @@ async def test_nbd_server_killed_mid_reload(
     finally:
         await run.scheduler.channel.close()
     assert row.lost == 0, row
+    assert row.held_connection == "survived"  # its child outlives the killed main process
     reply = run.scheduler.replies[create]
     assert (reply["status"], reply["action"]) == ("ready", "created"), reply
     assert all(run.scheduler.replies[c]["status"] == "ready" for c in reuses)
