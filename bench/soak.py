@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -456,7 +457,10 @@ async def soak(
     run = Soak(work, rabbit, galera, seed)
     try:
         await run.start()
-        return await run.run(duration_s, fault_every_s)
+        result = await run.run(duration_s, fault_every_s)
+        # In the log before anything is torn down: the verdict outlives a failed clean-up.
+        log.warning("verdict %s", json.dumps({k: v for k, v in result.items() if k != "fault_log"}))
+        return result
     finally:
         await run.close()
 
@@ -473,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--seed", type=int, help="of the job mix and faults (default: random)")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash in a C extension still says where
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     started = time.time()
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4))
