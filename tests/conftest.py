@@ -22,9 +22,9 @@ from pydantic import AnyUrl
 
 from tests.nbd_harness import NbdServerProcess
 from tests.sql import execute_sql
-from worker.cli import serve
 from worker.metrics import Metrics, build_metrics
 from worker.repository import migrate
+from worker.service import serve
 from worker.settings import Settings
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

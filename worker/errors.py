@@ -43,6 +43,15 @@ class ServerUnavailable(WorkerError):
     retryable = True
 
 
+class ServerMisconfigured(ServerUnavailable):
+    """The running nbd-server is set up so that the worker's exports cannot load (another
+    `-C` than the pinned one, an `includedir` that is not the snippet directory). Only an
+    operator fixes it: retrying would only delay the answer."""
+
+    code = ErrorCode.NBD_SERVER_MISCONFIGURED
+    retryable = False
+
+
 class ProbeTimeout(ServerUnavailable):
     """A probe got no answer in time: the server may be hung (accepts, never answers)."""
 

@@ -70,6 +70,11 @@ class ErrorCode(StrEnum):
     DEVICE_NOT_FOUND = "device_not_found"
     DEVICE_IN_USE = "device_in_use"
     NBD_SERVER_UNAVAILABLE = "nbd_server_unavailable"
+    NBD_SERVER_MISCONFIGURED = "nbd_server_misconfigured"
+    """The running nbd-server's config cannot serve the worker's exports (another `-C` than
+    the pinned one, or an `includedir` that is not the worker's snippet directory). Not
+    retried: the job is answered at once; send it again once an operator fixed it (`check`
+    names the problem)."""
     EXPORT_NOT_VISIBLE = "export_not_visible"
     DATABASE_UNAVAILABLE = "database_unavailable"
     INTERNAL_ERROR = "internal_error"

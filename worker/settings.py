@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     # --- nbd-server ---
     #: nbd-server's `includedir`: the worker writes one `<export>.conf` snippet per export here.
     nbd_conf_dir: Path = Path("/etc/nbd-server/conf.d")
-    #: The main config file; its path must appear on the server's command line (`-C`), which
-    #: is how the worker tells the main process from anything else holding the pid file.
-    nbd_config_file: Path = Path("/etc/nbd-server/config")
+    #: Pins the main config file: the server must run with `-C` this path. Default: the one
+    #: on the main process's own command line, whose `includedir` must be nbd_conf_dir.
+    nbd_config_file: Path | None = None
     #: Written by `nbd-server -p`; the only way the worker finds the main process.
     nbd_pid_file: Path = Path("/run/nbd-server.pid")
     #: Where the worker probes the server.

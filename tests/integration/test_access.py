@@ -32,11 +32,11 @@ from tests.nbd_harness import (
 )
 from tests.sql import execute_sql
 from tests.worker_process import env_for
-from worker.cli import _reconcile_and_record
 from worker.metrics import build_metrics
 from worker.nbd.files import ExportSpec, render_snippet, snippet_path
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
+from worker.service import reconcile_and_record
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ async def reconciled_drift(settings: Settings, kind: str) -> float | None:
     )
     server = NbdServer(settings, metrics)
     try:
-        await _reconcile_and_record(repository, server, metrics)
+        await reconcile_and_record(repository, server, metrics)
     finally:
         server.close()
         await repository.close()

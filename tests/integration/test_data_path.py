@@ -28,10 +28,10 @@ from tests.conftest import (
 from tests.nbd_harness import UNPATCHED_SERVER_BIN, NbdServerProcess, pid_running
 from tests.sql import execute_sql
 from tests.worker_process import env_for
-from worker.cli import serve
 from worker.errors import ServerUnavailable, UnsafeServer
 from worker.nbd.selftest import run_self_test
 from worker.nbd.wire import CommandFailed, open_export
+from worker.service import serve
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

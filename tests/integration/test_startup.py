@@ -28,9 +28,9 @@ from tests.conftest import (
 from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
 from tests.sql import execute_sql
 from tests.worker_process import env_for
-from worker.cli import serve
 from worker.errors import UnsupportedServer
 from worker.repository import migrate
+from worker.service import serve
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

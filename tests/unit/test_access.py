@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.access import admits, authfile_line, normalize_client_addresses
-from worker.cli import _exposure_warnings
+from worker.commands.check import _exposure_warnings
 from worker.messages import PrepareExport
 from worker.metrics import build_metrics
 from worker.nbd.files import (

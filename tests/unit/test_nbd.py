@@ -19,12 +19,12 @@ from worker.nbd.files import (
     snippet_path,
     write_snippet,
 )
+from worker.nbd.main_config import config_from_cmdline
 from worker.nbd.probe import parse_listing
 from worker.nbd.process import (
     MainProcess,
     ReloadLock,
     check_main_process,
-    config_from_cmdline,
     parse_stat,
     parse_version,
     read_pid_file,
@@ -205,7 +205,7 @@ async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: 
         return SelfTestResult(binary, ("a WRITE_ZEROES left old data",))
 
     pid = os.getpid()
-    process = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+    process = MainProcess(tmp_path / "pid", tmp_path / "conf.d", version_timeout_s=1,
                           self_test=failing)  # fmt: skip
     process._versions = {pid: (3, 26, 1)}  # as read from /proc/PID/exe -V
     results = await asyncio.gather(
@@ -216,7 +216,7 @@ async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: 
     assert calls == [f"/proc/{pid}/exe"]
 
     seen: list[bool] = []
-    accepting = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+    accepting = MainProcess(tmp_path / "pid", tmp_path / "conf.d", version_timeout_s=1,
                             self_test=failing, accept_failed_self_test=True,
                             on_self_test=lambda _pid, result: seen.append(result.ok))  # fmt: skip
     accepting._versions = {pid: (3, 26, 1)}
@@ -237,7 +237,7 @@ async def test_a_self_test_that_could_not_run_is_not_a_verdict(tmp_path: Path) -
         return SelfTestResult(binary, ())
 
     pid = os.getpid()
-    process = MainProcess(tmp_path / "pid", tmp_path / "config", version_timeout_s=1,
+    process = MainProcess(tmp_path / "pid", tmp_path / "conf.d", version_timeout_s=1,
                           self_test=flaky)  # fmt: skip
     process._versions = {pid: (3, 26, 1)}
     with pytest.raises(ServerUnavailable):

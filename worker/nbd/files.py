@@ -109,6 +109,35 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_worker_dir(directory: Path) -> None:
+    """Creates a directory the worker writes and nbd-server (often another user) enters:
+    mode 0755 whatever the umask. One that exists keeps the mode its installer gave it.
+    Raises ConfigWriteError."""
+    if directory.is_dir():
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+
+
+def worker_dir_problem(directory: Path) -> str | None:
+    """Why the worker could not write in `directory`, or None: it is a writable directory,
+    or it is missing and make_worker_dir could create it (its nearest existing parent is
+    a writable directory)."""
+    if directory.is_dir():
+        return None if os.access(directory, os.W_OK | os.X_OK) else "not writable"
+    parent = directory
+    while not parent.exists():
+        parent = parent.parent
+    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return None
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    return f"missing, and {parent} does not let the worker create it"
+
+
 def _discard(temp: Path) -> None:
     """Removes a temporary left by a failed write. On a read-only or broken filesystem
     that fails too (EROFS even for a missing file): the write's own error is the one to

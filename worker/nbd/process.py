@@ -21,13 +21,14 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ServerUnavailable, UnsafeServer, UnsupportedServer
+from worker.errors import ServerMisconfigured, ServerUnavailable, UnsafeServer, UnsupportedServer
 from worker.nbd.command import run_with_deadline
+from worker.nbd.main_config import check_main_config, config_from_cmdline
 from worker.nbd.selftest import SelfTestResult
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ SelfTest = Callable[[str], Coroutine[Any, Any, SelfTestResult]]
 MIN_SERVER_VERSION = (3, 25)
 #: How long a self-test that could not run is not tried again (jobs get its reason).
 UNRUN_RETRY_S = 10.0
-#: Where nbd-server looks when started without -C.
-DEFAULT_CONFIG_FILE = "/etc/nbd-server/config"
 _VERSION_RE = re.compile(r"nbd-server version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -64,19 +63,6 @@ def parse_stat(text: str) -> ProcStat:
         session=int(fields[3]),
         cpu_ticks=int(fields[11]) + int(fields[12]),
     )
-
-
-def config_from_cmdline(argv: Sequence[str]) -> str:
-    """The config file an nbd-server command line uses (-C, --config-file, or the default)."""
-    config = DEFAULT_CONFIG_FILE
-    for i, arg in enumerate(argv):
-        if arg in ("-C", "--config-file") and i + 1 < len(argv):
-            config = argv[i + 1]
-        elif arg.startswith("--config-file="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("-C") and len(arg) > 2:
-            config = arg[2:]
-    return config
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -121,8 +107,10 @@ def file_credentials(pid: int) -> tuple[int, set[int]]:
     return uid, gids
 
 
-def check_main_process(pid: int, config_file: Path) -> None:
-    """Raises ServerUnavailable unless `pid` is a live nbd-server main process using our config.
+def check_main_process(pid: int, pinned_config: Path | None) -> str:
+    """Raises ServerUnavailable unless `pid` is a live nbd-server main process; returns the
+    config file on its command line. Raises ServerMisconfigured when `pinned_config` is set
+    and the process runs with another.
 
     The main process is a session leader; its per-connection children share its session and
     command line, so session == pid is what tells them apart (nbd-server-facts.md).
@@ -143,32 +131,40 @@ def check_main_process(pid: int, config_file: Path) -> None:
     args = [a.decode(errors="replace") for a in argv]
     if not args or os.path.basename(args[0]) != "nbd-server":
         raise ServerUnavailable(f"process {pid} from the pid file is not nbd-server")
-    if config_from_cmdline(args) != str(config_file):
-        raise ServerUnavailable(
-            f"nbd-server {pid} runs with config {config_from_cmdline(args)}, "
-            f"not {config_file}; refusing to signal it"
+    config = config_from_cmdline(args)
+    if pinned_config is not None and config != str(pinned_config):
+        raise ServerMisconfigured(
+            f"nbd-server {pid} runs with config {config}, but EXPORT_WORKER_NBD_CONFIG_FILE "
+            f"pins {pinned_config}; refusing to signal it: start it with -C {pinned_config}, "
+            "or unset the setting"
         )
+    return config
 
 
 class MainProcess:
-    """The nbd-server main process named by the pid file and started with our config.
+    """The nbd-server main process named by the pid file, whose config includes `conf_dir`.
 
-    It is vetted once per pid (version, then the data-path self-test, when one is given)
-    before the first SIGHUP and before the first export is handed out, not only at start-up.
+    It is vetted once per pid (its config's includedir, version, then the data-path
+    self-test, when one is given) before the first SIGHUP and before the first export is
+    handed out, not only at start-up; the includedir is read again before every SIGHUP.
     """
 
     def __init__(
         self,
         pid_file: Path,
-        config_file: Path,
+        conf_dir: Path,
         *,
+        pinned_config: Path | None = None,
         version_timeout_s: float,
         self_test: SelfTest | None = None,
         accept_failed_self_test: bool = False,
         on_self_test: Callable[[int, SelfTestResult], None] | None = None,
     ) -> None:
         self._pid_file = pid_file
-        self._config_file = config_file
+        self._conf_dir = conf_dir
+        self._config_file = pinned_config
+        #: The pid whose config was last found to include conf_dir.
+        self._config_ok: int | None = None
         self._version_timeout_s = version_timeout_s
         self._self_test = self_test
         self._accept_failed = accept_failed_self_test
@@ -202,6 +198,19 @@ class MainProcess:
             raise ServerUnavailable(f"nbd-server main process {pid} is not running")
         return pid
 
+    def config_file(self, pid: int) -> str:
+        """The config file main process `pid` runs with. Raises ServerUnavailable."""
+        return check_main_process(pid, self._config_file)
+
+    def _check_config(self, pid: int, config: str, *, fresh: bool) -> None:
+        """Raises ServerMisconfigured unless `config` includes the snippet directory. Read
+        once per pid, and afresh before a SIGHUP (the one moment it must be right)."""
+        if not fresh and self._config_ok == pid:
+            return
+        self._config_ok = None
+        check_main_config(pid, config, self._conf_dir)
+        self._config_ok = pid
+
     def is_alive(self, pid: int) -> bool:
         try:
             check_main_process(pid, self._config_file)
@@ -224,8 +233,8 @@ class MainProcess:
         """Raises UnsupportedServer/UnsafeServer unless `pid` passed both gates; a dict
         lookup once it has. A pid seen for the first time is verified as the main process
         first: its binary is about to be run."""
-        if pid not in self._versions:
-            check_main_process(pid, self._config_file)
+        if pid not in self._versions or self._config_ok != pid:
+            self._check_config(pid, check_main_process(pid, self._config_file), fresh=False)
         await self._vet_checked(pid)
 
     async def _vet_checked(self, pid: int) -> tuple[tuple[int, int, int], SelfTestResult | None]:
@@ -328,7 +337,8 @@ class MainProcess:
         try:
             # Checked after the pidfd is open: the fd pins this very process, so the pid
             # cannot be reused by another process between the checks and the signal.
-            check_main_process(pid, self._config_file)
+            config = check_main_process(pid, self._config_file)
+            self._check_config(pid, config, fresh=True)
             await self._vet_checked(pid)
             signal.pidfd_send_signal(pidfd, signal.SIGHUP)
         except ProcessLookupError as exc:

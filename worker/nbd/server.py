@@ -217,7 +217,8 @@ class NbdServer:
         self._metrics = metrics
         self.process = MainProcess(
             settings.nbd_pid_file,
-            settings.nbd_config_file,
+            settings.nbd_conf_dir,
+            pinned_config=settings.nbd_config_file,
             version_timeout_s=settings.probe_timeout_s,
             self_test=functools.partial(run_self_test, timeout_s=settings.self_test_timeout_s),
             accept_failed_self_test=settings.accept_failed_self_test,

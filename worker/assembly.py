@@ -1,0 +1,101 @@
+"""Builds the worker's objects from Settings: the one place that knows which setting goes
+where. The service (worker/service.py) and the operator commands (worker/commands/) both
+assemble through here, so a command runs a job exactly as the service would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from worker.broker import BrokerSession
+from worker.consumer import JobConsumer, QueueConfig
+from worker.devices import DevicePolicy
+from worker.flow import ExportFlow
+from worker.jobs import JobLedger
+from worker.metrics import Metrics, build_metrics
+from worker.nbd.server import NbdServer
+from worker.repository import Repository
+from worker.settings import Settings
+
+T = TypeVar("T")
+
+
+def database_tls(settings: Settings) -> ssl.SSLContext | None:
+    """Raises TlsConfigError when the configured files cannot be used."""
+    files = settings.database_tls_files
+    return None if files is None else files.client_context("database")
+
+
+async def connect_repository(
+    settings: Settings, *, pool_size: int, on_retry: Callable[[], None] | None = None
+) -> Repository:
+    return await Repository.connect(
+        settings.database_url,
+        node_id=settings.node_id,
+        pool_size=pool_size,
+        timeout_s=settings.db_connect_timeout_s,
+        on_retry=on_retry,
+        tls=database_tls(settings),
+    )
+
+
+def queue_config(settings: Settings) -> QueueConfig:
+    """QueueConfig is a narrow view of Settings: each of its fields is the setting of that
+    name (a field with no such setting fails here, at start-up)."""
+    names = [field.name for field in dataclasses.fields(QueueConfig)]
+    return QueueConfig(**{name: getattr(settings, name) for name in names})
+
+
+def build_flow(
+    settings: Settings, repository: Repository, server: NbdServer, ledger: JobLedger
+) -> ExportFlow:
+    return ExportFlow(
+        repository,
+        server,
+        DevicePolicy(
+            settings.device_roots,
+            settings.allow_regular_files,
+            by_id_dir=settings.by_id_dir,
+            udev_wait_s=settings.udev_wait_s,
+        ),
+        ledger,
+        nbd_host=settings.advertised_host,
+        nbd_port=settings.nbd_port,
+        node_id=settings.node_id,
+        client_addresses=settings.client_addresses,
+    )
+
+
+def build_broker(settings: Settings, flow: ExportFlow, metrics: Metrics) -> BrokerSession:
+    """The broker session, with a JobConsumer on every channel it opens."""
+    queues = queue_config(settings)
+    return BrokerSession(
+        settings.amqp_urls,
+        lambda channel: JobConsumer(channel, flow, metrics, queues),
+        metrics,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )
+
+
+@contextlib.asynccontextmanager
+async def adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdServer]]:
+    """The database and nbd-server adapters for one operator command: a small pool, and
+    metrics nobody scrapes."""
+    repository = await connect_repository(settings, pool_size=2)
+    server = NbdServer(settings, build_metrics(settings.node_id))
+    try:
+        yield repository, server
+    finally:
+        server.close()
+        await repository.close()
+
+
+async def run_in_flow(settings: Settings, job: Callable[[ExportFlow], Awaitable[T]]) -> T:
+    """Runs one job through the flow, as a worker would, for when no worker runs."""
+    async with adapters(settings) as (repository, server):
+        return await job(build_flow(settings, repository, server, JobLedger(repository)))

@@ -1,0 +1,64 @@
+"""Commands on exports, for when no worker runs or an operator must act now: `reconcile`,
+`release`, `flush` (each as the worker would run it) and `self-test`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from typing import Any
+
+from worker.assembly import adapters, run_in_flow
+from worker.commands import ExitCode
+from worker.messages import FlushExport, ReleaseExport
+from worker.metrics import build_metrics
+from worker.nbd.selftest import run_self_test
+from worker.nbd.server import NbdServer
+from worker.reconcile import reconcile
+from worker.settings import Settings
+
+
+async def reconcile_exports(settings: Settings, args: argparse.Namespace) -> int:
+    async with adapters(settings) as (repository, server):
+        report = await reconcile(repository, server, dry_run=args.dry_run, thorough=True)
+    print("\n".join(report.lines()))
+    return ExitCode.OK
+
+
+def _disk_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of a release-export or flush-export job the command line runs itself."""
+    return {
+        "job_id": f"cli-{uuid.uuid4().hex[:12]}",
+        "vm_id": args.vm_id,
+        "disk_unit_number": args.disk,
+    }
+
+
+async def flush(settings: Settings, args: argparse.Namespace) -> int:
+    """The same flush as a flush-export job."""
+    request = FlushExport(type="flush-export", **_disk_job(args))
+    flushed = await run_in_flow(settings, lambda flow: flow.flush_export(request))
+    print(flushed.model_dump_json(indent=2))
+    return ExitCode.OK
+
+
+async def self_test(settings: Settings, args: argparse.Namespace) -> int:
+    """The data-path self-test of a binary, or of the running server's (/proc/PID/exe)."""
+    binary = args.binary
+    if binary is None:
+        server = NbdServer(settings, build_metrics(settings.node_id))
+        binary = f"/proc/{server.process.verified_pid()}/exe"
+    result = await run_self_test(str(binary), timeout_s=settings.self_test_timeout_s)
+    print(result.summary())
+    return ExitCode.OK if result.ok else ExitCode.FAILURE
+
+
+async def release(settings: Settings, args: argparse.Namespace) -> int:
+    """The same release as a release-export job."""
+    request = ReleaseExport(type="release-export", **_disk_job(args))
+    released = await run_in_flow(settings, lambda flow: flow.release_export(request))
+    print(released.model_dump_json(indent=2))
+    if not released.was_active:
+        print(f"no active mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
+        return ExitCode.FAILURE
+    return ExitCode.OK
