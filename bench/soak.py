@@ -1,4 +1,4 @@
-"""The soak: the worker, as a process of its own, against the clusters (tests/clusters.py:
+"""The soak: the worker, as a process of its own, against the clusters (harness/clusters.py:
 three RabbitMQ nodes, three Galera nodes behind HAProxy) for a given time with a steady
 job mix (creates, reuses, relinks, releases, flushes) and one fault at a time, about
 every `--fault-every` seconds: each kind once in a random order (`--seed`), then again:
@@ -48,13 +48,13 @@ from typing import Any
 import aio_pika
 from pydantic import AnyUrl
 
-from tests.clusters import GaleraCluster, RabbitCluster
-from tests.conftest import delete_broker_objects, make_disk
-from tests.fault_run import HELD_BYTES, Held, check_consistent
-from tests.nbd_harness import NbdServerProcess
-from tests.sql import execute_sql
-from tests.tcp_proxy import TcpProxy
-from tests.worker_process import WorkerProcess
+from harness.clusters import GaleraCluster, RabbitCluster
+from harness.held import HELD_BYTES, Held, check_consistent
+from harness.nbd import NbdServerProcess
+from harness.services import delete_broker_objects, make_disk
+from harness.sql import execute_sql
+from harness.tcp_proxy import TcpProxy
+from harness.worker_process import WorkerProcess
 from worker.repository import migrate
 from worker.settings import Settings
 

@@ -26,8 +26,8 @@ import aiomysql
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.nbd_harness import NbdServerProcess, free_port
-from tests.sql import execute_sql
+from harness.nbd import NbdServerProcess, free_port
+from harness.sql import execute_sql
 from worker.devices import DevicePolicy
 from worker.mappings import stored_addresses
 from worker.messages import export_name

@@ -10,4 +10,4 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m tests.clusters "$@"
+exec "$ROOT/.venv/bin/python" -m harness.clusters "$@"

@@ -8,7 +8,7 @@ cd "$ROOT"
 bash scripts/bootstrap.sh --with-test-tools
 export PATH="$ROOT/.venv/bin:$PATH"
 
-ruff check worker tests bench
-ruff format --check worker tests bench
+ruff check worker harness tests bench
+ruff format --check worker harness tests bench
 mypy
 pytest "$@"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -20,24 +19,33 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pydantic import AnyUrl
 
-from tests.nbd_harness import NbdServerProcess
-from tests.sql import execute_sql
+from harness.nbd import NbdServerProcess
+from harness.services import (
+    AMQP_URL as AMQP_URL,
+)
+from harness.services import (
+    DISK_SIZE as DISK_SIZE,
+)
+from harness.services import (
+    MYSQL_URL as MYSQL_URL,
+)
+from harness.services import (
+    clean_environ as clean_environ,
+)
+from harness.services import (
+    delete_broker_objects as delete_broker_objects,
+)
+from harness.services import (
+    make_disk as make_disk,
+)
+from harness.sql import execute_sql
 from worker.metrics import Metrics, build_metrics
 from worker.repository import migrate
 from worker.service import serve
 from worker.settings import Settings
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
-DISK_SIZE = 16 * 1024 * 1024
 #: The node id of single-node tests.
 NODE = "test-node"
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    """This process's environment without EXPORT_WORKER_* variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORT_WORKER_")}
-    return {**env, **extra}
 
 
 def run_worker_cli(
@@ -91,15 +99,6 @@ def disks_dir(tmp_path: Path) -> Path:
     return path
 
 
-def make_disk(disks_dir: Path, name: str, fill: bytes = b"") -> Path:
-    """A sparse file standing in for a block device; `fill` is written at offset 0."""
-    path = disks_dir / name
-    with path.open("wb") as f:
-        f.truncate(DISK_SIZE)
-        f.write(fill)
-    return path
-
-
 @pytest.fixture
 async def settings(
     request: pytest.FixtureRequest,
@@ -142,24 +141,6 @@ async def settings(
         await delete_broker_objects(
             amqp, [request_queue, f"{request_queue}.dead", reply_queue], [settings.exchange]
         )
-
-
-async def delete_broker_objects(
-    amqp: AbstractConnection, queues: list[str], exchanges: list[str]
-) -> None:
-    # A channel per deletion: a failed one (already gone) closes its channel.
-    for queue in queues:
-        channel = await amqp.channel()
-        with contextlib.suppress(Exception):
-            await channel.queue_delete(queue)
-        with contextlib.suppress(Exception):
-            await channel.close()
-    for exchange in exchanges:
-        channel = await amqp.channel()
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(exchange)
-        with contextlib.suppress(Exception):
-            await channel.close()
 
 
 @dataclass

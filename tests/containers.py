@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.nbd_harness import wait_for
+from harness.nbd import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("NBD_BUILD_CACHE", "/var/cache/nbd-export-worker"))

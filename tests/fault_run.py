@@ -10,6 +10,10 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
+from harness.held import HELD_BYTES as HELD_BYTES
+from harness.held import Held as Held
+from harness.held import check_consistent as check_consistent
+from harness.tcp_proxy import TcpProxy
 from tests.conftest import (
     DEAD_LETTERED_CODES,
     Scheduler,
@@ -20,34 +24,11 @@ from tests.conftest import (
     take_dead_letters,
 )
 from tests.fault_table import ROWS, FaultRow
-from tests.nbd_harness import NbdConnection
-from tests.tcp_proxy import TcpProxy
 from worker.metrics import build_metrics
 from worker.nbd.server import NbdServer
 from worker.reconcile import reconcile
 from worker.repository import Repository
 from worker.settings import Settings
-
-HELD_BYTES = b"held-connection-bytes"
-
-
-class Held:
-    """A client connected to an export before the fault, like a copy in progress."""
-
-    def __init__(self, port: int, export_name: str, request: dict[str, Any]) -> None:
-        self.export_name = export_name
-        #: The job that made the export: reuses of it are this with another job_id.
-        self.request = request
-        self.conn = NbdConnection(port, export_name)
-
-    def survived(self) -> bool:
-        try:
-            return self.conn.read(0, len(HELD_BYTES)) == HELD_BYTES
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class FaultRun:
@@ -99,26 +80,6 @@ class FaultRun:
         )
         ROWS.append(row)
         return row
-
-
-async def check_consistent(settings: Settings) -> None:
-    """Exactly one snippet per active mapping, every active export servable, and nothing
-    for reconciliation to repair or explain."""
-    repository = await Repository.connect(
-        settings.database_url, node_id=settings.node_id, pool_size=1, timeout_s=5
-    )
-    try:
-        active = {m.export_name for m in await repository.list_mappings(active_only=True)}
-        snippets = {p.stem for p in settings.nbd_conf_dir.glob("migration-vm-*.conf")}
-        assert snippets == active
-        server = NbdServer(settings, build_metrics(settings.node_id))
-        report = await reconcile(repository, server, dry_run=True)
-        assert report.drift() == dict.fromkeys(report.drift(), 0), report.lines()
-        for name in active:
-            with NbdConnection(settings.nbd_port, name):
-                pass  # it opens (NBD_OPT_GO): servable
-    finally:
-        await repository.close()
 
 
 async def publish_mix(

@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import (
+    REP_ACK,
+    REP_ERR_POLICY,
+    NbdConnection,
+    NbdServerProcess,
+    go_reply,
+)
+from harness.sql import execute_sql
+from harness.worker_process import env_for
 from tests.conftest import (
     RunningWorker,
     Scheduler,
@@ -23,15 +32,6 @@ from tests.conftest import (
     running_worker,
     scheduler_for,
 )
-from tests.nbd_harness import (
-    REP_ACK,
-    REP_ERR_POLICY,
-    NbdConnection,
-    NbdServerProcess,
-    go_reply,
-)
-from tests.sql import execute_sql
-from tests.worker_process import env_for
 from worker.metrics import build_metrics
 from worker.nbd.files import ExportSpec, render_snippet, snippet_path
 from worker.nbd.server import NbdServer

@@ -1,4 +1,4 @@
-"""The worker on real clusters (tests/clusters.py): three RabbitMQ nodes with the request
+"""The worker on real clusters (harness/clusters.py): three RabbitMQ nodes with the request
 queue a quorum queue of three members, and three Galera nodes behind HAProxy. Every job
 path, `migrate` from three nodes at once, two appliances writing through two Galera nodes
 at once, and the loss of the broker node the worker uses, of the quorum queue's leader
@@ -28,7 +28,9 @@ from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
 from bench.soak import soak
-from tests.clusters import GaleraCluster, RabbitCluster, galera_cluster, rabbit_cluster
+from harness.clusters import GaleraCluster, RabbitCluster, galera_cluster, rabbit_cluster
+from harness.nbd import NbdConnection, NbdServerProcess, wait_for
+from harness.sql import execute_sql
 from tests.conftest import NODE, delete_broker_objects, job, make_disk, running_worker, unique
 from tests.fault_run import (
     FaultRun,
@@ -38,8 +40,6 @@ from tests.fault_run import (
     held_export,
     publish_mix,
 )
-from tests.nbd_harness import NbdConnection, NbdServerProcess, wait_for
-from tests.sql import execute_sql
 from worker.consumer import request_queue_arguments
 from worker.errors import TransactionConflict
 from worker.repository import migrate, translate_error
@@ -493,8 +493,8 @@ async def test_soak_smoke(
 def test_the_clusters_command_reports_health_and_down_is_idempotent(
     clusters_root: Path, rabbit: RabbitCluster, galera: GaleraCluster, tmp_path: Path
 ) -> None:
-    """scripts/clusters.sh (python -m tests.clusters) reads the state the clusters keep."""
-    command = [sys.executable, "-m", "tests.clusters", "--root", str(clusters_root), "status"]
+    """scripts/clusters.sh (python -m harness.clusters) reads the state the clusters keep."""
+    command = [sys.executable, "-m", "harness.clusters", "--root", str(clusters_root), "status"]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
     status = json.loads(done.stdout)
     assert len(status["rabbitmq"]["running_nodes"]) == 3
@@ -502,7 +502,7 @@ def test_the_clusters_command_reports_health_and_down_is_idempotent(
     assert status["galera"]["proxy"]["url"] == galera.url()
     empty = tmp_path / "nothing-here"
     for _ in range(2):
-        down = [sys.executable, "-m", "tests.clusters", "--root", str(empty), "down"]
+        down = [sys.executable, "-m", "harness.clusters", "--root", str(empty), "down"]
         assert subprocess.run(down, capture_output=True, timeout=60).returncode == 0
 
 

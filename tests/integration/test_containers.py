@@ -25,10 +25,10 @@ from urllib.request import urlopen
 import pytest
 from pydantic import AnyUrl
 
+from harness.nbd import NbdConnection, free_port
+from harness.sql import execute_sql
 from tests.conftest import AMQP_URL, MYSQL_URL, clean_environ, run_worker_cli, unique
 from tests.containers import IMAGE, ROOT, ComposeStack, DockerDaemon, build_image, running_daemon
-from tests.nbd_harness import NbdConnection, free_port
-from tests.sql import execute_sql
 
 pytestmark = pytest.mark.timeout(1800)
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import UNPATCHED_SERVER_BIN, NbdServerProcess, pid_running
+from harness.sql import execute_sql
+from harness.worker_process import env_for
 from tests.conftest import (
     RunningWorker,
     Scheduler,
@@ -25,9 +28,6 @@ from tests.conftest import (
     running_worker,
     scheduler_for,
 )
-from tests.nbd_harness import UNPATCHED_SERVER_BIN, NbdServerProcess, pid_running
-from tests.sql import execute_sql
-from tests.worker_process import env_for
 from worker.errors import ServerUnavailable, UnsafeServer
 from worker.nbd.selftest import run_self_test
 from worker.nbd.wire import CommandFailed, open_export

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import OLD_SERVER_BIN, NbdConnection, NbdServerProcess, pid_running
 from tests.conftest import (
     Scheduler,
     job,
@@ -19,7 +20,6 @@ from tests.conftest import (
     scheduler_for,
     take_dead_letters,
 )
-from tests.nbd_harness import OLD_SERVER_BIN, NbdConnection, NbdServerProcess, pid_running
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,11 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
-from tests.clusters import rabbit_cluster
+from harness.clusters import rabbit_cluster
+from harness.mariadb import running_mariadb
+from harness.nbd import NbdConnection, NbdServerProcess, pid_running
+from harness.tcp_proxy import TcpProxy
+from harness.worker_process import WorkerProcess
 from tests.conftest import (
     AMQP_URL,
     DEAD_LETTERED_CODES,
@@ -48,10 +52,6 @@ from tests.fault_run import (
     repaired_and_consistent,
 )
 from tests.fault_table import ROWS, FaultRow
-from tests.mariadb_instance import running_mariadb
-from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
-from tests.tcp_proxy import TcpProxy
-from tests.worker_process import WorkerProcess
 from worker.faults import CRASH_POINTS
 from worker.repository import migrate
 from worker.settings import Settings

@@ -14,6 +14,10 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
+from harness.nbd import NbdServerProcess
+from harness.sql import execute_sql
+from harness.tcp_proxy import TcpProxy
+from harness.worker_process import WorkerProcess
 from tests.conftest import (
     AMQP_URL,
     MYSQL_URL,
@@ -24,10 +28,6 @@ from tests.conftest import (
     running_worker,
     unique,
 )
-from tests.nbd_harness import NbdServerProcess
-from tests.sql import execute_sql
-from tests.tcp_proxy import TcpProxy
-from tests.worker_process import WorkerProcess
 from worker.repository import migrate, migrations_dir
 from worker.settings import Settings
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import NbdConnection, NbdError, NbdServerProcess, free_port
+from harness.worker_process import env_for
 from tests.conftest import (
     RunningWorker,
     Scheduler,
@@ -25,8 +27,6 @@ from tests.conftest import (
     running_worker,
     scheduler_for,
 )
-from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess, free_port
-from tests.worker_process import env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import NbdConnection, NbdError, NbdServerProcess
+from harness.sql import execute_sql
+from harness.worker_process import env_for
 from tests.conftest import (
     RunningWorker,
     Scheduler,
@@ -22,9 +25,6 @@ from tests.conftest import (
     scheduler_for,
     take_dead_letters,
 )
-from tests.nbd_harness import NbdConnection, NbdError, NbdServerProcess
-from tests.sql import execute_sql
-from tests.worker_process import env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

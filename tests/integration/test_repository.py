@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pydantic import AnyUrl
 
+from harness.sql import execute_sql
 from tests.conftest import NODE
-from tests.sql import execute_sql
 from worker.mappings import JobRecord
 from worker.repository import Repository
 

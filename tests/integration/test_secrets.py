@@ -12,10 +12,10 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
+from harness.sql import execute_sql
+from harness.tcp_proxy import TcpProxy
+from harness.worker_process import WorkerProcess, env_for
 from tests.conftest import AMQP_URL, Scheduler, clean_environ, job, make_disk, run_worker_cli
-from tests.sql import execute_sql
-from tests.tcp_proxy import TcpProxy
-from tests.worker_process import WorkerProcess, env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import NbdServerProcess, free_port
+from harness.worker_process import env_for
 from tests.conftest import job, make_disk, run_worker_cli, running_worker, scheduler_for
-from tests.nbd_harness import NbdServerProcess, free_port
-from tests.worker_process import env_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from harness.nbd import NbdConnection, NbdServerProcess, pid_running
 from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
-from tests.nbd_harness import NbdConnection, NbdServerProcess, pid_running
 from worker.errors import ServerUnavailable
 from worker.mappings import CommittedExport
 from worker.metrics import build_metrics

@@ -14,6 +14,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
+from harness.nbd import OLD_SERVER_BIN, NbdServerProcess
+from harness.sql import execute_sql
+from harness.worker_process import env_for
 from tests.conftest import (
     MYSQL_URL,
     NODE,
@@ -25,9 +28,6 @@ from tests.conftest import (
     run_worker_cli,
     unique,
 )
-from tests.nbd_harness import OLD_SERVER_BIN, NbdServerProcess
-from tests.sql import execute_sql
-from tests.worker_process import env_for
 from worker.errors import UnsupportedServer
 from worker.repository import migrate
 from worker.service import serve

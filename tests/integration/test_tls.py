@@ -1,6 +1,6 @@
 """TLS on every link, failing closed: NBD (nbds://) first.
 
-The tests make their own CA and certificates (tests/tls_certs.py, openssl) and judge the
+The tests make their own CA and certificates (harness/tls_certs.py, openssl) and judge the
 NBD side with real clients: nbdcopy and nbdinfo over nbds://, qemu-img with
 tls-creds-x509.
 """
@@ -28,6 +28,20 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
+from harness.mariadb import MariaDbInstance, running_mariadb
+from harness.nbd import (
+    REP_ACK,
+    REP_ERR_TLS_REQD,
+    NbdServerProcess,
+    free_port,
+    go_reply,
+    server_binary,
+    wait_for,
+)
+from harness.sql import execute_sql
+from harness.tcp_proxy import TcpProxy
+from harness.tls_certs import Pki, make_pki
+from harness.worker_process import env_for
 from tests.conftest import (
     DISK_SIZE,
     MYSQL_URL,
@@ -39,20 +53,6 @@ from tests.conftest import (
     running_worker,
     scheduler_for,
 )
-from tests.mariadb_instance import MariaDbInstance, running_mariadb
-from tests.nbd_harness import (
-    REP_ACK,
-    REP_ERR_TLS_REQD,
-    NbdServerProcess,
-    free_port,
-    go_reply,
-    server_binary,
-    wait_for,
-)
-from tests.sql import execute_sql
-from tests.tcp_proxy import TcpProxy
-from tests.tls_certs import Pki, make_pki
-from tests.worker_process import env_for
 from worker.db_tls import session_cipher
 from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics

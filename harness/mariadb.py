@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.nbd_harness import free_port, pid_running, wait_for
-from tests.tls_certs import Pki
+from harness.nbd import free_port, pid_running, wait_for
+from harness.tls_certs import Pki
 
 
 @dataclass
@@ -24,7 +24,7 @@ class MariaDbInstance:
     tls: Pki | None = None
     port: int = 0
     pid: int = 0
-    #: More server options (tests/clusters.py: a Galera node's).
+    #: More server options (harness/clusters.py: a Galera node's).
     extra_args: list[str] = field(default_factory=list)
     #: The account mariadbd runs as. A Galera node runs as mysql, as deployed: its rsync
     #: state transfer daemon, started by root, would write as nobody.

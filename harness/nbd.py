@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.tls_certs import Pki
+from harness.tls_certs import Pki
 from worker.nbd.tls_selftest import TLS_PRIORITY
 
 #: Where scripts/install-system-deps.sh --with-old-server unpacks Debian 12's 3.24.
@@ -88,7 +88,7 @@ class NbdServerProcess:
     pid: int = 0
     #: As the worker's deployments run it: nobody may list the exports.
     allowlist: bool = False
-    #: TLS offered (certfile, keyfile, cacertfile, TLS 1.2+): tests/tls_certs.py's PKI.
+    #: TLS offered (certfile, keyfile, cacertfile, TLS 1.2+): harness/tls_certs.py's PKI.
     tls: Pki | None = None
 
     @property

@@ -5,7 +5,7 @@ the Galera nodes as the one database address the worker is given.
 Every process is started here, on free ports, with its own directories, and stopped (or
 killed) by its pid: nothing touches the machine's own RabbitMQ, MariaDB or epmd. A
 cluster's state (ports, pids) is kept in `<root>/cluster.json`, so the command line
-(`python -m tests.clusters up|status|kill|restart|down`, see scripts/clusters.sh) can
+(`python -m harness.clusters up|status|kill|restart|down`, see scripts/clusters.sh) can
 manage one across invocations, and `down` is idempotent.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.mariadb_instance import MariaDbInstance
-from tests.nbd_harness import free_port, pid_running, wait_for
+from harness.mariadb import MariaDbInstance
+from harness.nbd import free_port, pid_running, wait_for
 
 #: The real RabbitMQ scripts: /usr/sbin/rabbitmq* switch to the rabbitmq user and take the
 #: system node's cookie and environment.

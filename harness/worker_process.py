@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import sys
 
+from harness.services import clean_environ
 from worker.settings import Settings
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     """The EXPORT_WORKER_* environment that gives a worker process these settings."""
-    from tests.conftest import clean_environ
-
     env = clean_environ(**extra)
     for key, value in settings.model_dump(mode="json").items():
         if value is None:
