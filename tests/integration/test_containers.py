@@ -370,7 +370,7 @@ def test_nbd_server_recreated_then_up_again(stack: Stack, export: dict[str, Any]
 async def test_worker_upgraded_keeps_its_node_id_its_rows_and_the_copy_tools_connection(
     stack: Stack, daemon: DockerDaemon, export: dict[str, Any], tmp_path: Path
 ) -> None:
-    """An upgrade as README gives it: a new worker image, NBD_STACK_IMAGE set to it, `up
+    """An upgrade as docs/operations.md gives it: a new worker image, NBD_STACK_IMAGE set to it, `up
     -d`. The worker is recreated; nbd-server, and the copy in flight, are not touched."""
     (tmp_path / "Dockerfile").write_text(f"FROM {IMAGE}\nLABEL upgrade=next\n")
     daemon.docker("build", "-t", f"{IMAGE}-next", str(tmp_path))

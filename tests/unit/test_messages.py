@@ -18,7 +18,6 @@ from worker.messages import (
     parse_request,
     salvage_job_id,
 )
-from worker.settings import Settings
 
 VALID: dict[str, Any] = {
     "job_id": "job-42",
@@ -167,11 +166,3 @@ def test_a_job_names_its_device_by_exactly_one_of_path_and_volume() -> None:
     ):
         with pytest.raises(ValidationError):
             parse_request(json.dumps(bad).encode())
-
-
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [
-        name for name in Settings.model_fields if f"`EXPORT_WORKER_{name.upper()}`" not in readme
-    ]
-    assert missing == []
