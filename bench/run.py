@@ -13,6 +13,9 @@
 
 Progress goes to stderr, the Markdown table to stdout, results.json and results.md to --out.
 Exit 0 when it ran; 1 when the stack could not start; 130 on Ctrl-C.
+
+Over 400 lines as the benchmark's script: its sections, one after another, in the order
+they run.
 """
 
 from __future__ import annotations

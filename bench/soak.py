@@ -24,6 +24,8 @@ its longest life within 1.2 x of its first warm minute.
     python -m bench.soak --clusters-root R          # clusters from scripts/clusters.sh up
 
 Exit 0 when every invariant holds, 1 when one does not.
+
+Over 400 lines as one procedure: the job mix, the faults and the invariants it checks.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ killed) by its pid: nothing touches the machine's own RabbitMQ, MariaDB or epmd.
 cluster's state (ports, pids) is kept in `<root>/cluster.json`, so the command line
 (`python -m harness.clusters up|status|kill|restart|down`, see scripts/clusters.sh) can
 manage one across invocations, and `down` is idempotent.
+
+Over 400 lines: two clusters of the same shape (start, stop, kill and restart by pid, state
+in cluster.json) and the command line that manages them.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Pure decisions plus calls through two Protocols; it imports no broker, database driver,
 subprocess or signal code (a unit test checks), so it runs the same on fakes and real adapters.
+
+Over 400 lines on purpose: each decision (reuse, create, recreate, relink, release, flush)
+sits beside the others it must agree with; they share the per-key locks and epochs.
 """
 
 from __future__ import annotations

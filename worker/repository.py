@@ -2,6 +2,9 @@
 deadlock retry, and the schema migrations.
 
 Returns frozen Mapping models and raises the worker's errors, never driver errors.
+
+Over 400 lines on purpose: every SQL statement is here, so that the queries, their
+transactions and their locking order are reviewed in one file.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ at once, and the loss of the broker node the worker uses, of the quorum queue's 
 and of the Galera node the worker uses (rows of the fault table).
 
 The clusters start once for this module (about a minute) and every test leaves them whole.
+
+Over 400 lines as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The data path, judged with copy tools nobody here wrote: libnbd's nbdcopy and nbdinfo,
 QEMU's qemu-img, through exports the worker made, onto volumes that already hold data.
 Also the gate on the server's data path (the self-test) and durability on demand
-(flush-export, release-export), including an fsync that fails."""
+(flush-export, release-export), including an fsync that fails.
+
+Over 400 lines as one capability's tests, with the helpers they share.
+"""
 
 from __future__ import annotations
 

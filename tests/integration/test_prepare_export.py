@@ -1,4 +1,7 @@
-"""The prepare-export path end to end: real RabbitMQ, MariaDB and nbd-server."""
+"""The prepare-export path end to end: real RabbitMQ, MariaDB and nbd-server.
+
+Over 400 lines as one capability's tests, with the helpers they share.
+"""
 
 from __future__ import annotations
 

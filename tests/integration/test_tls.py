@@ -3,6 +3,8 @@
 The tests make their own CA and certificates (harness/tls_certs.py, openssl) and judge the
 NBD side with real clients: nbdcopy and nbdinfo over nbds://, qemu-img with
 tls-creds-x509.
+
+Over 400 lines as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ and remembered per main pid, since a running server never forgets a name. Two th
 it fast: creates that arrive while a reload is being prepared join one batch (one lock
 hold, one SIGHUP, one verification), and the reuse path trusts what it remembers while
 one shared probe, at most every `answer_ttl_s`, shows the server still answers.
+
+Over 400 lines as one class on purpose: the create batch, the probes and what they remember
+per pid share one reload lock and one memory; split across modules, that state would have
+to be handed around.
 """
 
 from __future__ import annotations
