@@ -16,7 +16,7 @@ CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
 # Debian's docker.io, docker-compose and debootstrap to build the image and run its stack
 # (tests/containers.py starts a private daemon and stops it by pid; the packages start
 # none), openssl and stunnel4 for the TLS tests, galera-4, rsync and haproxy for the
-# cluster tests and the soak (tests/clusters.py starts private nodes; no service starts),
+# cluster tests and the soak (harness/clusters.py starts private nodes; no service starts),
 # and Debian's nbd-server source built without the project's patches (to show that the
 # worker refuses it).
 WITH_TEST_TOOLS=
@@ -67,5 +67,18 @@ if [ -n "$WITH_TEST_TOOLS" ]; then
   apt_install openssl stunnel4
   # Cluster tests: Galera replication with rsync state transfer, HAProxy in front of it.
   apt_install galera-4 rsync haproxy
+  # The AsyncAPI parser the unit tests validate schema/asyncapi.yaml with: tools/asyncapi/,
+  # pinned by its package-lock.json. Debian's node and npm unless a node is there already;
+  # `npm ci` again only when the lockfile changed (a stamp, as bootstrap.sh keeps for the
+  # venv; npm ci starts from an empty node_modules, so old stamps go with it). No install
+  # scripts: the parser needs none, and a dependency's (@scarf/scarf) only phones home.
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  asyncapi="$ROOT/tools/asyncapi"
+  asyncapi_stamp="$asyncapi/node_modules/.installed-$(sha256sum "$asyncapi/package-lock.json" | cut -c1-16)"
+  if [ ! -f "$asyncapi_stamp" ]; then
+    log "npm ci in $asyncapi"
+    npm ci --prefix "$asyncapi" --ignore-scripts --no-audit --no-fund --loglevel=error
+    touch "$asyncapi_stamp"
+  fi
   bash "$ROOT/nbd-server/build.sh" --unpatched --dest "$CACHE/nbd-server-unpatched/nbd-server"
 fi

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker.asyncapi import write_asyncapi
 from worker.commands import ExitCode, check, exports, health, queue, run, status
 from worker.errors import WorkerError
 from worker.logs import setup_logging
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
         return ExitCode.OK
     if args.command == "schemas":
-        for path in write_schemas(args.out):
+        for path in [*write_schemas(args.out), write_asyncapi(args.out.parent / "asyncapi.yaml")]:
             print(path)
         return ExitCode.OK
     command = COMMANDS[args.command]
