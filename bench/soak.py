@@ -56,9 +56,8 @@ from harness.nbd import NbdServerProcess
 from harness.services import delete_broker_objects, make_disk
 from harness.sql import execute_sql
 from harness.tcp_proxy import TcpProxy
-from harness.worker_process import WorkerProcess
+from harness.worker_process import WorkerProcess, worker_settings
 from worker.repository import migrate
-from worker.settings import Settings
 
 log = logging.getLogger("soak")
 
@@ -131,25 +130,17 @@ class Soak:
         )
         await migrate(AnyUrl(self.galera.url(database=self.database)), node_id="soak", timeout_s=10)
         tag = uuid.uuid4().hex[:8]
-        self.settings = Settings(
+        self.settings = worker_settings(
+            self.server,
+            self.work,
+            self.disks_dir,
             node_id="soak",
             exchange=f"soak.exports.{tag}",
             amqp_url=",".join(f"amqp://guest:guest@127.0.0.1:{p}/" for p in broker_ports),
             database_url=AnyUrl(f"mysql://root@127.0.0.1:{db_port}/{self.database}"),
             request_queue=f"soak.prepare-export.{tag}",
             reply_queue=f"soak.export-ready.{tag}",
-            nbd_conf_dir=self.server.conf_dir,
-            nbd_config_file=self.server.config_file,
-            nbd_pid_file=self.server.pid_file,
-            nbd_host="127.0.0.1",
-            nbd_port=self.server.port,
-            link_dir=self.work / "links",
-            auth_dir=self.work / "auth",
             state_dir=self.work / "state",
-            device_roots=(self.disks_dir,),
-            allow_regular_files=True,
-            metrics_port=0,
-            prefetch=32,
             probe_timeout_s=1.0,
             delivery_limit=8,
             job_attempts=4,

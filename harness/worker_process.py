@@ -1,13 +1,37 @@
-"""The worker as a process of its own, as an appliance runs it: for tests that kill it."""
+"""The worker's settings for a harness nbd-server, and the worker as a process of its own,
+as an appliance runs it: for tests that kill it, and for the soak."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
+from typing import Any
 
+from harness.nbd import NbdServerProcess
 from harness.services import clean_environ
 from worker.settings import Settings
+
+
+def worker_settings(server: NbdServerProcess, work: Path, disks: Path, **fields: Any) -> Settings:
+    """Settings for a worker of `server`, whose disks are sparse files under `disks`, with
+    its links and authfiles under `work`, no ops port, and `fields` for the rest (node id,
+    broker and database URLs, queue names, retries)."""
+    serving: dict[str, Any] = {
+        "nbd_conf_dir": server.conf_dir,
+        "nbd_config_file": server.config_file,
+        "nbd_pid_file": server.pid_file,
+        "nbd_host": "127.0.0.1",
+        "nbd_port": server.port,
+        "link_dir": work / "links",
+        "auth_dir": work / "auth",
+        "device_roots": (disks,),
+        "allow_regular_files": True,
+        "metrics_port": 0,
+        "prefetch": 32,
+    }
+    return Settings(**{**serving, **fields})
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:

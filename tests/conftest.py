@@ -39,6 +39,7 @@ from harness.services import (
     make_disk as make_disk,
 )
 from harness.sql import execute_sql
+from harness.worker_process import worker_settings
 from worker.metrics import Metrics, build_metrics
 from worker.repository import migrate
 from worker.service import serve
@@ -110,24 +111,16 @@ async def settings(
 ) -> AsyncIterator[Settings]:
     request_queue = unique("test.prepare-export")
     reply_queue = unique("test.export-ready")
-    settings = Settings(
+    settings = worker_settings(
+        nbd_server,
+        tmp_path,
+        disks_dir,
         node_id=NODE,
         exchange=unique("test.exports"),
         amqp_url=AMQP_URL,
         database_url=database_url,
         request_queue=request_queue,
         reply_queue=reply_queue,
-        nbd_conf_dir=nbd_server.conf_dir,
-        nbd_config_file=nbd_server.config_file,
-        nbd_pid_file=nbd_server.pid_file,
-        nbd_host="127.0.0.1",
-        nbd_port=nbd_server.port,
-        link_dir=tmp_path / "links",
-        auth_dir=tmp_path / "auth",
-        device_roots=(disks_dir,),
-        allow_regular_files=True,
-        metrics_port=0,
-        prefetch=32,
         shutdown_grace_s=10,
         # Transient failures: two tries per delivery, two deliveries, short backoff.
         job_attempts=2,

@@ -33,6 +33,7 @@ from bench.soak import soak
 from harness.clusters import GaleraCluster, RabbitCluster, galera_cluster, rabbit_cluster
 from harness.nbd import NbdConnection, NbdServerProcess, wait_for
 from harness.sql import execute_sql
+from harness.worker_process import worker_settings
 from tests.conftest import NODE, delete_broker_objects, job, make_disk, running_worker, unique
 from tests.fault_run import (
     FaultRun,
@@ -114,24 +115,16 @@ def cluster_settings(
     amqp_urls: list[str],
     database_url: str,
 ) -> Settings:
-    return Settings(
+    return worker_settings(
+        server,
+        tmp_path / node_id,
+        disks,
         node_id=node_id,
         exchange=unique("test.exports"),
         amqp_url=",".join(amqp_urls),
         database_url=AnyUrl(database_url),
         request_queue=unique(f"test.prepare-export.{node_id}"),
         reply_queue=unique("test.export-ready"),
-        nbd_conf_dir=server.conf_dir,
-        nbd_config_file=server.config_file,
-        nbd_pid_file=server.pid_file,
-        nbd_host="127.0.0.1",
-        nbd_port=server.port,
-        link_dir=tmp_path / f"links-{node_id}",
-        auth_dir=tmp_path / f"auth-{node_id}",
-        device_roots=(disks,),
-        allow_regular_files=True,
-        metrics_port=0,
-        prefetch=32,
         probe_timeout_s=1.0,
         # As the fault suite: a job outlasts about 8 s of outage per delivery round.
         delivery_limit=5,
