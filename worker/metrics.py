@@ -43,6 +43,7 @@ class Metrics:
     self_tests: Counter
     flushes: Counter
     flush_duration: Histogram
+    ready: Gauge
 
 
 class NodeRegistry(CollectorRegistry):
@@ -190,6 +191,14 @@ def _build(r: NodeRegistry) -> Metrics:
             "nbd_export_flush_duration_seconds",
             "Time an fsync of an export's device took.",
             buckets=JOB_BUCKETS,
+            registry=r,
+        ),
+        ready=Gauge(
+            "nbd_export_worker_ready",
+            "1 when a readiness check passes, 0 when it fails, by check (broker, database, "
+            "nbd_server, nbd_data_path): what /readyz reports, refreshed every housekeeping "
+            "round.",
+            ["check"],
             registry=r,
         ),
     )

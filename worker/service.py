@@ -69,9 +69,12 @@ async def _housekeeping(
     repository: Repository,
     server: NbdServer,
     metrics: Metrics,
+    readiness: Readiness,
     pid: int | None,
 ) -> None:
-    """Refreshes gauges and reconciles periodically, until cancelled; never raises."""
+    """Refreshes gauges (readiness among them, so that an alert sees a worker that is not
+    ready even when nobody polls /readyz) and reconciles periodically, until cancelled;
+    never raises."""
     loop = asyncio.get_running_loop()
     next_reconcile = loop.time() + settings.reconcile_interval_s
     problems = _Problems()
@@ -102,6 +105,10 @@ async def _housekeeping(
             problems.ok("database")
         except WorkerError as exc:
             problems.failed("database", exc)
+        try:
+            await readiness.check()  # its failures are its result, on the gauge
+        except Exception:  # a bug: said, and housekeeping goes on
+            log.exception("Readiness check failed")
 
 
 async def _learn_known_exports(repository: Repository, server: NbdServer, metrics: Metrics) -> None:
@@ -135,11 +142,13 @@ class Readiness:
         broker: BrokerSession,
         repository: Repository,
         server: NbdServer,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._broker = broker
         self._repository = repository
         self._server = server
+        self._metrics = metrics
         self._last: tuple[float, dict[str, str | None]] | None = None
         self._lock = asyncio.Lock()
 
@@ -150,6 +159,8 @@ class Readiness:
                 return self._last[1]
             result = await self._check_now()
             self._last = (now, result)
+            for check, problem in result.items():
+                self._metrics.ready.labels(check=check).set(0 if problem else 1)
             return result
 
     async def _check_now(self) -> dict[str, str | None]:
@@ -244,7 +255,7 @@ async def serve(
         ledger = JobLedger(repository)
         flow = build_flow(settings, repository, server, ledger)
         broker = build_broker(settings, flow, metrics)
-        readiness = Readiness(settings, broker, repository, server)
+        readiness = Readiness(settings, broker, repository, server, metrics)
         if settings.metrics_port:
             ops = OpsServer(
                 asyncio.get_running_loop(),
@@ -255,7 +266,7 @@ async def serve(
             )
             ops.start()
         housekeeping = asyncio.create_task(
-            _housekeeping(settings, repository, server, metrics, pid)
+            _housekeeping(settings, repository, server, metrics, readiness, pid)
         )
 
         def on_ready() -> None:

@@ -95,7 +95,16 @@ async def test_a_misconfigured_server_is_named_once_and_jobs_are_not_retried(
 
     disk = make_disk(disks_dir, "misconfigured.img")
     with caplog.at_level(logging.INFO, logger="worker"):
-        async with running_worker(wrong):
+        async with running_worker(wrong) as worker:
+            # Housekeeping keeps the readiness gauge, for alerts, without /readyz polls.
+            await asyncio.sleep(0.5)
+            ready = {
+                check: worker.metrics.registry.get_sample_value(
+                    "nbd_export_worker_ready", {"check": check, "node": wrong.node_id}
+                )
+                for check in ("broker", "database", "nbd_server", "nbd_data_path")
+            }
+            assert ready == {"broker": 1, "database": 1, "nbd_server": 0, "nbd_data_path": 0}
             status, body = await asyncio.to_thread(readyz, wrong.metrics_port)
             assert status == 503
             checks = body["checks"]
