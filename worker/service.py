@@ -215,7 +215,7 @@ async def serve(
     pid: int | None = None
     try:
         pid = await _record_server(server, metrics, None)
-        log.info("nbd-server main pid=%d config=%s", pid, server.process.config_file(pid))
+        log.info("nbd-server main pid=%d config=%s", *server.process.verified())
         await server.process.vet(pid)  # the data-path self-test: UnsafeServer when it fails
     except UnsupportedServer:
         raise

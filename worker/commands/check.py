@@ -62,8 +62,7 @@ async def check(settings: Settings, identity: NodeIdentity) -> int:
     config: str | None = None
     misconfigured = False
     try:
-        pid = server.process.verified_pid()
-        config = server.process.config_file(pid)
+        pid, config = server.process.verified()
         version = await server.process.check_version()
         results.append((f"nbd-server main process {pid}, version {format_version(version)}", None))
         # The same self-test `run` gates on, run afresh on the very binary the server runs.

@@ -8,6 +8,7 @@ never a torn one, and never a second file defining the same export.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -109,15 +110,28 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def make_worker_dir(directory: Path) -> None:
-    """Creates a directory the worker writes and nbd-server (often another user) enters:
-    mode 0755 whatever the umask. One that exists keeps the mode its installer gave it.
-    Raises ConfigWriteError."""
-    if directory.is_dir():
-        return
+    """Creates a directory the worker writes and nbd-server (often another user) enters,
+    and any missing parent: each mode 0755 whatever the umask. One that exists keeps the
+    mode its installer gave it. Raises ConfigWriteError."""
+    missing = []
+    part = directory
+    while not part.exists():
+        missing.append(part)
+        part = part.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)
+        if not missing and not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+        for part in reversed(missing):
+            part.mkdir(exist_ok=True)
+            part.chmod(0o755)
     except OSError as exc:
         raise ConfigWriteError(f"cannot create {exc.filename}: {exc.strerror}") from exc
 
@@ -128,13 +142,11 @@ def worker_dir_problem(directory: Path) -> str | None:
     a writable directory)."""
     if directory.is_dir():
         return None if os.access(directory, os.W_OK | os.X_OK) else "not writable"
-    parent = directory
-    while not parent.exists():
-        parent = parent.parent
-    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
-        return None
+    parent = nearest_existing(directory)
     if not parent.is_dir():
         return f"{parent} is not a directory"
+    if os.access(parent, os.W_OK | os.X_OK):
+        return None
     return f"missing, and {parent} does not let the worker create it"
 
 

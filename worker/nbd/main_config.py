@@ -34,9 +34,17 @@ def config_from_cmdline(argv: Sequence[str]) -> str:
     return config
 
 
+class _KeyFile(configparser.ConfigParser):
+    """nbd-server reads its config with GLib's key-file parser: keys are case-sensitive
+    (`IncludeDir` is not `includedir`) and a `#` after a value is part of the value."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def read_server_config(path: Path) -> configparser.ConfigParser:
     """Raises OSError or configparser.Error."""
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser = _KeyFile(interpolation=None, strict=False)
     parser.read_string(path.read_text())
     return parser
 

@@ -176,11 +176,15 @@ class MainProcess:
         self._unrun: tuple[int, float, ServerUnavailable] | None = None
         self._pid_seen: tuple[tuple[int, int, int], int] | None = None
 
+    def verified(self) -> tuple[int, str]:
+        """The main pid, checked now, and the config file it runs with. Raises
+        ServerUnavailable (ServerMisconfigured: not the pinned config)."""
+        pid = read_pid_file(self._pid_file)
+        return pid, check_main_process(pid, self._config_file)
+
     def verified_pid(self) -> int:
         """The main pid, checked now. Raises ServerUnavailable."""
-        pid = read_pid_file(self._pid_file)
-        check_main_process(pid, self._config_file)
-        return pid
+        return self.verified()[0]
 
     def running_pid(self) -> int:
         """The pid file's pid if that process exists: two stats, for the reuse path. Enough
@@ -198,17 +202,19 @@ class MainProcess:
             raise ServerUnavailable(f"nbd-server main process {pid} is not running")
         return pid
 
-    def config_file(self, pid: int) -> str:
-        """The config file main process `pid` runs with. Raises ServerUnavailable."""
-        return check_main_process(pid, self._config_file)
-
     def _check_config(self, pid: int, config: str, *, fresh: bool) -> None:
         """Raises ServerMisconfigured unless `config` includes the snippet directory. Read
         once per pid, and afresh before a SIGHUP (the one moment it must be right)."""
         if not fresh and self._config_ok == pid:
             return
         self._config_ok = None
-        check_main_config(pid, config, self._conf_dir)
+        try:
+            check_main_config(pid, config, self._conf_dir)
+        except ServerMisconfigured:
+            # A server that exited meanwhile (its /proc/PID/root gone) is unavailable, and
+            # retried, not misconfigured.
+            check_main_process(pid, self._config_file)
+            raise
         self._config_ok = pid
 
     def is_alive(self, pid: int) -> bool:
@@ -230,9 +236,9 @@ class MainProcess:
         return pid
 
     async def vet(self, pid: int) -> None:
-        """Raises UnsupportedServer/UnsafeServer unless `pid` passed both gates; a dict
-        lookup once it has. A pid seen for the first time is verified as the main process
-        first: its binary is about to be run."""
+        """Raises ServerMisconfigured/UnsupportedServer/UnsafeServer unless `pid` passed the
+        config, version and self-test gates; dict lookups once it has. A pid seen for the
+        first time is verified as the main process first: its binary is about to be run."""
         if pid not in self._versions or self._config_ok != pid:
             self._check_config(pid, check_main_process(pid, self._config_file), fresh=False)
         await self._vet_checked(pid)
@@ -338,8 +344,9 @@ class MainProcess:
             # Checked after the pidfd is open: the fd pins this very process, so the pid
             # cannot be reused by another process between the checks and the signal.
             config = check_main_process(pid, self._config_file)
+            await self._vet_checked(pid)  # may run the self-test: seconds
+            # Read afresh just before the signal, after any wait above.
             self._check_config(pid, config, fresh=True)
-            await self._vet_checked(pid)
             signal.pidfd_send_signal(pidfd, signal.SIGHUP)
         except ProcessLookupError as exc:
             raise ServerUnavailable(f"nbd-server main process {pid} exited") from exc

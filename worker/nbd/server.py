@@ -57,6 +57,7 @@ from worker.nbd.files import (
     fsync_dir,
     has_snippet,
     link_target,
+    nearest_existing,
     point_link,
     remove_export_files,
     render_authfile,
@@ -290,7 +291,9 @@ class NbdServer:
         admit everyone to every export). Raises ServerUnavailable."""
         pid = self.process.verified_pid()
         uid, gids = file_credentials(pid)
-        if searchable_by(self._settings.auth_dir, uid, gids):
+        # Before the first run it may not exist yet: run makes it (and any missing parent)
+        # 0755, so the directories above it decide.
+        if searchable_by(nearest_existing(self._settings.auth_dir), uid, gids):
             return None
         return (
             f"nbd-server (pid {pid}, uid {uid}) cannot enter {self._settings.auth_dir}: it "
