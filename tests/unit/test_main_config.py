@@ -22,6 +22,7 @@ from worker.nbd.main_config import (
     includedir_problem,
     main_config_generic,
     read_server_config,
+    resolve_in_root,
 )
 from worker.nbd.process import MainProcess
 from worker.nbd.selftest import SelfTestResult
@@ -72,6 +73,24 @@ def test_the_config_is_read_as_the_server_reads_it(tmp_path: Path) -> None:
         main_config_generic(os.getpid(), "config")
     with pytest.raises(ServerMisconfigured, match="cannot read nbd-server"):
         main_config_generic(os.getpid(), str(tmp_path / "missing"))
+
+
+def test_symlinks_are_followed_inside_the_servers_root(tmp_path: Path) -> None:
+    """A server in a container of its own: its /etc/nbd-server/config may be a symlink to
+    an absolute path, which must be looked up in its root, not the worker's."""
+    root = tmp_path / "root"
+    (root / "etc/nbd-server").mkdir(parents=True)
+    (root / "srv/nbd").mkdir(parents=True)
+    (root / "srv/nbd/config").write_text("[generic]\n")
+    (root / "etc/nbd-server/config").symlink_to("/srv/nbd/config")  # absolute, in its root
+    (root / "etc/current").symlink_to("nbd-server")  # relative
+    for path in ("/etc/nbd-server/config", "/etc/current/config", "/etc/../etc/current/config"):
+        assert resolve_in_root(root, path) == root / "srv/nbd/config"
+    (root / "loop").symlink_to("/loop")
+    with pytest.raises(OSError, match="Too many levels"):
+        resolve_in_root(root, "/loop/config")
+    # What a plain join would read instead: the worker's own /srv/nbd/config.
+    assert (root / "etc/nbd-server/config").resolve() == Path("/srv/nbd/config")
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ passing fault: jobs are answered at once, not retried.
 from __future__ import annotations
 
 import configparser
+import errno
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from worker.errors import ServerMisconfigured
 
@@ -53,10 +54,44 @@ def generic_section(config: configparser.ConfigParser) -> Mapping[str, str]:
     return config["generic"] if config.has_section("generic") else {}
 
 
+#: As the kernel's limit on symlinks followed in one lookup.
+MAX_SYMLINKS = 40
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """`path` (absolute) as a process whose root directory is `root` finds it: each symlink
+    on the way is followed inside `root`. Joining `root / path` is not enough, since the
+    kernel follows an absolute symlink from the reader's own root. Raises OSError."""
+    resolved = PurePosixPath("/")
+    pending = list(PurePosixPath(path).parts[1:])
+    followed = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        here = root / str(resolved / part).lstrip("/")
+        if not here.is_symlink():
+            resolved /= part
+            continue
+        followed += 1
+        if followed > MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+        target = PurePosixPath(os.readlink(here))
+        if target.is_absolute():
+            resolved = PurePosixPath("/")
+            pending = list(target.parts[1:]) + pending
+        else:
+            pending = list(target.parts) + pending
+    return root / str(resolved).lstrip("/")
+
+
 def as_seen_by(pid: int, path: str) -> Path:
     """`path` as process `pid` sees it: through its root, so a server in a container of its
-    own is read as it reads its files."""
-    return Path(f"/proc/{pid}/root") / path.lstrip("/")
+    own is read as it reads its files. Raises OSError."""
+    return resolve_in_root(Path(f"/proc/{pid}/root"), path)
 
 
 def includedir_problem(generic: Mapping[str, str], conf_dir: Path) -> str | None:
