@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
@@ -13,6 +12,7 @@ from worker.commands import ExitCode
 from worker.devices import device_present
 from worker.errors import ServerUnavailable
 from worker.nbd.files import link_target
+from worker.nbd.wire import UNKNOWN, ExportInfo
 from worker.settings import Settings
 
 
@@ -65,7 +65,10 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"warning: nbd-server does not answer: {exc}", file=sys.stderr)
             answering = False
         local = [m for m in mappings if m.node_id == settings.node_id]
-        known = await server.known_names(m.export_name for m in local) if answering else set()
+        # One NBD_OPT_GO per export says both whether the server knows it and whether it
+        # opens; the server bounds how many are in flight (thousands of exports).
+        states = await server.export_states(m.export_name for m in local) if answering else {}
+        known = {name for name, state in states.items() if state != UNKNOWN}
         doors: dict[str, tuple[str, ...] | None] = {}
         for m in local:
             try:
@@ -74,10 +77,12 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
                 )
             except ValueError:
                 doors[m.export_name] = ()  # a corrupt column: shown as a wrong authfile
-        live = [m.export_name for m in local if m.is_active and m.export_name in known]
-        infos = dict(
-            zip(live, await asyncio.gather(*(server.servable(n) for n in live)), strict=True)
-        )
+        # Active exports the server knows: what each opens as (None: it does not open).
+        infos: dict[str, ExportInfo | None] = {}
+        for m in local:
+            if m.is_active and m.export_name in known:
+                state = states[m.export_name]
+                infos[m.export_name] = state if isinstance(state, ExportInfo) else None
         protected = await server.unprotected(
             {n: doors[n] or () for n, info in infos.items() if info is not None}
         )

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -83,7 +83,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
-#: NBD_OPT_GO probes in flight at once (each one forks a child in the server).
+#: NBD_OPT_GO probes in flight at once from one process, whoever asks: each forks a child
+#: in the server, whose accept backlog is 10; 130 handshakes at once saw 50-85 time out.
 PROBES_AT_ONCE = 8
 #: Asked to show the server answers: no export has it (ours start with "migration-vm-").
 HEALTH_PROBE_NAME = "nbd-export-worker-health-probe"
@@ -216,6 +217,27 @@ def nbd_tls_session(settings: Settings) -> NbdTls | None:
     return NbdTls(files.client_context("NBD"), settings.nbd_tls_server_name or settings.nbd_host)
 
 
+async def _in_lanes(names: Sequence[str], ask: Callable[[str], Awaitable[T]]) -> dict[str, T]:
+    """`ask` about each name, PROBES_AT_ONCE lanes taking the next name in turn. Lanes, not
+    a task per name: a batch of 2,000 then keeps only a few probes waiting for the probe
+    gate, and a job's probe that arrives meanwhile waits for those, not for the whole
+    batch. The first error cancels the other lanes and is raised as it is."""
+    answers: dict[str, T] = {}
+    pending = iter(names)
+
+    async def lane() -> None:
+        for name in pending:
+            answers[name] = await ask(name)
+
+    try:
+        async with asyncio.TaskGroup() as lanes:
+            for _ in range(min(PROBES_AT_ONCE, len(names))):
+                lanes.create_task(lane())
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return {name: answers[name] for name in names}
+
+
 class NbdServer:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
@@ -236,6 +258,9 @@ class NbdServer:
         #: Every probe over TLS when set (raises TlsConfigError now, not at the first job).
         self._tls = nbd_tls_session(settings)
         self._route: ProbeRoute | None = None
+        #: Every probe of this process passes here (export_state), so no caller, however
+        #: many exports it asks about, can open more than PROBES_AT_ONCE at once.
+        self._probe_gate = asyncio.Semaphore(PROBES_AT_ONCE)
         self._heartbeat: asyncio.Task[ExportState] | None = None
         self._asking: dict[str, asyncio.Task[ExportState]] = {}
         #: name -> (the authfile's identity when last found right, its content then).
@@ -373,18 +398,21 @@ class NbdServer:
         self, name: str, *, source: str | None = None, plain: bool = False
     ) -> ExportState:
         """Opens the export as a client would (NBD_OPT_GO), from the probes' address (or
-        `source`): its size and flags, or why not. Raises ServerUnavailable/ProbeTimeout."""
+        `source`): its size and flags, or why not. At most PROBES_AT_ONCE at a time; the
+        wait for a turn is not part of the probe's deadline. Raises
+        ServerUnavailable/ProbeTimeout."""
         route = self.route()
-        state = await self._timed_probe(
-            export_state(
-                route.host,
-                route.port,
-                name,
-                self._settings.probe_timeout_s,
-                source=source or route.source,
-                tls=None if plain else self._tls,
+        async with self._probe_gate:
+            state = await self._timed_probe(
+                export_state(
+                    route.host,
+                    route.port,
+                    name,
+                    self._settings.probe_timeout_s,
+                    source=source or route.source,
+                    tls=None if plain else self._tls,
+                )
             )
-        )
         memory = self._memory()
         memory.answered_at = time.monotonic()
         if source is None and not plain and state != UNKNOWN:
@@ -427,9 +455,10 @@ class NbdServer:
         await self._export_states(names - self._memory().known)
         return names & self._memory().known
 
-    async def servable(self, name: str) -> ExportInfo | None:
-        state = await self.export_state(name)
-        return state if isinstance(state, ExportInfo) else None
+    async def export_states(self, names: Iterable[str]) -> dict[str, ExportState]:
+        """NBD_OPT_GO on each name (asked afresh, remembered like every probe): whether the
+        server knows it and whether it opens, in one probe each."""
+        return await self._export_states(names)
 
     async def data_path_flags(self, names: Iterable[str]) -> dict[str, DataPathFlags | None]:
         """What each export offers copy tools, as the server advertises it (None: it does
@@ -448,18 +477,16 @@ class NbdServer:
         no such address, or the export admits it). Known answers are kept per server pid."""
         memory = self._memory()
         canary = self.route().canary
-        gate = asyncio.Semaphore(PROBES_AT_ONCE)
 
-        async def ask(name: str, admitted: tuple[str, ...]) -> bool | None:
+        async def ask(name: str) -> bool | None:
             if name in memory.unprotected:
                 return memory.unprotected[name]
-            if canary is None or admits(admitted, canary):
+            if canary is None or admits(exports[name], canary):
                 return None
             try:
-                async with gate:
-                    if not isinstance(await self.export_state(name), ExportInfo):
-                        return None
-                    state = await self.export_state(name, source=canary)
+                if not isinstance(await self.export_state(name), ExportInfo):
+                    return None
+                state = await self.export_state(name, source=canary)
             except WorkerError as exc:  # cannot be told now: never a reason to stop
                 log.warning("Cannot tell whether %s reads its authfile: %s", name, exc)
                 return None
@@ -468,9 +495,7 @@ class NbdServer:
             memory.unprotected[name] = isinstance(state, ExportInfo)
             return memory.unprotected[name]
 
-        names = list(exports)
-        answers = await asyncio.gather(*(ask(name, exports[name]) for name in names))
-        return dict(zip(names, answers, strict=True))
+        return await _in_lanes(list(exports), ask)
 
     async def plaintext_open(self, names: Iterable[str]) -> dict[str, bool | None]:
         """For each export: True when a plain (non-TLS) client can open it, i.e. it was
@@ -736,16 +761,12 @@ class NbdServer:
     ) -> dict[str, ExportState]:
         """NBD_OPT_GO on each name (`plain`: without TLS), a few at a time: every
         connection costs the server a fork, and a burst must not swamp the server that
-        serves live migrations."""
-        gate = asyncio.Semaphore(PROBES_AT_ONCE)
+        serves live migrations. The first error ends the batch."""
 
         async def ask(name: str) -> ExportState:
-            async with gate:
-                return await self.export_state(name, plain=plain)
+            return await self.export_state(name, plain=plain)
 
-        names = list(names)
-        states = await asyncio.gather(*(ask(name) for name in names))
-        return dict(zip(names, states, strict=True))
+        return await _in_lanes(list(dict.fromkeys(names)), ask)
 
     def _write_files(
         self, exports: Mapping[str, str], authfiles: Mapping[str, bytes]

@@ -1,0 +1,97 @@
+"""One probe gate per NbdServer: however many exports its callers ask about at once, no more
+than PROBES_AT_ONCE NBD_OPT_GO handshakes are in flight (issue #23: nbd-server's accept
+backlog is 10). Against a stand-in server on loopback that counts open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from worker.errors import ServerUnavailable
+from worker.metrics import build_metrics
+from worker.nbd.server import PROBES_AT_ONCE, NbdServer
+from worker.nbd.wire import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, REP_ERR_UNKNOWN, UNKNOWN
+from worker.settings import Settings
+
+
+@dataclass
+class Counting:
+    """Answers every NBD_OPT_GO with "unknown export" after `hold_s`, counting connections;
+    from connection `fail_after` on, it hangs up before its greeting."""
+
+    hold_s: float = 0.005
+    fail_after: int | None = None
+    port: int = 0
+    open: int = 0
+    most_open: int = 0
+    connections: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            if self.fail_after is not None and self.connections > self.fail_after:
+                return
+            writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+            await reader.readexactly(4)  # the client's flags
+            _, option, length = struct.unpack(">QII", await reader.readexactly(16))
+            await reader.readexactly(length)
+            await asyncio.sleep(self.hold_s)  # so that probes overlap
+            writer.write(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, REP_ERR_UNKNOWN, 0))
+            await writer.drain()
+            await reader.read()  # until the client hangs up
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+@pytest.fixture
+async def counting() -> AsyncIterator[Counting]:
+    fake = Counting()
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0, backlog=256)
+    fake.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield fake
+
+
+def nbd_server(port: int) -> NbdServer:
+    settings = Settings(node_id="t", nbd_host="127.0.0.1", nbd_port=port, probe_timeout_s=5)
+    return NbdServer(settings, build_metrics("t"))
+
+
+def names(prefix: str, count: int) -> list[str]:
+    return [f"migration-vm-{prefix}-{i}-disk0" for i in range(count)]
+
+
+async def test_every_caller_shares_one_bound(counting: Counting) -> None:
+    server = nbd_server(counting.port)
+    known = asyncio.create_task(server.known_names(names("a", 60)))
+    states = asyncio.create_task(server.export_states(names("b", 60)))
+    unprotected = asyncio.create_task(
+        server.unprotected(dict.fromkeys(names("c", 60), ("10.0.0.1",)))
+    )
+    singles = [server.ping() for _ in range(10)] + [server.knows(n) for n in names("d", 10)]
+    await asyncio.gather(known, states, unprotected, *singles)
+    assert known.result() == set()
+    assert set(states.result().values()) == {UNKNOWN}
+    assert set(unprotected.result().values()) == {None}
+    assert counting.connections == 60 * 3 + 10 + 10
+    # Each batch alone would open PROBES_AT_ONCE, and the single probes one each.
+    assert counting.most_open == PROBES_AT_ONCE
+
+
+async def test_a_failed_probe_ends_its_batch(counting: Counting) -> None:
+    counting.fail_after = 20
+    server = nbd_server(counting.port)
+    with pytest.raises(ServerUnavailable):
+        await server.export_states(names("e", 1000))
+    await asyncio.sleep(0.1)
+    # The lanes still running when the first error came finish their probe, no more.
+    assert counting.connections <= 20 + PROBES_AT_ONCE
