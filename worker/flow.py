@@ -223,6 +223,7 @@ class ExportFlow:
         # A dict lookup once held: a later flush-export then sees every writeback error.
         await self._server.hold_device(request.export_name, device.path, device.device_id)
         ready = self._ready(request, device, Action.REUSED, reused=True)
+        crash_point("reuse_before_record")
         self._ledger.record_later(_record(ready))
         return ready
 
@@ -386,6 +387,8 @@ class ExportFlow:
             await self._mappings.set_flush_error(
                 *key, note[:MAX_FLUSH_ERROR] if exc.lost_writes else None
             )
+            if exc.lost_writes:
+                crash_point("flush_failure_kept")
             raise
         await self._mappings.set_flush_error(*key, None)
 
@@ -417,6 +420,7 @@ class ExportFlow:
                 device_path=mapping.device_path,
                 node_id=self._node_id,
             )
+            crash_point("flush_before_record")
             await self._ledger.record(_record(flushed))
             return flushed
 
@@ -477,6 +481,7 @@ class ExportFlow:
                 flushed=flushed,
                 node_id=self._node_id,
             )
+            crash_point("release_before_record")
             await self._ledger.record(_record(released))
             return released
 
