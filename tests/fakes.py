@@ -183,6 +183,9 @@ class FakeExportServer:
         await asyncio.sleep(self.probe_delay_s)  # the answer is as of the probe's start
         return live
 
+    async def needs_reload(self, name: str) -> bool:
+        return name not in self.listed
+
     async def ensure_export(
         self,
         name: str,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -42,6 +43,12 @@ UNFINISHED = "UNFINISHED"
 #: last_action of a release that fsynced the device first (older releases did not).
 RELEASED_FLUSHED = "released-flushed"
 RELEASED = "released"
+#: How a kept fsync failure names its job and time, after its errno (flush_error).
+_WHEN_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_WHEN_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+#: Ends last_action when the claim's answer says `reused` (the server had the export
+#: loaded: no SIGHUP), e.g. "relinked+reused".
+REUSED_MARK = "+reused"
 
 
 class Mappings(Protocol):
@@ -69,13 +76,6 @@ class Ledger(Protocol):
     def record_later(self, record: JobRecord) -> None: ...
 
 
-class Ensured(Protocol):
-    @property
-    def sighup_sent(self) -> bool: ...
-    @property
-    def changed(self) -> bool: ...
-
-
 Committed = Callable[[str], Awaitable[CommittedExport | None]]
 
 
@@ -87,7 +87,8 @@ class ExportServer(Protocol):
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
-    async def ensure_export(self, name: str, device_path: str, committed: Committed) -> Ensured: ...
+    async def needs_reload(self, name: str) -> bool: ...
+    async def ensure_export(self, name: str, device_path: str, committed: Committed) -> object: ...
     async def align_export(self, name: str, committed: Committed) -> CommittedExport | None: ...
     async def remove_export(self, name: str, committed: Committed) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
@@ -106,6 +107,36 @@ def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
         disk_unit_number=reply.disk_unit_number,
         reply=reply.model_dump(mode="json"),
     )
+
+
+def _settled(action: Action, reused: bool) -> str:
+    """The answer a claim settles, as last_action keeps it."""
+    return f"{action}{REUSED_MARK}" if reused else str(action)
+
+
+def _answer_of(last_action: str) -> tuple[Action, bool]:
+    """The answer (action, reused) a claim settled; rows from before REUSED_MARK: not
+    reused, as they were answered then."""
+    action = last_action.removesuffix(REUSED_MARK)
+    return Action(action), action != last_action
+
+
+def _kept_failure(job_id: str, when: str, exc: FlushFailed) -> str:
+    """The flush_error an fsync failure keeps: its errno, its job and time, its message
+    (cut to the column; the job's answer is what is kept, see _own_failure)."""
+    return f"{exc.errno_name or 'error'}: job {job_id} at {when}: {exc}"[:MAX_FLUSH_ERROR]
+
+
+def _own_failure(flush_error: str, job_id: str) -> FlushFailed | None:
+    """The failure kept by `job_id`'s own fsync, to answer as it was answered; None when
+    another job's flush (or none that finished) left `flush_error`."""
+    found = re.fullmatch(
+        rf"(\w+): job {re.escape(job_id)} at {_WHEN_RE}: (.*)", flush_error, flags=re.DOTALL
+    )
+    if found is None:
+        return None
+    errno_name = None if found[1] == "error" else found[1]
+    return FlushFailed(found[2], errno_name, lost_writes=True)
 
 
 def decide(mapping: Mapping | None, device_path: str, live: bool) -> Action:
@@ -306,33 +337,29 @@ class ExportFlow:
                     action,
                     device.path,
                 )
+            # The answer is settled here, before anything changes, and recorded with the
+            # claim: a delivery that finishes an earlier one's work answers what that one
+            # settled (the SIGHUP it needed may be sent already, and then this one needs
+            # none), so every delivery of a job says the same.
+            if earlier and mapping is not None and mapping.last_action:
+                action, reused = _answer_of(mapping.last_action)
+            else:
+                reused = not await self._server.needs_reload(name)
             # The database row first: its unique device index settles races with other jobs
             # and workers before anything on disk or in the server changes (DeviceInUse).
-            # A job finishing an earlier delivery keeps the action that delivery recorded.
-            claimed_action = mapping.last_action if earlier and mapping else None
             await self._mappings.claim(
-                request, device, claimed_action or str(action), stored_addresses(admitted)
+                request, device, _settled(action, reused), stored_addresses(admitted)
             )
             crash_point("after_claim")
             try:
-                ensured = await self._server.ensure_export(
-                    name, device.path, self._mappings.committed_export
-                )
+                await self._server.ensure_export(name, device.path, self._mappings.committed_export)
             except Superseded:
                 raise  # a newer job owns the row now: nothing of ours to undo
             except WorkerError:
                 if action is Action.RELINKED and mapping is not None and not earlier:
                     await self._undo_relink(mapping, device.device_id)
                 raise
-            if earlier and mapping is not None and mapping.last_action:
-                action = Action(mapping.last_action)
-                ready = self._ready(request, device, action, reused=action is Action.REUSED)
-            else:
-                if not ensured.changed:
-                    # A worker in another process served the same job first: nothing was
-                    # left to do, which is what a reuse is.
-                    action = Action.REUSED
-                ready = self._ready(request, device, action, reused=not ensured.sighup_sent)
+            ready = self._ready(request, device, action, reused=reused)
             await self._server.hold_device(name, device.path, device.device_id)
             crash_point("before_record")
             # Durable before the reply: a redelivery of this job must repeat this answer.
@@ -366,6 +393,11 @@ class ExportFlow:
         new copy, every flush of this mapping then fails the same way."""
         name, key = mapping.export_name, (mapping.vm_id, mapping.disk_unit_number)
         if mapping.flush_error is not None:
+            own = _own_failure(mapping.flush_error, job_id)
+            if own is not None:
+                # This job's fsync failed, and the answer was lost (a crash, a lost
+                # connection): the same answer again.
+                raise own
             cause, _, _ = mapping.flush_error.partition(":")
             raise FlushFailed(
                 f"an earlier flush of {name} failed or did not finish ({mapping.flush_error}): "
@@ -374,7 +406,7 @@ class ExportFlow:
                 errno_name=None if cause == UNFINISHED else cause,
                 lost_writes=True,
             )
-        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = datetime.now(UTC).strftime(_WHEN_FORMAT)
         await self._mappings.set_flush_error(
             *key, f"{UNFINISHED}: a flush by job {job_id} at {when} did not finish"
         )
@@ -383,13 +415,14 @@ class ExportFlow:
         except FlushFailed as exc:
             # Kept only when an fsync itself failed; a device or link that could not be
             # opened lost nothing yet.
-            note = f"{exc.errno_name or 'error'}: {exc} (job {job_id}, {when})"
-            await self._mappings.set_flush_error(
-                *key, note[:MAX_FLUSH_ERROR] if exc.lost_writes else None
-            )
-            if exc.lost_writes:
-                crash_point("flush_failure_kept")
-            raise
+            if not exc.lost_writes:
+                await self._mappings.set_flush_error(*key, None)
+                raise
+            kept = _kept_failure(job_id, when, exc)
+            await self._mappings.set_flush_error(*key, kept)
+            crash_point("flush_failure_kept")
+            # Answered as kept, so that a redelivery of this job answers the same.
+            raise _own_failure(kept, job_id) or exc from exc
         await self._mappings.set_flush_error(*key, None)
 
     async def flush_export(self, request: FlushExport) -> ExportFlushed:

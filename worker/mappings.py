@@ -28,8 +28,10 @@ class Mapping(BaseModel):
     #: Not read on the job path (the lookup leaves them out: every column costs it).
     created_at: datetime | None = None
     updated_at: datetime | None = None
-    #: The job that last claimed or released this mapping, and what it did (an Action
-    #: value, or "released"): lets that job, redelivered after a crash, answer as before.
+    #: The job that last claimed or released this mapping, and what it did: the answer its
+    #: claim settled (an Action value, "+reused" appended when the reply says reused), or
+    #: "released" ("released-flushed"): lets that job, redelivered after a crash, answer as
+    #: its first delivery would have.
     last_job_id: str | None = None
     last_action: str | None = None
     #: Why fsync of the device failed ("EIO: ..."), kept until a new prepare-export: what

@@ -565,6 +565,20 @@ class NbdServer:
 
     # --- creates --------------------------------------------------------------------------
 
+    async def needs_reload(self, name: str) -> bool:
+        """Whether making `name` serve will need a SIGHUP, judged before anything changes as
+        ensure_export judges it after writing the files: no for a name the running server
+        is remembered to know; yes for one it is not remembered to know whose snippet is
+        not on disk (news to the server, not asked); else the server is asked. A job's
+        reply says it (`reused`), so that a redelivery can repeat it after the SIGHUP was
+        sent. Raises ServerUnavailable/ProbeTimeout."""
+        pid = await self.vetted_pid()
+        if name in self._memory(pid).known:
+            return False
+        if not has_snippet(self._settings.nbd_conf_dir, name):
+            return True
+        return not await self.knows(name, pid)
+
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedDevice
     ) -> Ensured:
