@@ -18,6 +18,7 @@ name is asked with NBD_OPT_GO, once per server pid for names it knows.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from worker.devices import device_present
@@ -193,6 +194,7 @@ async def reconcile(
                 log.error("Cannot rewrite the authfile of %s: %s", name, exc)  # noqa: TRY400
 
     await server.ping()  # the server answers, or nothing below can be judged
+    asked_at = time.monotonic()
     report.auth_dir_problem = server.auth_dir_problem()
     if report.auth_dir_problem:
         log.error("%s", report.auth_dir_problem)
@@ -238,7 +240,8 @@ async def reconcile(
     # Only exports whose authfile is right now: one that is missing admits everyone anyway,
     # which says nothing about what the server loaded.
     doors_right = {n: admitted[n] for n in loaded if n in admitted and n not in still_wrong}
-    verdicts = await server.unprotected(doors_right)
+    # Exports that just opened for known_names need only the canary's probe.
+    verdicts = await server.unprotected(doors_right, opened_since=asked_at)
     report.unprotected_exports = [name for name, bad in verdicts.items() if bad]
     if report.unprotected_exports:
         log.error(

@@ -1,30 +1,45 @@
 """One probe gate per NbdServer: however many exports its callers ask about at once, no more
 than PROBES_AT_ONCE NBD_OPT_GO handshakes are in flight (issue #23: nbd-server's accept
-backlog is 10). Against a stand-in server on loopback that counts open connections."""
+backlog is 10), and a pass that just opened every export asks the canary only. Against a
+stand-in server on loopback that counts open connections."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
+from harness.nbd import REP_ERR_POLICY
 from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics
-from worker.nbd.server import PROBES_AT_ONCE, NbdServer
-from worker.nbd.wire import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, REP_ERR_UNKNOWN, UNKNOWN
+from worker.nbd.server import CANARY_ADDRESS_V4, PROBES_AT_ONCE, NbdServer
+from worker.nbd.wire import (
+    IHAVEOPT,
+    INFO_EXPORT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REP_ACK,
+    REP_ERR_UNKNOWN,
+    REP_INFO,
+    UNKNOWN,
+    ExportInfo,
+)
 from worker.settings import Settings
 
 
 @dataclass
 class Counting:
-    """Answers every NBD_OPT_GO with "unknown export" after `hold_s`, counting connections;
-    from connection `fail_after` on, it hangs up before its greeting."""
+    """Answers every NBD_OPT_GO with "unknown export" after `hold_s` (`opens`: opens it,
+    except for the canary's address, which its authfile would refuse), counting
+    connections; from connection `fail_after` on, it hangs up before its greeting."""
 
     hold_s: float = 0.005
     fail_after: int | None = None
+    opens: bool = False
     port: int = 0
     open: int = 0
     most_open: int = 0
@@ -42,7 +57,7 @@ class Counting:
             _, option, length = struct.unpack(">QII", await reader.readexactly(16))
             await reader.readexactly(length)
             await asyncio.sleep(self.hold_s)  # so that probes overlap
-            writer.write(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, REP_ERR_UNKNOWN, 0))
+            writer.write(self._answer(option, writer.get_extra_info("peername")[0]))
             await writer.drain()
             await reader.read()  # until the client hangs up
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -50,6 +65,16 @@ class Counting:
         finally:
             self.open -= 1
             writer.close()
+
+    def _answer(self, option: int, peer: str) -> bytes:
+        def reply(kind: int, data: bytes = b"") -> bytes:
+            return struct.pack(">QIII", OPTION_REPLY_MAGIC, option, kind, len(data)) + data
+
+        if not self.opens:
+            return reply(REP_ERR_UNKNOWN)
+        if peer == CANARY_ADDRESS_V4:
+            return reply(REP_ERR_POLICY)
+        return reply(REP_INFO, struct.pack(">HQH", INFO_EXPORT, 1 << 20, 1)) + reply(REP_ACK)
 
 
 @pytest.fixture
@@ -95,3 +120,23 @@ async def test_a_failed_probe_ends_its_batch(counting: Counting) -> None:
     await asyncio.sleep(0.1)
     # The lanes still running when the first error came finish their probe, no more.
     assert counting.connections <= 20 + PROBES_AT_ONCE
+
+
+async def test_a_pass_that_just_opened_each_export_asks_only_the_canary(
+    counting: Counting,
+) -> None:
+    counting.opens = True
+    exports = dict.fromkeys(names("f", 40), ("10.0.0.1",))
+    server = nbd_server(counting.port)
+    started = time.monotonic()
+    states = await server.export_states(exports)
+    assert all(isinstance(state, ExportInfo) for state in states.values())
+    assert await server.unprotected(exports, opened_since=started) == dict.fromkeys(exports, False)
+    assert counting.connections == 40 + 40  # the pass, then the canary's probes
+    # Without that evidence (or with older evidence), each export is opened again first.
+    later = nbd_server(counting.port)
+    await later.export_states(exports)
+    counting.connections = 0
+    verdicts = await later.unprotected(exports, opened_since=time.monotonic())
+    assert verdicts == dict.fromkeys(exports, False)
+    assert counting.connections == 40 + 40

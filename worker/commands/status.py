@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from worker.assembly import adapters
@@ -65,6 +66,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"warning: nbd-server does not answer: {exc}", file=sys.stderr)
             answering = False
         local = [m for m in mappings if m.node_id == settings.node_id]
+        probed_at = time.monotonic()
         # One NBD_OPT_GO per export says both whether the server knows it and whether it
         # opens; the server bounds how many are in flight (thousands of exports).
         states = await server.export_states(m.export_name for m in local) if answering else {}
@@ -84,7 +86,8 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
                 state = states[m.export_name]
                 infos[m.export_name] = state if isinstance(state, ExportInfo) else None
         protected = await server.unprotected(
-            {n: doors[n] or () for n, info in infos.items() if info is not None}
+            {n: doors[n] or () for n, info in infos.items() if info is not None},
+            opened_since=probed_at,  # each opened just now: only the canary is asked
         )
         # With TLS on: exports loaded before it keep serving plain clients until a restart.
         plaintext = (

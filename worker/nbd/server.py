@@ -206,6 +206,8 @@ class _Remembered:
     unprotected: dict[str, bool]
     #: Whether each refuses plain clients (`force_tls`, fixed when it was loaded).
     tls_only: dict[str, bool] = field(default_factory=dict)
+    #: When each last opened from the probes' address (time.monotonic()).
+    opened_at: dict[str, float] = field(default_factory=dict)
     answered_at: float = float("-inf")
 
 
@@ -419,6 +421,7 @@ class NbdServer:
             memory.known.add(name)
             if isinstance(state, ExportInfo):
                 memory.flags[name] = state.flags
+                memory.opened_at[name] = memory.answered_at
         return state
 
     async def ping(self) -> None:
@@ -469,14 +472,21 @@ class NbdServer:
         flags = self._memory().flags
         return {name: flags.get(name) for name in names}
 
-    async def unprotected(self, exports: Mapping[str, tuple[str, ...]]) -> dict[str, bool | None]:
+    async def unprotected(
+        self, exports: Mapping[str, tuple[str, ...]], *, opened_since: float | None = None
+    ) -> dict[str, bool | None]:
         """For each export (name -> the addresses it admits): True when it opens from an
         address its authfile does not admit, i.e. the server loaded it without an
         `authfile` line (before the worker wrote one; only a restart adds it); False when
         that address is refused; None when it cannot be told (the export does not open,
-        no such address, or the export admits it). Known answers are kept per server pid."""
+        no such address, or the export admits it). Known answers are kept per server pid.
+
+        A refusal means something only from an export that opens for the probes: one seen
+        to open since `opened_since` (time.monotonic(): the caller's own pass) is not asked
+        again, which spares a probe per export when a pass has just opened them all."""
         memory = self._memory()
         canary = self.route().canary
+        fresh = float("inf") if opened_since is None else opened_since
 
         async def ask(name: str) -> bool | None:
             if name in memory.unprotected:
@@ -484,7 +494,8 @@ class NbdServer:
             if canary is None or admits(exports[name], canary):
                 return None
             try:
-                if not isinstance(await self.export_state(name), ExportInfo):
+                opened = memory.opened_at.get(name, float("-inf")) >= fresh
+                if not opened and not isinstance(await self.export_state(name), ExportInfo):
                     return None
                 state = await self.export_state(name, source=canary)
             except WorkerError as exc:  # cannot be told now: never a reason to stop
