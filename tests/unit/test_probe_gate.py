@@ -1,11 +1,12 @@
 """One probe gate per NbdServer: however many exports its callers ask about at once, no more
 than PROBES_AT_ONCE NBD_OPT_GO handshakes are in flight (issue #23: nbd-server's accept
-backlog is 10), and a pass that just opened every export asks the canary only. Against a
-stand-in server on loopback that counts open connections."""
+backlog is 10), a pass that just opened every export asks the canary only, and each
+probe's local port is left to connect(). Against stand-in servers on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from worker.nbd.server import CANARY_ADDRESS_V4, PROBES_AT_ONCE, NbdServer
 from worker.nbd.wire import (
     IHAVEOPT,
     INFO_EXPORT,
+    IP_BIND_ADDRESS_NO_PORT,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
     REP_ACK,
@@ -27,6 +29,7 @@ from worker.nbd.wire import (
     REP_INFO,
     UNKNOWN,
     ExportInfo,
+    _connected_from,
 )
 from worker.settings import Settings
 
@@ -140,3 +143,17 @@ async def test_a_pass_that_just_opened_each_export_asks_only_the_canary(
     verdicts = await later.unprotected(exports, opened_since=time.monotonic())
     assert verdicts == dict.fromkeys(exports, False)
     assert counting.connections == 40 + 40
+
+
+@pytest.mark.parametrize("loopback", ["127.0.0.1", "::1"])
+async def test_a_probe_from_a_source_address_leaves_its_port_to_connect(loopback: str) -> None:
+    """bind() with port 0 would never pick a port still in TIME_WAIT from an earlier probe:
+    the port is left to connect(), which may, so thousands of probes do not run out."""
+    listener = await asyncio.start_server(lambda r, w: w.close(), loopback, 0)
+    async with listener:
+        port = listener.sockets[0].getsockname()[1]
+        sock = await _connected_from(loopback, port, loopback)
+        with sock:
+            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+            host, local_port = sock.getsockname()[:2]
+            assert (host, local_port != 0) == (loopback, True)
