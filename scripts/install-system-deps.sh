@@ -68,17 +68,34 @@ if [ -n "$WITH_TEST_TOOLS" ]; then
   # Cluster tests: Galera replication with rsync state transfer, HAProxy in front of it.
   apt_install galera-4 rsync haproxy
   # The AsyncAPI parser the unit tests validate schema/asyncapi.yaml with: tools/asyncapi/,
-  # pinned by its package-lock.json. Debian's node and npm unless a node is there already;
-  # `npm ci` again only when the lockfile changed (a stamp, as bootstrap.sh keeps for the
-  # venv; npm ci starts from an empty node_modules, so old stamps go with it). No install
-  # scripts: the parser needs none, and a dependency's (@scarf/scarf) only phones home.
+  # pinned by its package-lock.json. Debian's node and npm unless a node is there already.
+  # `npm ci` runs once per package.json and lockfile on this machine, into
+  # $CACHE/asyncapi-KEY; a clone's node_modules is a copy of that (hard links: a second,
+  # where npm ci takes half a minute), stamped with the key, so it is copied again only
+  # when either file changed. No install scripts: the parser needs none, and a
+  # dependency's (@scarf/scarf) only phones home.
   command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
   asyncapi="$ROOT/tools/asyncapi"
-  asyncapi_stamp="$asyncapi/node_modules/.installed-$(sha256sum "$asyncapi/package-lock.json" | cut -c1-16)"
-  if [ ! -f "$asyncapi_stamp" ]; then
-    log "npm ci in $asyncapi"
-    npm ci --prefix "$asyncapi" --ignore-scripts --no-audit --no-fund --loglevel=error
-    touch "$asyncapi_stamp"
+  npm_key=$(cat "$asyncapi/package.json" "$asyncapi/package-lock.json" | sha256sum | cut -c1-16)
+  if [ ! -f "$asyncapi/node_modules/.installed-$npm_key" ]; then
+    npm_cache="$CACHE/asyncapi-$npm_key"
+    mkdir -p "$CACHE"
+    (
+      flock 9
+      if [ ! -f "$npm_cache/node_modules/.installed-$npm_key" ]; then
+        log "npm ci for tools/asyncapi into $npm_cache"
+        tmp=$(mktemp -d "$npm_cache.tmp.XXXXXX")
+        cp "$asyncapi/package.json" "$asyncapi/package-lock.json" "$tmp/"
+        npm ci --prefix "$tmp" --ignore-scripts --no-audit --no-fund --loglevel=error
+        touch "$tmp/node_modules/.installed-$npm_key"
+        rm -rf "$npm_cache" && mv "$tmp" "$npm_cache"
+      fi
+    ) 9>"$CACHE/.asyncapi.lock"
+    rm -rf "$asyncapi/node_modules"
+    if ! cp -al "$npm_cache/node_modules" "$asyncapi/node_modules" 2>/dev/null; then
+      rm -rf "$asyncapi/node_modules"  # another file system: a plain copy
+      cp -a "$npm_cache/node_modules" "$asyncapi/node_modules"
+    fi
   fi
   bash "$ROOT/nbd-server/build.sh" --unpatched --dest "$CACHE/nbd-server-unpatched/nbd-server"
 fi
