@@ -129,4 +129,5 @@ class DatabaseError(WorkerError):
 
 
 class TransactionConflict(TransientDatabaseError):
-    """A deadlock: the statement is retried at once, on its own."""
+    """A deadlock, or a Galera certification failure or brute-force abort (1213, 1317:
+    worker/db_errors.py): the statement is retried at once, on its own."""

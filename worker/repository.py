@@ -31,6 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.db_errors import ErrnoKind, classify_errno
 from worker.db_tls import refuse_plaintext_logins, session_cipher
 from worker.devices import Device
 from worker.errors import (
@@ -47,15 +48,6 @@ from worker.retrying import call_with_retries
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: MySQL error numbers worth retrying: deadlock (also Galera certification failures),
-#: lock wait timeout, server gone away / lost connection, cannot connect, and a Galera
-#: node not ready for queries yet (1047, while it rejoins its cluster).
-TRANSIENT_ERRNOS = frozenset({1213, 1205, 2006, 2013, 2003, 1047})
-#: Those a statement retries at once, on its own: a deadlock clears in milliseconds. A lock
-#: wait timeout (which has already waited innodb_lock_wait_timeout) and a lost or refused
-#: connection are left to the job's retries, which wait longer: retrying them in both
-#: places would multiply the tries and their timeouts.
-CONFLICT_ERRNOS = frozenset({1213})
 ER_DUP_ENTRY = 1062
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
@@ -98,9 +90,14 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
         text += f": TLS failed: {exc.__cause__}"
         if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
             return DatabaseError(f"database error {errno}: {text}")
-    if errno in CONFLICT_ERRNOS:
+    # Which numbers are retried, and why each (Galera's conflicts too): worker/db_errors.py.
+    # A conflict is retried at once, by the statement itself; the other transient ones are
+    # left to the job's retries, which wait longer: retrying them in both places would
+    # multiply the tries and their timeouts.
+    kind = classify_errno(errno)
+    if kind is ErrnoKind.CONFLICT:
         return TransactionConflict(f"database error {errno} (transient): {text}")
-    if errno in TRANSIENT_ERRNOS:
+    if kind is ErrnoKind.TRANSIENT:
         return TransientDatabaseError(f"database error {errno} (transient): {text}")
     return DatabaseError(f"database error {errno}: {text}")
 
