@@ -589,8 +589,11 @@ def split_statements(sql: str) -> list[str]:
     return [stmt.strip() for stmt in re.split(r";\s*$", body, flags=re.M) if stmt.strip()]
 
 
-async def _apply_migrations(cur: Any, name: str, files: list[Path], node_id: str) -> list[str]:
-    applied: list[str] = []
+async def _apply_migrations(
+    cur: Any, name: str, files: list[Path], node_id: str, applied: list[str]
+) -> None:
+    """Applies what `schema_migrations` lacks, adding each name to `applied` (kept across
+    tries: a try cut short after recording one must still report it)."""
     # Migrations may use @node_id: the node running them owns rows that predate nodes.
     await cur.execute("SET @node_id = %s", (node_id,))
     await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
@@ -613,9 +616,18 @@ async def _apply_migrations(cur: Any, name: str, files: list[Path], node_id: str
             "INSERT IGNORE INTO schema_migrations (version, name) VALUES (%s, %s)",
             (version, path.name),
         )
-        applied.append(path.name)
+        if path.name not in applied:
+            applied.append(path.name)
         log.info("Applied migration %s to database %s", path.name, name)
-    return applied
+
+
+def migrate_attempts(migrations: int) -> int:
+    """`migrate`'s tries on conflicts. Each of many concurrent migrators can lose the race
+    to record each migration, once or twice, so the tries grow with the migrations: 20
+    migrators from three Galera nodes needed up to 7 tries for 5 migrations (2,000 runs),
+    and with 5 tries, 6 to 14 rounds in 40 had a migrator give up
+    (tests/integration/test_galera_conflicts.py)."""
+    return 5 + 2 * migrations
 
 
 async def migrate(
@@ -641,14 +653,17 @@ async def migrate(
         with warnings.catch_warnings():
             # "database exists" / "table exists" notes are the point of IF NOT EXISTS.
             warnings.simplefilter("ignore", pymysql.Warning)
-            # On Galera, migrators on two nodes can fail each other's transactions at
-            # certification (a deadlock, 1213): every statement is idempotent, so the
+            # On Galera, migrators on several nodes fail each other's statements: the
+            # schema_migrations rows at certification (1213), a DDL BF-aborted by another
+            # node's DDL (1317; worker/db_errors.py). Every statement is idempotent, so the
             # whole run is tried again.
-            async for attempt in retry_policy():
+            applied: list[str] = []
+            async for attempt in retry_policy(attempts=migrate_attempts(len(files))):
                 with attempt:
                     try:
                         async with conn.cursor() as cur:
-                            return await _apply_migrations(cur, name, files, node_id)
+                            await _apply_migrations(cur, name, files, node_id, applied)
+                            return applied
                     except pymysql.MySQLError as exc:
                         raise translate_error(exc) from exc
     except pymysql.MySQLError as exc:

@@ -1,6 +1,6 @@
 """The database error table (worker/db_errors.py): what is retried at once, what is left to
 the job's retries, and the Galera errors deliberately not retried; and that the repository's
-error mapping follows it."""
+error mapping and `migrate`'s retries follow it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from worker.db_errors import RETRIED_ERRNOS, ErrnoKind, classify_errno
 from worker.errors import DatabaseError, TransactionConflict, TransientDatabaseError
-from worker.repository import translate_error
+from worker.repository import migrate_attempts, translate_error
 
 CONFLICT, TRANSIENT, PERMANENT = ErrnoKind.CONFLICT, ErrnoKind.TRANSIENT, ErrnoKind.PERMANENT
 
@@ -58,3 +58,9 @@ def test_translate_error_follows_the_table(errno: int, kind: ErrnoKind) -> None:
     error = translate_error(pymysql.err.OperationalError(errno, "x"))
     assert type(error) is KINDS[kind]
     assert error.retryable is (kind is not PERMANENT)
+
+
+def test_migrate_tries_more_as_the_migrations_grow() -> None:
+    # Each concurrent migrator may lose the race to record each migration once or twice.
+    assert migrate_attempts(5) >= 2 * 5 + 1
+    assert migrate_attempts(10) > migrate_attempts(5)
