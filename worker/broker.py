@@ -3,7 +3,9 @@
 aio-pika's robust connection reconnects to one URL only; this loop reconnects to the next
 node of a cluster instead, declares and consumes again on a fresh channel, and counts it.
 Jobs in flight when a connection drops cannot be acked any more: the broker redelivers
-them, and handling a job twice is safe.
+them, and handling a job twice is safe. Each connection has two kinds of channel: one that
+consumes and settles, and the ConfirmedPublisher's, which replies go out on and which is
+renewed whenever a publish on it is not confirmed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from worker.consumer import JobConsumer
 from worker.errors import WorkerError
 from worker.metrics import Metrics
+from worker.publisher import ConfirmedPublisher
 from worker.settings import mask_url
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,13 @@ class BrokerSession:
     def __init__(
         self,
         urls: list[str],
-        make_consumer: Callable[[AbstractChannel], JobConsumer],
+        make_consumer: Callable[[AbstractChannel, ConfirmedPublisher], JobConsumer],
         metrics: Metrics,
         *,
         connect_timeout_s: float,
         shutdown_grace_s: float,
+        publish_timeout_s: float,
+        publish_retry_s: float,
     ) -> None:
         if not urls:
             raise ValueError("at least one broker URL is required")
@@ -56,6 +61,8 @@ class BrokerSession:
         self._metrics = metrics
         self._connect_timeout_s = connect_timeout_s
         self._shutdown_grace_s = shutdown_grace_s
+        self._publish_timeout_s = publish_timeout_s
+        self._publish_retry_s = publish_retry_s
         self._connection: AbstractConnection | None = None
         self._consumer: JobConsumer | None = None
 
@@ -122,7 +129,13 @@ class BrokerSession:
                 # The broker may close just the channel (consumer_timeout, a protocol error):
                 # that is a loss too, or the worker would stay connected and consume nothing.
                 channel.close_callbacks.add(_setter(lost))
-                consumer = self._make_consumer(channel)
+                publisher = ConfirmedPublisher(
+                    connection,
+                    timeout_s=self._publish_timeout_s,
+                    retry_s=self._publish_retry_s,
+                    on_retry=lambda reason: self._metrics.publish_retries.labels(reason).inc(),
+                )
+                consumer = self._make_consumer(channel, publisher)
                 await consumer.start()
             except WorkerError:
                 await connection.close()

@@ -4,8 +4,9 @@ The only place that acks, rejects or requeues a message, and the only place that
 Exception. A job is acked only after its reply is confirmed; a job is requeued unanswered
 only while it has deliveries left, so every job ends with a reply. The exceptions, both
 dead-lettered: a message that kills every worker it reaches, and a reply the broker would
-not confirm on the job's last delivery (tried three times; counted as reply_unconfirmed).
-A reply retried after a lost confirm may reach its scheduler twice, identical.
+not confirm on the job's last delivery, even on fresh channels for the whole publish
+retry budget (worker/publisher.py; counted as reply_unconfirmed). A reply retried after a
+lost confirm may reach its scheduler twice, identical.
 
 Over 400 lines on purpose: every path that acks, rejects or requeues is in this one file,
 so that "every job ends with a reply" can be checked by reading it alone.
@@ -54,6 +55,7 @@ from worker.messages import (
     salvage_job_id,
 )
 from worker.metrics import Metrics
+from worker.publisher import ConfirmedPublisher
 from worker.replies import ReplyPublisher
 from worker.retrying import call_with_retries
 
@@ -65,9 +67,6 @@ MAX_BODY_BYTES = 64 * 1024
 MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
 #: Error messages in replies are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000
-#: Tries to publish the reply on a job's last delivery, and the pause between them.
-LAST_DELIVERY_REPLY_TRIES = 3
-LAST_DELIVERY_REPLY_PAUSE_S = 1.0
 
 
 class Settle(Enum):
@@ -139,7 +138,6 @@ class QueueConfig:
     node_id: str
     prefetch: int
     delivery_limit: int
-    publish_timeout_s: float
     #: Tries of a job per delivery on transient failures, and the backoff between them.
     job_attempts: int = 5
     retry_backoff_s: float = 0.5
@@ -154,15 +152,18 @@ class JobConsumer:
     """Consumes one channel. A new one is made for every (re)connection."""
 
     def __init__(
-        self, channel: AbstractChannel, flow: ExportFlow, metrics: Metrics, config: QueueConfig
+        self,
+        channel: AbstractChannel,
+        publisher: ConfirmedPublisher,
+        flow: ExportFlow,
+        metrics: Metrics,
+        config: QueueConfig,
     ) -> None:
-        self._channel = channel
+        self._channel = channel  # consumes, acks and rejects: never publishes
         self._flow = flow
         self._metrics = metrics
         self._config = config
-        self._replies = ReplyPublisher(
-            channel.default_exchange, config.reply_queue, config.publish_timeout_s
-        )
+        self._replies = ReplyPublisher(publisher, config.reply_queue)
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -321,32 +322,22 @@ class JobConsumer:
         return delivery_count(message) + 1 > self._config.delivery_limit
 
     async def _publish_reply(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
-        """Publishes the reply; whether the broker confirmed it. On a job's last delivery a
-        requeue would dead-letter it unanswered, so then it tries a few times."""
-        last = self._is_last_delivery(message)
-        tries = LAST_DELIVERY_REPLY_TRIES if last else 1
-        for attempt in range(1, tries + 1):
-            try:
-                await self._replies.publish(
-                    reply, reply_to=message.reply_to, correlation_id=message.correlation_id
-                )
-            except Exception:
-                log.exception(
-                    "Reply not confirmed job_id=%s attempt=%d of %d%s",
-                    reply.job_id,
-                    attempt,
-                    tries,
-                    "; the job's last delivery: it goes to the dead-letter queue unanswered"
-                    if last and attempt == tries
-                    else "",
-                )
-                if self._channel.is_closed:
-                    return False
-                if attempt < tries:
-                    await asyncio.sleep(LAST_DELIVERY_REPLY_PAUSE_S)
-            else:
-                return True
-        return False
+        """Publishes the reply; whether the broker confirmed it (the publisher has already
+        tried fresh channels for its whole budget when it says no)."""
+        try:
+            await self._replies.publish(
+                reply, reply_to=message.reply_to, correlation_id=message.correlation_id
+            )
+        except Exception:
+            log.exception(
+                "Reply not confirmed job_id=%s%s",
+                reply.job_id,
+                "; the job's last delivery: it goes to the dead-letter queue unanswered"
+                if self._is_last_delivery(message)
+                else "; the job goes back to the queue",
+            )
+            return False
+        return True
 
     async def _run(self, request: AnyRequest) -> ExportReady | ExportReleased | ExportFlushed:
         """Runs the flow, retrying transient failures with backoff and full jitter."""

@@ -14,6 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.messages import salvage_job_id
+from worker.publisher import ConfirmedPublisher
 
 #: Headers the broker added while the job failed; a replayed job starts afresh without them.
 BROKER_HEADERS = frozenset(
@@ -73,12 +74,17 @@ async def list_dead_letters(
 
 
 async def replay_dead_letters(
-    channel: AbstractChannel, dead_letter_queue: str, request_queue: str, limit: int
+    channel: AbstractChannel,
+    publisher: ConfirmedPublisher,
+    dead_letter_queue: str,
+    request_queue: str,
+    limit: int,
 ) -> list[DeadLetter]:
     """Moves up to `limit` dead letters back to the request queue, one at a time: each is
-    republished (confirmed, and routed: `mandatory`) before it is acked, so a failure loses
-    nothing (at worst one job is in both queues, and the worker answers a job it answered
-    before from its record). Only what the queue held at the start: a message that fails
+    republished (confirmed, on fresh channels through a leader election, and routed:
+    `mandatory`) before it is acked on `channel`, so a failure loses nothing (at worst one
+    job is in both queues, and the worker answers a job it answered before from its
+    record). Only what the queue held at the start: a message that fails
     again at once is not replayed twice."""
     await channel.declare_queue(request_queue, passive=True)  # it must exist
     queue = await channel.declare_queue(dead_letter_queue, passive=True)
@@ -89,7 +95,7 @@ async def replay_dead_letters(
         if message is None:
             break
         headers = {k: v for k, v in (message.headers or {}).items() if k not in BROKER_HEADERS}
-        await channel.default_exchange.publish(
+        await publisher.publish(
             aio_pika.Message(
                 message.body,
                 headers=headers,
@@ -99,8 +105,7 @@ async def replay_dead_letters(
                 message_id=message.message_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
-            routing_key=request_queue,
-            mandatory=True,
+            request_queue,
         )
         await message.ack()
         replayed.append(describe(message))

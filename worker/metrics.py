@@ -28,6 +28,7 @@ class Metrics:
     settle_failures: Counter
     consumer_cancels: Counter
     broker_reconnects: Counter
+    publish_retries: Counter
     sighups: Counter
     sighup_failures: Counter
     reload_visible: Histogram
@@ -116,6 +117,14 @@ def _build(r: NodeRegistry) -> Metrics:
         ),
         broker_reconnects=Counter(
             "nbd_export_broker_reconnects", "Reconnections to RabbitMQ.", registry=r
+        ),
+        publish_retries=Counter(
+            "nbd_export_publish_retries",
+            "Publishes tried again on a fresh channel, by why the last try failed: nack "
+            "(e.g. a channel first used during a quorum queue's leader election), timeout "
+            "(no confirm in time) or closed (the channel closed under it).",
+            ["reason"],
+            registry=r,
         ),
         sighups=Counter(
             "nbd_server_sighups", "SIGHUPs sent to nbd-server's main process.", registry=r

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     job_record_retention_s: float = Field(default=7 * 86400.0, gt=0)
     #: How long a reply may wait for the broker's publisher confirm.
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    #: How long a reply (or any publish) that was nacked or not confirmed is published again
+    #: on fresh channels before the job goes back to the queue: longer than a quorum
+    #: queue's leader election (~0.2 s; several seconds on a loaded cluster).
+    publish_retry_s: float = Field(default=30.0, ge=0)
 
     # --- MariaDB / MySQL ---
     database_url: AnyUrl = AnyUrl("mysql://root@127.0.0.1:3306/nbd_exports")

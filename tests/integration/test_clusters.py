@@ -427,46 +427,101 @@ async def test_galera_node_the_worker_uses_killed(
     assert galera.proxy_backend() == 2
 
 
-async def test_leaders_of_the_request_and_a_quorum_reply_queue_killed(
+#: How long the reply queue's election is held open after its leader is killed: long
+#: enough that the worker reconnects, takes redelivered jobs and publishes their replies
+#: while the queue has no leader, which is what makes a channel nack for good.
+ELECTION_HELD_S = 4.0
+#: Jobs published at once before the kill; at least this many are still unanswered then.
+BURST = 60
+IN_FLIGHT_AT_KILL = 40
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["node kept down", "node back", "node kept down, Galera writer killed too"],
+)
+async def test_leader_of_the_request_and_reply_queues_killed_with_a_burst_in_flight(
     whole: None,
+    variant: str,
+    tmp_path: Path,
     rabbit: RabbitCluster,
-    cluster_worker_settings: Settings,
-    scheduler_amqp: AbstractConnection,
+    galera: GaleraCluster,
+    galera_db: str,
+    nbd_server: NbdServerProcess,
     disks_dir: Path,
-    cluster_held: Held,
+    scheduler_amqp: AbstractConnection,
 ) -> None:
-    """A scheduler that takes its replies from a durable quorum queue led, like the request
-    queue, by node 2, which is killed (the worker on node 1, the scheduler on node 3):
-    both queues elect new leaders, and every job is answered."""
-    settings = cluster_worker_settings
+    """The worker on node 2, which leads both the request queue and the scheduler's durable
+    quorum reply queue (the scheduler publishes on node 3, takes replies on node 1); 60
+    jobs published at once; node 2 killed with at least 40 of them
+    unanswered, and the reply queue's election held open for 4 s (its member on node 3
+    suspended), so the worker, reconnected to node 1, publishes replies while the queue
+    has no leader: every one of them is nacked, and a channel first used then stays
+    nacked after the election (RELIABILITY.md). Node 2 stays down until every job is
+    answered, or comes back, or goes down with the Galera node the worker writes to.
+    Every job is answered, none is dead-lettered."""
+    settings = cluster_settings(
+        tmp_path, nbd_server, disks_dir, node_id=NODE,
+        amqp_urls=[rabbit.node(i).url for i in (2, 1, 3)],  # it connects to node 2
+        database_url=galera.url(database=galera_db),
+    )  # fmt: skip
+    await declare_request_queue(rabbit, settings)
+    held = await held_export(settings, scheduler_amqp, disks_dir, nbd_server.port)
     replies = unique("test.quorum-replies")
     connection = await aio_pika.connect(rabbit.node(2).url, timeout=10)
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(replies, durable=True, arguments={"x-queue-type": "quorum"})
-    assert rabbit.queue_leader(replies)[0] == 2
+    assert rabbit.queue_leader(replies) == (2, [1, 2, 3])
+    assert rabbit.queue_leader(settings.request_queue) == (2, [1, 2, 3])
     run = await FaultRun.start(scheduler_amqp, settings)
-    queue = await run.scheduler.channel.declare_queue(replies, passive=True)
+    # The scheduler takes its replies on node 1: a quorum queue delivers to a consumer
+    # through the member on the consumer's node, and node 3's is the one suspended.
+    reply_connection = await aio_pika.connect(rabbit.node(1).url, timeout=10)
+    queue = await (await reply_connection.channel()).declare_queue(replies, passive=True)
     await queue.consume(run.scheduler._on_reply, no_ack=True)
     run.scheduler.reply_queue_name = replies
+    rabbit.pause_member(3, replies, paused=True)
+    paused = True
     try:
-        async with running_worker(settings):
-            await publish_mix(run, disks_dir, cluster_held.request, uuid.uuid4().hex[:6], 30)
-            await after_replies(run, 10)
+        async with running_worker(settings) as worker:
+            tag = uuid.uuid4().hex[:6]
+            burst = [job(device=make_disk(disks_dir, f"{tag}{i}")) for i in range(BURST // 2)]
+            burst += [{**held.request, "job_id": f"reuse-{tag}{i}"} for i in range(BURST // 2)]
+            await asyncio.gather(*(run.publish(body) for body in burst))
+            await after_replies(run, 1)
             in_flight = len(run.sent) - len(run.scheduler.replies)
             rabbit.kill_node(2)
+            if "Galera" in variant:
+                galera.kill_node(1)
+            await asyncio.sleep(ELECTION_HELD_S)
+            if variant == "node back":
+                await asyncio.to_thread(rabbit.start_node, 2)
+            rabbit.pause_member(3, replies, paused=False)
+            paused = False
             row = await run.row(
-                "quorum leaders of the request and reply queues killed", cluster_held
+                f"leader of the request and reply queues killed, {BURST} jobs at once, "
+                f"election held {ELECTION_HELD_S:g} s; {variant}",
+                held,
             )
+            nacks = worker.sample("nbd_export_publish_retries_total", {"reason": "nack"})
+            assert len(rabbit.running_nodes()) == (3 if variant == "node back" else 2)
         new_leader = rabbit.queue_leader(replies)[0]
     finally:
+        if paused:
+            rabbit.pause_member(3, replies, paused=False)
         await run.scheduler.channel.close()
+        await reply_connection.close()
         await delete_broker_objects(scheduler_amqp, [replies], [])
-    assert in_flight > 0
+        held.close()
+    assert in_flight >= IN_FLIGHT_AT_KILL, "the burst was answered before the kill"
+    # The row did what it is for: replies were published while the queue had no leader.
+    assert nacks > 0, "no reply met the election: the row proves nothing"
     assert row.lost == 0, row
+    assert row.dead_lettered == 0, row
     assert row.held_connection == "survived"
     assert_all_ready(run.scheduler)
-    assert new_leader in (1, 3)
+    assert new_leader in ((1, 2, 3) if variant == "node back" else (1, 3))
     await check_consistent(settings)
 
 

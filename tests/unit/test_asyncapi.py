@@ -250,7 +250,11 @@ async def test_the_document_names_what_the_consumer_declares() -> None:
     settings = Settings.model_construct(node_id=node)
     channel = FakeChannel()
     consumer = JobConsumer(
-        cast(Any, channel), cast(Any, None), cast(Any, None), queue_config(settings)
+        cast(Any, channel),
+        cast(Any, None),
+        cast(Any, None),
+        cast(Any, None),
+        queue_config(settings),
     )
     await consumer.declare()
 

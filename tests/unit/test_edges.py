@@ -230,9 +230,9 @@ async def test_an_ack_on_a_closed_channel_is_logged_and_counted_not_raised() -> 
     from worker.metrics import build_metrics
 
     metrics = build_metrics("n")
-    channel = cast(Any, SimpleNamespace(default_exchange=None, is_closed=True))
-    config = QueueConfig("q", "r", "x", "k", "n", 1, 1, 1.0)
-    consumer = JobConsumer(channel, cast(Any, None), metrics, config)
+    channel = cast(Any, SimpleNamespace(is_closed=True))
+    config = QueueConfig("q", "r", "x", "k", "n", 1, 1)
+    consumer = JobConsumer(channel, cast(Any, None), cast(Any, None), metrics, config)
     message = cast(Any, SimpleNamespace(delivery_tag=7))
 
     async def stale_ack() -> None:

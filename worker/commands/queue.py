@@ -9,6 +9,7 @@ import uuid
 
 from worker.commands import ExitCode
 from worker.dead_letters import list_dead_letters, replay_dead_letters
+from worker.publisher import ConfirmedPublisher
 from worker.requester import connect_first, request_export
 from worker.settings import Settings
 
@@ -39,11 +40,17 @@ async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     dead_letter_queue = f"{settings.request_queue}.dead"
     connection = await connect_first(settings.amqp_urls, settings.db_connect_timeout_s)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await connection.channel()
         if args.replay:
-            letters = await replay_dead_letters(
-                channel, dead_letter_queue, settings.request_queue, args.limit
+            publisher = ConfirmedPublisher(
+                connection,
+                timeout_s=settings.publish_timeout_s,
+                retry_s=settings.publish_retry_s,
             )
+            letters = await replay_dead_letters(
+                channel, publisher, dead_letter_queue, settings.request_queue, args.limit
+            )
+            await publisher.close()
         else:
             letters = await list_dead_letters(channel, dead_letter_queue, args.limit)
     if args.json:
