@@ -624,8 +624,8 @@ async def _apply_migrations(
 def migrate_attempts(migrations: int) -> int:
     """`migrate`'s tries on conflicts. Each of many concurrent migrators can lose the race
     to record each migration, once or twice, so the tries grow with the migrations: 20
-    migrators from three Galera nodes needed up to 7 tries for 5 migrations (2,000 runs),
-    and with 5 tries, 6 to 14 rounds in 40 had a migrator give up
+    migrators from three Galera nodes needed up to 7 tries for 5 migrations (2,000 runs);
+    with 5 tries, some gave up in 5 of 6 runs of 30 to 40 rounds
     (tests/integration/test_galera_conflicts.py)."""
     return 5 + 2 * migrations
 
