@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from worker.assembly import queue_config
-from worker.consumer import MESSAGE_TYPES, request_queue_arguments
 from worker.messages import (
     SCHEMA_FILES,
     ExportFailed,
@@ -37,6 +36,7 @@ from worker.messages import (
     message_schemas,
 )
 from worker.settings import NODE_ID_PATTERN, Settings
+from worker.topology import MESSAGE_TYPES, request_queue_arguments
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"

@@ -1,15 +1,14 @@
 """The queue side: declares the queues, consumes jobs, runs the flow, replies, settles.
 
 The only place that acks, rejects or requeues a message, and the only place that catches
-Exception. A job is acked only after its reply is confirmed; a job is requeued unanswered
-only while it has deliveries left, so every job ends with a reply. The exceptions, both
-dead-lettered: a message that kills every worker it reaches, and a reply the broker would
-not confirm on the job's last delivery, even on fresh channels for the whole publish
-retry budget (worker/publisher.py; counted as reply_unconfirmed). A reply retried after a
-lost confirm may reach its scheduler twice, identical.
-
-Over 400 lines on purpose: every path that acks, rejects or requeues is in this one file,
-so that "every job ends with a reply" can be checked by reading it alone.
+Exception. A message passes it twice: `_answer` turns it into a reply and an outcome
+(decoding, running the flow, and the pure policy of worker/settle.py), and `_finish`
+publishes the reply and settles. A job is acked only after its reply is confirmed; a job
+is requeued unanswered only while it has deliveries left, so every job ends with a reply.
+The exceptions, both dead-lettered: a message that kills every worker it reaches, and a
+reply the broker would not confirm on the job's last delivery, even on fresh channels for
+the whole publish retry budget (worker/publisher.py; counted as reply_unconfirmed). A
+reply retried after a lost confirm may reach its scheduler twice, identical.
 """
 
 from __future__ import annotations
@@ -19,21 +18,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import AsyncRetrying, RetryCallState
 
 from worker.errors import FlushFailed, WorkerError
 from worker.faults import crash_point
@@ -58,37 +49,27 @@ from worker.metrics import Metrics
 from worker.publisher import ConfirmedPublisher
 from worker.replies import ReplyPublisher
 from worker.retrying import call_with_retries
+from worker.settle import (
+    Settle,
+    is_last_delivery,
+    is_retryable,
+    job_retry_policy,
+    settle_for,
+)
+from worker.topology import (
+    MESSAGE_TYPES,
+    QUORUM,
+    dead_letter_queue,
+    node_routing_keys,
+    request_queue_arguments,
+)
 
 log = logging.getLogger(__name__)
 
 #: Far above any real job (a few hundred bytes); larger bodies are refused unparsed.
 MAX_BODY_BYTES = 64 * 1024
-#: The message types one request queue carries (the `type` field; prepare-export if none).
-MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
 #: Error messages in replies are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000
-
-
-class Settle(Enum):
-    """How a handled message leaves the queue."""
-
-    ACK = "ack"
-    """Done: served, or refused for a reason that resending cannot change."""
-    DEAD_LETTER = "dead_letter"
-    """Rejected without requeue: the broker moves it, intact, to the dead-letter queue."""
-    REQUEUE = "requeue"
-    """Returned to the queue, unanswered: a transient failure; a later delivery retries."""
-
-
-def request_queue_arguments(dead_letter_queue: str, delivery_limit: int) -> dict[str, Any]:
-    # Quorum: replicated on a RabbitMQ cluster, and it counts deliveries, so a job that
-    # keeps crashing workers is dead-lettered instead of looping forever.
-    return {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": dead_letter_queue,
-        "x-delivery-limit": delivery_limit,
-    }
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
@@ -117,12 +98,13 @@ def error_reply(
     node_id: str,
     request: AnyRequest | None = None,
     errno: str | None = None,
+    cause: ErrorCode | None = None,
 ) -> ExportFailed:
     return ExportFailed(
         job_id=job_id,
         vm_id=request.vm_id if request else None,
         disk_unit_number=request.disk_unit_number if request else None,
-        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE], errno=errno),
+        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE], errno=errno, cause=cause),
         node_id=node_id,
     )
 
@@ -145,7 +127,17 @@ class QueueConfig:
 
     @property
     def dead_letter_queue(self) -> str:
-        return f"{self.request_queue}.dead"
+        return dead_letter_queue(self.request_queue)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A handled message: the reply to publish (None: requeue it unanswered), how to
+    settle it once the reply is confirmed, and the `jobs` metric's outcome label."""
+
+    reply: Reply | None
+    settle: Settle
+    label: str
 
 
 class JobConsumer:
@@ -176,11 +168,9 @@ class JobConsumer:
         await self._channel.set_qos(prefetch_count=config.prefetch)
         try:
             await self._channel.declare_queue(
-                config.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+                config.dead_letter_queue, durable=True, arguments=QUORUM
             )
-            await self._channel.declare_queue(
-                config.reply_queue, durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            await self._channel.declare_queue(config.reply_queue, durable=True, arguments=QUORUM)
             queue = await self._channel.declare_queue(
                 config.request_queue,
                 durable=True,
@@ -196,9 +186,8 @@ class JobConsumer:
         exchange = await self._channel.declare_exchange(
             config.exchange, ExchangeType.TOPIC, durable=True
         )
-        await queue.bind(exchange, routing_key=config.routing_key)
-        for kind in ("release-export", "flush-export"):
-            await queue.bind(exchange, routing_key=f"{kind}.{config.node_id}")
+        for routing_key in node_routing_keys(config.node_id):
+            await queue.bind(exchange, routing_key=routing_key)
         self._queue = queue
         return queue
 
@@ -272,9 +261,9 @@ class JobConsumer:
         started = time.monotonic()
         try:
             try:
-                reply, settle, outcome = await self._serve(message)
+                answer = await self._answer(message)
             except Exception:
-                # _serve answers every failure it knows; this is a bug, and the message
+                # _answer answers every failure it knows; this is a bug, and the message
                 # must still be answered and kept (an unsettled one would hold its
                 # prefetch slot until the channel closes).
                 log.exception("Unexpected error reading a request")
@@ -284,42 +273,48 @@ class JobConsumer:
                     job_id=salvage_job_id(message.body),
                     node_id=self._config.node_id,
                 )
-                settle, outcome = Settle.DEAD_LETTER, "failed"
-            if settle is Settle.REQUEUE or reply is None:
-                # A transient failure with deliveries left: no reply yet, the job comes back.
-                self._metrics.requeued.inc()
-                await self._settle(message, "nack", lambda: message.nack(requeue=True))
-                self._metrics.jobs.labels(outcome=outcome).inc()
-                return
-            if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
-                crash_point("before_reply")  # a create's reply, for the fault suite
-            if not await self._publish_reply(message, reply):
-                if self._is_last_delivery(message):
-                    # Requeued, it would be dead-lettered by the queue anyway: do it here,
-                    # counted, so the dead letter is explained.
-                    if await self._settle(message, "reject", lambda: message.reject(requeue=False)):
-                        self._metrics.dead_lettered.labels(code="reply_unconfirmed").inc()
-                    return
-                # No confirmed reply, so no ack: the broker redelivers the job, and handling
-                # it again answers from the job's record.
-                self._metrics.requeued.inc()
-                await self._settle(message, "nack", lambda: message.nack(requeue=True))
-                return
-            if settle is Settle.ACK:
-                await self._settle(message, "ack", message.ack)
-            elif await self._settle(message, "reject", lambda: message.reject(requeue=False)):
-                code = reply.error.code if isinstance(reply, ExportFailed) else "none"
-                self._metrics.dead_lettered.labels(code=code).inc()
-            self._metrics.jobs.labels(outcome=outcome).inc()
-            self._metrics.job_duration.observe(time.monotonic() - started)
+                answer = Answer(reply, Settle.DEAD_LETTER, "failed")
+            if await self._finish(message, answer):
+                self._metrics.jobs.labels(outcome=answer.label).inc()
+                if answer.reply is not None:
+                    self._metrics.job_duration.observe(time.monotonic() - started)
         finally:
             self._metrics.in_flight.dec()
             if task is not None:
                 self._in_flight.discard(task)
 
+    async def _finish(self, message: AbstractIncomingMessage, answer: Answer) -> bool:
+        """Publishes the answer's reply, then settles the message as the answer says;
+        False when the reply could not be published (the job is not counted as done)."""
+        reply = answer.reply
+        if reply is None:
+            # A transient failure with deliveries left: no reply yet, the job comes back.
+            self._metrics.requeued.inc()
+            await self._settle(message, "nack", lambda: message.nack(requeue=True))
+            return True
+        if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
+            crash_point("before_reply")  # a create's reply, for the fault suite
+        if not await self._publish_reply(message, reply):
+            if self._is_last_delivery(message):
+                # Requeued, it would be dead-lettered by the queue anyway: do it here,
+                # counted, so the dead letter is explained.
+                if await self._settle(message, "reject", lambda: message.reject(requeue=False)):
+                    self._metrics.dead_lettered.labels(code="reply_unconfirmed").inc()
+                return False
+            # No confirmed reply, so no ack: the broker redelivers the job, and handling
+            # it again answers from the job's record.
+            self._metrics.requeued.inc()
+            await self._settle(message, "nack", lambda: message.nack(requeue=True))
+            return False
+        if answer.settle is Settle.ACK:
+            await self._settle(message, "ack", message.ack)
+        elif await self._settle(message, "reject", lambda: message.reject(requeue=False)):
+            code = reply.error.code if isinstance(reply, ExportFailed) else "none"
+            self._metrics.dead_lettered.labels(code=code).inc()
+        return True
+
     def _is_last_delivery(self, message: AbstractIncomingMessage) -> bool:
-        """Whether the queue would dead-letter this job if it were returned once more."""
-        return delivery_count(message) + 1 > self._config.delivery_limit
+        return is_last_delivery(delivery_count(message) + 1, self._config.delivery_limit)
 
     async def _publish_reply(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
         """Publishes the reply; whether the broker confirmed it (the publisher has already
@@ -339,9 +334,7 @@ class JobConsumer:
             return False
         return True
 
-    async def _run(self, request: AnyRequest) -> ExportReady | ExportReleased | ExportFlushed:
-        """Runs the flow, retrying transient failures with backoff and full jitter."""
-
+    def _retry_policy(self, request: AnyRequest) -> Callable[[], AsyncRetrying]:
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             self._metrics.retries.labels(operation="job").inc()
@@ -353,23 +346,12 @@ class JobConsumer:
             )
 
         config = self._config
+        return lambda: job_retry_policy(
+            config.job_attempts, config.retry_backoff_s, config.retry_backoff_max_s, count_retry
+        )
 
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, WorkerError) and exc.retryable
-
-        def policy() -> AsyncRetrying:
-            return AsyncRetrying(
-                stop=stop_after_attempt(config.job_attempts),
-                # A floor that doubles (so a short outage is outlasted for sure) plus jitter
-                # (so the jobs of a burst do not all retry at once).
-                wait=wait_exponential(
-                    multiplier=config.retry_backoff_s, max=config.retry_backoff_max_s
-                )
-                + wait_random(0, config.retry_backoff_s),
-                retry=retry_if_exception(retryable),
-                before_sleep=count_retry,
-                reraise=True,
-            )
+    async def _run(self, request: AnyRequest) -> ExportReady | ExportReleased | ExportFlushed:
+        """Runs the flow, retrying transient failures with backoff and jitter."""
 
         async def serve() -> ExportReady | ExportReleased | ExportFlushed:
             if isinstance(request, ReleaseExport):
@@ -378,45 +360,39 @@ class JobConsumer:
                 return await self._flow.flush_export(request)
             return await self._flow.prepare_export(request)
 
-        return await call_with_retries(serve, policy, retryable)
+        return await call_with_retries(serve, self._retry_policy(request), is_retryable)
 
-    async def _serve(self, message: AbstractIncomingMessage) -> tuple[Reply | None, Settle, str]:
-        """Turns a message into its reply (None: requeue it unanswered), how to settle it,
-        and the outcome label."""
+    def _refused(self, code: ErrorCode, message: str, job_id: str | None) -> Answer:
+        """A message that is not a job the worker can run: answered, kept as a dead letter."""
+        bind_job(job_id=job_id, outcome="failed")
+        reply = error_reply(code, message, job_id=job_id, node_id=self._config.node_id)
+        return Answer(reply, Settle.DEAD_LETTER, "failed")
+
+    async def _answer(self, message: AbstractIncomingMessage) -> Answer:
+        """Turns a message into its answer: decodes it, runs the job, and asks the settle
+        policy what a failure means."""
         body = message.body
         if len(body) > MAX_BODY_BYTES:
-            bind_job(outcome="failed")
             log.warning("Oversized request refused bytes=%d", len(body))
-            return (
-                error_reply(
-                    ErrorCode.INVALID_REQUEST,
-                    f"message body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
-                    job_id=None,
-                    node_id=self._config.node_id,
-                ),
-                Settle.DEAD_LETTER,
-                "failed",
+            return self._refused(
+                ErrorCode.INVALID_REQUEST,
+                f"message body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
+                None,
             )
         try:
             request = parse_request(body)
         except ValidationError as exc:
             job_id = salvage_job_id(body)
-            bind_job(job_id=job_id, outcome="failed")
             log.warning(
                 "Invalid request job_id=%s correlation_id=%s error=%s",
                 job_id,
                 message.correlation_id,
                 describe_validation_error(exc),
             )
-            return (
-                error_reply(
-                    ErrorCode.INVALID_REQUEST,
-                    f"invalid request: {describe_validation_error(exc)}",
-                    job_id=job_id,
-                    node_id=self._config.node_id,
-                ),
-                Settle.DEAD_LETTER,
-                "failed",
+            return self._refused(
+                ErrorCode.INVALID_REQUEST,
+                f"invalid request: {describe_validation_error(exc)}",
+                job_id,
             )
         bind_job(
             job_id=request.job_id,
@@ -425,8 +401,39 @@ class JobConsumer:
             export_name=request.export_name,
         )
         try:
-            answer = await self._run(request)
-        except WorkerError as exc:
+            result = await self._run(request)
+        except Exception as exc:
+            return self._failed(message, request, exc)
+        label = (
+            str(result.action)
+            if isinstance(result, ExportReady)
+            else "released"
+            if isinstance(result, ExportReleased)
+            else "flushed"
+        )
+        bind_job(outcome=label)
+        if isinstance(result, ExportReady):
+            # A reuse has logged its own line already; at hundreds of jobs a second, one
+            # is enough.
+            log.log(
+                logging.DEBUG if result.action is Action.REUSED else logging.INFO,
+                "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
+                result.job_id,
+                result.vm_id,
+                result.disk_unit_number,
+                result.export_name,
+                result.action,
+                result.reused,
+            )
+        return Answer(result, Settle.ACK, label)
+
+    def _failed(
+        self, message: AbstractIncomingMessage, request: AnyRequest, exc: Exception
+    ) -> Answer:
+        """The answer to a job whose run raised `exc`, as the settle policy decides."""
+        deliveries = delivery_count(message) + 1
+        outcome = settle_for(exc, deliveries, self._config.delivery_limit)
+        if isinstance(exc, WorkerError):
             bind_job(outcome="failed", code=str(exc.code))
             log.warning(
                 "Job failed job_id=%s vm_id=%s disk=%d code=%s retryable=%s error=%s",
@@ -437,76 +444,30 @@ class JobConsumer:
                 exc.retryable,
                 exc,
             )
-            if exc.retryable:
-                # The queue dead-letters a job returned more than delivery_limit times; the
-                # worker answers on that last delivery itself, then rejects it.
-                deliveries = delivery_count(message) + 1
-                if not self._is_last_delivery(message):
-                    log.info(
-                        "Returning job to the queue job_id=%s delivery=%d delivery_limit=%d",
-                        request.job_id,
-                        deliveries,
-                        self._config.delivery_limit,
-                    )
-                    return None, Settle.REQUEUE, "requeued"
-                # The last delivery the queue allows: answer, and keep the job, intact, in
-                # the dead-letter queue for an operator to replay.
-                failed = error_reply(
-                    ErrorCode.RETRIES_EXHAUSTED,
-                    f"gave up after {deliveries} deliveries: {exc}",
-                    job_id=request.job_id,
-                    node_id=self._config.node_id,
-                    request=request,
-                )
-                failed = failed.model_copy(
-                    update={"error": failed.error.model_copy(update={"cause": exc.code})}
-                )
-                return failed, Settle.DEAD_LETTER, "failed"
-            # A refusal (bad device, device in use) is final: ack. A request that breaks
-            # the contract is kept in the dead-letter queue for whoever sent it.
-            settle = Settle.DEAD_LETTER if exc.code is ErrorCode.INVALID_REQUEST else Settle.ACK
-            return (
-                error_reply(
-                    exc.code,
-                    str(exc),
-                    job_id=request.job_id,
-                    node_id=self._config.node_id,
-                    request=request,
-                    errno=exc.errno_name if isinstance(exc, FlushFailed) else None,
-                ),
-                settle,
-                "failed",
-            )
-        except Exception:
+        else:
             bind_job(outcome="failed", code=str(ErrorCode.INTERNAL_ERROR))
-            log.exception("Unexpected error job_id=%s", request.job_id)
-            return (
-                error_reply(
-                    ErrorCode.INTERNAL_ERROR,
-                    "unexpected internal error; see the worker log",
-                    job_id=request.job_id,
-                    node_id=self._config.node_id,
-                    request=request,
-                ),
-                Settle.DEAD_LETTER,
-                "failed",
+            log.exception("Unexpected error job_id=%s", request.job_id, exc_info=exc)
+        if outcome.code is None:
+            log.info(
+                "Returning job to the queue job_id=%s delivery=%d delivery_limit=%d",
+                request.job_id,
+                deliveries,
+                self._config.delivery_limit,
             )
-        if isinstance(answer, ExportReleased):
-            bind_job(outcome="released")
-            return answer, Settle.ACK, "released"
-        if isinstance(answer, ExportFlushed):
-            bind_job(outcome="flushed")
-            return answer, Settle.ACK, "flushed"
-        bind_job(outcome=str(answer.action))
-        # A reuse has logged its own line already; at hundreds of jobs a second, one is enough.
-        log.log(
-            logging.DEBUG if answer.action is Action.REUSED else logging.INFO,
-            "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
-            answer.job_id,
-            answer.vm_id,
-            answer.disk_unit_number,
-            answer.export_name,
-            answer.action,
-            answer.reused,
+            return Answer(None, outcome.settle, outcome.label)
+        if outcome.code is ErrorCode.RETRIES_EXHAUSTED:
+            text = f"gave up after {deliveries} deliveries: {exc}"
+        elif isinstance(exc, WorkerError):
+            text = str(exc)
+        else:
+            text = "unexpected internal error; see the worker log"
+        reply = error_reply(
+            outcome.code,
+            text,
+            job_id=request.job_id,
+            node_id=self._config.node_id,
+            request=request,
+            errno=exc.errno_name if isinstance(exc, FlushFailed) else None,
+            cause=outcome.cause,
         )
-        return answer, Settle.ACK, str(answer.action)
+        return Answer(reply, outcome.settle, outcome.label)

@@ -43,10 +43,10 @@ from tests.fault_run import (
     held_export,
     publish_mix,
 )
-from worker.consumer import request_queue_arguments
 from worker.errors import TransactionConflict
 from worker.repository import migrate, translate_error
 from worker.settings import Settings
+from worker.topology import request_queue_arguments
 
 # The clusters' start (about a minute) counts against the first test's time.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

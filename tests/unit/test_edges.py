@@ -11,7 +11,7 @@ import pytest
 from pydantic import AnyUrl, ValidationError
 from tenacity import AsyncRetrying, stop_after_attempt
 
-from worker.consumer import describe_validation_error, request_queue_arguments
+from worker.consumer import describe_validation_error
 from worker.devices import (
     DevicePolicy,
     HeldDevices,
@@ -32,6 +32,7 @@ from worker.messages import parse_request
 from worker.repository import database_name, retry_policy, split_statements, translate_error
 from worker.retrying import call_with_retries
 from worker.settings import Settings, mask_url
+from worker.topology import request_queue_arguments
 
 
 def test_device_policy(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from worker.dead_letters import list_dead_letters, replay_dead_letters
 from worker.publisher import ConfirmedPublisher
 from worker.requester import connect_first, request_export
 from worker.settings import Settings
+from worker.topology import dead_letter_queue
 
 
 async def request(settings: Settings, args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ async def request(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    dead_letter_queue = f"{settings.request_queue}.dead"
+    dead_queue = dead_letter_queue(settings.request_queue)
     connection = await connect_first(settings.amqp_urls, settings.db_connect_timeout_s)
     async with connection:
         channel = await connection.channel()
@@ -48,11 +49,11 @@ async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
                 retry_s=settings.publish_retry_s,
             )
             letters = await replay_dead_letters(
-                channel, publisher, dead_letter_queue, settings.request_queue, args.limit
+                channel, publisher, dead_queue, settings.request_queue, args.limit
             )
             await publisher.close()
         else:
-            letters = await list_dead_letters(channel, dead_letter_queue, args.limit)
+            letters = await list_dead_letters(channel, dead_queue, args.limit)
     if args.json:
         print(json.dumps([letter.as_dict() for letter in letters], indent=2))
     else:
@@ -60,9 +61,9 @@ async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{letter.reason:16} job_id={letter.job_id} body={letter.preview!r}")
         if args.replay:
             print(
-                f"{len(letters)} dead letter(s) replayed from {dead_letter_queue} "
+                f"{len(letters)} dead letter(s) replayed from {dead_queue} "
                 f"to {settings.request_queue}"
             )
         else:
-            print(f"{len(letters)} dead letter(s) in {dead_letter_queue} (left in place)")
+            print(f"{len(letters)} dead letter(s) in {dead_queue} (left in place)")
     return ExitCode.OK

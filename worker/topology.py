@@ -1,0 +1,42 @@
+"""The queue topology: the message types, queue names and arguments, and the routing keys
+a node's queue is bound with. The consumer declares from here, the AsyncAPI document
+describes from here, and the operator commands and settings address from here, so the
+three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The message types one request queue carries (the `type` field; prepare-export if none).
+MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
+
+#: Arguments of every queue the worker declares besides the request queue: replicated on
+#: a RabbitMQ cluster, and durable.
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+def dead_letter_queue(request_queue: str) -> str:
+    """Where the request queue's rejected and over-delivered jobs go, intact."""
+    return f"{request_queue}.dead"
+
+
+def request_queue_arguments(dead_letters: str, delivery_limit: int) -> dict[str, Any]:
+    # Quorum: replicated on a RabbitMQ cluster, and it counts deliveries, so a job that
+    # keeps crashing workers is dead-lettered instead of looping forever.
+    return {
+        **QUORUM,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letters,
+        "x-delivery-limit": delivery_limit,
+    }
+
+
+def node_routing_key(message_type: str, node_id: str) -> str:
+    """The routing key a scheduler publishes `message_type` for node `node_id` with."""
+    return f"{message_type}.{node_id}"
+
+
+def node_routing_keys(node_id: str) -> list[str]:
+    """Every routing key a node's request queue is bound with on the exchange."""
+    return [node_routing_key(kind, node_id) for kind in MESSAGE_TYPES]
