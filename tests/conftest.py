@@ -45,6 +45,9 @@ from worker.repository import migrate
 from worker.service import serve
 from worker.settings import Settings
 
+#: The markers that make the tiers (unit, integration, slow, cluster, containers).
+pytest_plugins = ("tests.tiers",)
+
 #: The node id of single-node tests.
 NODE = "test-node"
 

@@ -190,6 +190,7 @@ async def test_a_deleted_authfile_is_reported_then_restored_by_reconciliation(
     assert after.returncode == 0, after.stdout
 
 
+@pytest.mark.slow  # a thousand reuses
 async def test_without_listing_every_operation_works(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:

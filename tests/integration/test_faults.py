@@ -551,6 +551,7 @@ def record(row: FaultRow, fault: str, held: Held | None) -> FaultRow:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)  # a RabbitMQ node of its own to start first
 async def test_broker_restarted_with_jobs_in_flight(
     tmp_path: Path, fault_settings: Settings, disks_dir: Path, nbd_server: NbdServerProcess,

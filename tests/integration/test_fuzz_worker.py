@@ -44,6 +44,7 @@ async def fuzz_scheduler(
     await channel.close()
 
 
+@pytest.mark.slow  # hundreds of generated messages through a real worker
 @settings(
     max_examples=BATCHES,
     deadline=None,

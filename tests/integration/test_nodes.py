@@ -106,6 +106,7 @@ async def test_jobs_are_served_by_the_node_they_are_routed_to(
     assert rows == [("a", vm, "active"), ("b", vm, "active")]
 
 
+@pytest.mark.slow  # 200 jobs, a worker process killed and another started
 async def test_two_hundred_jobs_over_two_nodes_with_a_worker_killed_midway(
     nodes: dict[str, Node], amqp: AbstractConnection, disks_dir: Path
 ) -> None:
