@@ -63,7 +63,10 @@ def wait_for(predicate: object, timeout_s: float, what: str, interval_s: float =
 
 def _accepts(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        # Before the server listens the connect is refused at once; once it accepts, its
+        # greeting comes from a child it forks, which on a loaded machine takes longer than
+        # 0.2 s: a short timeout here gave up on it and made the server fork again and again.
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
             # The greeting's first bytes, not just an accept: the server is really serving.
             return sock.recv(8) == b"NBDMAGIC"
     except OSError:
