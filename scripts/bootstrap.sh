@@ -34,7 +34,7 @@ fi
 
 # Reinstall only when pyproject.toml changed since the last install into this venv.
 #
-# The wheels of an install are kept under $CACHE/wheels, keyed by pyproject.toml and the
+# The wheels of an install are kept under $CACHE/wheels, keyed by the dependencies and the
 # Python, so that a fresh clone on this machine (CI's) installs from them without the index:
 # seconds instead of the minute or more of resolving and downloading (pip's own HTTP cache
 # keeps nothing on these machines). A new key, or a wheelhouse that fails to install from,
@@ -45,8 +45,14 @@ if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
   CACHE=${NBD_BUILD_CACHE:-/var/cache/nbd-export-worker}
-  wheels="$CACHE/wheels/$( { "$VENV/bin/python" -c 'import sys, sysconfig
-print(sys.version, sysconfig.get_platform())'; cat "$ROOT/pyproject.toml"; } | sha256sum | cut -c1-16)"
+  # The key: the Python, and only the tables that decide what is installed (an edit of the
+  # pytest or ruff settings does not send it back to the index).
+  wheels="$CACHE/wheels/$("$VENV/bin/python" -c 'import json, sys, sysconfig, tomllib
+t = tomllib.load(open(sys.argv[1], "rb"))
+p = t["project"]
+print(sys.version, sysconfig.get_platform(), json.dumps(
+    [t["build-system"], p.get("dependencies"), p.get("optional-dependencies")], sort_keys=True))' \
+    "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
   # --no-compile: half of the install's CPU was byte-compiling every module, most of which
   # no command here imports; Python compiles what is imported on first use.
   offline=("${pip[@]}" install --no-compile --no-index --find-links "$wheels" -e "$ROOT[dev]")
