@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from worker.errors import ProbeTimeout, ServerUnavailable
 
@@ -173,19 +172,15 @@ async def _connected_from(host: str, port: int, source: str) -> socket.socket:
     chosen by connect() for the whole address pair: bind() with port 0 would pick it
     alone, and never reuse one still in TIME_WAIT from an earlier probe, so a few
     thousand probes a minute (status with 2,000 exports) would run out of ports."""
-    loop = asyncio.get_running_loop()
-    try:  # the worker's probes name an address (resolved once): no resolver thread each
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        address: tuple[Any, ...] = (host, port)
-    except ValueError:
-        family, _, _, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # `source` is an address (a setting checked to be one, or the kernel's choice): its
+    # family is the connection's; sock_connect() resolves `host` in it.
+    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
     try:
         with contextlib.suppress(OSError):  # not Linux: bind() picks the port, as before
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source, 0))
         sock.setblocking(False)
-        await loop.sock_connect(sock, address)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise
