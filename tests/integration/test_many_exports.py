@@ -38,7 +38,8 @@ from worker.nbd.files import (
 from worker.nbd.server import NbdServer
 from worker.settings import Settings
 
-pytestmark = pytest.mark.integration
+# Slow: 20-50 s for its 1,000 exports on the shared two-core test machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Active exports the server serves during the test.
 EXPORTS = int(os.environ.get("NBD_MANY_EXPORTS", "1000"))
