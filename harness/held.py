@@ -39,7 +39,11 @@ async def check_consistent(settings: Settings) -> None:
     """Exactly one snippet per active mapping, every active export servable, and nothing
     for reconciliation to repair or explain."""
     repository = await Repository.connect(
-        settings.database_url, node_id=settings.node_id, pool_size=1, timeout_s=5
+        settings.database_url,
+        node_id=settings.node_id,
+        pool_size=1,
+        timeout_s=5,
+        client_addresses=settings.client_addresses,
     )
     try:
         active = {m.export_name for m in await repository.list_mappings(active_only=True)}

@@ -145,8 +145,6 @@ class FakeExportServer:
         self.flush_errors: list[str] = []
         self.held: dict[str, str] = {}
         self.detached: set[str] = set()
-        #: Whom rows from before access control admit (the flow's default in make_flow).
-        self.default_client_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
         #: name -> the addresses its authfile admits (None: nobody, released).
         self.authfiles: dict[str, tuple[str, ...] | None] = {}
         self.authfile_writes = 0
@@ -162,7 +160,7 @@ class FakeExportServer:
         found = await committed(name)
         admitted = None
         if found is not None:
-            admitted = found.admitted(self.default_client_addresses)
+            admitted = found.admitted()
         if self.authfiles.get(name, ()) != admitted:
             self.authfiles[name] = admitted
             self.authfile_writes += 1

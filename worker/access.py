@@ -13,6 +13,9 @@ import re
 from collections.abc import Iterable
 
 MAX_CLIENT_ADDRESSES = 16
+#: Who may connect to an export when neither its job nor the settings say: copy tools on
+#: this appliance, or behind an SSH tunnel to it.
+DEFAULT_CLIENT_ADDRESSES = ("127.0.0.1", "::1")
 #: The longest canonical form is an IPv6 network: 39 characters plus "/128".
 MAX_ADDRESS_LENGTH = 43
 #: Before any parsing: what a numeric address or network may contain at all.

@@ -40,6 +40,7 @@ async def connect_repository(
         timeout_s=settings.db_connect_timeout_s,
         on_retry=on_retry,
         tls=database_tls(settings),
+        client_addresses=settings.client_addresses,
     )
 
 

@@ -211,7 +211,6 @@ class ExportFlow:
         self._node_id = node_id
         #: Who may connect to an export whose job does not say.
         self._client_addresses = client_addresses
-        self._default_stored = stored_addresses(client_addresses)
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
 
@@ -219,11 +218,9 @@ class ExportFlow:
         return request.client_addresses or self._client_addresses
 
     def _admits_now(self, mapping: Mapping, admitted: tuple[str, ...]) -> bool:
-        """Whether the mapping's row admits `admitted` (rows from before: the default)."""
-        stored = mapping.client_addresses
-        if stored is None:
-            stored = self._default_stored
-        return stored == stored_addresses(admitted)
+        """Whether the mapping's row admits `admitted` (the repository gives rows from
+        before access control the default)."""
+        return mapping.client_addresses == stored_addresses(admitted)
 
     def _ready(
         self, request: PrepareExport, device: Device, action: Action, *, reused: bool

@@ -37,25 +37,38 @@ class Mapping(BaseModel):
     #: Why fsync of the device failed ("EIO: ..."), kept until a new prepare-export: what
     #: was written before may be lost, so no flush may claim durability meanwhile.
     flush_error: str | None = None
-    #: Who may connect, as stored (normalized, comma-separated); None on rows from before
-    #: exports had access control, which admit the worker's default.
+    #: Who may connect, as stored (normalized, comma-separated). The column is NULL on rows
+    #: from before exports had access control, which admit the worker's default: the
+    #: repository gives those rows that default (resolve_stored), so rows it returns never
+    #: hold None here.
     client_addresses: str | None = None
 
     @property
     def is_active(self) -> bool:
         return self.status == "active"
 
-    def admitted(self, default: tuple[str, ...]) -> tuple[str, ...]:
+    def admitted(self, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
         return admitted_addresses(self.client_addresses, default)
 
 
-def admitted_addresses(stored: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+def admitted_addresses(
+    stored: str | None, default: tuple[str, ...] | None = None
+) -> tuple[str, ...]:
     """The addresses a row's client_addresses column admits, re-validated: nothing
-    unvalidated from the database reaches an authfile. None (a row from before access
-    control): `default`. Raises ValueError on a corrupt value."""
+    unvalidated from the database reaches an authfile. Raises ValueError on a corrupt
+    value, and on None unless a `default` is given (the repository resolves NULL, so
+    None is a row it did not read: never guess who may connect)."""
     if stored is None:
+        if default is None:
+            raise ValueError("no client_addresses (a row the repository did not resolve)")
         return default
     return normalize_client_addresses(stored.split(","))
+
+
+def resolve_stored(stored: str | None, default: str) -> str:
+    """A row's client_addresses column as the worker reads it: NULL (a row from before
+    access control) is `default`, the worker's default as stored."""
+    return default if stored is None else stored
 
 
 def stored_addresses(addresses: tuple[str, ...]) -> str:
@@ -72,7 +85,7 @@ class CommittedExport(BaseModel):
     #: As stored (see Mapping.client_addresses).
     client_addresses: str | None
 
-    def admitted(self, default: tuple[str, ...]) -> tuple[str, ...]:
+    def admitted(self, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
         return admitted_addresses(self.client_addresses, default)
 
 

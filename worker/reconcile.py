@@ -162,7 +162,7 @@ async def reconcile(
     corrupt: list[str] = []
     for name, mapping in sorted(active.items()):
         try:
-            admitted[name] = mapping.admitted(server.default_client_addresses)
+            admitted[name] = mapping.admitted()
         except ValueError as exc:
             # Never guess who may connect: nobody, until a job names its clients again.
             log.error("Mapping of %s has invalid client_addresses: %s", name, exc)  # noqa: TRY400

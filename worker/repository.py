@@ -31,6 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.access import DEFAULT_CLIENT_ADDRESSES
 from worker.db_errors import ErrnoKind, classify_errno
 from worker.db_tls import refuse_plaintext_logins, session_cipher
 from worker.devices import Device
@@ -41,7 +42,7 @@ from worker.errors import (
     TransientDatabaseError,
     WorkerError,
 )
-from worker.mappings import CommittedExport, JobRecord, Mapping
+from worker.mappings import CommittedExport, JobRecord, Mapping, resolve_stored, stored_addresses
 from worker.messages import PrepareExport
 from worker.retrying import call_with_retries
 
@@ -58,6 +59,7 @@ _COLUMNS = (
 
 
 _FIELDS = tuple(_COLUMNS.split(", "))
+_CLIENT_ADDRESSES = _FIELDS.index("client_addresses")
 #: What a job needs of its mapping. The lookup runs for every job, and the driver parses
 #: each result column's metadata in pure Python on every query (a profile of the reuse
 #: path put 40 % of the worker's CPU in the lookup, most of it there): so the lookup returns
@@ -67,11 +69,6 @@ _LOOKUP_FIELDS = (
     "last_action", "flush_error", "client_addresses",
 )  # fmt: skip
 _LOOKUP_ROW = f"JSON_ARRAY({', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply)"
-
-
-def _row_to_mapping(row: tuple[Any, ...]) -> Mapping:
-    # The columns' SQL types already are the fields' types: no validation on the hot path.
-    return Mapping.model_construct(**dict(zip(_FIELDS, row, strict=True)))
 
 
 def _is_duplicate(exc: pymysql.err.IntegrityError, key: str) -> bool:
@@ -161,11 +158,25 @@ class Repository:
     """The worker's view of the database. Create with `Repository.connect`."""
 
     def __init__(
-        self, pool: aiomysql.Pool, node_id: str, on_retry: Callable[[], None] | None = None
+        self,
+        pool: aiomysql.Pool,
+        node_id: str,
+        on_retry: Callable[[], None] | None = None,
+        *,
+        client_addresses: tuple[str, ...] = DEFAULT_CLIENT_ADDRESSES,
     ) -> None:
         self._pool = pool
         self._node = node_id
         self._on_retry = on_retry
+        #: What a NULL client_addresses (a row from before access control) reads as: the
+        #: worker's default, resolved here once, so nothing above this module sees NULL.
+        self._default_stored = stored_addresses(client_addresses)
+
+    def _row_to_mapping(self, row: tuple[Any, ...]) -> Mapping:
+        # The columns' SQL types already are the fields' types: no validation on the hot path.
+        values = list(row)
+        values[_CLIENT_ADDRESSES] = resolve_stored(values[_CLIENT_ADDRESSES], self._default_stored)
+        return Mapping.model_construct(**dict(zip(_FIELDS, values, strict=True)))
 
     @classmethod
     async def connect(
@@ -177,9 +188,11 @@ class Repository:
         timeout_s: float,
         on_retry: Callable[[], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        client_addresses: tuple[str, ...] = DEFAULT_CLIENT_ADDRESSES,
     ) -> Repository:
         """`tls`: every connection over TLS; a server that offers none is refused before
-        login, and the first session is checked to be encrypted."""
+        login, and the first session is checked to be encrypted. `client_addresses`: whom
+        rows from before access control admit (EXPORT_WORKER_CLIENT_ADDRESSES)."""
         try:
             pool = await aiomysql.create_pool(
                 minsize=1,
@@ -202,7 +215,7 @@ class Repository:
                 pool.close()
                 await pool.wait_closed()
                 raise
-        return cls(pool, node_id, on_retry)
+        return cls(pool, node_id, on_retry, client_addresses=client_addresses)
 
     async def close(self) -> None:
         self._pool.close()
@@ -259,11 +272,15 @@ class Repository:
             values = json.loads(result[0])
             mapping = None
             if values[0] is not None:  # the primary key: NULL only when no row joined
+                fields = dict(zip(_LOOKUP_FIELDS, values[:-1], strict=True))
+                fields["client_addresses"] = resolve_stored(
+                    fields["client_addresses"], self._default_stored
+                )
                 mapping = Mapping.model_construct(
                     node_id=self._node,
                     vm_id=vm_id,
                     disk_unit_number=disk_unit_number,
-                    **dict(zip(_LOOKUP_FIELDS, values[:-1], strict=True)),
+                    **fields,
                 )
             record = None
             if values[-1] is not None:
@@ -333,7 +350,7 @@ class Repository:
                     (self._node, device_id),
                 )
                 row = await cur.fetchone()
-            return _row_to_mapping(row) if row else None
+            return self._row_to_mapping(row) if row else None
 
         return await self._retrying(query)
 
@@ -351,7 +368,10 @@ class Repository:
                 row = await cur.fetchone()
             if not row:
                 return None
-            return CommittedExport(device_path=str(row[0]), client_addresses=row[1])
+            return CommittedExport(
+                device_path=str(row[0]),
+                client_addresses=resolve_stored(row[1], self._default_stored),
+            )
 
         return await self._retrying(query)
 
@@ -493,7 +513,7 @@ class Repository:
                     "ORDER BY node_id, vm_id, disk_unit_number",
                     params,
                 )
-                return [_row_to_mapping(row) for row in await cur.fetchall()]
+                return [self._row_to_mapping(row) for row in await cur.fetchall()]
 
         return await self._retrying(query)
 
@@ -538,7 +558,7 @@ class Repository:
                     (self._node, vm_id, disk_unit_number),
                 )
                 row = await cur.fetchone()
-            return _row_to_mapping(row) if row else None
+            return self._row_to_mapping(row) if row else None
 
         return await self._retrying(transaction)
 

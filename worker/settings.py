@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from pydantic import AnyUrl, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.access import normalize_client_addresses
+from worker.access import DEFAULT_CLIENT_ADDRESSES, normalize_client_addresses
 from worker.faults import CrashPoint
 from worker.tls import TlsFiles
 
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     #: Who may connect to an export whose job gives no client_addresses: addresses or CIDR
     #: networks, comma-separated. The default suits copy tools on this appliance or behind
     #: an SSH tunnel to it (every copy then arrives from loopback).
-    client_addresses: Annotated[tuple[str, ...], NoDecode] = ("127.0.0.1", "::1")
+    client_addresses: Annotated[tuple[str, ...], NoDecode] = DEFAULT_CLIENT_ADDRESSES
     #: The local address the worker's probes connect from, which every authfile admits
     #: too. Empty: the one the kernel picks to reach nbd_host (127.0.0.1 on loopback). Set a
     #: loopback address of its own (e.g. 127.0.0.2) so that exports whose jobs admit remote

@@ -328,17 +328,13 @@ class NbdServer:
             "searchable by that user"
         )
 
-    @property
-    def default_client_addresses(self) -> tuple[str, ...]:
-        return self._settings.client_addresses
-
     def remembered_names(self) -> set[str]:
         """Names the running server is known to have, without asking it."""
         return set(self._memory().known)
 
     def admitted(self, committed: CommittedExport) -> tuple[str, ...]:
-        """Who a committed export admits (rows from before access control: the default)."""
-        return committed.admitted(self._settings.client_addresses)
+        """Who a committed export admits. Raises ValueError on a corrupt column."""
+        return committed.admitted()
 
     @property
     def options(self) -> DataPathOptions:

@@ -1,0 +1,90 @@
+"""Rows from before access control (client_addresses NULL) admit the worker's default: the
+repository resolves that once, on every read path, so nothing above it applies a default."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import aiomysql
+
+from worker.repository import _FIELDS, Repository
+
+VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
+NAME = f"migration-vm-{VM}-disk0"
+DEFAULT = ("10.0.0.7", "::1")
+
+
+class OneRowPool:
+    """Stands in for aiomysql's pool: every query returns `row`."""
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        self.row = row
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[OneRowPool]:
+        yield self
+
+    @asynccontextmanager
+    async def cursor(self) -> AsyncIterator[OneRowPool]:
+        yield self
+
+    async def execute(self, *_: object) -> None:
+        pass
+
+    async def fetchone(self) -> tuple[Any, ...]:
+        return self.row
+
+    async def fetchall(self) -> list[tuple[Any, ...]]:
+        return [self.row]
+
+
+def repository(row: tuple[Any, ...]) -> Repository:
+    pool = cast(aiomysql.Pool, OneRowPool(row))
+    return Repository(pool, "n", client_addresses=DEFAULT)
+
+
+def full_row(client_addresses: str | None) -> tuple[Any, ...]:
+    values = {
+        "id": 1, "node_id": "n", "vm_id": VM, "disk_unit_number": 0, "vm_name": "vm",
+        "export_name": NAME, "device_path": "/dev/vdb", "device_id": "blk:252:16",
+        "status": "active", "created_at": None, "updated_at": None, "last_job_id": "j",
+        "last_action": "created", "flush_error": None, "client_addresses": client_addresses,
+    }  # fmt: skip
+    return tuple(values[name] for name in _FIELDS)
+
+
+def lookup_row(client_addresses: str | None) -> tuple[Any, ...]:
+    # id, vm_name, export_name, device_path, device_id, status, last_job_id, last_action,
+    # flush_error, client_addresses, then the job's reply (none).
+    values = [1, "vm", NAME, "/dev/vdb", "blk:252:16", "active", "j", "created", None]
+    return (json.dumps([*values, client_addresses, None]),)
+
+
+async def test_every_read_gives_an_old_row_the_default() -> None:
+    mapping, _ = await repository(lookup_row(None)).lookup(VM, 0, "job")
+    assert mapping is not None
+    assert mapping.client_addresses == "10.0.0.7,::1"
+    committed = await repository(("/dev/vdb", None)).committed_export(NAME)
+    assert committed is not None
+    assert committed.client_addresses == "10.0.0.7,::1"
+    assert committed.admitted() == DEFAULT
+    (listed,) = await repository(full_row(None)).list_mappings()
+    assert listed.client_addresses == "10.0.0.7,::1"
+    assert listed.admitted() == DEFAULT
+    found = await repository(full_row(None)).find_active_by_device("blk:252:16")
+    assert found is not None
+    assert found.client_addresses == "10.0.0.7,::1"
+
+
+async def test_a_stored_value_is_read_as_stored() -> None:
+    mapping, _ = await repository(lookup_row("192.0.2.1")).lookup(VM, 0, "job")
+    assert mapping is not None
+    assert mapping.client_addresses == "192.0.2.1"
+    committed = await repository(("/dev/vdb", "192.0.2.1")).committed_export(NAME)
+    assert committed is not None
+    assert committed.client_addresses == "192.0.2.1"
+    (listed,) = await repository(full_row("192.0.2.1")).list_mappings()
+    assert listed.client_addresses == "192.0.2.1"
