@@ -12,6 +12,8 @@ from worker.errors import DeviceInUse, FlushFailed, TransientDatabaseError
 from worker.mappings import CommittedExport, JobRecord, Mapping
 from worker.messages import PrepareExport
 
+Committed = Callable[[str], Awaitable[CommittedExport | None]]
+
 
 class InMemoryMappings:
     """Implements flow.Mappings with the same uniqueness rules as the SQL schema."""
@@ -145,19 +147,26 @@ class FakeExportServer:
         self.flush_errors: list[str] = []
         self.held: dict[str, str] = {}
         self.detached: set[str] = set()
+        #: Where what an export is committed to is read (bound by the flow, as for NbdServer).
+        self.committed: Committed | None = None
         #: name -> the addresses its authfile admits (None: nobody, released).
         self.authfiles: dict[str, tuple[str, ...] | None] = {}
         self.authfile_writes = 0
 
     tls = False
 
+    def bind_committed(self, committed: Committed) -> None:
+        self.committed = committed
+
+    async def _committed(self, name: str) -> CommittedExport | None:
+        assert self.committed is not None, "bind_committed() was not called"
+        return await self.committed(name)
+
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool:
         return self.authfiles.get(name) == client_addresses
 
-    async def _write_authfile(
-        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
-    ) -> CommittedExport | None:
-        found = await committed(name)
+    async def _write_authfile(self, name: str) -> CommittedExport | None:
+        found = await self._committed(name)
         admitted = None
         if found is not None:
             admitted = found.admitted()
@@ -166,10 +175,8 @@ class FakeExportServer:
             self.authfile_writes += 1
         return found
 
-    async def align_export(
-        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
-    ) -> CommittedExport | None:
-        found = await self._write_authfile(name, committed)
+    async def align_export(self, name: str) -> CommittedExport | None:
+        found = await self._write_authfile(name)
         if found is None:
             self.links.pop(name, None)
         else:
@@ -184,19 +191,14 @@ class FakeExportServer:
     async def needs_reload(self, name: str) -> bool:
         return name not in self.listed
 
-    async def ensure_export(
-        self,
-        name: str,
-        device_path: str,
-        committed: Callable[[str], Awaitable[CommittedExport | None]],
-    ) -> FakeEnsured:
+    async def ensure_export(self, name: str, device_path: str) -> FakeEnsured:
         self.ensure_calls += 1
         await asyncio.sleep(self.delay_s)
         if self.ensure_hook is not None:
             await self.ensure_hook(name)
         if self.fail_with is not None:
             raise self.fail_with
-        found = await self._write_authfile(name, committed)
+        found = await self._write_authfile(name)
         target = found.device_path if found is not None else device_path
         changed = self.links.get(name) != target
         self.links[name] = target
@@ -206,13 +208,11 @@ class FakeExportServer:
         self.listed.add(name)
         return FakeEnsured(sighup_sent=True, changed=True)
 
-    async def remove_export(
-        self, name: str, committed: Callable[[str], Awaitable[CommittedExport | None]]
-    ) -> bool:
-        if await committed(name) is not None:
+    async def remove_export(self, name: str) -> bool:
+        if await self._committed(name) is not None:
             return False
         await asyncio.sleep(self.delay_s)
-        await self._write_authfile(name, committed)
+        await self._write_authfile(name)
         self.links.pop(name, None)
         return True
 

@@ -85,12 +85,16 @@ class ExportServer(Protocol):
         """Whether copy tools must connect with TLS (replies say so)."""
         ...
 
+    def bind_committed(self, committed: Committed) -> None:
+        """Where the server reads, under its lock, what the database commits an export to."""
+        ...
+
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
     async def needs_reload(self, name: str) -> bool: ...
-    async def ensure_export(self, name: str, device_path: str, committed: Committed) -> object: ...
-    async def align_export(self, name: str, committed: Committed) -> CommittedExport | None: ...
-    async def remove_export(self, name: str, committed: Committed) -> bool: ...
+    async def ensure_export(self, name: str, device_path: str) -> object: ...
+    async def align_export(self, name: str) -> CommittedExport | None: ...
+    async def remove_export(self, name: str) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
     async def hold_device(self, name: str, device_path: str, device_id: str) -> None: ...
     def device_present(self, device_path: str) -> bool: ...
@@ -213,6 +217,9 @@ class ExportFlow:
         self._client_addresses = client_addresses
         # Jobs for one (vm, disk) run one at a time, so two of them make one create.
         self._keys = KeyedLocks()
+        # The server reads what an export is committed to from these mappings, and only
+        # from them: set once, here, where the two are paired.
+        server.bind_committed(mappings.committed_export)
 
     def _admitted(self, request: PrepareExport) -> tuple[str, ...]:
         return request.client_addresses or self._client_addresses
@@ -310,7 +317,7 @@ class ExportFlow:
                     await self._mappings.set_client_addresses(*key, stored_addresses(admitted))
                 if not self._server.admits(name, admitted):
                     # Takes effect on the next connection: the server reads it every time.
-                    found = await self._server.align_export(name, self._mappings.committed_export)
+                    found = await self._server.align_export(name)
                     if found is None or found.client_addresses != stored_addresses(admitted):
                         raise Superseded(
                             f"export {name} was released, or given other clients, by another "
@@ -349,7 +356,7 @@ class ExportFlow:
             )
             crash_point("after_claim")
             try:
-                await self._server.ensure_export(name, device.path, self._mappings.committed_export)
+                await self._server.ensure_export(name, device.path)
             except Superseded:
                 raise  # a newer job owns the row now: nothing of ours to undo
             except WorkerError:
@@ -495,7 +502,7 @@ class ExportFlow:
                 # files of inactive mappings; the other order could bring a released export
                 # back.
                 await self._mappings.deactivate(*key, request.job_id, flushed=flushed)
-            await self._server.remove_export(request.export_name, self._mappings.committed_export)
+            await self._server.remove_export(request.export_name)
             log.info(
                 "Released VM export mapping job_id=%s export_name=%s was_active=%s",
                 request.job_id,
@@ -522,7 +529,7 @@ class ExportFlow:
         (or removed, if nothing)."""
         try:
             await self._mappings.restore(previous, claimed_device_id)
-            await self._server.align_export(previous.export_name, self._mappings.committed_export)
+            await self._server.align_export(previous.export_name)
         except WorkerError as exc:
             log.warning(
                 "Could not undo a failed relink; reconciliation will align it "

@@ -142,6 +142,8 @@ async def reconcile(
     stuck ones (a connection each: for the operator's commands); otherwise only released
     names already known to be loaded, or with files left, are reported."""
     report = ReconcileReport(dry_run=dry_run)
+    # Each repair below re-reads its row under the config lock, from this repository.
+    server.bind_committed(repository.committed_export)
     mappings = await repository.list_mappings()
     if not dry_run:
         # First, whatever the server's state: after a restart, as early as can be.
@@ -188,7 +190,7 @@ async def reconcile(
         for name in report.authfiles_repaired:
             try:
                 # Re-read under the config lock: a job may have changed the row since.
-                await server.repair_authfile(name, repository.committed_export)
+                await server.repair_authfile(name)
                 still_wrong.discard(name)
             except WorkerError as exc:  # the others are still worth repairing
                 log.error("Cannot rewrite the authfile of %s: %s", name, exc)  # noqa: TRY400
@@ -264,9 +266,9 @@ async def reconcile(
         # Each action re-reads its row under the config lock: a job may have changed the
         # mapping since the snapshot above, and the job's view wins.
         for name in report.released_cleaned:
-            await server.remove_export(name, repository.committed_export)
+            await server.remove_export(name)
         if wanted:
-            ensured = await server.ensure_exports(wanted, repository.committed_export)
+            ensured = await server.ensure_exports(wanted)
             report.sighup_sent = ensured.sighup_sent
             await hold_devices(server, [active[name] for name in wanted])  # links now right
     if any(report.drift().values()):

@@ -273,6 +273,20 @@ class NbdServer:
         self._lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
         self._pending: list[_PendingCreate] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._committed: CommittedDevice | None = None
+
+    def bind_committed(self, committed: CommittedDevice) -> None:
+        """Where this server reads, under its lock, what the database commits an export to:
+        set once by whoever pairs it with its mappings (ExportFlow, reconcile). Raises
+        ValueError when bound to another lookup already: one server, one database."""
+        if self._committed is not None and self._committed != committed:
+            raise ValueError("this NbdServer reads committed exports from another lookup")
+        self._committed = committed
+
+    def _lookup(self) -> CommittedDevice:
+        if self._committed is None:
+            raise RuntimeError("NbdServer.bind_committed() was not called")
+        return self._committed
 
     @property
     def conf_dir(self) -> Path:
@@ -587,14 +601,16 @@ class NbdServer:
         return not await self.knows(name, pid)
 
     async def ensure_export(
-        self, name: str, device_path: str, committed: CommittedDevice
+        self, name: str, device_path: str, committed: CommittedDevice | None = None
     ) -> Ensured:
         """Makes `name` listed, servable and opening `device_path`, in a batch with the
         creates that arrive meanwhile. Raises Superseded when the database no longer commits
         the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
         ExportNotVisible, ConfigWriteError (retryable) or RestartRequired (UnsafeServer when
-        the server must not be used)."""
+        the server must not be used). `committed`: a lookup of this call's own instead of
+        the bound one (kept for tests/integration/test_server_safety.py)."""
         await self.vetted_pid()  # also when the name is known already and no SIGHUP follows
+        committed = committed or self._lookup()
         if self._settings.baseline:
             ensured = await self._ensure_locked({name: device_path}, committed)
         else:
@@ -655,13 +671,11 @@ class NbdServer:
                 else:
                     item.result.set_exception(outcome)
 
-    async def ensure_exports(
-        self, wanted: Mapping[str, str], committed: CommittedDevice
-    ) -> Ensured:
+    async def ensure_exports(self, wanted: Mapping[str, str]) -> Ensured:
         """Reconciliation's create: every export in one lock hold and at most one SIGHUP.
         Exports the database no longer has active are skipped. Raises the first error."""
         await self.vetted_pid()
-        return await self._ensure_locked(wanted, committed)
+        return await self._ensure_locked(wanted, self._lookup())
 
     async def _ensure_locked(
         self, wanted: Mapping[str, str], committed: CommittedDevice
@@ -879,7 +893,7 @@ class NbdServer:
 
     # --- other changes --------------------------------------------------------------------
 
-    async def align_export(self, name: str, committed: CommittedDevice) -> CommittedExport | None:
+    async def align_export(self, name: str) -> CommittedExport | None:
         """Makes the export's link and authfile agree with its row, read under the lock: a
         reuse with other client addresses (the next connection is judged by the new
         authfile, no reload), or the undoing of a failed relink. Returns what the row
@@ -887,7 +901,7 @@ class NbdServer:
         release does."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
-                found = await committed(name)
+                found = await self._lookup()(name)
                 if found is None:
                     await self._remove_files(name)
                     return None
@@ -904,14 +918,14 @@ class NbdServer:
                 f"{name}: the mapping's client_addresses are invalid ({exc})"
             ) from exc
 
-    async def remove_export(self, name: str, committed: CommittedDevice) -> bool:
+    async def remove_export(self, name: str) -> bool:
         """Closes the export unless the database (read under the lock) has it active again;
         True if it did. Its authfile is emptied first, so new connections are refused at
         once although the server keeps the name until it restarts; then its snippet and
         link go. Established connections keep their device."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
-                if await committed(name) is not None:
+                if await self._lookup()(name) is not None:
                     return False
                 await self._remove_files(name)
                 return True
@@ -937,12 +951,12 @@ class NbdServer:
             or has_snippet(self._settings.nbd_conf_dir, spec.name)
         )
 
-    async def repair_authfile(self, name: str, committed: CommittedDevice) -> bool:
+    async def repair_authfile(self, name: str) -> bool:
         """Rewrites the export's authfile from its row, read under the lock (an inactive
         or missing row: nobody may connect). True if it wrote."""
         try:
             async with self._lock.hold(self._settings.lock_timeout_s):
-                found = await committed(name)
+                found = await self._lookup()(name)
                 try:
                     admitted = None if found is None else self.admitted(found)
                 except ValueError:
