@@ -1,10 +1,12 @@
 """The reuse-or-create flow: one prepare-export job in, one ExportReady out.
 
-Pure decisions plus calls through two Protocols; it imports no broker, database driver,
-subprocess or signal code (a unit test checks), so it runs the same on fakes and real adapters.
+What a prepare-export needs is decided by worker/plan.py's pure plan(); this module finds
+out the facts it asks for and carries the plan out, through two Protocols. It imports no
+broker, database driver, subprocess or signal code (a unit test checks), so it runs the
+same on fakes and real adapters.
 
-Over 400 lines on purpose: each decision (reuse, create, recreate, relink, release, flush)
-sits beside the others it must agree with; they share the per-key locks and epochs.
+Over 400 lines on purpose: the prepare, release and flush paths sit beside each other
+because they must agree; they share the per-key locks and epochs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from typing import Protocol, TypeVar
 from worker.devices import Device, DevicePolicy
 from worker.errors import ExportNotFound, FlushFailed, InvalidRequest, Superseded, WorkerError
 from worker.faults import crash_point
-from worker.mappings import CommittedExport, JobRecord, Mapping, stored_addresses
+from worker.mappings import CommittedExport, JobRecord, Mapping
 from worker.messages import (
-    Action,
     AnyRequest,
     ExportFlushed,
     ExportReady,
@@ -31,6 +32,8 @@ from worker.messages import (
     PrepareExport,
     ReleaseExport,
 )
+from worker.plan import Ask, Claim, Fact, Facts, Plan, Repair, Reuse, plan
+from worker.plan import decide as decide  # re-exported: its table is in tests/unit/test_flow.py
 
 log = logging.getLogger(__name__)
 #: A reply type a recorded job can be repeated as.
@@ -46,9 +49,6 @@ RELEASED = "released"
 #: How a kept fsync failure names its job and time, after its errno (flush_error).
 _WHEN_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _WHEN_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
-#: Ends last_action when the claim's answer says `reused` (the server had the export
-#: loaded: no SIGHUP), e.g. "relinked+reused".
-REUSED_MARK = "+reused"
 
 
 class Mappings(Protocol):
@@ -100,10 +100,6 @@ class ExportServer(Protocol):
     def device_present(self, device_path: str) -> bool: ...
 
 
-def _claimed_by(mapping: Mapping | None, job_id: str) -> bool:
-    return mapping is not None and mapping.is_active and mapping.last_job_id == job_id
-
-
 def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
     return JobRecord(
         job_id=reply.job_id,
@@ -111,18 +107,6 @@ def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
         disk_unit_number=reply.disk_unit_number,
         reply=reply.model_dump(mode="json"),
     )
-
-
-def _settled(action: Action, reused: bool) -> str:
-    """The answer a claim settles, as last_action keeps it."""
-    return f"{action}{REUSED_MARK}" if reused else str(action)
-
-
-def _answer_of(last_action: str) -> tuple[Action, bool]:
-    """The answer (action, reused) a claim settled; rows from before REUSED_MARK: not
-    reused, as they were answered then."""
-    action = last_action.removesuffix(REUSED_MARK)
-    return Action(action), action != last_action
 
 
 def _kept_failure(job_id: str, when: str, exc: FlushFailed) -> str:
@@ -141,16 +125,6 @@ def _own_failure(flush_error: str, job_id: str) -> FlushFailed | None:
         return None
     errno_name = None if found[1] == "error" else found[1]
     return FlushFailed(found[2], errno_name, lost_writes=True)
-
-
-def decide(mapping: Mapping | None, device_path: str, live: bool) -> Action:
-    """What a job for `device_path` needs, given its (vm, disk)'s mapping and whether that
-    export is live with the mapping's device."""
-    if mapping is None or not mapping.is_active:
-        return Action.CREATED
-    if mapping.device_path != device_path:
-        return Action.RELINKED
-    return Action.REUSED if live else Action.RECREATED
 
 
 class KeyedLocks:
@@ -224,14 +198,7 @@ class ExportFlow:
     def _admitted(self, request: PrepareExport) -> tuple[str, ...]:
         return request.client_addresses or self._client_addresses
 
-    def _admits_now(self, mapping: Mapping, admitted: tuple[str, ...]) -> bool:
-        """Whether the mapping's row admits `admitted` (the repository gives rows from
-        before access control the default)."""
-        return mapping.client_addresses == stored_addresses(admitted)
-
-    def _ready(
-        self, request: PrepareExport, device: Device, action: Action, *, reused: bool
-    ) -> ExportReady:
+    def _ready(self, request: PrepareExport, device: Device, step: Plan) -> ExportReady:
         return ExportReady(
             job_id=request.job_id,
             vm_id=request.vm_id,
@@ -240,8 +207,8 @@ class ExportFlow:
             device_path=device.path,
             kernel_device=device.resolved,
             volume_id=request.volume_id,
-            reused=reused,
-            action=action,
+            reused=step.answer.reused,
+            action=step.answer.action,
             nbd_host=self._nbd_host,
             nbd_port=self._nbd_port,
             node_id=self._node_id,
@@ -249,22 +216,27 @@ class ExportFlow:
             tls=self._server.tls,
         )
 
-    async def _reuse(self, request: PrepareExport, device: Device) -> ExportReady:
-        log.info(
-            "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
-            request.job_id,
-            request.export_name,
-        )
-        # A dict lookup once held: a later flush-export then sees every writeback error.
-        await self._server.hold_device(request.export_name, device.path, device.device_id)
-        ready = self._ready(request, device, Action.REUSED, reused=True)
-        crash_point("reuse_before_record")
-        self._ledger.record_later(_record(ready))
-        return ready
+    async def _plan(
+        self, mapping: Mapping | None, request: PrepareExport, device: Device, *, fresh: bool
+    ) -> Plan | Ask:
+        """plan(), with each fact it asks for found out. `fresh=False` (the fast path,
+        no lock): the server's side as remembered, and no question about a reload, which
+        only a claim asks: then the Ask is returned."""
+        facts = Facts(clients=self._admitted(request))
+        while isinstance(step := plan(mapping, request, device, facts), Ask):
+            if step.fact is Fact.LIVE:
+                found = await self._server.is_live(request.export_name, device.path, fresh=fresh)
+            elif step.fact is Fact.AUTHFILE_ADMITS:
+                found = self._server.admits(request.export_name, facts.clients)
+            elif fresh:
+                found = not await self._server.needs_reload(request.export_name)
+            else:
+                return step
+            facts = facts.learnt(step.fact, found)
+        return step
 
     async def prepare_export(self, request: PrepareExport) -> ExportReady:
         """Serves one job. Raises WorkerError subclasses; retryable ones may be retried."""
-        name = request.export_name
         key = (request.vm_id, request.disk_unit_number)
         epoch = self._keys.epoch(key)
         mapping, recorded = await self._mappings.lookup(*key, request.job_id)
@@ -273,24 +245,20 @@ class ExportFlow:
             # changed since, and nothing touched.
             return self._repeat(request, recorded, ExportReady)
         device = await self._devices.resolve(request.device_path, request.volume_id)
-        admitted = self._admitted(request)
         # Fast path, no lock: the common case is a job for a disk already being served, and
-        # then one database lookup, one lstat (its authfile, as last found right, admits the
-        # job's clients) and what is remembered of the server decide it.
+        # then one database lookup, what is remembered of the server and one lstat (its
+        # authfile, as last found right, admits the job's clients) are the plan's facts.
+        # Only a plan with nothing to put right is answered here.
+        step = await self._plan(mapping, request, device, fresh=False)
         if (
-            decide(mapping, device.path, live=True) is Action.REUSED
-            and not _claimed_by(mapping, request.job_id)
-            and mapping is not None
-            and mapping.flush_error is None
-            and self._admits_now(mapping, admitted)
-            and self._server.admits(name, admitted)
-            and await self._server.is_live(name, device.path, fresh=False)
+            isinstance(step, Reuse)
+            and step.plain
             # A create, relink or release of this disk under way here, or done during the
             # awaits above, may have made what was read stale: then the locked path decides.
             and key not in self._keys
             and self._keys.epoch(key) == epoch
         ):
-            return await self._reuse(request, device)
+            return await self._reuse(request, device, step)
 
         async with self._keys.hold(key):
             # Read again under the lock: a job for the same disk (maybe this very one,
@@ -298,77 +266,80 @@ class ExportFlow:
             mapping, recorded = await self._mappings.lookup(*key, request.job_id)
             if recorded is not None:
                 return self._repeat(request, recorded, ExportReady)
-            # Set when an earlier delivery of this very job claimed the row and then was cut
-            # short (a crash, a lost connection): finish its work, answer as it would have.
-            earlier = _claimed_by(mapping, request.job_id)
-            live = (
-                mapping is not None
-                and mapping.is_active
-                and await self._server.is_live(name, mapping.device_path)
-            )
-            action = decide(mapping, device.path, live)
-            if action is Action.REUSED and not earlier and mapping is not None:
-                if mapping.flush_error is not None:
-                    # A new prepare-export starts a new copy (a claim clears it the same way).
-                    await self._mappings.set_flush_error(*key, None)
-                if not self._admits_now(mapping, admitted):
-                    # The row first: it is the truth the authfile is written from (here, by
-                    # reconciliation, by any worker).
-                    await self._mappings.set_client_addresses(*key, stored_addresses(admitted))
-                if not self._server.admits(name, admitted):
-                    # Takes effect on the next connection: the server reads it every time.
-                    found = await self._server.align_export(name)
-                    if found is None or found.client_addresses != stored_addresses(admitted):
-                        raise Superseded(
-                            f"export {name} was released, or given other clients, by another "
-                            "job while this one ran; send the job again"
-                        )
-                    log.info(
-                        "Export admits other clients now, without SIGHUP job_id=%s "
-                        "export_name=%s client_addresses=%s",
-                        request.job_id,
-                        name,
-                        ",".join(admitted),
-                    )
-                return await self._reuse(request, device)
+            step = await self._plan(mapping, request, device, fresh=True)
+            assert not isinstance(step, Ask)  # every fact is found out with fresh=True
+            if isinstance(step, Reuse):
+                await self._repair(request, step)
+                return await self._reuse(request, device, step)
+            return await self._claim(request, device, step)
 
-            if not earlier:
-                log.info(
-                    "Creating new VM export mapping job_id=%s export_name=%s action=%s "
-                    "device_path=%s",
-                    request.job_id,
-                    name,
-                    action,
-                    device.path,
+    async def _reuse(self, request: PrepareExport, device: Device, step: Reuse) -> ExportReady:
+        log.info(
+            "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
+            request.job_id,
+            request.export_name,
+        )
+        # A dict lookup once held: a later flush-export then sees every writeback error.
+        await self._server.hold_device(request.export_name, device.path, device.device_id)
+        ready = self._ready(request, device, step)
+        crash_point("reuse_before_record")
+        self._ledger.record_later(_record(ready))
+        return ready
+
+    async def _repair(self, request: PrepareExport, step: Reuse) -> None:
+        """Puts right what a reuse needs first; the caller holds the disk's lock."""
+        name, key = request.export_name, (request.vm_id, request.disk_unit_number)
+        if Repair.CLEAR_FLUSH_ERROR in step.repairs:
+            await self._mappings.set_flush_error(*key, None)
+        if Repair.STORE_CLIENTS in step.repairs:
+            await self._mappings.set_client_addresses(*key, step.clients)
+        if Repair.ALIGN_AUTHFILE in step.repairs:
+            # Takes effect on the next connection: the server reads it every time.
+            found = await self._server.align_export(name)
+            if found is None or found.client_addresses != step.clients:
+                raise Superseded(
+                    f"export {name} was released, or given other clients, by another "
+                    "job while this one ran; send the job again"
                 )
-            # The answer is settled here, before anything changes, and recorded with the
-            # claim: a delivery that finishes an earlier one's work answers what that one
-            # settled (the SIGHUP it needed may be sent already, and then this one needs
-            # none), so every delivery of a job says the same.
-            if earlier and mapping is not None and mapping.last_action:
-                action, reused = _answer_of(mapping.last_action)
-            else:
-                reused = not await self._server.needs_reload(name)
-            # The database row first: its unique device index settles races with other jobs
-            # and workers before anything on disk or in the server changes (DeviceInUse).
-            await self._mappings.claim(
-                request, device, _settled(action, reused), stored_addresses(admitted)
+            log.info(
+                "Export admits other clients now, without SIGHUP job_id=%s "
+                "export_name=%s client_addresses=%s",
+                request.job_id,
+                name,
+                ",".join(self._admitted(request)),
             )
-            crash_point("after_claim")
-            try:
-                await self._server.ensure_export(name, device.path)
-            except Superseded:
-                raise  # a newer job owns the row now: nothing of ours to undo
-            except WorkerError:
-                if action is Action.RELINKED and mapping is not None and not earlier:
-                    await self._undo_relink(mapping, device.device_id)
-                raise
-            ready = self._ready(request, device, action, reused=reused)
-            await self._server.hold_device(name, device.path, device.device_id)
-            crash_point("before_record")
-            # Durable before the reply: a redelivery of this job must repeat this answer.
-            await self._ledger.record(_record(ready))
-            return ready
+
+    async def _claim(self, request: PrepareExport, device: Device, step: Claim) -> ExportReady:
+        """Claims the row, makes the export serve, records the answer; the caller holds the
+        disk's lock."""
+        name = request.export_name
+        if not step.resumes:
+            log.info(
+                "Creating new VM export mapping job_id=%s export_name=%s action=%s device_path=%s",
+                request.job_id,
+                name,
+                step.answer.action,
+                device.path,
+            )
+        # The database row first: its unique device index settles races with other jobs
+        # and workers before anything on disk or in the server changes (DeviceInUse). The
+        # answer goes with it, so that every delivery of this job says the same.
+        await self._mappings.claim(request, device, step.answer.recorded, step.clients)
+        crash_point("after_claim")
+        try:
+            await self._server.ensure_export(name, device.path)
+        except Superseded:
+            raise  # a newer job owns the row now: nothing of ours to undo
+        except WorkerError:
+            if step.restore is not None:
+                await self._undo_relink(step.restore, device.device_id)
+            raise
+        ready = self._ready(request, device, step)
+        await self._server.hold_device(name, device.path, device.device_id)
+        crash_point("before_record")
+        # Durable before the reply: a redelivery of this job must repeat this answer.
+        await self._ledger.record(_record(ready))
+        return ready
 
     def _repeat(self, request: AnyRequest, recorded: JobRecord, reply_type: type[R]) -> R:
         """The answer this job got before. A job_id already used for another disk, or for
