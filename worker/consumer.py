@@ -20,9 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState
 
@@ -34,7 +32,6 @@ from worker.messages import (
     Action,
     AnyRequest,
     ErrorCode,
-    ErrorDetail,
     ExportFailed,
     ExportFlushed,
     ExportReady,
@@ -47,66 +44,21 @@ from worker.messages import (
 )
 from worker.metrics import Metrics
 from worker.publisher import ConfirmedPublisher
-from worker.replies import ReplyPublisher
+from worker.replies import ReplyPublisher, describe_validation_error, error_reply
 from worker.retrying import call_with_retries
-from worker.settle import (
-    Settle,
-    is_last_delivery,
-    is_retryable,
-    job_retry_policy,
-    settle_for,
-)
-from worker.topology import (
-    MESSAGE_TYPES,
-    QUORUM,
-    dead_letter_queue,
-    node_routing_keys,
-    request_queue_arguments,
-)
+from worker.settle import Settle, is_last_delivery, is_retryable, job_retry_policy, settle_for
+from worker.topology import dead_letter_queue, declare_topology
 
 log = logging.getLogger(__name__)
 
 #: Far above any real job (a few hundred bytes); larger bodies are refused unparsed.
 MAX_BODY_BYTES = 64 * 1024
-#: Error messages in replies are cut to this many characters.
-MAX_ERROR_MESSAGE = 1000
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
     """How many times the broker delivered this message before (quorum queues count)."""
     count = (message.headers or {}).get("x-delivery-count", 0)
     return count if isinstance(count, int) and count >= 0 else 0
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """Field and reason for each problem, without echoing the (untrusted) input."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False, include_context=False):
-        path = list(err["loc"])
-        if path and path[0] in MESSAGE_TYPES:
-            path = path[1:]  # the message type pydantic tells the union apart by
-        loc = ".".join(str(part) for part in path) or "body"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def error_reply(
-    code: ErrorCode,
-    message: str,
-    *,
-    job_id: str | None,
-    node_id: str,
-    request: AnyRequest | None = None,
-    errno: str | None = None,
-    cause: ErrorCode | None = None,
-) -> ExportFailed:
-    return ExportFailed(
-        job_id=job_id,
-        vm_id=request.vm_id if request else None,
-        disk_unit_number=request.disk_unit_number if request else None,
-        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE], errno=errno, cause=cause),
-        node_id=node_id,
-    )
 
 
 @dataclass(frozen=True)
@@ -161,35 +113,18 @@ class JobConsumer:
         self._in_flight: set[asyncio.Task[Any]] = set()
 
     async def declare(self) -> AbstractQueue:
-        """Declares the queues and the node's binding. Raises WorkerError when a queue exists
-        with other arguments (e.g. a classic queue left by an older system): RabbitMQ
-        cannot change a queue's type, so an operator must delete or rename it."""
+        """Declares the queues and the node's bindings (worker/topology.py)."""
         config = self._config
         await self._channel.set_qos(prefetch_count=config.prefetch)
-        try:
-            await self._channel.declare_queue(
-                config.dead_letter_queue, durable=True, arguments=QUORUM
-            )
-            await self._channel.declare_queue(config.reply_queue, durable=True, arguments=QUORUM)
-            queue = await self._channel.declare_queue(
-                config.request_queue,
-                durable=True,
-                arguments=request_queue_arguments(config.dead_letter_queue, config.delivery_limit),
-            )
-        except ChannelPreconditionFailed as exc:
-            raise WorkerError(
-                f"a queue exists with other arguments than the worker's ({exc}); the worker "
-                "declares durable quorum queues: delete or rename the old queue"
-            ) from exc
-        # Schedulers address this appliance by routing key; publishing straight to the
-        # queue (the single-node contract) keeps working too.
-        exchange = await self._channel.declare_exchange(
-            config.exchange, ExchangeType.TOPIC, durable=True
+        self._queue = await declare_topology(
+            self._channel,
+            request_queue=config.request_queue,
+            reply_queue=config.reply_queue,
+            exchange=config.exchange,
+            node_id=config.node_id,
+            delivery_limit=config.delivery_limit,
         )
-        for routing_key in node_routing_keys(config.node_id):
-            await queue.bind(exchange, routing_key=routing_key)
-        self._queue = queue
-        return queue
+        return self._queue
 
     async def start(self) -> None:
         queue = self._queue or await self.declare()
@@ -404,28 +339,19 @@ class JobConsumer:
             result = await self._run(request)
         except Exception as exc:
             return self._failed(message, request, exc)
-        label = (
-            str(result.action)
-            if isinstance(result, ExportReady)
-            else "released"
-            if isinstance(result, ExportReleased)
-            else "flushed"
+        if not isinstance(result, ExportReady):
+            label = "released" if isinstance(result, ExportReleased) else "flushed"
+            bind_job(outcome=label)
+            return Answer(result, Settle.ACK, label)
+        bind_job(outcome=str(result.action))
+        # A reuse has logged its own line already; at hundreds of jobs a second, one is enough.
+        log.log(
+            logging.DEBUG if result.action is Action.REUSED else logging.INFO,
+            "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
+            *(result.job_id, result.vm_id, result.disk_unit_number, result.export_name),
+            *(result.action, result.reused),
         )
-        bind_job(outcome=label)
-        if isinstance(result, ExportReady):
-            # A reuse has logged its own line already; at hundreds of jobs a second, one
-            # is enough.
-            log.log(
-                logging.DEBUG if result.action is Action.REUSED else logging.INFO,
-                "Export ready job_id=%s vm_id=%s disk=%d export_name=%s action=%s reused=%s",
-                result.job_id,
-                result.vm_id,
-                result.disk_unit_number,
-                result.export_name,
-                result.action,
-                result.reused,
-            )
-        return Answer(result, Settle.ACK, label)
+        return Answer(result, Settle.ACK, str(result.action))
 
     def _failed(
         self, message: AbstractIncomingMessage, request: AnyRequest, exc: Exception
@@ -437,12 +363,8 @@ class JobConsumer:
             bind_job(outcome="failed", code=str(exc.code))
             log.warning(
                 "Job failed job_id=%s vm_id=%s disk=%d code=%s retryable=%s error=%s",
-                request.job_id,
-                request.vm_id,
-                request.disk_unit_number,
-                exc.code,
-                exc.retryable,
-                exc,
+                *(request.job_id, request.vm_id, request.disk_unit_number),
+                *(exc.code, exc.retryable, exc),
             )
         else:
             bind_job(outcome="failed", code=str(ErrorCode.INTERNAL_ERROR))

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from worker.errors import WorkerError
+
 #: The message types one request queue carries (the `type` field; prepare-export if none).
 MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
 
@@ -40,3 +46,38 @@ def node_routing_key(message_type: str, node_id: str) -> str:
 def node_routing_keys(node_id: str) -> list[str]:
     """Every routing key a node's request queue is bound with on the exchange."""
     return [node_routing_key(kind, node_id) for kind in MESSAGE_TYPES]
+
+
+async def declare_topology(
+    channel: AbstractChannel,
+    *,
+    request_queue: str,
+    reply_queue: str,
+    exchange: str,
+    node_id: str,
+    delivery_limit: int,
+) -> AbstractQueue:
+    """Declares the queues, the exchange and the node's bindings; the request queue.
+    Raises WorkerError when a queue exists with other arguments (e.g. a classic queue left
+    by an older system): RabbitMQ cannot change a queue's type, so an operator must delete
+    or rename it."""
+    dead_letters = dead_letter_queue(request_queue)
+    try:
+        await channel.declare_queue(dead_letters, durable=True, arguments=QUORUM)
+        await channel.declare_queue(reply_queue, durable=True, arguments=QUORUM)
+        queue = await channel.declare_queue(
+            request_queue,
+            durable=True,
+            arguments=request_queue_arguments(dead_letters, delivery_limit),
+        )
+    except ChannelPreconditionFailed as exc:
+        raise WorkerError(
+            f"a queue exists with other arguments than the worker's ({exc}); the worker "
+            "declares durable quorum queues: delete or rename the old queue"
+        ) from exc
+    # Schedulers address this appliance by routing key; publishing straight to the queue
+    # (the single-node contract) keeps working too.
+    topic = await channel.declare_exchange(exchange, ExchangeType.TOPIC, durable=True)
+    for routing_key in node_routing_keys(node_id):
+        await queue.bind(topic, routing_key=routing_key)
+    return queue

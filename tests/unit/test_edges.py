@@ -11,7 +11,6 @@ import pytest
 from pydantic import AnyUrl, ValidationError
 from tenacity import AsyncRetrying, stop_after_attempt
 
-from worker.consumer import describe_validation_error
 from worker.devices import (
     DevicePolicy,
     HeldDevices,
@@ -29,6 +28,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.messages import parse_request
+from worker.replies import describe_validation_error
 from worker.repository import database_name, retry_policy, split_statements, translate_error
 from worker.retrying import call_with_retries
 from worker.settings import Settings, mask_url

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from tests.strategies import MESSAGE_BODIES
 from worker.access import normalize_client_addresses
-from worker.consumer import MAX_ERROR_MESSAGE, describe_validation_error, error_reply
 from worker.devices import volume_links
 from worker.messages import (
     DEVICE_PATH_PATTERN,
@@ -24,6 +23,7 @@ from worker.messages import (
     salvage_job_id,
 )
 from worker.nbd.files import ExportSpec, render_authfile, render_snippet, snippet_path
+from worker.replies import MAX_ERROR_MESSAGE, describe_validation_error, error_reply
 
 EXPORT_NAME = re.compile(r"migration-vm-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-disk\d{1,3}")
 CONF_DIR = Path("/etc/nbd-server/conf.d")
