@@ -1,7 +1,10 @@
 """The worker's errors: each maps to one reply code and says whether retrying may help.
 
 Adapters raise these, never a bare OSError or driver error; only the consumer catches
-Exception, and it reports anything it does not know as `internal_error`.
+Exception, and it reports anything it does not know as `internal_error`. An error that can
+be raised in several places takes named fields and builds its message from one template
+(as ovirt-imageio's errors do): one wording wherever it comes from, and fields a caller
+can read; tests/unit/test_errors.py pins the texts.
 """
 
 from __future__ import annotations
@@ -106,15 +109,47 @@ class RestartRequired(WorkerError):
     """The running server serves an export differently from its config (a reload cannot
     change an existing export); only an operator's restart of nbd-server fixes it."""
 
+    code = ErrorCode.RESTART_REQUIRED
+    template: ClassVar[str] = (
+        "export {export_name} {reason}; a reload cannot change an export the server has "
+        "loaded: restart nbd-server"
+    )
+
+    def __init__(self, export_name: str, reason: str) -> None:
+        self.export_name, self.reason = export_name, reason
+        super().__init__(self.template.format(export_name=export_name, reason=reason))
+
 
 class Superseded(WorkerError):
-    """Another job changed or released this export while this one waited for the lock."""
+    """Another job changed or released this export while this one waited for the lock:
+    nothing was done for this job, and its plan no longer holds. Retried: the next try
+    plans again from what the other job left."""
+
+    code = ErrorCode.SUPERSEDED
+    retryable = True
+    template: ClassVar[str] = (
+        "export {export_name} was changed or released by another job while this one "
+        "waited; nothing was done for this job"
+    )
+
+    def __init__(self, export_name: str) -> None:
+        self.export_name = export_name
+        super().__init__(self.template.format(export_name=export_name))
 
 
 class ConfigWriteError(WorkerError):
-    """A snippet or link could not be written (disk full, permissions)."""
+    """A snippet, link, authfile or directory could not be written (disk full, read-only,
+    permissions): retried, as an operator may free the space."""
 
+    code = ErrorCode.CONFIG_WRITE_FAILED
     retryable = True
+    template: ClassVar[str] = "cannot {action} {target}: {reason}"
+
+    def __init__(self, action: str, target: object, reason: str | None) -> None:
+        self.action, self.target, self.reason = action, str(target), reason or "failed"
+        super().__init__(
+            self.template.format(action=action, target=self.target, reason=self.reason)
+        )
 
 
 class TransientDatabaseError(WorkerError):
@@ -125,7 +160,18 @@ class TransientDatabaseError(WorkerError):
 
 
 class DatabaseError(WorkerError):
-    """Any other database failure."""
+    """Any other database failure: a statement the server refused, a session that is not
+    encrypted although TLS is required. Not retried: the message says what to fix."""
+
+    code = ErrorCode.DATABASE_ERROR
+    template: ClassVar[str] = "database error {errno}: {text}"
+
+    def __init__(self, text: str, errno: int = 0) -> None:
+        self.text, self.errno = text, errno
+        # errno 0: the worker's own finding, not the server's answer.
+        super().__init__(
+            self.template.format(errno=errno, text=text) if errno else f"database error: {text}"
+        )
 
 
 class TransactionConflict(TransientDatabaseError):

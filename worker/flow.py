@@ -297,10 +297,7 @@ class ExportFlow:
             # Takes effect on the next connection: the server reads it every time.
             found = await self._server.align_export(name)
             if found is None or found.client_addresses != step.clients:
-                raise Superseded(
-                    f"export {name} was released, or given other clients, by another "
-                    "job while this one ran; send the job again"
-                )
+                raise Superseded(name)
             log.info(
                 "Export admits other clients now, without SIGHUP job_id=%s "
                 "export_name=%s client_addresses=%s",

@@ -86,7 +86,7 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
         # name, is a configuration error, not an outage: not retried.
         text += f": TLS failed: {exc.__cause__}"
         if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-            return DatabaseError(f"database error {errno}: {text}")
+            return DatabaseError(text, errno)
     # Which numbers are retried, and why each (Galera's conflicts too): worker/db_errors.py.
     # A conflict is retried at once, by the statement itself; the other transient ones are
     # left to the job's retries, which wait longer: retrying them in both places would
@@ -96,7 +96,7 @@ def translate_error(exc: pymysql.MySQLError) -> WorkerError:
         return TransactionConflict(f"database error {errno} (transient): {text}")
     if kind is ErrnoKind.TRANSIENT:
         return TransientDatabaseError(f"database error {errno} (transient): {text}")
-    return DatabaseError(f"database error {errno}: {text}")
+    return DatabaseError(text, errno)
 
 
 def retry_policy(

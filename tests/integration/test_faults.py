@@ -686,7 +686,9 @@ async def creates_fail_while(
     finally:
         await run.scheduler.channel.close()
     errors = [run.scheduler.replies[c]["error"] for c in creates]
-    assert {e["code"] for e in errors} == {"retries_exhausted"}, errors
+    assert {(e["code"], e["cause"]) for e in errors} == {
+        ("retries_exhausted", "config_write_failed")
+    }, errors
     assert all(why in e["message"] for e in errors), errors
     assert all(run.scheduler.replies[c]["action"] == "reused" for c in reuses)
     assert run.scheduler.replies[after]["status"] == "ready"

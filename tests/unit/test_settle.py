@@ -6,13 +6,16 @@ import pytest
 from tenacity import RetryCallState
 
 from worker.errors import (
+    ConfigWriteError,
     DatabaseError,
     DeviceInUse,
     DeviceNotFound,
     FlushFailed,
     InvalidRequest,
+    RestartRequired,
     ServerMisconfigured,
     ServerUnavailable,
+    Superseded,
     TransientDatabaseError,
     WorkerError,
 )
@@ -44,8 +47,19 @@ TABLE: list[tuple[str, BaseException, int, Outcome]] = [
      FlushFailed("EIO", "EIO"), 1, Outcome(ACK, ErrorCode.FLUSH_FAILED, "failed")),
     ("misconfigured server: not retried, answered at once",
      ServerMisconfigured("-C"), 1, Outcome(ACK, ErrorCode.NBD_SERVER_MISCONFIGURED, "failed")),
-    ("a known failure with no code of its own",
-     DatabaseError("x"), 1, Outcome(ACK, ErrorCode.INTERNAL_ERROR, "failed")),
+    ("a database error no retry fixes: answered with its own code, acked",
+     DatabaseError("x", 1146), 1, Outcome(ACK, ErrorCode.DATABASE_ERROR, "failed")),
+    ("an export that needs nbd-server restarted: answered, acked",
+     RestartRequired("e", "is served from an older config"), 1,
+     Outcome(ACK, ErrorCode.RESTART_REQUIRED, "failed")),
+    ("superseded by another job: tried again, as any transient failure",
+     Superseded("e"), 1, Outcome(REQUEUE, None, "requeued")),
+    ("superseded on the last delivery: retries_exhausted, cause superseded",
+     Superseded("e"), 6,
+     Outcome(DEAD, ErrorCode.RETRIES_EXHAUSTED, "failed", ErrorCode.SUPERSEDED)),
+    ("a snippet that cannot be written, on the last delivery",
+     ConfigWriteError("write snippet", "/x.conf", "No space left on device"), 6,
+     Outcome(DEAD, ErrorCode.RETRIES_EXHAUSTED, "failed", ErrorCode.CONFIG_WRITE_FAILED)),
     ("a bug: internal_error, dead-lettered for whoever investigates",
      KeyError("x"), 1, Outcome(DEAD, ErrorCode.INTERNAL_ERROR, "failed")),
 ]  # fmt: skip

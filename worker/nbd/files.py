@@ -133,7 +133,7 @@ def make_worker_dir(directory: Path) -> None:
             part.mkdir(exist_ok=True)
             part.chmod(0o755)
     except OSError as exc:
-        raise ConfigWriteError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+        raise ConfigWriteError("create", exc.filename, exc.strerror) from exc
 
 
 def worker_dir_problem(directory: Path) -> str | None:
@@ -210,11 +210,11 @@ def write_snippet(conf_dir: Path, spec: ExportSpec, *, sync_dir: bool = True) ->
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise ConfigWriteError(f"cannot read snippet {target}: {exc.strerror}") from exc
+        raise ConfigWriteError("read snippet", target, exc.strerror) from exc
     try:
         _replace_file(target, content, SNIPPET_MODE, sync_dir=sync_dir)
     except OSError as exc:
-        raise ConfigWriteError(f"cannot write snippet {target}: {exc.strerror}") from exc
+        raise ConfigWriteError("write snippet", target, exc.strerror) from exc
     return outcome
 
 
@@ -250,7 +250,7 @@ def point_link(link_path: Path, device_path: str, *, sync_dir: bool = True) -> b
             fsync_dir(link_path.parent)
     except OSError as exc:
         _discard(temp)
-        raise ConfigWriteError(f"cannot point link {link_path}: {exc.strerror}") from exc
+        raise ConfigWriteError("point link", link_path, exc.strerror) from exc
     return True
 
 
@@ -269,7 +269,7 @@ def remove_export_files(conf_dir: Path, spec: ExportSpec) -> None:
         spec.link_path.unlink(missing_ok=True)
         fsync_dir(spec.link_path.parent)
     except OSError as exc:
-        raise ConfigWriteError(f"cannot remove files of {spec.name}: {exc.strerror}") from exc
+        raise ConfigWriteError("remove files of", spec.name, exc.strerror) from exc
 
 
 def list_snippet_names(conf_dir: Path, prefix: str) -> set[str]:
@@ -356,7 +356,7 @@ def write_authfile(path: Path, content: bytes, *, sync_dir: bool = True) -> bool
     try:
         _replace_file(path, content, AUTHFILE_MODE, sync_dir=sync_dir)
     except OSError as exc:
-        raise ConfigWriteError(f"cannot write authfile {path}: {exc.strerror}") from exc
+        raise ConfigWriteError("write authfile", path, exc.strerror) from exc
     return True
 
 

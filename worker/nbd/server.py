@@ -130,6 +130,11 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
 CommittedDevice = Callable[[str], Awaitable[CommittedExport | None]]
 
 
+def invalid_clients(name: str, exc: ValueError) -> ConfigWriteError:
+    """A corrupt client_addresses column: never guess who may connect."""
+    return ConfigWriteError("write the authfile of", name, f"invalid client_addresses ({exc})")
+
+
 @dataclass(frozen=True)
 class Ensured:
     #: name -> the device its link now opens (exports no longer active are left out)
@@ -622,10 +627,7 @@ class NbdServer:
                 self._drainer = asyncio.create_task(self._drain(), context=contextvars.Context())
             ensured = await result
         if ensured.linked.get(name) != device_path:
-            raise Superseded(
-                f"export {name} was changed or released by another job while this one "
-                "waited; nothing was done for this job"
-            )
+            raise Superseded(name)
         return ensured
 
     async def _drain(self) -> None:
@@ -732,9 +734,7 @@ class NbdServer:
                 try:
                     authfiles[name] = self.authfile_content(name, self.admitted(committed))
                 except ValueError as exc:  # a corrupt column: never guess who may connect
-                    results[name] = ConfigWriteError(
-                        f"{name}: the mapping's client_addresses are invalid ({exc})"
-                    )
+                    results[name] = invalid_clients(name, exc)
                     continue
                 linked[name] = committed.device_path
         try:
@@ -753,10 +753,7 @@ class NbdServer:
         except WorkerError as exc:
             return results | dict.fromkeys(linked, exc)
         for name in sorted(n for n in replaced if states[n] != UNKNOWN):
-            results[name] = RestartRequired(
-                f"{name}: the running server serves an older config for this export, which "
-                "a reload cannot change; restart nbd-server"
-            )
+            results[name] = RestartRequired(name, "is served from an older config")
             del linked[name]
         # Names the server knows already (a create that crashed before its reply, another
         # worker's create) need no reload: a reload would not change them anyway.
@@ -780,8 +777,9 @@ class NbdServer:
                 )
             elif expected is not None and state.size != expected:
                 results[name] = RestartRequired(
-                    f"{name} serves {state.size} bytes but {device_path} has {expected}: the "
-                    "server opens another path for this export; restart nbd-server"
+                    name,
+                    f"serves {state.size} bytes but {device_path} has {expected} (the server "
+                    "opens another path for it)",
                 )
             else:
                 results[name] = Ensured(
@@ -820,7 +818,7 @@ class NbdServer:
             try:
                 fsync_dir(self._settings.auth_dir)
             except OSError as exc:
-                raise ConfigWriteError(f"cannot sync the authfile directory: {exc}") from exc
+                raise ConfigWriteError("sync", "the authfile directory", exc.strerror) from exc
         for name, device_path in exports.items():
             spec = self.spec(name)
             # Each file is written and fsynced before its rename; the two directories are
@@ -848,7 +846,7 @@ class NbdServer:
                 fsync_dir(self._settings.link_dir)
                 fsync_dir(self._settings.nbd_conf_dir)
             except OSError as exc:
-                raise ConfigWriteError(f"cannot sync the config directories: {exc}") from exc
+                raise ConfigWriteError("sync", "the config directories", exc.strerror) from exc
         return changed, replaced, created
 
     async def _reload_until_known(self, names: set[str]) -> dict[str, ExportState]:
@@ -914,9 +912,7 @@ class NbdServer:
         except TimeoutError:
             raise self._lock_timeout() from None
         except ValueError as exc:  # a corrupt client_addresses column
-            raise ConfigWriteError(
-                f"{name}: the mapping's client_addresses are invalid ({exc})"
-            ) from exc
+            raise invalid_clients(name, exc) from exc
 
     async def remove_export(self, name: str) -> bool:
         """Closes the export unless the database (read under the lock) has it active again;
