@@ -45,6 +45,18 @@ def test_parse_stat_handles_odd_command_names() -> None:
     assert (stat.state, stat.ppid, stat.session, stat.cpu_ticks) == ("S", 1, 1234, 22)
 
 
+def test_parse_stat_reads_group_children_and_start() -> None:
+    stat_line = "77 (a) b) R 1 70 71 0 -1 4194560 0 0 0 0 17 5 3 4 20 0 1 0 123456 0 0"
+    stat = parse_stat(stat_line)
+    assert (stat.pgrp, stat.session, stat.children_cpu_ticks, stat.start_ticks) == (
+        70, 71, 7, 123456,
+    )  # fmt: skip
+    own = parse_stat(Path("/proc/self/stat").read_text())
+    assert (own.pgrp, own.session, own.state) == (os.getpgrp(), os.getsid(0), "R")
+    assert own.start_ticks > 0
+    assert parse_stat(Path(f"/proc/{os.getpid()}/stat").read_text()).start_ticks == own.start_ticks
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

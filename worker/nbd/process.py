@@ -50,18 +50,29 @@ class ProcStat:
     session: int
     #: User plus system CPU time, in clock ticks.
     cpu_ticks: int
+    #: The process group.
+    pgrp: int = 0
+    #: User plus system CPU time of its children that have been waited for, in clock ticks.
+    children_cpu_ticks: int = 0
+    #: When it started, in clock ticks after boot: with the pid, it names one process (a
+    #: pid reused by another has another start). 0 when the line stops before it.
+    start_ticks: int = 0
 
 
 def parse_stat(text: str) -> ProcStat:
-    """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses."""
+    """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses.
+    The one parser of that file: harness/ and bench/ read it through this too."""
     fields = text[text.rindex(")") + 2 :].split()
     # After "(comm)": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
-    # cmajflt utime stime ...
+    # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime ...
     return ProcStat(
         state=fields[0],
         ppid=int(fields[1]),
         session=int(fields[3]),
         cpu_ticks=int(fields[11]) + int(fields[12]),
+        pgrp=int(fields[2]),
+        children_cpu_ticks=int(fields[13]) + int(fields[14]),
+        start_ticks=int(fields[19]) if len(fields) > 19 else 0,
     )
 
 
