@@ -48,20 +48,15 @@ class ProcStat:
     state: str
     ppid: int
     session: int
-    #: User plus system CPU time, in clock ticks.
+    #: User plus system CPU time, in clock ticks (children_cpu_ticks: its reaped children's).
     cpu_ticks: int
-    #: The process group.
     pgrp: int = 0
-    #: User plus system CPU time of its children that have been waited for, in clock ticks.
     children_cpu_ticks: int = 0
-    #: When it started, in clock ticks after boot: with the pid, it names one process (a
-    #: pid reused by another has another start). 0 when the line stops before it.
-    start_ticks: int = 0
+    start_ticks: int = 0  # after boot (0: absent): with the pid, it names one process
 
 
 def parse_stat(text: str) -> ProcStat:
-    """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses.
-    The one parser of that file: harness/ and bench/ read it through this too."""
+    """Parses /proc/PID/stat; the command name may itself contain spaces and parentheses."""
     fields = text[text.rindex(")") + 2 :].split()
     # After "(comm)": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
     # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime ...
