@@ -12,22 +12,18 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from harness.processes import proc_stat, start_ticks
+
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
 
 
 def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
     """utime + stime of `pid` (and of its reaped children if asked), or None if it is gone."""
-    try:
-        stat = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
+    stat = proc_stat(pid)
+    if stat is None:
         return None
-    # The command name is in parentheses and may contain spaces: split after it.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # fields[11..14] are utime, stime, cutime, cstime (stat fields 14-17).
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
+    ticks = stat.cpu_ticks + (stat.children_cpu_ticks if children else 0)
     return ticks * _TICK_S
 
 
@@ -40,8 +36,10 @@ def pid_of(command: str) -> int | None:
         try:
             if (entry / "comm").read_text().strip() != command:
                 continue
-            start = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+            start = start_ticks(int(entry.name))
         except (OSError, ValueError, IndexError):
+            continue
+        if start is None:
             continue
         found.append((start, int(entry.name)))
     return min(found)[1] if found else None

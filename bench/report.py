@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.driver import JobResult, RunResult
+from harness.processes import memory_kib
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -176,12 +177,8 @@ def _nbd_server_version(binary: str) -> str:
 
 
 def describe_machine(*, nbd_server_binary: str, rabbitmq: str, mariadb: str) -> dict[str, str]:
-    mem_kib = _first_line_with("/proc/meminfo", "MemTotal")
-    memory = "?"
-    if mem_kib:
-        with_unit = mem_kib.split()
-        if with_unit and with_unit[0].isdigit():
-            memory = f"{int(with_unit[0]) / 1024 / 1024:.1f} GiB"
+    mem_kib = memory_kib("MemTotal")
+    memory = "?" if not mem_kib else f"{mem_kib / 1024 / 1024:.1f} GiB"
     return {
         "nproc": str(len(os.sched_getaffinity(0))),
         "memory": memory,

@@ -53,6 +53,7 @@ from pydantic import AnyUrl
 from harness.clusters import GaleraCluster, RabbitCluster
 from harness.held import HELD_BYTES, Held, check_consistent
 from harness.nbd import NbdServerProcess
+from harness.processes import memory_kib
 from harness.services import delete_broker_objects, make_disk
 from harness.sql import execute_sql
 from harness.tcp_proxy import TcpProxy
@@ -298,8 +299,8 @@ class Soak:
     async def sample_rss(self, until: float) -> None:
         while time.monotonic() < until:
             if self.worker.proc is not None and self.worker.proc.returncode is None:
-                with contextlib.suppress(OSError, ValueError, StopIteration):
-                    kib = rss_kib(self.worker.proc.pid)
+                kib = memory_kib("VmRSS", self.worker.proc.pid)
+                if kib is not None:
                     self.tally.rss_kib[self.worker.proc.pid].append(kib)
             await asyncio.sleep(RSS_SAMPLE_S)
 
@@ -432,11 +433,6 @@ def rss_summary(lives: dict[int, list[int]]) -> dict[str, Any]:
         "rss_mib_peak": round(max(window, default=0) / 1024, 1),
         "rss_growth": round(last / first, 3) if first else 1.0,
     }
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
 
 
 async def soak(

@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
 from harness.nbd import NbdServerProcess, free_port
+from harness.processes import memory_kib
 from harness.sql import execute_sql
 from worker.devices import DevicePolicy
 from worker.mappings import stored_addresses
@@ -90,17 +91,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def peak_rss_kib(pid: int) -> int | None:
-    """VmHWM (the resident set's high-water mark) of a live process, in KiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class ManagedProcess:
     """A child process of the benchmark, in its own session (so a Ctrl-C in the terminal
     reaches the benchmark only, which then stops it in order), logging to a file."""
@@ -154,7 +144,7 @@ class ManagedProcess:
         """Reads the peak RSS, then SIGTERM to this pid and a wait; SIGKILL (this pid only)
         if it does not exit in time. Returns the exit code."""
         if self.running:
-            self.peak_rss_kib = peak_rss_kib(self.pid) or self.peak_rss_kib
+            self.peak_rss_kib = memory_kib("VmHWM", self.pid) or self.peak_rss_kib
             self.popen.send_signal(signal.SIGTERM)
             try:
                 await asyncio.to_thread(self.popen.wait, timeout_s)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.mariadb import MariaDbInstance
-from harness.nbd import free_port, pid_running, wait_for
+from harness.nbd import free_port, wait_for
+from harness.processes import running, start_ticks, stop_group
 
 #: The real RabbitMQ scripts: /usr/sbin/rabbitmq* switch to the rabbitmq user and take the
 #: system node's cookie and environment.
@@ -58,58 +59,6 @@ def _free_ports(count: int) -> list[int]:
             _TAKEN.add(port)
             ports.append(port)
     return ports
-
-
-def start_ticks(pid: int) -> int | None:
-    """When `pid` started (clock ticks after boot), or None if it is gone: with the pid it
-    names one process, so a recorded pid that was since reused is never signalled."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-def running(pid: int, started: int) -> bool:
-    """Whether the process recorded as (`pid`, `started`) is still running."""
-    return bool(pid) and start_ticks(pid) == started and pid_running(pid)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is still in process group `pgid`."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)  # our own child's zombie leaves the group
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = stat_file.read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] not in "ZX":
-                return True
-    return False
-
-
-def stop_group(pid: int, started: int, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
-    """Signals the process group `pid` leads (every process here starts one: a node with
-    its helpers, such as the VM a RabbitMQ script forks or a Galera state transfer) and
-    waits for all of it to go; SIGKILL after `timeout_s`. A no-op when the group is gone,
-    or when `pid` now names another process: Linux does not reuse a pid while a group of
-    that id has members, so a reused pid means ours has none left."""
-    if not pid:
-        return
-    ticks = start_ticks(pid)
-    if ticks is not None and ticks != started:
-        return
-    if not _group_alive(pid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-    deadline = time.monotonic() + timeout_s
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _group_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        wait_for(lambda: not _group_alive(pid), 10, f"process group {pid} to exit")
 
 
 # --- RabbitMQ ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.nbd import free_port, pid_running, wait_for
+from harness.nbd import free_port, wait_for
+from harness.processes import pid_running
 from harness.tls_certs import Pki
 
 

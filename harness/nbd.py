@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.processes import pid_running
 from harness.tls_certs import Pki
 from worker.nbd.tls_selftest import TLS_PRIORITY
 
@@ -71,14 +72,6 @@ def _accepts(port: int) -> bool:
             return sock.recv(8) == b"NBDMAGIC"
     except OSError:
         return False
-
-
-def pid_running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 @dataclass

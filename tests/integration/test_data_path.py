@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from harness.nbd import UNPATCHED_SERVER_BIN, NbdServerProcess, pid_running
+from harness.nbd import UNPATCHED_SERVER_BIN, NbdServerProcess
+from harness.processes import pid_running
 from harness.sql import execute_sql
 from harness.worker_process import env_for
 from tests.conftest import (

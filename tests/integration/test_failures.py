@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from harness.nbd import OLD_SERVER_BIN, NbdConnection, NbdServerProcess, pid_running
+from harness.nbd import OLD_SERVER_BIN, NbdConnection, NbdServerProcess
+from harness.processes import pid_running
 from tests.conftest import (
     Scheduler,
     job,

@@ -29,7 +29,8 @@ from pydantic import AnyUrl
 
 from harness.clusters import rabbit_cluster
 from harness.mariadb import running_mariadb
-from harness.nbd import NbdConnection, NbdServerProcess, pid_running
+from harness.nbd import NbdConnection, NbdServerProcess
+from harness.processes import pid_running
 from harness.tcp_proxy import TcpProxy
 from harness.worker_process import WorkerProcess
 from tests.conftest import (

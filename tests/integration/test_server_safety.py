@@ -14,7 +14,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from harness.nbd import NbdConnection, NbdServerProcess, pid_running
+from harness.nbd import NbdConnection, NbdServerProcess
+from harness.processes import pid_running
 from tests.conftest import RunningWorker, Scheduler, job, make_disk, running_worker
 from worker.errors import ServerUnavailable
 from worker.mappings import CommittedExport
