@@ -33,7 +33,8 @@ from pathlib import Path
 
 from bench.driver import Driver
 from bench.report import describe_machine
-from bench.stack import REPO_ROOT, Stack, StartFailed
+from bench.stack import REPO_ROOT, Stack
+from harness.processes import StartFailed
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")

@@ -51,7 +51,8 @@ from bench.report import (
     fill_ratios,
     render_markdown,
 )
-from bench.stack import REPO_ROOT, ManagedProcess, Pair, Stack, StartFailed, scrape, total
+from bench.stack import REPO_ROOT, Pair, Stack, scrape, total
+from harness.processes import ManagedProcess, StartFailed
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")

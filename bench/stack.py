@@ -12,16 +12,14 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aio_pika
 import aiomysql
@@ -29,7 +27,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import AnyUrl
 
 from harness.nbd import NbdServerProcess, free_port
-from harness.processes import memory_kib
+from harness.processes import ManagedProcess, StartFailed, log_tail
 from harness.sql import execute_sql
 from worker.devices import DevicePolicy
 from worker.mappings import stored_addresses
@@ -56,10 +54,6 @@ INSERT_CHUNK = 500
 CLIENT_ADDRESSES = ("127.0.0.1", "::1")
 
 
-class StartFailed(Exception):
-    """A process of the stack did not come up; the message has the tail of its log."""
-
-
 @dataclass(frozen=True)
 class Pair:
     """One (VM, disk) with the sparse file standing in for its device."""
@@ -81,91 +75,6 @@ class Pair:
             "disk_unit_number": self.disk,
             "device_path": self.device_path,
         }
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class ManagedProcess:
-    """A child process of the benchmark, in its own session (so a Ctrl-C in the terminal
-    reaches the benchmark only, which then stops it in order), logging to a file."""
-
-    def __init__(
-        self, label: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path
-    ) -> None:
-        self.label = label
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.popen = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid = self.popen.pid
-        self.peak_rss_kib: int | None = None
-        self.exit_code: int | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    async def wait_for_line(self, marker: str, timeout_s: float) -> None:
-        """Returns once `marker` appears in the log; raises StartFailed if the process exits
-        or the timeout passes first."""
-        deadline = time.monotonic() + timeout_s
-        needle = marker.encode()
-        while True:
-            with contextlib.suppress(OSError):
-                if needle in self.log_path.read_bytes():
-                    return
-            if not self.running:
-                self.exit_code = self.popen.returncode
-                raise StartFailed(
-                    f"{self.label} exited with code {self.exit_code} before '{marker}':\n"
-                    f"{_tail(self.log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise StartFailed(
-                    f"{self.label} did not print '{marker}' within {timeout_s:g} s:\n"
-                    f"{_tail(self.log_path)}"
-                )
-            await asyncio.sleep(0.05)
-
-    async def stop(self, timeout_s: float = 30.0) -> int | None:
-        """Reads the peak RSS, then SIGTERM to this pid and a wait; SIGKILL (this pid only)
-        if it does not exit in time. Returns the exit code."""
-        if self.running:
-            self.peak_rss_kib = memory_kib("VmHWM", self.pid) or self.peak_rss_kib
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.popen.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM; killing it", self.label, self.pid)
-                self.popen.kill()
-                await asyncio.to_thread(self.popen.wait, 10)
-        self.exit_code = self.popen.returncode
-        self._log.close()
-        return self.exit_code
-
-    def stop_now(self) -> None:
-        """The synchronous last resort (the event loop is gone): same order, shorter waits."""
-        if self.running:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
 
 
 class Stack:
@@ -350,7 +259,7 @@ class Stack:
             return await asyncio.to_thread(self.nbd.start)
         except Exception as exc:
             raise StartFailed(
-                f"nbd-server did not start: {exc}\n{_tail(self.nbd.log_file)}"
+                f"nbd-server did not start: {exc}\n{log_tail(self.nbd.log_file)}"
             ) from exc
 
     async def stop_server(self) -> None:
@@ -428,6 +337,7 @@ class Stack:
             [sys.executable, "-m", "worker", "run"],
             self.worker_env(metrics_port, extra or {}),
             self.logs / f"worker-{label}.log",
+            cwd=REPO_ROOT,
         )
         self.processes.append(proc)
         await proc.wait_for_line("Worker ready", timeout_s=60)
@@ -451,6 +361,7 @@ class Stack:
             ],
             dict(os.environ),
             self.logs / "floor.log",
+            cwd=REPO_ROOT,
         )
         self.processes.append(proc)
         await proc.wait_for_line("Floor ready", timeout_s=60)

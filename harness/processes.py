@@ -1,19 +1,26 @@
 """Processes by pid, as /proc tells them: whether one runs, when it started (with the pid,
-that names one process), its process group, its memory; and a process group stopped.
+that names one process), its process group, its memory; a process group stopped; and a
+child process of the tests or the benchmark, logging to a file, stopped by its pid.
 
 /proc/PID/stat is read through worker.nbd.process.parse_stat, its one parser; /proc/PID/status
 and /proc/meminfo through `memory_kib`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from worker.nbd.process import ProcStat, parse_stat
 
+log = logging.getLogger(__name__)
 _PROC = Path("/proc")
 
 
@@ -97,3 +104,98 @@ def memory_kib(field: str, pid: int | None = None) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+class StartFailed(Exception):
+    """A process of the stack did not come up; the message has the tail of its log."""
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ManagedProcess:
+    """A child process of the benchmark, in its own session (so a Ctrl-C in the terminal
+    reaches the benchmark only, which then stops it in order), logging to a file."""
+
+    def __init__(
+        self,
+        label: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        cwd: Path | None = None,
+    ) -> None:
+        self.label = label
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        self.peak_rss_kib: int | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    async def wait_for_line(self, marker: str, timeout_s: float) -> None:
+        """Returns once `marker` appears in the log; raises StartFailed if the process exits
+        or the timeout passes first."""
+        deadline = time.monotonic() + timeout_s
+        needle = marker.encode()
+        while True:
+            with contextlib.suppress(OSError):
+                if needle in self.log_path.read_bytes():
+                    return
+            if not self.running:
+                self.exit_code = self.popen.returncode
+                raise StartFailed(
+                    f"{self.label} exited with code {self.exit_code} before '{marker}':\n"
+                    f"{log_tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise StartFailed(
+                    f"{self.label} did not print '{marker}' within {timeout_s:g} s:\n"
+                    f"{log_tail(self.log_path)}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def stop(self, timeout_s: float = 30.0) -> int | None:
+        """Reads the peak RSS, then SIGTERM to this pid and a wait; SIGKILL (this pid only)
+        if it does not exit in time. Returns the exit code."""
+        if self.running:
+            self.peak_rss_kib = memory_kib("VmHWM", self.pid) or self.peak_rss_kib
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.popen.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", self.label, self.pid)
+                self.popen.kill()
+                await asyncio.to_thread(self.popen.wait, 10)
+        self.exit_code = self.popen.returncode
+        self._log.close()
+        return self.exit_code
+
+    def stop_now(self) -> None:
+        """The synchronous last resort (the event loop is gone): same order, shorter waits."""
+        if self.running:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
