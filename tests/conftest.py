@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import pytest
@@ -311,10 +312,41 @@ def job(
     }
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """The fault rows a test recorded travel on its teardown report too: under pytest-xdist
+    the tests run in worker processes, and the table is printed by the controller."""
+    from tests import fault_table
+
+    report = yield
+    if call.when == "setup":
+        item.stash[_ROWS_BEFORE] = len(fault_table.ROWS)
+    elif call.when == "teardown":
+        rows = fault_table.ROWS[item.stash.get(_ROWS_BEFORE, len(fault_table.ROWS)) :]
+        if rows:
+            report.user_properties.append(("fault_rows", [dataclasses.asdict(r) for r in rows]))
+    return report
+
+
+_ROWS_BEFORE = pytest.StashKey[int]()
+#: The rows as the reports brought them (in whichever process prints the summary).
+_REPORTED_ROWS: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, rows in report.user_properties:
+        if name == "fault_rows":
+            _REPORTED_ROWS.extend(cast(list[dict[str, Any]], rows))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Prints the fault suite's table when it ran (tests/integration/test_faults.py)."""
     from tests import fault_table
 
+    if not fault_table.ROWS:  # run by xdist's workers: the rows came on the reports
+        fault_table.ROWS.extend(fault_table.FaultRow(**row) for row in _REPORTED_ROWS)
     if fault_table.ROWS:
         terminalreporter.section("fault suite")
         terminalreporter.write_line(fault_table.render())
