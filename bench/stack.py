@@ -32,15 +32,8 @@ from harness.sql import execute_sql
 from worker.devices import DevicePolicy
 from worker.mappings import stored_addresses
 from worker.messages import export_name
-from worker.nbd.files import (
-    SNIPPET_SUFFIX,
-    ExportSpec,
-    authfile_path,
-    point_link,
-    render_authfile,
-    write_authfile,
-    write_snippet,
-)
+from worker.nbd.authfiles import authfile_path, render_authfile, write_authfile
+from worker.nbd.files import SNIPPET_SUFFIX, ExportSpec, point_link, write_snippet
 from worker.repository import migrate
 
 log = logging.getLogger("bench")

@@ -24,14 +24,8 @@ from dataclasses import dataclass, field
 from worker.devices import device_present
 from worker.errors import WorkerError
 from worker.mappings import Mapping
-from worker.nbd.files import (
-    AuthfileState,
-    has_snippet,
-    link_target,
-    list_snippet_names,
-    safe_export_name,
-    snippet_outdated,
-)
+from worker.nbd.authfiles import AuthfileState, safe_export_name
+from worker.nbd.files import has_snippet, link_target, list_snippet_names, snippet_outdated
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
 

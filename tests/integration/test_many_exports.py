@@ -28,11 +28,11 @@ from worker.devices import DevicePolicy
 from worker.mappings import stored_addresses
 from worker.messages import export_name
 from worker.metrics import build_metrics
+from worker.nbd.authfiles import write_authfile
 from worker.nbd.files import (
     fsync_dir,
     make_worker_dir,
     point_link,
-    write_authfile,
     write_snippet,
 )
 from worker.nbd.server import NbdServer

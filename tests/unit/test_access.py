@@ -13,14 +13,15 @@ from worker.access import admits, authfile_line, normalize_client_addresses
 from worker.commands.check import _exposure_warnings
 from worker.messages import PrepareExport
 from worker.metrics import build_metrics
-from worker.nbd.files import (
+from worker.nbd.authfiles import (
     AuthfileState,
     authfile_state,
     render_authfile,
     searchable_by,
     write_authfile,
 )
-from worker.nbd.server import NbdServer, canary_for
+from worker.nbd.probes import canary_for
+from worker.nbd.server import NbdServer
 from worker.settings import Settings
 
 JOB = {"job_id": "j", "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "vm_name": "v",

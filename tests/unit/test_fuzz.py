@@ -22,7 +22,8 @@ from worker.messages import (
     parse_request,
     salvage_job_id,
 )
-from worker.nbd.files import ExportSpec, render_authfile, render_snippet, snippet_path
+from worker.nbd.authfiles import render_authfile
+from worker.nbd.files import ExportSpec, render_snippet, snippet_path
 from worker.replies import MAX_ERROR_MESSAGE, describe_validation_error, error_reply
 
 EXPORT_NAME = re.compile(r"migration-vm-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-disk\d{1,3}")

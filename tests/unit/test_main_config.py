@@ -14,8 +14,8 @@ import pytest
 
 from worker.errors import ServerMisconfigured, ServerUnavailable
 from worker.metrics import build_metrics
+from worker.nbd import authfiles as authfiles_module
 from worker.nbd import process as process_module
-from worker.nbd import server as server_module
 from worker.nbd.files import make_worker_dir
 from worker.nbd.main_config import (
     check_main_config,
@@ -176,7 +176,7 @@ def test_a_missing_authfile_directory_is_judged_by_what_run_makes_it_in(
 ) -> None:
     """Before the first run the directory may not exist: the server's user (not root here)
     must be able to enter the directories above it, not the missing one itself."""
-    monkeypatch.setattr(server_module, "file_credentials", lambda pid: (4321, {4321}))
+    monkeypatch.setattr(authfiles_module, "file_credentials", lambda pid: (4321, {4321}))
 
     def problem(auth_dir: Path) -> str | None:
         server = NbdServer(Settings(node_id="t", auth_dir=auth_dir), build_metrics("t"))

@@ -17,7 +17,8 @@ import pytest
 from harness.nbd import REP_ERR_POLICY
 from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics
-from worker.nbd.server import CANARY_ADDRESS_V4, PROBES_AT_ONCE, NbdServer
+from worker.nbd.probes import CANARY_ADDRESS_V4, PROBES_AT_ONCE
+from worker.nbd.server import NbdServer
 from worker.nbd.wire import (
     IHAVEOPT,
     INFO_EXPORT,

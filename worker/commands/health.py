@@ -11,7 +11,7 @@ import urllib.request
 
 from worker.commands import ExitCode
 from worker.errors import WorkerError
-from worker.nbd.server import HEALTH_PROBE_NAME, nbd_tls_session
+from worker.nbd.probes import HEALTH_PROBE_NAME, nbd_tls_session
 from worker.nbd.wire import export_state
 from worker.settings import Settings
 

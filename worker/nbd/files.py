@@ -1,5 +1,5 @@
-"""Snippets in nbd-server's includedir, the export links they point at, and the authfiles
-that say who may connect.
+"""Snippets in nbd-server's includedir and the export links they point at (the authfiles
+that say who may connect: worker/nbd/authfiles.py).
 
 All are written atomically and durably: a crash leaves the old file or the new one,
 never a torn one, and never a second file defining the same export.
@@ -10,14 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
-import stat
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from worker.access import authfile_line
 from worker.errors import ConfigWriteError
 
 #: nbd-server's includedir reads regular files ending in `.conf` only (nbd-server-facts.md),
@@ -25,10 +21,6 @@ from worker.errors import ConfigWriteError
 SNIPPET_SUFFIX = ".conf"
 TEMP_SUFFIX = ".tmp"
 SNIPPET_MODE = 0o644
-AUTHFILE_SUFFIX = ".allow"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-#: Read by nbd-server (often another user) on every connection; written by the worker only.
-AUTHFILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -279,104 +271,3 @@ def list_snippet_names(conf_dir: Path, prefix: str) -> set[str]:
         for p in conf_dir.glob(f"{prefix}*{SNIPPET_SUFFIX}")
         if p.is_file()
     }
-
-
-# --- authfiles ----------------------------------------------------------------------------
-
-
-def safe_export_name(name: str) -> bool:
-    """Whether `name` may name files (export names come from validated ids; this guards the
-    names read back from the database or from snippet file names)."""
-    return _SAFE_NAME.fullmatch(name) is not None
-
-
-def _checked(name: str) -> str:
-    if not safe_export_name(name):
-        raise ValueError(f"not a name the worker gives an export: {name[:80]!r}")
-    return name
-
-
-def authfile_path(auth_dir: Path, name: str) -> Path:
-    """Fixed by the export's name: the snippet names it once, and a reload never changes
-    what a loaded export reads, so the path must never move. Raises ValueError for a name
-    the worker never gives."""
-    return auth_dir / f"{_checked(name)}{AUTHFILE_SUFFIX}"
-
-
-def render_authfile(name: str, admitted: Iterable[str]) -> bytes:
-    """Who may connect to `name`, one network per line (nothing admitted: nobody may). The
-    addresses come from `normalize_client_addresses` only (digits, hex, `.`, `:`, `/`), the
-    name is checked: nothing else reaches the file, and every line is far below
-    nbd-server's 256-character line buffer."""
-    lines = [f"# Managed by nbd-export-worker: who may connect to {_checked(name)}."]
-    entries = [authfile_line(address) for address in admitted]
-    if not entries:
-        # An empty authfile refuses everyone; a missing one would admit everyone.
-        lines.append(
-            "# Nobody: the export was released (the server keeps its name until it restarts)."
-        )
-    return "".join(f"{line}\n" for line in lines + list(dict.fromkeys(entries))).encode()
-
-
-class AuthfileState(Enum):
-    OK = "ok"
-    MISSING = "missing"
-    #: Not a regular file, not readable by everyone (the server's user), or not readable.
-    UNREADABLE = "unreadable"
-    WRONG = "wrong"
-
-
-def authfile_state(path: Path, expected: bytes) -> AuthfileState:
-    """Whether the authfile is in place with `expected` content, and readable by the server
-    (nbd-server admits everyone when it cannot read it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return AuthfileState.MISSING
-    except OSError:
-        return AuthfileState.UNREADABLE
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH:
-            return AuthfileState.UNREADABLE
-        content = os.read(fd, len(expected) + 1)
-    except OSError:
-        return AuthfileState.UNREADABLE
-    finally:
-        os.close(fd)
-    return AuthfileState.OK if content == expected else AuthfileState.WRONG
-
-
-def write_authfile(path: Path, content: bytes, *, sync_dir: bool = True) -> bool:
-    """Puts `content` in the authfile unless it is there already; True if it wrote. The
-    server reads it on the next connection: no reload. With sync_dir=False the caller must
-    fsync the directory itself before relying on it. Raises ConfigWriteError."""
-    if authfile_state(path, content) is AuthfileState.OK:
-        return False
-    try:
-        _replace_file(path, content, AUTHFILE_MODE, sync_dir=sync_dir)
-    except OSError as exc:
-        raise ConfigWriteError("write authfile", path, exc.strerror) from exc
-    return True
-
-
-def searchable_by(directory: Path, uid: int, gids: set[int]) -> bool:
-    """Whether a process with these (file-system) ids can reach files in `directory`: it
-    and every directory above it searchable (nbd-server admits everyone when it cannot
-    open an authfile, so a directory it cannot enter opens every export)."""
-    if uid == 0:
-        return True
-    for part in (directory, *directory.parents):
-        try:
-            st = os.stat(part)
-        except OSError:
-            return False
-        if st.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in gids:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return False
-    return True
