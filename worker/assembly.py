@@ -17,6 +17,7 @@ from worker.devices import DevicePolicy
 from worker.flow import ExportFlow
 from worker.jobs import JobLedger
 from worker.metrics import Metrics, build_metrics
+from worker.nbd.baseline import BaselineNbdServer
 from worker.nbd.server import NbdServer
 from worker.repository import Repository
 from worker.settings import Settings
@@ -42,6 +43,13 @@ async def connect_repository(
         tls=database_tls(settings),
         client_addresses=settings.client_addresses,
     )
+
+
+def build_server(settings: Settings, metrics: Metrics) -> NbdServer:
+    """The nbd-server adapter; with EXPORT_WORKER_BASELINE, the original system's algorithm
+    (for the benchmark), so that the hot path has no branch for it. Raises TlsConfigError."""
+    server = BaselineNbdServer if settings.baseline else NbdServer
+    return server(settings, metrics)
 
 
 def queue_config(settings: Settings) -> QueueConfig:
@@ -90,7 +98,7 @@ async def adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdSer
     """The database and nbd-server adapters for one operator command: a small pool, and
     metrics nobody scrapes."""
     repository = await connect_repository(settings, pool_size=2)
-    server = NbdServer(settings, build_metrics(settings.node_id))
+    server = build_server(settings, build_metrics(settings.node_id))
     try:
         yield repository, server
     finally:

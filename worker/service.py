@@ -12,7 +12,7 @@ import logging
 import resource
 
 from worker import faults
-from worker.assembly import build_broker, build_flow, connect_repository
+from worker.assembly import build_broker, build_flow, build_server, connect_repository
 from worker.broker import BrokerSession
 from worker.errors import (
     ServerMisconfigured,
@@ -211,7 +211,7 @@ async def serve(
     metrics = metrics or build_metrics(settings.node_id)
     faults.arm(settings.crash_at)
     _raise_open_files_limit()
-    server = NbdServer(settings, metrics)
+    server = build_server(settings, metrics)
     pid: int | None = None
     try:
         pid = await _record_server(server, metrics, None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import aio_pika
 
 from worker.access import all_loopback
-from worker.assembly import adapters
+from worker.assembly import adapters, build_server
 from worker.commands import ExitCode
 from worker.errors import ServerMisconfigured, WorkerError
 from worker.metrics import build_metrics
@@ -41,7 +41,7 @@ async def check(settings: Settings, identity: NodeIdentity) -> int:
     results: list[tuple[str, str | None]] = []
     warnings: list[tuple[str, str]] = []
     try:
-        server = NbdServer(settings, build_metrics(settings.node_id))
+        server = build_server(settings, build_metrics(settings.node_id))
     except TlsConfigError as exc:
         print(f"FAIL {exc}")
         return ExitCode.FAILURE

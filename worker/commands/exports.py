@@ -8,12 +8,11 @@ import sys
 import uuid
 from typing import Any
 
-from worker.assembly import adapters, run_in_flow
+from worker.assembly import adapters, build_server, run_in_flow
 from worker.commands import ExitCode
 from worker.messages import FlushExport, ReleaseExport
 from worker.metrics import build_metrics
 from worker.nbd.selftest import run_self_test
-from worker.nbd.server import NbdServer
 from worker.reconcile import reconcile
 from worker.settings import Settings
 
@@ -46,7 +45,7 @@ async def self_test(settings: Settings, args: argparse.Namespace) -> int:
     """The data-path self-test of a binary, or of the running server's (/proc/PID/exe)."""
     binary = args.binary
     if binary is None:
-        server = NbdServer(settings, build_metrics(settings.node_id))
+        server = build_server(settings, build_metrics(settings.node_id))
         binary = f"/proc/{server.process.verified_pid()}/exe"
     result = await run_self_test(str(binary), timeout_s=settings.self_test_timeout_s)
     print(result.summary())

@@ -56,6 +56,14 @@ class _PendingCreate:
     result: asyncio.Future[Ensured]
 
 
+def _as_asked(name: str, device_path: str, ensured: Ensured) -> Ensured:
+    """`ensured`, unless the database no longer commits `name` to `device_path` (another
+    job changed it meanwhile): Superseded."""
+    if ensured.linked.get(name) != device_path:
+        raise Superseded(name)
+    return ensured
+
+
 class CreateBatch:
     """Creates, batched under the reload lock (`lock`, shared with ConfigChanges)."""
 
@@ -91,19 +99,21 @@ class CreateBatch:
         the server must not be used). `committed`: a lookup of this call's own instead of
         the bound one (kept for tests/integration/test_server_safety.py)."""
         committed = committed or self._lookup()
-        if self._settings.baseline:
-            ensured = await self._ensure_locked({name: device_path}, committed)
-        else:
-            result: asyncio.Future[Ensured] = asyncio.get_running_loop().create_future()
-            self._pending.append(_PendingCreate(name, device_path, committed, result))
-            if self._drainer is None or self._drainer.done():
-                # A context of its own: the batch serves many jobs, and its log lines must
-                # not carry the fields of whichever job happened to start it.
-                self._drainer = asyncio.create_task(self._drain(), context=contextvars.Context())
-            ensured = await result
-        if ensured.linked.get(name) != device_path:
-            raise Superseded(name)
-        return ensured
+        result: asyncio.Future[Ensured] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingCreate(name, device_path, committed, result))
+        if self._drainer is None or self._drainer.done():
+            # A context of its own: the batch serves many jobs, and its log lines must
+            # not carry the fields of whichever job happened to start it.
+            self._drainer = asyncio.create_task(self._drain(), context=contextvars.Context())
+        return _as_asked(name, device_path, await result)
+
+    async def ensure_alone(
+        self, name: str, device_path: str, committed: CommittedDevice | None = None
+    ) -> Ensured:
+        """One create in a lock hold of its own, batched with nothing: the benchmark's
+        baseline (a SIGHUP per create). Raises as ensure_export does."""
+        ensured = await self._ensure_locked({name: device_path}, committed or self._lookup())
+        return _as_asked(name, device_path, ensured)
 
     async def _drain(self) -> None:
         """Serves pending creates batch by batch: each batch is what has queued up by the

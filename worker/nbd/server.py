@@ -9,7 +9,8 @@ what touches the running nbd-server, each part in a module of its own:
 - worker/nbd/changes.py: the other changes under that lock: align_export, repair_authfile
   and the release path (remove_export);
 - worker/nbd/authfiles.py: the authfiles and the reuse path's cache of them; no lock;
-- worker/nbd/flush.py: the held device descriptors and flush_export; no lock.
+- worker/nbd/flush.py: the held device descriptors and flush_export; no lock;
+- worker/nbd/baseline.py: the benchmark's baseline, a subclass chosen in worker/assembly.py.
 
 Its own: is_live and needs_reload, the reuse path's questions, answered from the files on
 disk and what the probes remember.
@@ -29,7 +30,6 @@ from worker.nbd.changes import CommittedDevice, ConfigChanges
 from worker.nbd.creates import CreateBatch, Ensured
 from worker.nbd.files import DataPathOptions, ExportSpec, has_snippet, link_target
 from worker.nbd.flush import Flushes
-from worker.nbd.probe import list_exports
 from worker.nbd.probes import ProbeRoute, Probes
 from worker.nbd.process import MainProcess, ReloadLock
 from worker.nbd.selftest import SelfTestResult, run_self_test
@@ -131,19 +131,6 @@ class NbdServer:
 
     # --- probes (worker/nbd/probes.py) ----------------------------------------------------
 
-    async def listed_exports(self) -> frozenset[str]:
-        """Names `nbd-client -l` lists: the original system's check, for the baseline only
-        (it needs `allowlist = true`). Raises ServerUnavailable/ProbeTimeout."""
-        settings = self._settings
-        return await self._probes.timed_probe(
-            list_exports(
-                settings.nbd_client_bin,
-                settings.nbd_host,
-                settings.nbd_port,
-                settings.probe_timeout_s,
-            )
-        )
-
     def route(self) -> ProbeRoute:
         return self._probes.route()
 
@@ -206,9 +193,11 @@ class NbdServer:
             return False
         if not has_snippet(self._settings.nbd_conf_dir, name):
             return False
-        if self._settings.baseline:
-            # The original system: one `nbd-client -l` per job.
-            return name in await self.listed_exports()
+        return await self._server_knows(name, pid, fresh=fresh)
+
+    async def _server_knows(self, name: str, pid: int, *, fresh: bool) -> bool:
+        """Whether the server knows `name`: asked now (`fresh`), else what is remembered
+        while the server answers."""
         if fresh:
             return await self._probes.export_state(name) != UNKNOWN
         await self._probes.answering(pid)
