@@ -62,8 +62,8 @@ async def check(settings: Settings, identity: NodeIdentity) -> int:
     config: str | None = None
     misconfigured = False
     try:
-        pid, config = server.process.verified()
-        version = await server.process.check_version()
+        pid, config = server.verified()
+        version = await server.check_version()
         results.append((f"nbd-server main process {pid}, version {format_version(version)}", None))
         # The same self-test `run` gates on, run afresh on the very binary the server runs.
         verdict = await run_self_test(f"/proc/{pid}/exe", timeout_s=settings.self_test_timeout_s)
@@ -235,7 +235,7 @@ async def _nbd_tls_results(
         results.append(("config: nbd-server offers TLS", f"[generic] lacks {', '.join(missing)}"))
     else:
         try:
-            pid = server.process.verified_pid()
+            pid = server.verified_pid()
             verdict = await run_tls_close_test(
                 f"/proc/{pid}/exe",
                 ServerTlsFiles(*(Path(files[key]) for key in TLS_FILE_KEYS)),

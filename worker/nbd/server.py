@@ -121,6 +121,23 @@ class NbdServer:
         self._metrics.data_path_ok.set(1 if result.ok else 0)
         self._metrics.self_tests.labels(result="passed" if result.ok else "failed").inc()
 
+    # --- the main process (worker/nbd/process.py) ----------------------------------------
+
+    def verified(self) -> tuple[int, str]:
+        return self.process.verified()
+
+    def verified_pid(self) -> int:
+        return self.process.verified_pid()
+
+    async def check_version(self) -> tuple[int, int, int]:
+        return await self.process.check_version()
+
+    async def vet(self, pid: int) -> None:
+        await self.process.vet(pid)
+
+    async def vet_running(self) -> int:
+        return await self.process.vet_running()
+
     async def vetted_pid(self) -> int:
         """The running main pid once it passed the version and data-path gates (a dict
         lookup after the first time). Raises ServerUnavailable, UnsupportedServer or
