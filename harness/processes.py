@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -119,21 +120,28 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 class ManagedProcess:
-    """A child process of the benchmark, in its own session (so a Ctrl-C in the terminal
-    reaches the benchmark only, which then stops it in order), logging to a file."""
+    """A child process of the tests or the benchmark, stopped and killed by its pid only,
+    its stdout and stderr in one log: the file `log_path`, or an unnamed temporary file
+    (read back with `output`). In a session of its own by default, so that a Ctrl-C in the
+    terminal reaches the benchmark only, which then stops it in order."""
 
     def __init__(
         self,
         label: str,
         argv: Sequence[str],
         env: Mapping[str, str],
-        log_path: Path,
+        log_path: Path | None = None,
         *,
         cwd: Path | None = None,
+        own_session: bool = True,
     ) -> None:
         self.label = label
         self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
+        self._log: IO[bytes] = (
+            log_path.open("w+b") if log_path is not None else tempfile.TemporaryFile()  # noqa: SIM115
+        )
+        #: The log once closed (by `stop`, or `wait` once it has exited).
+        self._output: bytes | None = None
         self.popen = subprocess.Popen(
             list(argv),
             env=dict(env),
@@ -141,7 +149,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=own_session,
         )
         self.pid = self.popen.pid
         self.peak_rss_kib: int | None = None
@@ -151,27 +159,69 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has exited (-9: killed by SIGKILL), else None."""
+        return self.popen.poll()
+
+    def output(self) -> bytes:
+        """Everything it has written so far."""
+        if self._output is not None:
+            return self._output
+        # At offset 0, leaving the file position (which the child writes at) alone.
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+
+    def lines(self) -> list[str]:
+        """Its log, line by line (each with its newline)."""
+        return self.output().decode(errors="replace").splitlines(keepends=True)
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.output().decode(errors="replace").splitlines()[-lines:])
+
+    def _close_log(self) -> None:
+        if self._output is None:
+            self._output = self.output()
+            self._log.close()
+
     async def wait_for_line(self, marker: str, timeout_s: float) -> None:
         """Returns once `marker` appears in the log; raises StartFailed if the process exits
         or the timeout passes first."""
         deadline = time.monotonic() + timeout_s
         needle = marker.encode()
         while True:
-            with contextlib.suppress(OSError):
-                if needle in self.log_path.read_bytes():
-                    return
+            if needle in self.output():
+                return
             if not self.running:
                 self.exit_code = self.popen.returncode
                 raise StartFailed(
                     f"{self.label} exited with code {self.exit_code} before '{marker}':\n"
-                    f"{log_tail(self.log_path)}"
+                    f"{self.tail()}"
                 )
             if time.monotonic() > deadline:
                 raise StartFailed(
-                    f"{self.label} did not print '{marker}' within {timeout_s:g} s:\n"
-                    f"{log_tail(self.log_path)}"
+                    f"{self.label} did not print '{marker}' within {timeout_s:g} s:\n{self.tail()}"
                 )
             await asyncio.sleep(0.05)
+
+    async def wait(self, timeout_s: float) -> int:
+        """Its exit status once it has exited; raises TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while (code := self.popen.poll()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.label} (pid {self.pid}) did not exit")
+            await asyncio.sleep(0.02)
+        self.exit_code = code
+        self._close_log()
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        """`sig` to this pid only; a no-op once it has exited."""
+        self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it."""
+        self.send_signal(signal.SIGKILL)
 
     async def stop(self, timeout_s: float = 30.0) -> int | None:
         """Reads the peak RSS, then SIGTERM to this pid and a wait; SIGKILL (this pid only)
@@ -180,13 +230,13 @@ class ManagedProcess:
             self.peak_rss_kib = memory_kib("VmHWM", self.pid) or self.peak_rss_kib
             self.popen.send_signal(signal.SIGTERM)
             try:
-                await asyncio.to_thread(self.popen.wait, timeout_s)
-            except subprocess.TimeoutExpired:
+                await self.wait(timeout_s)
+            except TimeoutError:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", self.label, self.pid)
                 self.popen.kill()
-                await asyncio.to_thread(self.popen.wait, 10)
+                await self.wait(10)
         self.exit_code = self.popen.returncode
-        self._log.close()
+        self._close_log()
         return self.exit_code
 
     def stop_now(self) -> None:
@@ -198,4 +248,4 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
-        self._log.close()
+        self._close_log()

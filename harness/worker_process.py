@@ -3,13 +3,12 @@ as an appliance runs it: for tests that kill it, and for the soak."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from harness.nbd import NbdServerProcess
+from harness.processes import ManagedProcess
 from harness.services import clean_environ
 from worker.settings import Settings
 
@@ -49,53 +48,37 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """`nbd-export-worker run`, started and stopped (or killed) by its PID."""
+    """`nbd-export-worker run`, started and stopped (or killed) by its PID: a
+    ManagedProcess in the caller's process group, its log read back by `log`."""
 
     def __init__(self, settings: Settings, **env: str) -> None:
         self.settings = settings
         self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def log(self) -> list[str]:
+        """Its log so far (stdout and stderr), line by line."""
+        return [] if self.proc is None else self.proc.lines()
 
     async def start(self, timeout_s: float = 30) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            env=env_for(self.settings, **self.env),
-            stderr=asyncio.subprocess.PIPE,
+        """Returns once it logged "Worker ready"; raises StartFailed if it exits first."""
+        self.proc = ManagedProcess(
+            "the worker",
+            [sys.executable, "-m", "worker", "run"],
+            env_for(self.settings, **self.env),
+            own_session=False,
         )
-        assert self.proc.stderr is not None
-        while True:
-            line = await asyncio.wait_for(self.proc.stderr.readline(), timeout_s)
-            assert line, f"the worker exited at start-up: {''.join(self.log)[-2000:]}"
-            self.log.append(line.decode(errors="replace"))
-            if b"Worker ready" in line:
-                break
-        # Keep reading its log so a full pipe never blocks it.
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.log.append(line.decode(errors="replace"))
+        await self.proc.wait_for_line("Worker ready", timeout_s)
 
     async def wait(self, timeout_s: float = 60) -> int:
         """Its exit status once it has exited (-9: killed by SIGKILL)."""
         assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout_s)
-        if self._reader is not None:
-            await self._reader
-        return code
+        return await self.proc.wait(timeout_s)
 
     async def stop(self) -> int | None:
-        """SIGTERM, and the exit status; a no-op if it has exited already."""
+        """SIGTERM, and the exit status (SIGKILL after 60 s); a no-op if it has exited
+        already."""
         if self.proc is None:
             return None
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-        return await self.wait()
+        return await self.proc.stop(timeout_s=60)
