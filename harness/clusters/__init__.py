@@ -39,7 +39,7 @@ from harness.processes import running, start_ticks, stop_group
 RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin")
 GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
 HAPROXY = Path("/usr/sbin/haproxy")
-HAPROXY_SAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "galera.cfg"
+HAPROXY_SAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "galera.cfg"
 #: Bounded start-up: each node (or, for RabbitMQ, the nodes that boot together) must be
 #: up within this, or the start fails and everything started is stopped.
 START_TIMEOUT_S = 120.0
@@ -614,7 +614,3 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start_node(args.index)
     print(json.dumps({"rabbitmq": rabbit.status(), "galera": galera.status()}, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m harness.clusters up|status|kill|restart|down` (scripts/clusters.sh)."""
+
+import sys
+
+from harness.clusters import main
+
+sys.exit(main())
