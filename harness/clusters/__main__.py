@@ -2,6 +2,6 @@
 
 import sys
 
-from harness.clusters import main
+from harness.clusters.cli import main
 
 sys.exit(main())
