@@ -1,4 +1,4 @@
-"""The soak: the worker, as a process of its own, against the clusters (harness/clusters.py:
+"""The soak: the worker, as a process of its own, against the clusters (harness/clusters/:
 three RabbitMQ nodes, three Galera nodes behind HAProxy) for a given time with a steady
 job mix (creates, reuses, relinks, releases, flushes) and one fault at a time, about
 every `--fault-every` seconds: each kind once in a random order (`--seed`), then again:

@@ -25,7 +25,7 @@ class MariaDbInstance:
     tls: Pki | None = None
     port: int = 0
     pid: int = 0
-    #: More server options (harness/clusters.py: a Galera node's).
+    #: More server options (harness/clusters/galera.py: a Galera node's).
     extra_args: list[str] = field(default_factory=list)
     #: The account mariadbd runs as. A Galera node runs as mysql, as deployed: its rsync
     #: state transfer daemon, started by root, would write as nobody.

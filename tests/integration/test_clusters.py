@@ -1,4 +1,4 @@
-"""The worker on real clusters (harness/clusters.py): three RabbitMQ nodes with the request
+"""The worker on real clusters (harness/clusters/): three RabbitMQ nodes with the request
 queue a quorum queue of three members, and three Galera nodes behind HAProxy. Every job
 path, `migrate` from three nodes at once, two appliances writing through two Galera nodes
 at once, and the loss of the broker node the worker uses, of the quorum queue's leader

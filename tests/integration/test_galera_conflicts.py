@@ -1,5 +1,5 @@
 """Galera's conflict errors against the code that must retry them (worker/db_errors.py), on
-a real three-node cluster (harness/clusters.py, started once for this module, about 25 s):
+a real three-node cluster (harness/clusters/, started once for this module, about 25 s):
 
 - 20 `migrate`s at once, straight to the three nodes (not through HAProxy), round after
   round, each on a fresh database: all succeed, and every node ends with the same schema.
