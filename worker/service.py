@@ -36,7 +36,7 @@ log = logging.getLogger("worker")
 
 async def _record_server(server: NbdServer, metrics: Metrics, last_pid: int | None) -> int:
     """Refreshes the server's pid and version gauges; logs a restart. Returns the pid."""
-    pid = server.verified_pid()
+    pid = server.main_pid()
     if pid != last_pid:
         metrics.data_path_ok.set(float("nan"))  # this pid is not tested yet
         version = await server.check_version()
@@ -82,9 +82,9 @@ async def _housekeeping(
         await asyncio.sleep(settings.housekeeping_interval_s)
         try:
             pid = await _record_server(server, metrics, pid)
-            # A new main pid is vetted here (config, version, data-path self-test), before
+            # A new main pid passes its gates here (config, version, data-path self-test), before
             # the next job needs it; a dict lookup after that.
-            await server.vet(pid)
+            await server.pass_gates(pid)
             problems.ok("server")
         except WorkerError as exc:
             problems.failed("server", exc)
@@ -175,7 +175,7 @@ class Readiness:
         checks["nbd_data_path"] = None
         try:
             try:
-                await self._server.vet_running()
+                await self._server.gated_main_pid()
             except UnsafeServer as exc:
                 checks["nbd_data_path"] = str(exc)
             await self._server.ping()
@@ -215,8 +215,8 @@ async def serve(
     pid: int | None = None
     try:
         pid = await _record_server(server, metrics, None)
-        log.info("nbd-server main pid=%d config=%s", *server.verified())
-        await server.vet(pid)  # the data-path self-test: UnsafeServer when it fails
+        log.info("nbd-server main pid=%d config=%s", *server.main_pid_and_config())
+        await server.pass_gates(pid)  # the data-path self-test: UnsafeServer when it fails
     except UnsupportedServer:
         raise
     except ServerMisconfigured as exc:

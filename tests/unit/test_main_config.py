@@ -112,10 +112,10 @@ async def test_the_job_path_reads_the_config_once_per_pid(
     process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1)
     process._versions = {4242: (3, 26, 1)}  # as read from /proc/PID/exe -V
     for _ in range(5):
-        await process.vet(4242)
+        await process.pass_gates(4242)
     assert checks == ["config /cfg"]
     process._versions[4343] = (3, 26, 1)  # a restart: another pid, read again
-    await process.vet(4343)
+    await process.pass_gates(4343)
     assert checks == ["config /cfg", "config /cfg"]
 
 
@@ -139,7 +139,8 @@ async def test_every_sighup_reads_the_config_afresh_after_the_self_test(
         process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1,
                               self_test=self_test)  # fmt: skip
         process._versions = {child.pid: (3, 26, 1)}
-        # A pid not vetted yet: its self-test (seconds) runs first, the config read follows.
+        # A pid not through its gates yet: its self-test (seconds) runs first, the config read
+        # follows.
         await process.send_reload()
         await process.send_reload()
         assert checks == ["self-test", "config /cfg", "config /cfg"]
@@ -166,7 +167,7 @@ async def test_a_server_gone_while_its_config_is_read_is_unavailable_not_misconf
     monkeypatch.setattr(process_module, "check_main_config", config_gone)
     process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1)
     with pytest.raises(ServerUnavailable) as raised:
-        await process.vet(4242)
+        await process.pass_gates(4242)
     assert not isinstance(raised.value, ServerMisconfigured)
     assert raised.value.retryable
 
@@ -180,7 +181,7 @@ def test_a_missing_authfile_directory_is_judged_by_what_run_makes_it_in(
 
     def problem(auth_dir: Path) -> str | None:
         server = NbdServer(Settings(node_id="t", auth_dir=auth_dir), build_metrics("t"))
-        monkeypatch.setattr(server.process, "verified_pid", lambda: 4242)
+        monkeypatch.setattr(server.process, "main_pid", lambda: 4242)
         return server.auth_dir_problem()
 
     assert problem(Path("/nonexistent-nbd-export-worker/state/auth")) is None

@@ -221,7 +221,7 @@ async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: 
                           self_test=failing)  # fmt: skip
     process._versions = {pid: (3, 26, 1)}  # as read from /proc/PID/exe -V
     results = await asyncio.gather(
-        *(process._vet_checked(pid) for _ in range(5)), return_exceptions=True
+        *(process._binary_gates(pid) for _ in range(5)), return_exceptions=True
     )
     assert all(isinstance(r, UnsafeServer) for r in results)
     assert "a WRITE_ZEROES left old data" in str(results[0])
@@ -232,7 +232,7 @@ async def test_a_pid_is_vetted_once_and_a_failed_self_test_refuses_it(tmp_path: 
                             self_test=failing, accept_failed_self_test=True,
                             on_self_test=lambda _pid, result: seen.append(result.ok))  # fmt: skip
     accepting._versions = {pid: (3, 26, 1)}
-    version, verdict = await accepting._vet_checked(pid)
+    version, verdict = await accepting._binary_gates(pid)
     assert version == (3, 26, 1)
     assert verdict is not None
     assert not verdict.ok
@@ -253,12 +253,12 @@ async def test_a_self_test_that_could_not_run_is_not_a_verdict(tmp_path: Path) -
                           self_test=flaky)  # fmt: skip
     process._versions = {pid: (3, 26, 1)}
     with pytest.raises(ServerUnavailable):
-        await process._vet_checked(pid)
+        await process._binary_gates(pid)
     with pytest.raises(ServerUnavailable):
-        await process._vet_checked(pid)  # for a few seconds, jobs get the same reason
+        await process._binary_gates(pid)  # for a few seconds, jobs get the same reason
     assert len(attempts) == 1
     process._unrun = None  # as when UNRUN_RETRY_S has passed
-    _, verdict = await process._vet_checked(pid)  # tried again, not refused for good
+    _, verdict = await process._binary_gates(pid)  # tried again, not refused for good
     assert verdict is not None
     assert verdict.ok
     assert len(attempts) == 2

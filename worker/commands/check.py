@@ -62,7 +62,7 @@ async def check(settings: Settings, identity: NodeIdentity) -> int:
     config: str | None = None
     misconfigured = False
     try:
-        pid, config = server.verified()
+        pid, config = server.main_pid_and_config()
         version = await server.check_version()
         results.append((f"nbd-server main process {pid}, version {format_version(version)}", None))
         # The same self-test `run` gates on, run afresh on the very binary the server runs.
@@ -235,7 +235,7 @@ async def _nbd_tls_results(
         results.append(("config: nbd-server offers TLS", f"[generic] lacks {', '.join(missing)}"))
     else:
         try:
-            pid = server.verified_pid()
+            pid = server.main_pid()
             verdict = await run_tls_close_test(
                 f"/proc/{pid}/exe",
                 ServerTlsFiles(*(Path(files[key]) for key in TLS_FILE_KEYS)),

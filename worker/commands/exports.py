@@ -46,7 +46,7 @@ async def self_test(settings: Settings, args: argparse.Namespace) -> int:
     binary = args.binary
     if binary is None:
         server = build_server(settings, build_metrics(settings.node_id))
-        binary = f"/proc/{server.verified_pid()}/exe"
+        binary = f"/proc/{server.main_pid()}/exe"
     result = await run_self_test(str(binary), timeout_s=settings.self_test_timeout_s)
     print(result.summary())
     return ExitCode.OK if result.ok else ExitCode.FAILURE

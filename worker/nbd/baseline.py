@@ -34,5 +34,5 @@ class BaselineNbdServer(NbdServer):
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedDevice | None = None
     ) -> Ensured:
-        await self.vetted_pid()
+        await self.gated_existing_pid()
         return await self._creates.ensure_alone(name, device_path, committed)

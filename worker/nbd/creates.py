@@ -1,4 +1,4 @@
-"""The create batch: authfile, link, snippet, SIGHUP to the verified main process, then
+"""The create batch: authfile, link, snippet, SIGHUP to the checked main process, then
 NBD_OPT_GO on each new name until the server opens it as a client would, all under the
 reload lock.
 
@@ -342,7 +342,7 @@ class CreateBatch:
                 waiting = {name for name in waiting if states[name] == UNKNOWN}
             if not waiting:
                 break
-            if not self._process.is_alive(pid):
+            if not self._process.is_main_process(pid):
                 raise ServerUnavailable(f"nbd-server main process {pid} died after SIGHUP")
             if time.monotonic() >= deadline:
                 raise ExportNotVisible(
@@ -352,6 +352,6 @@ class CreateBatch:
                 )
             await asyncio.sleep(self._settings.reload_poll_interval_s)
         self._metrics.reload_visible.observe(time.monotonic() - sent)
-        if not self._process.is_alive(pid):
+        if not self._process.is_main_process(pid):
             raise ServerUnavailable(f"nbd-server main process {pid} died after SIGHUP")
         return states

@@ -190,7 +190,7 @@ class Probes:
         when its pid changes."""
         if pid is None:
             try:
-                pid = self._process.running_pid()
+                pid = self._process.existing_pid()
             except ServerUnavailable:
                 pid = 0
         if self._remembered.pid != pid:

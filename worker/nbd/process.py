@@ -1,13 +1,13 @@
-"""nbd-server's main process: find it, check it, vet it, signal it, lock reloads.
+"""nbd-server's main process: find it, check it, pass it through its gates, signal it.
 
 A SIGHUP that reaches a per-connection child kills a live migration (nbd-server-facts.md,
 "Processes and signals"), so the only signal this module sends goes to one pid read from
 the pid file and checked just before, through a pidfd so the pid cannot be recycled between
-the check and the signal. Never pkill, never a process group.
+the check and the signal. Never pkill, never a process group. Also the reload lock.
 
-Vetting a main process: its binary's version (>= 3.25: SIGHUP-safe) and, since no version
-is free of data-path bugs, the data-path self-test run on that very binary. Both are kept
-per pid: a restart may bring another binary.
+Checked: a live session leader running nbd-server (check_main_process). Its gates, once
+per pid (a restart may bring another binary): its includedir, its binary's version (>= 3.25:
+SIGHUP-safe) and the data-path self-test on that binary (no version is free of such bugs).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def check_main_process(pid: int, pinned_config: Path | None) -> str:
 class MainProcess:
     """The nbd-server main process named by the pid file, whose config includes `conf_dir`.
 
-    It is vetted once per pid (its config's includedir, version, then the data-path
+    It passes its gates once per pid (its config's includedir, version, then the data-path
     self-test, when one is given) before the first SIGHUP and before the first export is
     handed out, not only at start-up; the includedir is read again before every SIGHUP.
     """
@@ -182,20 +182,20 @@ class MainProcess:
         self._unrun: tuple[int, float, ServerUnavailable] | None = None
         self._pid_seen: tuple[tuple[int, int, int], int] | None = None
 
-    def verified(self) -> tuple[int, str]:
-        """The main pid, checked now, and the config file it runs with. Raises
-        ServerUnavailable (ServerMisconfigured: not the pinned config)."""
+    def main_pid_and_config(self) -> tuple[int, str]:
+        """The pid file's pid, checked now (check_main_process), and the config file it runs
+        with. Raises ServerUnavailable (ServerMisconfigured: not the pinned config)."""
         pid = read_pid_file(self._pid_file)
         return pid, check_main_process(pid, self._config_file)
 
-    def verified_pid(self) -> int:
-        """The main pid, checked now. Raises ServerUnavailable."""
-        return self.verified()[0]
+    def main_pid(self) -> int:
+        """The pid file's pid, checked now (check_main_process). Raises ServerUnavailable."""
+        return self.main_pid_and_config()[0]
 
-    def running_pid(self) -> int:
-        """The pid file's pid if that process exists: two stats, for the reuse path. Enough
-        to tell a restart (a new pid); every signal still goes through the full checks.
-        Raises ServerUnavailable."""
+    def existing_pid(self) -> int:
+        """The pid file's pid if a process with it exists, not checked: two stats, for the
+        reuse path. Enough to tell a restart (a new pid); every signal still goes through
+        the full checks. Raises ServerUnavailable."""
         try:
             st = os.stat(self._pid_file)
         except OSError as exc:
@@ -223,7 +223,7 @@ class MainProcess:
             raise
         self._config_ok = pid
 
-    def is_alive(self, pid: int) -> bool:
+    def is_main_process(self, pid: int) -> bool:
         try:
             check_main_process(pid, self._config_file)
         except ServerUnavailable:
@@ -232,24 +232,24 @@ class MainProcess:
 
     async def check_version(self) -> tuple[int, int, int]:
         """The running main process's version; raises UnsupportedServer below 3.25."""
-        return await self._supported_version(self.verified_pid())
+        return await self._supported_version(self.main_pid())
 
-    async def vet_running(self) -> int:
-        """Vets the running main process (cached per pid) and returns its pid. Raises
-        ServerUnavailable, UnsupportedServer or UnsafeServer."""
-        pid = self.verified_pid()
-        await self.vet(pid)
+    async def gated_main_pid(self) -> int:
+        """main_pid(), once it passed its gates (cached per pid). Raises ServerUnavailable,
+        UnsupportedServer or UnsafeServer."""
+        pid = self.main_pid()
+        await self.pass_gates(pid)
         return pid
 
-    async def vet(self, pid: int) -> None:
+    async def pass_gates(self, pid: int) -> None:
         """Raises ServerMisconfigured/UnsupportedServer/UnsafeServer unless `pid` passed the
         config, version and self-test gates; dict lookups once it has. A pid seen for the
-        first time is verified as the main process first: its binary is about to be run."""
+        first time is checked (check_main_process) first: its binary is about to be run."""
         if pid not in self._versions or self._config_ok != pid:
             self._check_config(pid, check_main_process(pid, self._config_file), fresh=False)
-        await self._vet_checked(pid)
+        await self._binary_gates(pid)
 
-    async def _vet_checked(self, pid: int) -> tuple[tuple[int, int, int], SelfTestResult | None]:
+    async def _binary_gates(self, pid: int) -> tuple[tuple[int, int, int], SelfTestResult | None]:
         version = await self._supported_version(pid)
         if self._self_test is None:
             return version, None
@@ -337,7 +337,7 @@ class MainProcess:
             raise ServerUnavailable(f"cannot read the version of nbd-server {pid}: {exc}") from exc
 
     async def send_reload(self) -> int:
-        """SIGHUPs the verified, vetted main process only; returns its pid.
+        """SIGHUPs the main process only, checked now and through its gates; returns its pid.
 
         Raises ServerUnavailable (UnsupportedServer/UnsafeServer when it must not be used).
         """
@@ -350,7 +350,7 @@ class MainProcess:
             # Checked after the pidfd is open: the fd pins this very process, so the pid
             # cannot be reused by another process between the checks and the signal.
             config = check_main_process(pid, self._config_file)
-            await self._vet_checked(pid)  # may run the self-test: seconds
+            await self._binary_gates(pid)  # may run the self-test: seconds
             # Read afresh just before the signal, after any wait above.
             self._check_config(pid, config, fresh=True)
             signal.pidfd_send_signal(pidfd, signal.SIGHUP)

@@ -123,27 +123,27 @@ class NbdServer:
 
     # --- the main process (worker/nbd/process.py) ----------------------------------------
 
-    def verified(self) -> tuple[int, str]:
-        return self.process.verified()
+    def main_pid_and_config(self) -> tuple[int, str]:
+        return self.process.main_pid_and_config()
 
-    def verified_pid(self) -> int:
-        return self.process.verified_pid()
+    def main_pid(self) -> int:
+        return self.process.main_pid()
 
     async def check_version(self) -> tuple[int, int, int]:
         return await self.process.check_version()
 
-    async def vet(self, pid: int) -> None:
-        await self.process.vet(pid)
+    async def pass_gates(self, pid: int) -> None:
+        await self.process.pass_gates(pid)
 
-    async def vet_running(self) -> int:
-        return await self.process.vet_running()
+    async def gated_main_pid(self) -> int:
+        return await self.process.gated_main_pid()
 
-    async def vetted_pid(self) -> int:
-        """The running main pid once it passed the version and data-path gates (a dict
-        lookup after the first time). Raises ServerUnavailable, UnsupportedServer or
-        UnsafeServer."""
-        pid = self.process.running_pid()
-        await self.process.vet(pid)
+    async def gated_existing_pid(self) -> int:
+        """The pid file's pid, not checked but for existing, once it passed its gates (a
+        dict lookup after the first time, which checks it too): for the reuse path. Raises
+        ServerUnavailable, UnsupportedServer or UnsafeServer."""
+        pid = self.process.existing_pid()
+        await self.process.pass_gates(pid)
         return pid
 
     # --- probes (worker/nbd/probes.py) ----------------------------------------------------
@@ -196,7 +196,7 @@ class NbdServer:
     def auth_dir_problem(self) -> str | None:
         """Why the running server cannot read the authfiles, if it cannot (it would then
         admit everyone to every export). Raises ServerUnavailable."""
-        return auth_dir_problem(self._settings.auth_dir, self.process.verified_pid())
+        return auth_dir_problem(self._settings.auth_dir, self.process.main_pid())
 
     # --- the reuse path -------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class NbdServer:
         """Known to the server, its snippet on disk (so a restart keeps it), and its link
         pointing at `device_path` (so new connections open that device). `fresh=False`
         trusts what is remembered while the server answers (the reuse fast path)."""
-        pid = await self.vetted_pid()
+        pid = await self.gated_existing_pid()
         spec = self.spec(name)
         if link_target(spec.link_path) != device_path:
             return False
@@ -227,7 +227,7 @@ class NbdServer:
         not on disk (news to the server, not asked); else the server is asked. A job's
         reply says it (`reused`), so that a redelivery can repeat it after the SIGHUP was
         sent. Raises ServerUnavailable/ProbeTimeout."""
-        pid = await self.vetted_pid()
+        pid = await self.gated_existing_pid()
         if name in self._probes.memory(pid).known:
             return False
         if not has_snippet(self._settings.nbd_conf_dir, name):
@@ -242,11 +242,11 @@ class NbdServer:
         """Makes `name` listed, servable and opening `device_path` (CreateBatch), once the
         running server passed its gates: also when the name is known already and no SIGHUP
         follows."""
-        await self.vetted_pid()
+        await self.gated_existing_pid()
         return await self._creates.ensure_export(name, device_path, committed)
 
     async def ensure_exports(self, wanted: Mapping[str, str]) -> Ensured:
-        await self.vetted_pid()
+        await self.gated_existing_pid()
         return await self._creates.ensure_exports(wanted)
 
     async def align_export(self, name: str) -> CommittedExport | None:
