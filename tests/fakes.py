@@ -9,10 +9,8 @@ from datetime import UTC, datetime
 
 from worker.devices import Device
 from worker.errors import DeviceInUse, FlushFailed, TransientDatabaseError
-from worker.mappings import CommittedExport, JobRecord, Mapping
+from worker.mappings import CommittedExport, CommittedLookup, JobRecord, Mapping
 from worker.messages import PrepareExport
-
-Committed = Callable[[str], Awaitable[CommittedExport | None]]
 
 
 class InMemoryMappings:
@@ -148,14 +146,14 @@ class FakeExportServer:
         self.held: dict[str, str] = {}
         self.detached: set[str] = set()
         #: Where what an export is committed to is read (bound by the flow, as for NbdServer).
-        self.committed: Committed | None = None
+        self.committed: CommittedLookup | None = None
         #: name -> the addresses its authfile admits (None: nobody, released).
         self.authfiles: dict[str, tuple[str, ...] | None] = {}
         self.authfile_writes = 0
 
     tls = False
 
-    def bind_committed(self, committed: Committed) -> None:
+    def bind_committed(self, committed: CommittedLookup) -> None:
         self.committed = committed
 
     async def _committed(self, name: str) -> CommittedExport | None:

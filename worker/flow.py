@@ -15,14 +15,14 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from worker.devices import Device, DevicePolicy
 from worker.errors import ExportNotFound, FlushFailed, InvalidRequest, Superseded, WorkerError
 from worker.faults import crash_point
-from worker.mappings import CommittedExport, JobRecord, Mapping
+from worker.mappings import CommittedExport, CommittedLookup, JobRecord, Mapping
 from worker.messages import (
     AnyRequest,
     ExportFlushed,
@@ -76,16 +76,13 @@ class Ledger(Protocol):
     def record_later(self, record: JobRecord) -> None: ...
 
 
-Committed = Callable[[str], Awaitable[CommittedExport | None]]
-
-
 class ExportServer(Protocol):
     @property
     def tls(self) -> bool:
         """Whether copy tools must connect with TLS (replies say so)."""
         ...
 
-    def bind_committed(self, committed: Committed) -> None:
+    def bind_committed(self, committed: CommittedLookup) -> None:
         """Where the server reads, under its lock, what the database commits an export to."""
         ...
 

@@ -5,6 +5,7 @@ Kept apart from repository.py so the flow can use it without importing the datab
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -87,6 +88,11 @@ class CommittedExport(BaseModel):
 
     def admitted(self, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
         return admitted_addresses(self.client_addresses, default)
+
+
+#: Looks up, in the database, what an export (by name) is committed to (None: not active):
+#: Repository.committed_export, bound to the NbdServer by whoever pairs the two.
+CommittedLookup = Callable[[str], Awaitable[CommittedExport | None]]
 
 
 class JobRecord(BaseModel):

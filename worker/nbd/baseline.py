@@ -7,7 +7,7 @@ It asks the server with `nbd-client -l` per job whether an export is live (it ne
 
 from __future__ import annotations
 
-from worker.nbd.changes import CommittedDevice
+from worker.mappings import CommittedLookup
 from worker.nbd.creates import Ensured
 from worker.nbd.probe import list_exports
 from worker.nbd.server import NbdServer
@@ -32,7 +32,7 @@ class BaselineNbdServer(NbdServer):
         return name in await self.listed_exports()
 
     async def ensure_export(
-        self, name: str, device_path: str, committed: CommittedDevice | None = None
+        self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> Ensured:
         await self.gated_existing_pid()
         return await self._creates.ensure_alone(name, device_path, committed)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from worker.errors import ServerUnavailable
-from worker.mappings import CommittedExport
+from worker.mappings import CommittedExport, CommittedLookup
 from worker.nbd.authfiles import Authfiles, invalid_clients, write_authfile
 from worker.nbd.files import (
     ExportSpec,
@@ -24,9 +24,6 @@ from worker.nbd.files import (
 from worker.nbd.flush import Flushes
 from worker.nbd.process import ReloadLock
 from worker.settings import Settings
-
-#: Looks up, in the database, what an export is committed to (None: not active).
-CommittedDevice = Callable[[str], Awaitable[CommittedExport | None]]
 
 
 def lock_timeout(settings: Settings) -> ServerUnavailable:
@@ -43,7 +40,7 @@ class ConfigChanges:
         authfiles: Authfiles,
         flushes: Flushes,
         spec: Callable[[str], ExportSpec],
-        lookup: Callable[[], CommittedDevice],
+        lookup: Callable[[], CommittedLookup],
         lock: ReloadLock,
     ) -> None:
         self._settings = settings

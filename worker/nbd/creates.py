@@ -27,9 +27,10 @@ from worker.errors import (
     WorkerError,
 )
 from worker.faults import crash_point
+from worker.mappings import CommittedLookup
 from worker.metrics import Metrics
 from worker.nbd.authfiles import Authfiles, authfile_path, invalid_clients, write_authfile
-from worker.nbd.changes import CommittedDevice, lock_timeout
+from worker.nbd.changes import lock_timeout
 from worker.nbd.files import ExportSpec, SnippetWrite, fsync_dir, point_link, write_snippet
 from worker.nbd.probes import Probes
 from worker.nbd.process import MainProcess, ReloadLock
@@ -52,7 +53,7 @@ class Ensured:
 class _PendingCreate:
     name: str
     device_path: str
-    committed: CommittedDevice
+    committed: CommittedLookup
     result: asyncio.Future[Ensured]
 
 
@@ -75,7 +76,7 @@ class CreateBatch:
         probes: Probes,
         authfiles: Authfiles,
         spec: Callable[[str], ExportSpec],
-        lookup: Callable[[], CommittedDevice],
+        lookup: Callable[[], CommittedLookup],
         lock: ReloadLock,
     ) -> None:
         self._settings = settings
@@ -90,7 +91,7 @@ class CreateBatch:
         self._drainer: asyncio.Task[None] | None = None
 
     async def ensure_export(
-        self, name: str, device_path: str, committed: CommittedDevice | None = None
+        self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> Ensured:
         """Makes `name` listed, servable and opening `device_path`, in a batch with the
         creates that arrive meanwhile. Raises Superseded when the database no longer commits
@@ -108,7 +109,7 @@ class CreateBatch:
         return _as_asked(name, device_path, await result)
 
     async def ensure_alone(
-        self, name: str, device_path: str, committed: CommittedDevice | None = None
+        self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> Ensured:
         """One create in a lock hold of its own, batched with nothing: the benchmark's
         baseline (a SIGHUP per create). Raises as ensure_export does."""
@@ -164,7 +165,7 @@ class CreateBatch:
         return await self._ensure_locked(wanted, self._lookup())
 
     async def _ensure_locked(
-        self, wanted: Mapping[str, str], committed: CommittedDevice
+        self, wanted: Mapping[str, str], committed: CommittedLookup
     ) -> Ensured:
         try:
             async with self._lock.hold(self._settings.lock_timeout_s) as waited_s:
@@ -183,7 +184,7 @@ class CreateBatch:
         return Ensured(linked, sighup_sent=sighup_sent, changed=changed)
 
     async def _ensure_batch(
-        self, items: Mapping[str, tuple[str, CommittedDevice]]
+        self, items: Mapping[str, tuple[str, CommittedLookup]]
     ) -> dict[str, Ensured | WorkerError]:
         """The create steps for a batch; the caller holds the reload lock.
 

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from worker.devices import device_present
-from worker.mappings import CommittedExport
+from worker.mappings import CommittedExport, CommittedLookup
 from worker.metrics import Metrics
 from worker.nbd.authfiles import Authfiles, AuthfileState, auth_dir_problem, authfile_path
-from worker.nbd.changes import CommittedDevice, ConfigChanges
+from worker.nbd.changes import ConfigChanges
 from worker.nbd.creates import CreateBatch, Ensured
 from worker.nbd.files import DataPathOptions, ExportSpec, has_snippet, link_target
 from worker.nbd.flush import Flushes
@@ -59,7 +59,7 @@ class NbdServer:
         self._probes = Probes(settings, metrics, self.process)
         self._authfiles = Authfiles(settings.auth_dir, lambda: self.route().source)
         self._flushes = Flushes(metrics, self.spec)
-        self._committed: CommittedDevice | None = None
+        self._committed: CommittedLookup | None = None
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
@@ -77,7 +77,7 @@ class NbdServer:
             settings, self._authfiles, self._flushes, self.spec, self._lookup, lock
         )
 
-    def bind_committed(self, committed: CommittedDevice) -> None:
+    def bind_committed(self, committed: CommittedLookup) -> None:
         """Where this server reads, under its lock, what the database commits an export to:
         set once by whoever pairs it with its mappings (ExportFlow, reconcile). Raises
         ValueError when bound to another lookup already: one server, one database."""
@@ -85,7 +85,7 @@ class NbdServer:
             raise ValueError("this NbdServer reads committed exports from another lookup")
         self._committed = committed
 
-    def _lookup(self) -> CommittedDevice:
+    def _lookup(self) -> CommittedLookup:
         if self._committed is None:
             raise RuntimeError("NbdServer.bind_committed() was not called")
         return self._committed
@@ -139,9 +139,10 @@ class NbdServer:
         return await self.process.gated_main_pid()
 
     async def gated_existing_pid(self) -> int:
-        """The pid file's pid, not checked but for existing, once it passed its gates (a
-        dict lookup after the first time, which checks it too): for the reuse path. Raises
-        ServerUnavailable, UnsupportedServer or UnsafeServer."""
+        """The pid file's pid once it passed its gates, for the reuse path: checked
+        (check_main_process) with the gates the first time only, then two stats (it
+        exists) and dict lookups. Raises ServerUnavailable, UnsupportedServer or
+        UnsafeServer."""
         pid = self.process.existing_pid()
         await self.process.pass_gates(pid)
         return pid
@@ -237,7 +238,7 @@ class NbdServer:
     # --- under the reload lock (worker/nbd/creates.py, worker/nbd/changes.py) -------------
 
     async def ensure_export(
-        self, name: str, device_path: str, committed: CommittedDevice | None = None
+        self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> Ensured:
         """Makes `name` listed, servable and opening `device_path` (CreateBatch), once the
         running server passed its gates: also when the name is known already and no SIGHUP
