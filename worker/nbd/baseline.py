@@ -8,7 +8,7 @@ It asks the server with `nbd-client -l` per job whether an export is live (it ne
 from __future__ import annotations
 
 from worker.mappings import CommittedLookup
-from worker.nbd.creates import Ensured
+from worker.nbd.creates import EnsuredExport
 from worker.nbd.probe import list_exports
 from worker.nbd.server import NbdServer
 
@@ -33,6 +33,6 @@ class BaselineNbdServer(NbdServer):
 
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
-    ) -> Ensured:
+    ) -> EnsuredExport:
         await self.gated_existing_pid()
         return await self._creates.ensure_alone(name, device_path, committed)

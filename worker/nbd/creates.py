@@ -41,11 +41,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Ensured:
-    #: name -> the device its link now opens (exports no longer active are left out)
-    linked: dict[str, str]
+class EnsuredExport:
+    """What ensuring one export did."""
+
+    #: The device its link now opens (None: the export is no longer active, left out).
+    device_path: str | None
     sighup_sent: bool
     #: False when everything was already in place: another job or worker did the work.
+    changed: bool
+
+
+@dataclass(frozen=True)
+class EnsuredExports:
+    """What ensuring several exports in one lock hold did (reconciliation's create)."""
+
+    #: name -> the device its link now opens (exports no longer active are left out)
+    linked: dict[str, str]
+    #: Whether any of them needed the SIGHUP (one at most).
+    sighup_sent: bool
     changed: bool
 
 
@@ -54,15 +67,17 @@ class _PendingCreate:
     name: str
     device_path: str
     committed: CommittedLookup
-    result: asyncio.Future[Ensured]
+    result: asyncio.Future[EnsuredExport]
 
 
-def _as_asked(name: str, device_path: str, ensured: Ensured) -> Ensured:
-    """`ensured`, unless the database no longer commits `name` to `device_path` (another
-    job changed it meanwhile): Superseded."""
-    if ensured.linked.get(name) != device_path:
+def _as_asked(name: str, device_path: str, outcome: EnsuredExport | WorkerError) -> EnsuredExport:
+    """`outcome`, unless it is an error or the database no longer commits `name` to
+    `device_path` (another job changed it meanwhile): Superseded."""
+    if isinstance(outcome, WorkerError):
+        raise outcome
+    if outcome.device_path != device_path:
         raise Superseded(name)
-    return ensured
+    return outcome
 
 
 class CreateBatch:
@@ -92,7 +107,7 @@ class CreateBatch:
 
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
-    ) -> Ensured:
+    ) -> EnsuredExport:
         """Makes `name` listed, servable and opening `device_path`, in a batch with the
         creates that arrive meanwhile. Raises Superseded when the database no longer commits
         the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
@@ -100,7 +115,7 @@ class CreateBatch:
         the server must not be used). `committed`: a lookup of this call's own instead of
         the bound one (kept for tests/integration/test_server_safety.py)."""
         committed = committed or self._lookup()
-        result: asyncio.Future[Ensured] = asyncio.get_running_loop().create_future()
+        result: asyncio.Future[EnsuredExport] = asyncio.get_running_loop().create_future()
         self._pending.append(_PendingCreate(name, device_path, committed, result))
         if self._drainer is None or self._drainer.done():
             # A context of its own: the batch serves many jobs, and its log lines must
@@ -110,11 +125,11 @@ class CreateBatch:
 
     async def ensure_alone(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
-    ) -> Ensured:
+    ) -> EnsuredExport:
         """One create in a lock hold of its own, batched with nothing: the benchmark's
         baseline (a SIGHUP per create). Raises as ensure_export does."""
-        ensured = await self._ensure_locked({name: device_path}, committed or self._lookup())
-        return _as_asked(name, device_path, ensured)
+        results = await self._ensure_locked({name: device_path}, committed or self._lookup())
+        return _as_asked(name, device_path, results[name])
 
     async def _drain(self) -> None:
         """Serves pending creates batch by batch: each batch is what has queued up by the
@@ -154,38 +169,39 @@ class CreateBatch:
                 if item.result.done():
                     continue  # the job was cancelled (shutdown)
                 outcome = results[name]
-                if isinstance(outcome, Ensured):
+                if isinstance(outcome, EnsuredExport):
                     item.result.set_result(outcome)
                 else:
                     item.result.set_exception(outcome)
 
-    async def ensure_exports(self, wanted: Mapping[str, str]) -> Ensured:
+    async def ensure_exports(self, wanted: Mapping[str, str]) -> EnsuredExports:
         """Reconciliation's create: every export in one lock hold and at most one SIGHUP.
         Exports the database no longer has active are skipped. Raises the first error."""
-        return await self._ensure_locked(wanted, self._lookup())
+        results = await self._ensure_locked(wanted, self._lookup())
+        linked: dict[str, str] = {}
+        sighup_sent = changed = False
+        for name, outcome in results.items():
+            if isinstance(outcome, WorkerError):
+                raise outcome
+            if outcome.device_path is not None:
+                linked[name] = outcome.device_path
+            sighup_sent |= outcome.sighup_sent
+            changed |= outcome.changed
+        return EnsuredExports(linked, sighup_sent=sighup_sent, changed=changed)
 
     async def _ensure_locked(
         self, wanted: Mapping[str, str], committed: CommittedLookup
-    ) -> Ensured:
+    ) -> dict[str, EnsuredExport | WorkerError]:
         try:
             async with self._lock.hold(self._settings.lock_timeout_s) as waited_s:
                 self._metrics.lock_wait.observe(waited_s)
-                results = await self._ensure_batch({n: (d, committed) for n, d in wanted.items()})
+                return await self._ensure_batch({n: (d, committed) for n, d in wanted.items()})
         except TimeoutError:
             raise lock_timeout(self._settings) from None
-        linked: dict[str, str] = {}
-        sighup_sent = changed = False
-        for outcome in results.values():
-            if isinstance(outcome, WorkerError):
-                raise outcome
-            linked.update(outcome.linked)
-            sighup_sent |= outcome.sighup_sent
-            changed |= outcome.changed
-        return Ensured(linked, sighup_sent=sighup_sent, changed=changed)
 
     async def _ensure_batch(
         self, items: Mapping[str, tuple[str, CommittedLookup]]
-    ) -> dict[str, Ensured | WorkerError]:
+    ) -> dict[str, EnsuredExport | WorkerError]:
         """The create steps for a batch; the caller holds the reload lock.
 
         Each export is pointed at the device the database commits it to *now*, and admits
@@ -196,7 +212,7 @@ class CreateBatch:
         name: ~20 ms with 1,000 exports), and it proves the export opens. Errors are per
         export where they can be, for the whole batch where they cannot.
         """
-        results: dict[str, Ensured | WorkerError] = {}
+        results: dict[str, EnsuredExport | WorkerError] = {}
         names = list(items)
         devices = await asyncio.gather(
             *(items[name][1](name) for name in names), return_exceptions=True
@@ -209,7 +225,7 @@ class CreateBatch:
             elif isinstance(committed, BaseException):
                 raise committed
             elif committed is None:
-                results[name] = Ensured({}, sighup_sent=False, changed=False)
+                results[name] = EnsuredExport(None, sighup_sent=False, changed=False)
             else:
                 try:
                     authfiles[name] = self._authfiles.content(name, committed.admitted())
@@ -262,8 +278,8 @@ class CreateBatch:
                     "opens another path for it)",
                 )
             else:
-                results[name] = Ensured(
-                    {name: device_path},
+                results[name] = EnsuredExport(
+                    device_path,
                     sighup_sent=name in missing,
                     changed=name in changed or name in missing,
                 )

@@ -27,7 +27,7 @@ from worker.mappings import CommittedExport, CommittedLookup
 from worker.metrics import Metrics
 from worker.nbd.authfiles import Authfiles, AuthfileState, auth_dir_problem, authfile_path
 from worker.nbd.changes import ConfigChanges
-from worker.nbd.creates import CreateBatch, Ensured
+from worker.nbd.creates import CreateBatch, EnsuredExport, EnsuredExports
 from worker.nbd.files import DataPathOptions, ExportSpec, has_snippet, link_target
 from worker.nbd.flush import Flushes
 from worker.nbd.probes import ProbeRoute, Probes
@@ -239,14 +239,14 @@ class NbdServer:
 
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
-    ) -> Ensured:
+    ) -> EnsuredExport:
         """Makes `name` listed, servable and opening `device_path` (CreateBatch), once the
         running server passed its gates: also when the name is known already and no SIGHUP
         follows."""
         await self.gated_existing_pid()
         return await self._creates.ensure_export(name, device_path, committed)
 
-    async def ensure_exports(self, wanted: Mapping[str, str]) -> Ensured:
+    async def ensure_exports(self, wanted: Mapping[str, str]) -> EnsuredExports:
         await self.gated_existing_pid()
         return await self._creates.ensure_exports(wanted)
 
