@@ -131,7 +131,7 @@ class FakeExportServer:
     """Implements flow.ExportServer: exports are a dict, a reload is a counter."""
 
     def __init__(self) -> None:
-        self.listed: set[str] = set()
+        self.known: set[str] = set()
         self.links: dict[str, str] = {}
         self.sighups = 0
         self.ensure_calls = 0
@@ -182,12 +182,12 @@ class FakeExportServer:
         return found
 
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool:
-        live = name in self.listed and self.links.get(name) == device_path
+        live = name in self.known and self.links.get(name) == device_path
         await asyncio.sleep(self.probe_delay_s)  # the answer is as of the probe's start
         return live
 
     async def needs_reload(self, name: str) -> bool:
-        return name not in self.listed
+        return name not in self.known
 
     async def ensure_export(self, name: str, device_path: str) -> FakeEnsured:
         self.ensure_calls += 1
@@ -200,10 +200,10 @@ class FakeExportServer:
         target = found.device_path if found is not None else device_path
         changed = self.links.get(name) != target
         self.links[name] = target
-        if name in self.listed:
+        if name in self.known:
             return FakeEnsured(sighup_sent=False, changed=changed)
         self.sighups += 1
-        self.listed.add(name)
+        self.known.add(name)
         return FakeEnsured(sighup_sent=True, changed=True)
 
     async def remove_export(self, name: str) -> bool:

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="consume prepare-export jobs until SIGTERM/SIGINT")
     commands.add_parser("migrate", help="create the database if missing and apply migrations")
     status = commands.add_parser(
-        "status", help="mappings with their live state (listed, servable, link, device)"
+        "status", help="mappings with their live state (known, servable, link, device)"
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--all", action="store_true", help="include inactive mappings")

@@ -99,7 +99,8 @@ class ExportNotFound(WorkerError):
 
 
 class ExportNotVisible(WorkerError):
-    """The server was reloaded but did not list the export before the deadline."""
+    """The server was reloaded but did not know the export (NBD_OPT_GO) before the deadline,
+    or knows it but does not open it."""
 
     code = ErrorCode.EXPORT_NOT_VISIBLE
     retryable = True

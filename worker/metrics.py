@@ -136,7 +136,7 @@ def _build(r: NodeRegistry) -> Metrics:
         ),
         reload_visible=Histogram(
             "nbd_server_reload_visible_seconds",
-            "Time from a SIGHUP until every new export is listed.",
+            "Time from a SIGHUP until the server knows every new export.",
             buckets=JOB_BUCKETS,
             registry=r,
         ),

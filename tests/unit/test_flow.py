@@ -164,7 +164,7 @@ async def test_relink_and_recreate(tmp_path: Path, disk: Path) -> None:
     moved = await flow.prepare_export(request(other))
     assert (moved.action, moved.reused) == (Action.RELINKED, True)
     assert server.links[moved.export_name] == str(other)
-    server.listed.clear()  # the server restarted without the snippet
+    server.known.clear()  # the server restarted without the snippet
     again = await flow.prepare_export(request(other))
     assert (again.action, again.reused) == (Action.RECREATED, False)
 
@@ -307,7 +307,7 @@ async def test_a_job_redelivered_after_its_claim_finishes_and_answers_as_created
     policy = DevicePolicy((tmp_path,), allow_regular_files=True)
     await mappings.claim(job, policy.check(str(disk)), "created", "127.0.0.1,::1")
     if died_after_sighup:
-        server.listed.add(job.export_name)
+        server.known.add(job.export_name)
         server.links[job.export_name] = str(disk)
     ready = await flow.prepare_export(job)
     assert (ready.action, ready.reused) == (Action.CREATED, False)
@@ -416,8 +416,8 @@ async def test_a_reuse_does_not_answer_for_a_release_done_during_its_probe(
 ) -> None:
     flow, _mappings, server = make_flow(tmp_path)
     await flow.prepare_export(request(disk))
-    # The release starts and finishes while the prepare waits for its listing: when the
-    # listing comes back, no lock is held, yet what the prepare read is stale.
+    # The release starts and finishes while the prepare waits for its probe: when the
+    # answer comes back, no lock is held, yet what the prepare read is stale.
     server.probe_delay_s = 0.05
     release = ReleaseExport(type="release-export", job_id="r-x", vm_id=VM, disk_unit_number=0)
 

@@ -108,9 +108,9 @@ class CreateBatch:
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> EnsuredExport:
-        """Makes `name` listed, servable and opening `device_path`, in a batch with the
-        creates that arrive meanwhile. Raises Superseded when the database no longer commits
-        the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
+        """Makes `name` known to the server, servable and opening `device_path`, in a batch
+        with the creates that arrive meanwhile. Raises Superseded when the database no longer
+        commits the export to `device_path` (another job changed it meanwhile), ServerUnavailable,
         ExportNotVisible, ConfigWriteError (retryable) or RestartRequired (UnsafeServer when
         the server must not be used). `committed`: a lookup of this call's own instead of
         the bound one (kept for tests/integration/test_server_safety.py)."""

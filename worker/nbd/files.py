@@ -177,7 +177,7 @@ class SnippetWrite(Enum):
     CREATED = "created"
     REPLACED = "replaced"
     """An existing snippet opened another path. A reload ignores changes to a section the
-    server already has, so a listed export keeps serving the old path until a restart."""
+    server already has, so a loaded export keeps serving the old path until a restart."""
     OPTIONS_CHANGED = "options_changed"
     """An existing snippet opened the same link with other options (one written before
     the data-path options or the authfile line, or with other settings): harmless to

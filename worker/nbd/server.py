@@ -240,9 +240,9 @@ class NbdServer:
     async def ensure_export(
         self, name: str, device_path: str, committed: CommittedLookup | None = None
     ) -> EnsuredExport:
-        """Makes `name` listed, servable and opening `device_path` (CreateBatch), once the
-        running server passed its gates: also when the name is known already and no SIGHUP
-        follows."""
+        """Makes `name` known to the server, servable and opening `device_path` (CreateBatch),
+        once the running server passed its gates: also when the name is known already and
+        no SIGHUP follows."""
         await self.gated_existing_pid()
         return await self._creates.ensure_export(name, device_path, committed)
 

@@ -3,7 +3,7 @@ self-test) read, write, zero, flush and trim through it.
 
 `nbd-client -l` costs a process and ~45-50 ms per call (Nagle on the server, delayed ACK on
 the client); this handshake with TCP_NODELAY and TCP_QUICKACK takes ~1 ms, and GO is the
-only way to know an export is servable (listed is not servable: nbd-server-facts.md) and
+only way to know an export is servable (known is not servable: nbd-server-facts.md) and
 what it offers a copy tool (its transmission flags). Simple replies only: structured
 replies are never negotiated. All integers are big-endian; the constants are the protocol's.
 """
