@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from harness.nbd import NbdServerProcess
 from harness.processes import ManagedProcess
 from harness.services import clean_environ
-from worker.settings import Settings
+from worker.settings import SecretUrl, Settings
 
 
 def worker_settings(server: NbdServerProcess, work: Path, disks: Path, **fields: Any) -> Settings:
@@ -37,6 +39,9 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     """The EXPORT_WORKER_* environment that gives a worker process these settings."""
     env = clean_environ(**extra)
     for key, value in settings.model_dump(mode="json").items():
+        secret = getattr(settings, key)
+        if isinstance(secret, SecretStr | SecretUrl):  # dumped masked: the real value
+            value = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
         if value is None:
             continue  # unset: the default
         if key in ("device_roots", "client_addresses"):

@@ -1,6 +1,8 @@
 """Settings: the only reader of the environment (prefix EXPORT_WORKER_).
 
-Built once by the CLI and passed down; nothing else calls os.environ.
+Built once by the CLI and passed down; nothing else calls os.environ. The secrets in them
+(the broker URLs' and the database URL's passwords) are kept as pydantic keeps secrets:
+`repr`, `str` and `model_dump` of the settings never show them.
 """
 
 from __future__ import annotations
@@ -8,10 +10,11 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from pydantic import AnyUrl, Field, field_validator, model_validator
+from pydantic import AnyUrl, Field, SecretStr, field_validator, model_validator
+from pydantic_core import core_schema
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.access import DEFAULT_CLIENT_ADDRESSES, normalize_client_addresses
@@ -32,6 +35,19 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+class SecretUrl(AnyUrl):
+    """A URL whose password is a secret, as SecretStr keeps one: its repr and its
+    serialized form (model_dump, JSON) show the password as `***`. `str()` and `.password`
+    still give it, which connecting needs: an AnyUrl for every caller."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({mask_url(str(self))!r})"
+
+    @classmethod
+    def serialize_url(cls, url: Any, info: core_schema.SerializationInfo) -> str:
+        return mask_url(str(url))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXPORT_WORKER_", frozen=True, extra="ignore")
 
@@ -46,7 +62,7 @@ class Settings(BaseSettings):
     # --- RabbitMQ ---
     #: One URL, or several separated by commas (the nodes of a RabbitMQ cluster): the
     #: worker connects to the first that answers and fails over to the next.
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     #: Durable topic exchange schedulers publish to, routing by node.
     exchange: str = "nbd.exports"
     #: Durable queue the schedulers publish prepare-export jobs to (the worker declares it).
@@ -75,9 +91,11 @@ class Settings(BaseSettings):
     #: on fresh channels before the job goes back to the queue: longer than a quorum
     #: queue's leader election (~0.2 s; several seconds on a loaded cluster).
     publish_retry_s: float = Field(default=30.0, ge=0)
+    #: How long connecting to one broker URL may take before the next is tried.
+    amqp_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- MariaDB / MySQL ---
-    database_url: AnyUrl = AnyUrl("mysql://root@127.0.0.1:3306/nbd_exports")
+    database_url: SecretUrl = SecretUrl("mysql://root@127.0.0.1:3306/nbd_exports")
     #: Every database connection over TLS, verifying the server's certificate (and name)
     #: against database_tls_ca; a server that offers no TLS is refused before any
     #: credential is sent, and each session is checked to be encrypted.
@@ -191,7 +209,21 @@ class Settings(BaseSettings):
 
     @property
     def amqp_urls(self) -> list[str]:
-        return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
+        """The broker URLs, passwords included: for connecting, never for logs."""
+        urls = self.amqp_url.get_secret_value()
+        return [url.strip() for url in urls.split(",") if url.strip()]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """pydantic's, which does not validate `update`: the secrets in it are wrapped here,
+        so that a copy keeps them secret too."""
+        if update:
+            update = dict(update)
+            if isinstance(update.get("amqp_url"), str):
+                update["amqp_url"] = SecretStr(update["amqp_url"])
+            url = update.get("database_url")
+            if url is not None and not isinstance(url, SecretUrl):
+                update["database_url"] = SecretUrl(str(url))
+        return super().model_copy(update=update, deep=deep)
 
     @property
     def nbd_tls_files(self) -> TlsFiles | None:
@@ -320,7 +352,7 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _mysql_url(cls, value: AnyUrl) -> AnyUrl:
+    def _mysql_url(cls, value: SecretUrl) -> SecretUrl:
         if value.scheme not in ("mysql", "mariadb"):
             raise ValueError("database_url must be mysql://user[:password]@host[:port]/database")
         return value
@@ -333,8 +365,9 @@ class Settings(BaseSettings):
         return sorted(k for k in environ if k.startswith("EXPORT_WORKER_") and k not in known)
 
     def masked(self) -> dict[str, object]:
-        """The effective settings with secrets masked, for `check` and start-up logs."""
+        """The effective settings with secrets masked, for `check` and start-up logs: the
+        broker URLs each shown with its password as `***` (SecretStr's own form hides them
+        whole)."""
         data = self.model_dump(mode="json")
         data["amqp_url"] = ",".join(mask_url(url) for url in self.amqp_urls)
-        data["database_url"] = mask_url(str(self.database_url))
         return data
