@@ -148,6 +148,7 @@ class Soak:
             retry_backoff_s=0.2,
             retry_backoff_max_s=1.0,
             db_connect_timeout_s=2.0,
+            amqp_connect_timeout_s=2.0,
         )
         # The scheduler: on node 3, which no fault takes down.
         self.amqp = await aio_pika.connect(self.rabbit.node(3).url, timeout=10)

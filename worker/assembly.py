@@ -86,7 +86,7 @@ def build_broker(settings: Settings, flow: ExportFlow, metrics: Metrics) -> Brok
         settings.amqp_urls,
         lambda channel, publisher: JobConsumer(channel, publisher, flow, metrics, queues),
         metrics,
-        connect_timeout_s=settings.db_connect_timeout_s,
+        connect_timeout_s=settings.amqp_connect_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
         publish_retry_s=settings.publish_retry_s,
         shutdown_grace_s=settings.shutdown_grace_s,

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     #: on fresh channels before the job goes back to the queue: longer than a quorum
     #: queue's leader election (~0.2 s; several seconds on a loaded cluster).
     publish_retry_s: float = Field(default=30.0, ge=0)
+    #: How long connecting to one broker URL may take before the next is tried.
+    amqp_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- MariaDB / MySQL ---
     database_url: SecretUrl = SecretUrl("mysql://root@127.0.0.1:3306/nbd_exports")

@@ -132,6 +132,7 @@ def cluster_settings(
         retry_backoff_s=0.2,
         retry_backoff_max_s=1.0,
         db_connect_timeout_s=2.0,
+        amqp_connect_timeout_s=2.0,
     )
 
 

@@ -54,6 +54,7 @@ async def test_passwords_never_appear_in_logs_or_replies(
             + AMQP_URL.replace(":5672", f":{amqp_port}"),
             "log_level": "DEBUG",
             "db_connect_timeout_s": 1.0,
+            "amqp_connect_timeout_s": 1.0,
             "delivery_limit": 1,
         }
     )

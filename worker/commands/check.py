@@ -119,7 +119,7 @@ async def check(settings: Settings, identity: NodeIdentity) -> int:
             )
     for url in settings.amqp_urls:  # each node of a cluster, named without its password
         try:
-            connection = await aio_pika.connect(url, timeout=settings.db_connect_timeout_s)
+            connection = await aio_pika.connect(url, timeout=settings.amqp_connect_timeout_s)
             await connection.close()
             results.append((f"broker {mask_url(url)} reachable", None))
         except Exception as exc:

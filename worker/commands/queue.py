@@ -39,7 +39,7 @@ async def request(settings: Settings, args: argparse.Namespace) -> int:
 
 async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     dead_queue = dead_letter_queue(settings.request_queue)
-    connection = await connect_first(settings.amqp_urls, settings.db_connect_timeout_s)
+    connection = await connect_first(settings.amqp_urls, settings.amqp_connect_timeout_s)
     async with connection:
         channel = await connection.channel()
         if args.replay:
