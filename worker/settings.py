@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     database_tls_key: Path | None = None
     #: Connections to the database; each job in flight holds one for a lookup at a time.
     db_pool_size: int = Field(default=16, ge=1, le=100)
+    #: How long connecting to the database may take (the broker's: amqp_connect_timeout_s).
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- nbd-server ---
@@ -141,9 +142,10 @@ class Settings(BaseSettings):
     #: A probe that has not answered by then is abandoned (`nbd-client -l` is killed: it
     #: has no timeout of its own).
     probe_timeout_s: float = Field(default=5.0, gt=0)
-    #: How long to wait, after a SIGHUP, for new exports to be listed (reload is asynchronous).
+    #: How long to wait, after a SIGHUP, for the server to know the new exports (a reload is
+    #: asynchronous).
     reload_timeout_s: float = Field(default=10.0, gt=0)
-    #: Pause between listings while waiting for new exports (each one a short connection).
+    #: Pause between probes while waiting for new exports (each one a short connection).
     reload_poll_interval_s: float = Field(default=0.005, gt=0)
     #: How long a create may wait for the config lock before giving up (retryable).
     lock_timeout_s: float = Field(default=60.0, gt=0)
@@ -191,7 +193,7 @@ class Settings(BaseSettings):
 
     #: Stop waiting for in-flight jobs this long after SIGTERM; the rest are requeued.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
-    #: How often gauges (active mappings, listed exports, server pid) are refreshed.
+    #: How often gauges (active mappings, known exports, server pid) are refreshed.
     housekeeping_interval_s: float = Field(default=15.0, gt=0)
     #: Reconcile mappings, snippets, links and the server this often; 0 turns it off.
     reconcile_interval_s: float = Field(default=300.0, ge=0)
