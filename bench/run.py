@@ -14,7 +14,7 @@
 Progress goes to stderr, the Markdown table to stdout, results.json and results.md to --out.
 Exit 0 when it ran; 1 when the stack could not start; 130 on Ctrl-C.
 
-Over 400 lines as the benchmark's script: its sections, one after another, in the order
+Over 400 lines (budget 610) as the benchmark's script: its sections, one after another, in the order
 they run.
 """
 

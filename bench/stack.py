@@ -1,9 +1,6 @@
 """The stack the benchmark drives, all of it its own and all of it removed at the end:
 an nbd-server on a free loopback port with sparse files as disks, a database with a unique
-name, unique queue names, and worker / floor processes started and stopped by pid.
-
-Over 400 lines as one stack's life: set up, the processes it starts, and tear-down.
-"""
+name, unique queue names, and worker / floor processes started and stopped by pid."""
 
 from __future__ import annotations
 

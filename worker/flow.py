@@ -5,7 +5,7 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines on purpose: the prepare, release and flush paths sit beside each other
+Over 400 lines (budget 530) on purpose: the prepare, release and flush paths sit beside each other
 because they must agree; they share the per-key locks and epochs.
 """
 

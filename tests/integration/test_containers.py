@@ -5,7 +5,7 @@ checkout, and docker-compose.yml run as an operator runs it, on the host network
 this machine's RabbitMQ and MariaDB, with its own database, queues, ports and disks. The
 tests run in file order on one stack; each leaves it healthy for the next.
 
-Over 400 lines as one capability's tests, with the helpers they share.
+Over 400 lines (budget 480) as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations

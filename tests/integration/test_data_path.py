@@ -3,7 +3,7 @@ QEMU's qemu-img, through exports the worker made, onto volumes that already hold
 Also the gate on the server's data path (the self-test) and durability on demand
 (flush-export, release-export), including an fsync that fails.
 
-Over 400 lines as one capability's tests, with the helpers they share.
+Over 400 lines (budget 530) as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ NBD connection to an export made before the fault keeps working through it.
 Each test adds its row to tests/fault_table.py; the table is printed at the end of the run
 and kept in RELIABILITY.md.
 
-Over 400 lines as one capability's tests, with the helpers they share.
+Over 400 lines (budget 840) as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The prepare-export path end to end: real RabbitMQ, MariaDB and nbd-server.
 
-Over 400 lines as one capability's tests, with the helpers they share.
+Over 400 lines (budget 520) as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations
