@@ -96,15 +96,23 @@ async def test_a_misconfigured_server_is_named_once_and_jobs_are_not_retried(
     disk = make_disk(disks_dir, "misconfigured.img")
     with caplog.at_level(logging.INFO, logger="worker"):
         async with running_worker(wrong) as worker:
-            # Housekeeping keeps the readiness gauge, for alerts, without /readyz polls.
-            await asyncio.sleep(0.5)
-            ready = {
-                check: worker.metrics.registry.get_sample_value(
-                    "nbd_export_worker_ready", {"check": check, "node": wrong.node_id}
-                )
-                for check in ("broker", "database", "nbd_server", "nbd_data_path")
-            }
-            assert ready == {"broker": 1, "database": 1, "nbd_server": 0, "nbd_data_path": 0}
+            # Housekeeping keeps the readiness gauge, for alerts, without /readyz polls. Its
+            # first round may take a while on a loaded machine: polled, not a fixed sleep.
+            def gauge() -> dict[str, float | None]:
+                return {
+                    check: worker.metrics.registry.get_sample_value(
+                        "nbd_export_worker_ready", {"check": check, "node": wrong.node_id}
+                    )
+                    for check in ("broker", "database", "nbd_server", "nbd_data_path")
+                }
+
+            expected_ready = {"broker": 1, "database": 1, "nbd_server": 0, "nbd_data_path": 0}
+            deadline = asyncio.get_running_loop().time() + 10
+            while (ready := gauge()) != expected_ready:
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready == expected_ready
             status, body = await asyncio.to_thread(readyz, wrong.metrics_port)
             assert status == 503
             checks = body["checks"]
