@@ -12,7 +12,7 @@ shared two-core machine are noisy).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for name in markers_for(item.path, fixtures):
             if item.get_closest_marker(name) is None:
                 item.add_marker(name)
+    # The files with the most slow tests first, each file's tests in their order: with the
+    # full run's two processes (--dist loadfile) the clusters and the image start at once,
+    # instead of one of them starting late and making the run wait for it at the end.
+    slow_tests = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    first_seen: dict[Path, int] = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(item.path, index)
+    items.sort(key=lambda item: (-slow_tests[item.path], first_seen[item.path]))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

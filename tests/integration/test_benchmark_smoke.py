@@ -28,6 +28,7 @@ def run_small(module: str, out: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow  # every row of the benchmark, in its small mode
 def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     proc = run_small("bench", tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
