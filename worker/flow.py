@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
@@ -32,7 +33,7 @@ from worker.messages import (
     PrepareExport,
     ReleaseExport,
 )
-from worker.plan import Ask, Claim, Fact, Facts, Plan, Repair, Reuse, plan
+from worker.plan import REUSE_ANSWER, Ask, Claim, Fact, Facts, Plan, Repair, Reuse, plan
 from worker.plan import decide as decide  # re-exported: its table is in tests/unit/test_flow.py
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,20 @@ class Mappings(Protocol):
     async def set_flush_error(
         self, vm_id: str, disk_unit_number: int, flush_error: str | None
     ) -> None: ...
+    async def settle_answer(
+        self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
+    ) -> None: ...
 
 
 class Ledger(Protocol):
     async def record(self, record: JobRecord) -> None: ...
     def record_later(self, record: JobRecord) -> None: ...
+
+
+class Ensured(Protocol):
+    @property
+    def changed(self) -> bool:
+        """False when everything was in place already: another job or worker did it."""
 
 
 class ExportServer(Protocol):
@@ -89,7 +99,7 @@ class ExportServer(Protocol):
     async def is_live(self, name: str, device_path: str, *, fresh: bool = True) -> bool: ...
     def admits(self, name: str, client_addresses: tuple[str, ...]) -> bool: ...
     async def needs_reload(self, name: str) -> bool: ...
-    async def ensure_export(self, name: str, device_path: str) -> object: ...
+    async def ensure_export(self, name: str, device_path: str) -> Ensured: ...
     async def align_export(self, name: str) -> CommittedExport | None: ...
     async def remove_export(self, name: str) -> bool: ...
     async def flush_export(self, name: str, device_path: str, device_id: str) -> None: ...
@@ -321,13 +331,21 @@ class ExportFlow:
         await self._mappings.claim(request, device, step.answer.recorded, step.clients)
         crash_point("after_claim")
         try:
-            await self._server.ensure_export(name, device.path)
+            ensured = await self._server.ensure_export(name, device.path)
         except Superseded:
             raise  # a newer job owns the row now: nothing of ours to undo
         except WorkerError:
             if step.restore is not None:
                 await self._undo_relink(step.restore, device.device_id)
             raise
+        if not ensured.changed and not step.resumes and step.answer != REUSE_ANSWER:
+            # Everything was in place already: a job for this disk on another worker made
+            # it while this one planned (this worker's jobs for a disk take turns). Nothing
+            # was done for this job: a reuse, recorded so that a redelivery says so too.
+            step = replace(step, answer=REUSE_ANSWER)
+            await self._mappings.settle_answer(
+                request.vm_id, request.disk_unit_number, request.job_id, step.answer.recorded
+            )
         ready = self._ready(request, device, step)
         await self._server.hold_device(name, device.path, device.device_id)
         crash_point("before_record")

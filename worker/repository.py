@@ -577,6 +577,22 @@ class Repository:
 
         await self._retrying(update)
 
+    async def settle_answer(
+        self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
+    ) -> None:
+        """Replaces the answer job `job_id` recorded with its claim, while the row is still
+        that job's claim."""
+
+        async def update() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET last_action = %s WHERE node_id = %s AND "
+                    "vm_id = %s AND disk_unit_number = %s AND last_job_id = %s",
+                    (last_action, self._node, vm_id, disk_unit_number, job_id),
+                )
+
+        await self._retrying(update)
+
     async def ping(self) -> None:
         """Raises TransientDatabaseError/DatabaseError unless a trivial query answers."""
         async with self._cursor() as cur:
