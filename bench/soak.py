@@ -196,6 +196,8 @@ class Soak:
             self.tally.duplicates += 1
             if self.tally.replies[corr] != body:
                 self.tally.unalike.append(corr)
+                # Both answers, for whoever reads the verdict: which fields differ.
+                log.warning("Answered twice, unalike: %s then %s", self.tally.replies[corr], body)
             return
         self.tally.replies[corr] = body
         waiter = self.waiters.pop(corr, None)
