@@ -30,6 +30,18 @@ from worker.reconcile import reconcile
 from worker.repository import Repository
 from worker.settings import Settings
 
+#: The fault suite's settings: per delivery, four tries 0.2, 0.4 and 0.8 s apart (plus
+#: jitter); six deliveries: a job outlasts about 8 s of outage, where the faults last 1 to
+#: 2 s and a worker starting may fail a probe or two.
+FAULT_SETTINGS: dict[str, Any] = {
+    "probe": "native",
+    "probe_timeout_s": 1.0,
+    "delivery_limit": 5,
+    "job_attempts": 4,
+    "retry_backoff_s": 0.2,
+    "retry_backoff_max_s": 1.0,
+}
+
 
 class FaultRun:
     """One fault's jobs: publishes them, waits for replies, counts dead letters."""

@@ -44,6 +44,7 @@ from tests.conftest import (
     unique,
 )
 from tests.fault_run import (
+    FAULT_SETTINGS,
     HELD_BYTES,
     FaultRun,
     Held,
@@ -79,22 +80,10 @@ async def held(
 
 @pytest.fixture
 def fault_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    # Per delivery, four tries 0.2, 0.4 and 0.8 s apart (plus jitter); six deliveries: a
-    # job outlasts about 8 s of outage, where the faults below last 1 to 2 s. A test's
-    # fault_settings marker changes these for every fixture it uses (the queue's arguments
-    # are fixed by whoever declares it first).
+    # FAULT_SETTINGS; a test's fault_settings marker changes them for every fixture it
+    # uses (the queue's arguments are fixed by whoever declares it first).
     marker = request.node.get_closest_marker("fault_settings")
-    return settings.model_copy(
-        update={
-            "probe": "native",
-            "probe_timeout_s": 1.0,
-            "delivery_limit": 5,
-            "job_attempts": 4,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 1.0,
-            **(marker.kwargs if marker else {}),
-        }
-    )
+    return settings.model_copy(update={**FAULT_SETTINGS, **(marker.kwargs if marker else {})})
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)

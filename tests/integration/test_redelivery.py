@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractConnection
 from harness.nbd import NbdServerProcess
 from harness.worker_process import WorkerProcess
 from tests.conftest import Scheduler, make_disk, running_worker, scheduler_for
-from tests.fault_run import FaultRun, check_consistent
+from tests.fault_run import FAULT_SETTINGS, FaultRun, check_consistent
 from tests.integration.test_data_path import failing_block_device
 from worker.faults import CrashPoint
 from worker.settings import Settings
@@ -78,17 +78,8 @@ def as_twin(reply: dict[str, Any], control: Twin, tested: Twin) -> dict[str, Any
 
 @pytest.fixture
 def redelivery_settings(settings: Settings) -> Settings:
-    # As the fault suite's: a job outlasts a probe or two that fail while a worker starts.
-    return settings.model_copy(
-        update={
-            "probe": "native",
-            "probe_timeout_s": 1.0,
-            "delivery_limit": 5,
-            "job_attempts": 4,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 1.0,
-        }
-    )
+    # The fault suite's: a job outlasts a probe or two that fail while a worker starts.
+    return settings.model_copy(update=FAULT_SETTINGS)
 
 
 async def answered(scheduler: Scheduler, body: dict[str, Any]) -> dict[str, Any]:
