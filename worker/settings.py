@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker.access import DEFAULT_CLIENT_ADDRESSES, normalize_client_addresses
 from worker.faults import CrashPoint
 from worker.tls import TlsFiles
+from worker.topology import node_routing_key
 
 #: A routing-key word: no `*`, `#` or spaces; dots allowed (they only split words).
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
@@ -292,7 +293,7 @@ class Settings(BaseSettings):
 
     @property
     def routing_key(self) -> str:
-        return f"prepare-export.{self.node_id}"
+        return node_routing_key("prepare-export", self.node_id)
 
     @field_validator("device_roots", mode="before")
     @classmethod
