@@ -46,8 +46,9 @@ from worker.repository import migrate
 from worker.service import serve
 from worker.settings import Settings
 
-#: The markers that make the tiers (unit, integration, slow, cluster, containers).
-pytest_plugins = ("tests.tiers",)
+#: The markers that make the tiers (unit, integration, slow, cluster, containers); each
+#: test's garbage freed before the next (a CPython 3.11 bug, see the module); pytester.
+pytest_plugins = ("tests.tiers", "tests.collect_between_tests", "pytester")
 
 #: The node id of single-node tests.
 NODE = "test-node"
