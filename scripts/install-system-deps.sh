@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the worker and its tests need from the system on Debian 12 or newer:
 # nbd-client (listing), the copy tools the tests judge the data path with (libnbd-bin:
-# nbdcopy, nbdinfo; qemu-utils: qemu-img, qemu-io), and what nbd-server/build.sh needs to
+# nbdcopy, nbdinfo; qemu-utils: qemu-img, qemu-io; nbdkit, whose rate filter serves a
+# source slowly enough for the live view's tests to sample a copy under way), and what nbd-server/build.sh needs to
 # build the project's nbd-server from Debian's source. bootstrap.sh then builds that server.
 #
 # Idempotent (only missing packages are installed); needs root (apt-get). Never touches the
@@ -38,7 +39,7 @@ apt_install() {
 }
 
 # nbd-client only lists exports (-l): Debian 12's version is fine for that.
-apt_install nbd-client libnbd-bin qemu-utils \
+apt_install nbd-client libnbd-bin qemu-utils nbdkit \
   dpkg-dev patch libglib2.0-dev libgnutls28-dev bison flex pkg-config gcc make
 
 unpack() {  # $1 = apt package (with an optional =version), $2 = directory to unpack into

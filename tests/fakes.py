@@ -67,6 +67,11 @@ class InMemoryMappings:
         )
         return self.rows[(vm_id, disk_unit_number)]
 
+    async def set_planned_bytes(self, vm_id: str, disk_unit_number: int, planned: int) -> None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is not None:
+            self.rows[(vm_id, disk_unit_number)] = row.model_copy(update={"planned_bytes": planned})
+
     async def set_flush_error(
         self, vm_id: str, disk_unit_number: int, flush_error: str | None
     ) -> None:
@@ -126,6 +131,15 @@ class InMemoryMappings:
             last_action=action,
             flush_error=None,  # a claim starts a new copy, as the SQL UPDATE does
             client_addresses=client_addresses,
+            # As the SQL: an active row goes on with its copy, another starts a new one.
+            planned_bytes=(
+                request.planned_bytes or old.planned_bytes
+                if old is not None and old.is_active
+                else request.planned_bytes
+            ),
+            prepared_at=(
+                old.prepared_at if old is not None and old.is_active and old.prepared_at else now
+            ),
         )
         self.claims += 1
 

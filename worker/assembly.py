@@ -14,11 +14,15 @@ from typing import TypeVar
 from worker.broker import BrokerSession
 from worker.consumer import JobConsumer, QueueConfig
 from worker.devices import DevicePolicy
+from worker.events import EventPublisher
 from worker.flow import ExportFlow
 from worker.jobs import JobLedger
+from worker.live import LiveView
+from worker.live_sampler import LiveSampler
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.baseline import BaselineNbdServer
 from worker.nbd.server import NbdServer
+from worker.nbd.wire import own_ports
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -59,8 +63,35 @@ def queue_config(settings: Settings) -> QueueConfig:
     return QueueConfig(**{name: getattr(settings, name) for name in names})
 
 
+def build_live(
+    settings: Settings,
+    repository: Repository,
+    server: NbdServer,
+    metrics: Metrics,
+    *,
+    events: EventPublisher | None = None,
+    keep: bool = True,
+) -> LiveSampler:
+    """The live view of the exports. `keep=False` (an operator command): counts nothing
+    into export_usage, which only the running worker writes."""
+    return LiveSampler(
+        LiveView(server.main_pid, own_ports=own_ports),
+        repository,
+        link_for=lambda name: settings.link_dir / name,
+        tls=server.tls,
+        node_id=settings.node_id,
+        metrics=metrics,
+        events=events,
+        keep=keep,
+    )
+
+
 def build_flow(
-    settings: Settings, repository: Repository, server: NbdServer, ledger: JobLedger
+    settings: Settings,
+    repository: Repository,
+    server: NbdServer,
+    ledger: JobLedger,
+    live: LiveSampler | None = None,
 ) -> ExportFlow:
     return ExportFlow(
         repository,
@@ -76,10 +107,16 @@ def build_flow(
         nbd_port=settings.nbd_port,
         node_id=settings.node_id,
         client_addresses=settings.client_addresses,
+        live=live,
     )
 
 
-def build_broker(settings: Settings, flow: ExportFlow, metrics: Metrics) -> BrokerSession:
+def build_broker(
+    settings: Settings,
+    flow: ExportFlow,
+    metrics: Metrics,
+    events: EventPublisher | None = None,
+) -> BrokerSession:
     """The broker session, with a JobConsumer on every channel it opens."""
     queues = queue_config(settings)
     return BrokerSession(
@@ -90,6 +127,7 @@ def build_broker(settings: Settings, flow: ExportFlow, metrics: Metrics) -> Brok
         publish_timeout_s=settings.publish_timeout_s,
         publish_retry_s=settings.publish_retry_s,
         shutdown_grace_s=settings.shutdown_grace_s,
+        on_publisher=events.attach if events is not None else None,
     )
 
 
@@ -109,4 +147,5 @@ async def adapters(settings: Settings) -> AsyncIterator[tuple[Repository, NbdSer
 async def run_in_flow(settings: Settings, job: Callable[[ExportFlow], Awaitable[T]]) -> T:
     """Runs one job through the flow, as a worker would, for when no worker runs."""
     async with adapters(settings) as (repository, server):
-        return await job(build_flow(settings, repository, server, JobLedger(repository)))
+        live = build_live(settings, repository, server, build_metrics(settings.node_id), keep=False)
+        return await job(build_flow(settings, repository, server, JobLedger(repository), live))

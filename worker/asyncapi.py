@@ -11,6 +11,9 @@ request queue and sends each reply to the job's `reply_to` with its `correlation
 Written as JSON, which is YAML 1.2: the standard library writes it and reads it back (no
 YAML package in the worker for one generated file), and YAML readers, the AsyncAPI parser
 among them, read it as they read any YAML.
+
+Over 400 lines (budget 460) on purpose: one document, whose channels and operations refer
+to each other; split, the references would cross files.
 """
 
 from __future__ import annotations
@@ -26,17 +29,20 @@ from pydantic import BaseModel
 from worker.assembly import queue_config
 from worker.messages import (
     SCHEMA_FILES,
+    ExportEvent,
     ExportFailed,
     ExportFlushed,
     ExportReady,
     ExportReleased,
+    ExportStatus,
     FlushExport,
+    InspectExport,
     PrepareExport,
     ReleaseExport,
     message_schemas,
 )
 from worker.settings import NODE_ID_PATTERN, Settings
-from worker.topology import MESSAGE_TYPES, request_queue_arguments
+from worker.topology import EVENT_KINDS, MESSAGE_TYPES, request_queue_arguments
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"
@@ -50,12 +56,14 @@ SUCCESS_REPLIES: dict[type[BaseModel], type[BaseModel]] = {
     PrepareExport: ExportReady,
     ReleaseExport: ExportReleased,
     FlushExport: ExportFlushed,
+    InspectExport: ExportStatus,
 }
-#: Operation ids, one per request: the worker receives all three from one queue.
+#: Operation ids, one per request: the worker receives them all from one queue.
 OPERATIONS: dict[type[BaseModel], str] = {
     PrepareExport: "prepareExport",
     ReleaseExport: "releaseExport",
     FlushExport: "flushExport",
+    InspectExport: "inspectExport",
 }
 
 _HEADER = (
@@ -179,6 +187,15 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for model, message_id in ids.items():
         is_request = message_id in requests
+        if model is ExportEvent:  # not a job's: no correlation id, no reply properties
+            messages[message_id] = {
+                "name": message_id,
+                "title": model.__name__,
+                "summary": _summary(model),
+                "contentType": "application/json",
+                "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
+            }
+            continue
         messages[message_id] = {
             "name": message_id,
             "title": model.__name__,
@@ -197,7 +214,7 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
             "address": queues.request_queue,
             "title": "The request queue",
             "description": "Durable quorum queue the worker declares and consumes; one "
-            "queue carries all three requests, told apart by their `type` field "
+            "queue carries every request, told apart by their `type` field "
             "(prepare-export when absent). Publish a job to it through the default exchange "
             "(routing key = the queue's name), or to the exchange "
             f"{queues.exchange} with routing key {routing_keys} (channel nodeJobs), which "
@@ -221,7 +238,7 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
             "parameters": {
                 "message_type": {
                     "description": "The job's `type`, by convention: the queue is bound "
-                    "with all three, and the worker reads the type from the body.",
+                    "with every type, and the worker reads the type from the body.",
                     "enum": list(MESSAGE_TYPES),
                 },
                 "node_id": {
@@ -272,6 +289,34 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
             "messages": _refs("#/components/messages", requests),
             "bindings": _queue(queues.dead_letter_queue, {"x-queue-type": "quorum"}),
         },
+        "events": {
+            "address": f"event.{NODE_ID_PARAMETER}.{{kind}}",
+            "title": "One node's export-events",
+            "description": f"Published by the worker to the topic exchange {queues.exchange} "
+            "when a connection of an export begins or ends (sampled every "
+            "EXPORT_WORKER_LIVE_SAMPLE_S): bind a queue of your own with "
+            f"event.<node_id>.* or event.#. At most once: an event that cannot be published "
+            "within the publish budget is dropped (logged, counted in "
+            "nbd_export_events_dropped_total), never at a job's cost; a scheduler that must "
+            "not miss one inspects the export (inspect-export). `seq` orders each export's "
+            "events.",
+            "parameters": {
+                "node_id": {"description": "The appliance's node id.", "examples": ["appliance-1"]},
+                "kind": {"description": "The event's kind.", "enum": list(EVENT_KINDS)},
+            },
+            "messages": _refs("#/components/messages", [ids[ExportEvent]]),
+            "bindings": _amqp(
+                {
+                    "is": "routingKey",
+                    "exchange": {
+                        "name": queues.exchange,
+                        "type": "topic",
+                        "durable": True,
+                        "autoDelete": False,
+                    },
+                }
+            ),
+        },
     }
 
     operations: dict[str, Any] = {}
@@ -307,6 +352,14 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
         "messages": [{"$ref": f"#/channels/replyQueue/messages/{m}"} for m in replies],
         "bindings": _amqp({"deliveryMode": 2, "mandatory": True}),
     }
+    operations["publishExportEvent"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/events"},
+        "title": "Publish an export-event",
+        "summary": _summary(ExportEvent),
+        "messages": [{"$ref": f"#/channels/events/messages/{ids[ExportEvent]}"}],
+        "bindings": _amqp({"deliveryMode": 2, "mandatory": True}),
+    }
     operations["deadLetter"] = {
         "action": "send",
         "channel": {"$ref": "#/channels/deadLetters"},
@@ -327,9 +380,10 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
             "title": "nbd-export-worker",
             "version": version("nbd-export-worker"),
             "description": "Serves VM disks as NBD exports for migration jobs: schedulers "
-            "send prepare-export, release-export and flush-export jobs; the worker answers "
-            "each with export-ready, export-released or export-flushed, or export-failed, "
-            "to the job's reply_to with its correlation_id.",
+            "send prepare-export, release-export, flush-export and inspect-export jobs; the "
+            "worker answers each with export-ready, export-released, export-flushed or "
+            "export-status, or export-failed, to the job's reply_to with its correlation_id. "
+            "It publishes an export-event when a connection of an export begins or ends.",
             "license": {"name": "Apache-2.0"},
         },
         "defaultContentType": "application/json",

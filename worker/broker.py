@@ -53,7 +53,10 @@ class BrokerSession:
         shutdown_grace_s: float,
         publish_timeout_s: float,
         publish_retry_s: float,
+        on_publisher: Callable[[ConfirmedPublisher | None], None] | None = None,
     ) -> None:
+        """`on_publisher`: told each session's publisher (None: no session), for what is
+        published besides replies (export-events)."""
         if not urls:
             raise ValueError("at least one broker URL is required")
         self._urls = urls
@@ -63,6 +66,7 @@ class BrokerSession:
         self._shutdown_grace_s = shutdown_grace_s
         self._publish_timeout_s = publish_timeout_s
         self._publish_retry_s = publish_retry_s
+        self._on_publisher = on_publisher or (lambda publisher: None)
         self._connection: AbstractConnection | None = None
         self._consumer: JobConsumer | None = None
 
@@ -146,6 +150,7 @@ class BrokerSession:
                 index += 1
                 continue
             self._connection, self._consumer = connection, consumer
+            self._on_publisher(publisher)
             if ready:
                 self._metrics.broker_reconnects.inc()
                 log.info("Consuming again after a broker reconnect")
@@ -158,6 +163,7 @@ class BrokerSession:
             await asyncio.wait({stopped, dropped, cancelled}, return_when=asyncio.FIRST_COMPLETED)
             for task in (stopped, dropped, cancelled):
                 task.cancel()
+            self._on_publisher(None)
             if stop.is_set():
                 log.info("Stopping: no new jobs; draining those in flight")
                 await consumer.stop(self._shutdown_grace_s)

@@ -33,10 +33,10 @@ from worker.messages import (
     AnyRequest,
     ErrorCode,
     ExportFailed,
-    ExportFlushed,
     ExportReady,
-    ExportReleased,
     FlushExport,
+    InspectExport,
+    JobReply,
     ReleaseExport,
     Reply,
     parse_request,
@@ -285,14 +285,16 @@ class JobConsumer:
             config.job_attempts, config.retry_backoff_s, config.retry_backoff_max_s, count_retry
         )
 
-    async def _run(self, request: AnyRequest) -> ExportReady | ExportReleased | ExportFlushed:
+    async def _run(self, request: AnyRequest) -> JobReply:
         """Runs the flow, retrying transient failures with backoff and jitter."""
 
-        async def serve() -> ExportReady | ExportReleased | ExportFlushed:
+        async def serve() -> JobReply:
             if isinstance(request, ReleaseExport):
                 return await self._flow.release_export(request)
             if isinstance(request, FlushExport):
                 return await self._flow.flush_export(request)
+            if isinstance(request, InspectExport):
+                return await self._flow.inspect_export(request)
             return await self._flow.prepare_export(request)
 
         return await call_with_retries(serve, self._retry_policy(request), is_retryable)
@@ -340,7 +342,7 @@ class JobConsumer:
         except Exception as exc:
             return self._failed(message, request, exc)
         if not isinstance(result, ExportReady):
-            label = "released" if isinstance(result, ExportReleased) else "flushed"
+            label = {"released": "released", "flushed": "flushed"}.get(result.status, "inspected")
             bind_job(outcome=label)
             return Answer(result, Settle.ACK, label)
         bind_job(outcome=str(result.action))

@@ -5,8 +5,8 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines (budget 530) on purpose: the prepare, release and flush paths sit beside each other
-because they must agree; they share the per-key locks and epochs.
+Over 400 lines (budget 600) on purpose: the prepare, release, flush and inspect paths sit
+beside each other because they must agree; they share the per-key locks and epochs.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from worker.mappings import CommittedExport, CommittedLookup, JobRecord, Mapping
 from worker.messages import (
     AnyRequest,
     ExportFlushed,
+    ExportLiveState,
     ExportReady,
     ExportReleased,
+    ExportStatus,
     FlushExport,
+    InspectExport,
     PrepareExport,
     ReleaseExport,
 )
@@ -73,6 +76,14 @@ class Mappings(Protocol):
     async def settle_answer(
         self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
     ) -> None: ...
+    async def set_planned_bytes(self, vm_id: str, disk_unit_number: int, planned: int) -> None: ...
+
+
+class LiveStates(Protocol):
+    async def current(self, export_name: str) -> ExportLiveState:
+        """The export's live state from a sample taken now (or one under way). Raises
+        WorkerError when the server cannot be sampled."""
+        ...
 
 
 class Ledger(Protocol):
@@ -186,8 +197,11 @@ class ExportFlow:
         nbd_port: int,
         node_id: str,
         client_addresses: tuple[str, ...],
+        live: LiveStates | None = None,
     ) -> None:
         self._mappings = mappings
+        #: The live view inspect-export answers from (None: not sampled in this process).
+        self._live = live
         self._server = server
         self._devices = devices
         self._ledger = ledger
@@ -300,6 +314,8 @@ class ExportFlow:
             await self._mappings.set_flush_error(*key, None)
         if Repair.STORE_CLIENTS in step.repairs:
             await self._mappings.set_client_addresses(*key, step.clients)
+        if Repair.STORE_PLANNED_BYTES in step.repairs and request.planned_bytes is not None:
+            await self._mappings.set_planned_bytes(*key, request.planned_bytes)
         if Repair.ALIGN_AUTHFILE in step.repairs:
             # Takes effect on the next connection: the server reads it every time.
             found = await self._server.align_export(name)
@@ -443,6 +459,41 @@ class ExportFlow:
             crash_point("flush_before_record")
             await self._ledger.record(_record(flushed))
             return flushed
+
+    async def inspect_export(self, request: InspectExport) -> ExportStatus:
+        """The (VM, disk)'s mapping and, while its export is active, its live state from a
+        fresh sample. Changes nothing, takes no lock, records nothing: asking again gives
+        the state then."""
+        key = (request.vm_id, request.disk_unit_number)
+        mapping, _ = await self._mappings.lookup(*key, request.job_id)
+        status = ExportStatus(
+            job_id=request.job_id,
+            vm_id=request.vm_id,
+            disk_unit_number=request.disk_unit_number,
+            export_name=request.export_name,
+            node_id=self._node_id,
+            export_status=(
+                "unknown" if mapping is None else "active" if mapping.is_active else "released"
+            ),
+        )
+        if mapping is None:
+            return status
+        live, live_error = None, None
+        if mapping.is_active and self._live is not None:
+            try:
+                live = await self._live.current(request.export_name)
+            except WorkerError as exc:
+                live_error = str(exc)
+        return status.model_copy(
+            update={
+                "device_path": mapping.device_path,
+                "client_addresses": list(mapping.admitted(self._client_addresses)),
+                "tls": self._server.tls,
+                "flush_error": mapping.flush_error,
+                "live": live,
+                "live_error": live_error,
+            }
+        )
 
     async def release_export(self, request: ReleaseExport) -> ExportReleased:
         """fsyncs the export's device, marks the mapping inactive, then removes its link and

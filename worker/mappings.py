@@ -43,6 +43,10 @@ class Mapping(BaseModel):
     #: repository gives those rows that default (resolve_stored), so rows it returns never
     #: hold None here.
     client_addresses: str | None = None
+    #: What the scheduler plans to write through the export (progress), if it said.
+    planned_bytes: int | None = None
+    #: When the copy was prepared: a create (not a recreate or relink). Not on the lookup.
+    prepared_at: datetime | None = None
 
     @property
     def is_active(self) -> bool:

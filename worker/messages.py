@@ -1,7 +1,11 @@
-"""The message contract: prepare-export jobs and their export-ready / error replies.
+"""The message contract: the jobs (prepare, release, flush, inspect), their replies, and the
+export events.
 
 Field names are the contract with the schedulers (and the SQL columns): never rename them.
 Everything here is pure; these models are the only gate between a message and the worker.
+
+Over 400 lines (budget 600) on purpose: the whole contract in one file, from which every
+JSON Schema in schema/messages/ is generated.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,6 +40,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 #: shell, an INI parser or a terminal would read specially.
 DEVICE_PATH_PATTERN = r"^/[A-Za-z0-9._:+@,=/-]{1,1023}$"
 MAX_DISK_UNIT_NUMBER = 255
+#: 1 EiB: far beyond any disk, well inside the BIGINT column and a JSON number's exact range.
+MAX_PLANNED_BYTES = 2**60
 
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 VmId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
@@ -148,6 +155,16 @@ class PrepareExport(BaseModel):
         "addresses switches it over, at once and without a reload.",
         examples=[["10.0.0.7", "fd00:1::/64"]],
     )
+    planned_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_PLANNED_BYTES,
+        strict=True,
+        description="How many bytes of data the scheduler intends to write through the export "
+        "(e.g. the source's allocated size): export-status then carries `progress`. Optional; "
+        "without it no progress figure is given. A later prepare-export may change it.",
+        examples=[536870912],
+    )
 
     @field_validator("client_addresses", mode="before")
     @classmethod
@@ -217,6 +234,13 @@ class FlushExport(_DiskJob):
     type: Literal["flush-export"]
 
 
+class InspectExport(_DiskJob):
+    """A scheduler's request: the export's live state (connections, bytes written and read,
+    idle time) and its mapping. Changes nothing; answered with export-status."""
+
+    type: Literal["inspect-export"]
+
+
 def _request_type(value: object) -> object:
     # `type` is optional for prepare-export, the original (and most common) message.
     if isinstance(value, dict):
@@ -227,7 +251,8 @@ def _request_type(value: object) -> object:
 Request = Annotated[
     Annotated[PrepareExport, Tag("prepare-export")]
     | Annotated[ReleaseExport, Tag("release-export")]
-    | Annotated[FlushExport, Tag("flush-export")],
+    | Annotated[FlushExport, Tag("flush-export")]
+    | Annotated[InspectExport, Tag("inspect-export")],
     Discriminator(_request_type),
 ]
 
@@ -307,6 +332,99 @@ class ExportReady(BaseModel):
     )
 
 
+class ConnectionStatus(BaseModel):
+    """One connection of an export, as the worker last sampled it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    client_address: str = Field(examples=["10.0.0.7"])
+    client_port: int
+    connected_at: datetime
+    tls: bool = Field(description="The connection is TLS (the export refuses plain clients).")
+    device: Literal["current", "previous"] = Field(
+        description="`previous`: opened before the export was relinked to another device, "
+        "so this connection writes the export's previous device."
+    )
+    bytes_written: int = Field(description="Data written through this connection.")
+    bytes_read: int = Field(description="Data read through this connection.")
+
+
+class ExportLiveState(BaseModel):
+    """What happens on an export, from samples of the server's connections (read-only)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    connections: list[ConnectionStatus] = Field(description="Open now.")
+    connections_total: int = Field(description="Connections since the export was prepared.")
+    bytes_written: int = Field(
+        description="Data written through the export since it was prepared, by every "
+        "connection, ended ones included (zeroes and trims carry no data: not counted). "
+        "Never goes back."
+    )
+    bytes_read: int = Field(description="Data read through the export since it was prepared.")
+    last_io_at: datetime | None = Field(description="The last sample that saw I/O; null: none.")
+    idle_seconds: float = Field(
+        description="Since the last I/O (or since the export was prepared, if none)."
+    )
+    device_size: int | None = Field(description="The size of the export's device, in bytes.")
+    planned_bytes: int | None = Field(description="As the last prepare-export said.")
+    progress: float | None = Field(
+        description="bytes_written / planned_bytes, at most 1.0; null without planned_bytes."
+    )
+    sampled_at: datetime
+
+
+class ExportStatus(BaseModel):
+    """Inspect reply: the export's mapping and, while it is active, its live state."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    status: Literal["inspected"] = "inspected"
+    export_name: str
+    node_id: str
+    export_status: Literal["active", "released", "unknown"] = Field(
+        description="`unknown`: this node never prepared the (VM, disk)."
+    )
+    device_path: str | None = None
+    client_addresses: list[str] | None = None
+    tls: bool | None = None
+    flush_error: str | None = Field(
+        default=None, description="Why an earlier flush failed (kept until a new copy)."
+    )
+    live: ExportLiveState | None = Field(
+        default=None,
+        description="While the export is active and the server could be sampled; null "
+        "otherwise (`live_error` says why, when it is active).",
+    )
+    live_error: str | None = None
+
+
+class ExportEvent(BaseModel):
+    """Published to the worker's exchange with routing key `event.<node>.<kind>` whenever a
+    connection of an export begins or ends. At most once (a scheduler that must not miss
+    one inspects the export); `seq` grows by one per event of the export's copy."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["export-event"] = "export-event"
+    kind: Literal["connected", "disconnected"]
+    seq: int = Field(description="Per export, since it was prepared: 1, 2, 3, ...")
+    at: datetime
+    node_id: str
+    vm_id: str
+    disk_unit_number: int
+    export_name: str
+    #: The connection; with `disconnected`, its final counts.
+    connection: ConnectionStatus
+    connections: int = Field(description="The export's connections open after this event.")
+    connections_total: int
+    bytes_written: int = Field(description="The export's totals after this event.")
+    bytes_read: int
+
+
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -337,13 +455,15 @@ class ExportFailed(BaseModel):
     node_id: str | None = None
 
 
-Reply = ExportReady | ExportReleased | ExportFlushed | ExportFailed
-AnyRequest = PrepareExport | ReleaseExport | FlushExport
+#: What a job the flow ran answers; a failure is answered with an ExportFailed instead.
+JobReply = ExportReady | ExportReleased | ExportFlushed | ExportStatus
+Reply = JobReply | ExportFailed
+AnyRequest = PrepareExport | ReleaseExport | FlushExport | InspectExport
 
 
 def parse_request(body: bytes) -> AnyRequest:
-    """A prepare-export (the default), a release-export or a flush-export. Raises
-    ValidationError."""
+    """A prepare-export (the default), a release-export, a flush-export or an
+    inspect-export. Raises ValidationError."""
     return _REQUEST.validate_json(body)
 
 
@@ -355,10 +475,13 @@ SCHEMA_FILES: dict[str, type[BaseModel]] = {
     "prepare-export.json": PrepareExport,
     "release-export.json": ReleaseExport,
     "flush-export.json": FlushExport,
+    "inspect-export.json": InspectExport,
     "export-ready.json": ExportReady,
     "export-released.json": ExportReleased,
     "export-flushed.json": ExportFlushed,
+    "export-status.json": ExportStatus,
     "export-failed.json": ExportFailed,
+    "export-event.json": ExportEvent,
 }
 
 
@@ -367,7 +490,7 @@ def message_schemas() -> dict[str, str]:
     schemas = {}
     for name, model in SCHEMA_FILES.items():
         # Requests are described as the worker reads them, replies as it writes them.
-        requests = (PrepareExport, ReleaseExport, FlushExport)
+        requests = (PrepareExport, ReleaseExport, FlushExport, InspectExport)
         mode: JsonSchemaMode = "validation" if model in requests else "serialization"
         schema = model.model_json_schema(mode=mode)
         schemas[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -1,7 +1,9 @@
 """Prometheus metrics: one registry per worker, built here.
 
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds` durations);
-labels take bounded values only (actions, outcomes, codes, reasons), never job or VM ids.
+labels take bounded values only (actions, outcomes, codes, reasons), never job or VM ids;
+the one exception is the per-export series of the live view (worker/live_sampler.py), which
+are labelled with the export and exist only while the export is active.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class Metrics:
     flushes: Counter
     flush_duration: Histogram
     ready: Gauge
+    events: Counter
+    events_dropped: Counter
+    live_samples: Counter
+    live_sample_duration: Histogram
 
 
 class NodeRegistry(CollectorRegistry):
@@ -208,6 +214,32 @@ def _build(r: NodeRegistry) -> Metrics:
             "nbd_server, nbd_data_path): what /readyz reports, refreshed every housekeeping "
             "round.",
             ["check"],
+            registry=r,
+        ),
+        events=Counter(
+            "nbd_export_events_published",
+            "export-events confirmed by the broker, by kind (connected, disconnected).",
+            ["kind"],
+            registry=r,
+        ),
+        events_dropped=Counter(
+            "nbd_export_events_dropped",
+            "export-events not published, by reason: unroutable (no queue bound: nobody "
+            "listens), unconfirmed (the broker did not take it within the publish budget), "
+            "no_broker (not connected for that long), overflow (too many waiting).",
+            ["reason"],
+            registry=r,
+        ),
+        live_samples=Counter(
+            "nbd_export_live_samples",
+            "Samples of the server's connections, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        ),
+        live_sample_duration=Histogram(
+            "nbd_export_live_sample_duration_seconds",
+            "Wall time of one sample of the server's connections (off the event loop).",
+            buckets=JOB_BUCKETS,
             registry=r,
         ),
     )

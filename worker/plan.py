@@ -101,6 +101,8 @@ class Repair(enum.Enum):
     STORE_CLIENTS = "store-clients"
     #: The authfile admits other clients (or is missing): rewrite it from the row.
     ALIGN_AUTHFILE = "align-authfile"
+    #: The job plans another number of bytes than the row (progress is measured by it).
+    STORE_PLANNED_BYTES = "store-planned-bytes"
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ def plan(
             repairs.add(Repair.STORE_CLIENTS)
         if not facts.authfile_admits:
             repairs.add(Repair.ALIGN_AUTHFILE)
+        if request.planned_bytes is not None and request.planned_bytes != mapping.planned_bytes:
+            repairs.add(Repair.STORE_PLANNED_BYTES)
         return Reuse(clients, frozenset(repairs))
     # A claim: whether it will need a SIGHUP is its answer's `reused`, settled now, before
     # anything changes, and recorded with the claim.

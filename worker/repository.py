@@ -3,7 +3,7 @@ deadlock retry, and the schema migrations.
 
 Returns frozen Mapping models and raises the worker's errors, never driver errors.
 
-Over 400 lines (budget 740) on purpose: every SQL statement is here, so that the queries, their
+Over 400 lines (budget 860) on purpose: every SQL statement is here, so that the queries, their
 transactions and their locking order are reviewed in one file.
 """
 
@@ -17,6 +17,7 @@ import re
 import ssl
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -42,6 +43,7 @@ from worker.errors import (
     TransientDatabaseError,
     WorkerError,
 )
+from worker.live import Tracked, Usage
 from worker.mappings import CommittedExport, JobRecord, Mapping, resolve_stored, stored_addresses
 from worker.messages import PrepareExport
 from worker.retrying import call_with_retries
@@ -54,7 +56,8 @@ _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 _COLUMNS = (
     "id, node_id, vm_id, disk_unit_number, vm_name, export_name, device_path, device_id, "
-    "status, created_at, updated_at, last_job_id, last_action, flush_error, client_addresses"
+    "status, created_at, updated_at, last_job_id, last_action, flush_error, client_addresses, "
+    "planned_bytes, prepared_at"
 )
 
 
@@ -66,9 +69,22 @@ _CLIENT_ADDRESSES = _FIELDS.index("client_addresses")
 #: one JSON array column, decoded in C, instead of one column per field.
 _LOOKUP_FIELDS = (
     "id", "vm_name", "export_name", "device_path", "device_id", "status", "last_job_id",
-    "last_action", "flush_error", "client_addresses",
+    "last_action", "flush_error", "client_addresses", "planned_bytes",
 )  # fmt: skip
 _LOOKUP_ROW = f"JSON_ARRAY({', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply)"
+
+
+_USAGE_FIELDS = (
+    "export_name", "prepared_at", "connections_total", "bytes_written", "bytes_read",
+    "ended_written", "ended_read", "last_io_at", "event_seq", "open_connections",
+)  # fmt: skip
+_USAGE_COLUMNS = ", ".join(_USAGE_FIELDS)
+
+
+def _utc(value: datetime) -> datetime:
+    """A TIMESTAMP as the driver returns it (naive, in the session's time zone: UTC, set
+    at connect) as an aware datetime."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _is_duplicate(exc: pymysql.err.IntegrityError, key: str) -> bool:
@@ -138,6 +154,8 @@ def _connect_args(url: AnyUrl, timeout_s: float, tls: ssl.SSLContext | None) -> 
         "connect_timeout": timeout_s,
         "charset": "utf8mb4",
         "ssl": tls,
+        # TIMESTAMP columns are read and written in UTC, whatever the server's zone.
+        "init_command": "SET time_zone = '+00:00'",
     }
 
 
@@ -445,6 +463,7 @@ class Repository:
             request.job_id,
             action,
             client_addresses,
+            request.planned_bytes,
             self._node,
             request.vm_id,
             request.disk_unit_number,
@@ -460,9 +479,10 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         "INSERT INTO vm_export_mappings (vm_name, export_name, device_path, "
-                        "device_id, last_job_id, last_action, client_addresses, node_id, "
-                        "vm_id, disk_unit_number, status) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'active')",
+                        "device_id, last_job_id, last_action, client_addresses, planned_bytes, "
+                        "node_id, vm_id, disk_unit_number, status, prepared_at) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'active', "
+                        "CURRENT_TIMESTAMP(6))",
                         params,
                     )
             except pymysql.err.IntegrityError as exc:
@@ -475,12 +495,19 @@ class Repository:
                 async with self._cursor() as cur:
                     await cur.execute(
                         # A new prepare-export starts a new copy: an earlier flush failure
-                        # no longer speaks for what will be written.
+                        # no longer speaks for what will be written. An inactive row made
+                        # active is a new copy (prepared now, its plan only the job's); a
+                        # relink or recreate goes on with the same one. MariaDB assigns left
+                        # to right: prepared_at and planned_bytes read the old status.
                         "UPDATE vm_export_mappings SET vm_name = %s, export_name = %s, "
                         "device_path = %s, device_id = %s, last_job_id = %s, last_action = %s, "
-                        "client_addresses = %s, status = 'active', flush_error = NULL "
+                        "client_addresses = %s, "
+                        "planned_bytes = IF(status = 'active', COALESCE(%s, planned_bytes), %s), "
+                        "prepared_at = IF(status = 'active' AND prepared_at IS NOT NULL, "
+                        "prepared_at, CURRENT_TIMESTAMP(6)), "
+                        "status = 'active', flush_error = NULL "
                         "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                        params,
+                        (*params[:8], request.planned_bytes, *params[8:]),
                     )
             except pymysql.err.IntegrityError as exc:
                 await self._raise_claim_error(exc, device)
@@ -592,6 +619,99 @@ class Repository:
                 )
 
         await self._retrying(update)
+
+    async def set_planned_bytes(self, vm_id: str, disk_unit_number: int, planned: int) -> None:
+        """What the scheduler now plans to write through the export (progress)."""
+
+        async def update() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "UPDATE vm_export_mappings SET planned_bytes = %s "
+                    "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                    (planned, self._node, vm_id, disk_unit_number),
+                )
+
+        await self._retrying(update)
+
+    async def tracked_exports(self, link_for: Callable[[str], Path], tls: bool) -> list[Tracked]:
+        """This node's active exports as the live view follows them; rows from before
+        prepared_at count from their creation."""
+
+        async def query() -> list[Tracked]:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "SELECT export_name, vm_id, disk_unit_number, "
+                    "COALESCE(prepared_at, created_at), planned_bytes "
+                    "FROM vm_export_mappings WHERE node_id = %s AND status = 'active'",
+                    (self._node,),
+                )
+                rows = await cur.fetchall()
+            return [
+                Tracked(
+                    export_name=name,
+                    vm_id=vm_id,
+                    disk_unit_number=disk,
+                    link=link_for(name),
+                    tls=tls,
+                    prepared_at=_utc(prepared_at),
+                    planned_bytes=planned,
+                )
+                for name, vm_id, disk, prepared_at, planned in rows
+            ]
+
+        return await self._retrying(query)
+
+    async def kept_usage(self) -> dict[str, Usage]:
+        """What the live view kept of this node's exports (export_usage), by name."""
+
+        async def query() -> dict[str, Usage]:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_USAGE_COLUMNS} FROM export_usage "  # noqa: S608
+                    "WHERE node_id = %s",
+                    (self._node,),
+                )
+                rows = await cur.fetchall()
+            kept = {}
+            for row in rows:
+                fields = dict(zip(_USAGE_FIELDS, row, strict=True))
+                fields["prepared_at"] = _utc(fields["prepared_at"])
+                if fields["last_io_at"] is not None:
+                    fields["last_io_at"] = _utc(fields["last_io_at"])
+                fields["open_connections"] = tuple(
+                    (int(pid), int(ticks)) for pid, ticks in json.loads(fields["open_connections"])
+                )
+                kept[fields["export_name"]] = Usage(**fields)
+            return kept
+
+        return await self._retrying(query)
+
+    async def keep_usage(self, usage: list[Usage]) -> None:
+        """Writes what the live view counted (one statement for many exports)."""
+        if not usage:
+            return
+        rows = ", ".join([f"(%s, {', '.join(['%s'] * len(_USAGE_FIELDS))})"] * len(usage))
+        params: list[Any] = []
+        for u in usage:
+            params.append(self._node)
+            for name in _USAGE_FIELDS:
+                value = getattr(u, name)
+                if name == "open_connections":
+                    value = json.dumps([list(c) for c in value])
+                elif isinstance(value, datetime):
+                    value = value.astimezone(UTC).replace(tzinfo=None)
+                params.append(value)
+        updates = ", ".join(f"{name} = VALUES({name})" for name in _USAGE_FIELDS)
+
+        async def upsert() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    f"INSERT INTO export_usage (node_id, {_USAGE_COLUMNS}) "  # noqa: S608
+                    f"VALUES {rows} ON DUPLICATE KEY UPDATE {updates}",
+                    params,
+                )
+
+        await self._retrying(upsert)
 
     async def ping(self) -> None:
         """Raises TransientDatabaseError/DatabaseError unless a trivial query answers."""

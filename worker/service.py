@@ -12,7 +12,13 @@ import logging
 import resource
 
 from worker import faults
-from worker.assembly import build_broker, build_flow, build_server, connect_repository
+from worker.assembly import (
+    build_broker,
+    build_flow,
+    build_live,
+    build_server,
+    connect_repository,
+)
 from worker.broker import BrokerSession
 from worker.errors import (
     ServerMisconfigured,
@@ -21,7 +27,9 @@ from worker.errors import (
     UnsupportedServer,
     WorkerError,
 )
+from worker.events import EventPublisher
 from worker.jobs import JobLedger
+from worker.live_sampler import LiveCollector, LiveSampler
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import make_worker_dir
 from worker.nbd.process import format_version
@@ -242,6 +250,9 @@ async def serve(
     ops: OpsServer | None = None
     housekeeping: asyncio.Task[None] | None = None
     ledger: JobLedger | None = None
+    live: LiveSampler | None = None
+    collector: LiveCollector | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         if settings.reconcile_on_start:
             try:
@@ -253,8 +264,16 @@ async def serve(
         except WorkerError as exc:
             log.warning("Could not ask nbd-server which exports it has: %s", exc)
         ledger = JobLedger(repository)
-        flow = build_flow(settings, repository, server, ledger)
-        broker = build_broker(settings, flow, metrics)
+        events = EventPublisher(settings.exchange, settings.node_id, metrics)
+        live = build_live(settings, repository, server, metrics, events=events)
+        collector = LiveCollector(live.view)
+        metrics.registry.register(collector)
+        flow = build_flow(settings, repository, server, ledger, live)
+        broker = build_broker(settings, flow, metrics, events)
+        # Beside the jobs, never on their path: the live view's samples and its events.
+        background.append(asyncio.create_task(events.run()))
+        if settings.live_sample_s > 0:
+            background.append(asyncio.create_task(live.run(settings.live_sample_s)))
         readiness = Readiness(settings, broker, repository, server, metrics)
         if settings.metrics_port:
             ops = OpsServer(
@@ -282,6 +301,14 @@ async def serve(
 
         await broker.run(stop, on_ready)
     finally:
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if live is not None:
+            await live.close()
+        if collector is not None:
+            metrics.registry.unregister(collector)
         if ledger is not None:
             await ledger.close()
         if housekeeping is not None:

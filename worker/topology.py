@@ -15,7 +15,9 @@ from aiormq.exceptions import ChannelPreconditionFailed
 from worker.errors import WorkerError
 
 #: The message types one request queue carries (the `type` field; prepare-export if none).
-MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export")
+MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export", "inspect-export")
+#: The kinds of export-event a node publishes.
+EVENT_KINDS = ("connected", "disconnected")
 
 #: Arguments of every queue the worker declares besides the request queue: replicated on
 #: a RabbitMQ cluster, and durable.
@@ -41,6 +43,12 @@ def request_queue_arguments(dead_letters: str, delivery_limit: int) -> dict[str,
 def node_routing_key(message_type: str, node_id: str) -> str:
     """The routing key a scheduler publishes `message_type` for node `node_id` with."""
     return f"{message_type}.{node_id}"
+
+
+def event_routing_key(node_id: str, kind: str) -> str:
+    """The routing key of node `node_id`'s export-events of `kind` on the exchange: a
+    scheduler binds a queue of its own with e.g. `event.<node>.*` or `event.#`."""
+    return f"event.{node_id}.{kind}"
 
 
 def node_routing_keys(node_id: str) -> list[str]:

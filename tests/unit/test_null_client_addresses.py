@@ -52,6 +52,7 @@ def full_row(client_addresses: str | None) -> tuple[Any, ...]:
         "export_name": NAME, "device_path": "/dev/vdb", "device_id": "blk:252:16",
         "status": "active", "created_at": None, "updated_at": None, "last_job_id": "j",
         "last_action": "created", "flush_error": None, "client_addresses": client_addresses,
+        "planned_bytes": None, "prepared_at": None,
     }  # fmt: skip
     return tuple(values[name] for name in _FIELDS)
 
@@ -60,7 +61,7 @@ def lookup_row(client_addresses: str | None) -> tuple[Any, ...]:
     # id, vm_name, export_name, device_path, device_id, status, last_job_id, last_action,
     # flush_error, client_addresses, then the job's reply (none).
     values = [1, "vm", NAME, "/dev/vdb", "blk:252:16", "active", "j", "created", None]
-    return (json.dumps([*values, client_addresses, None]),)
+    return (json.dumps([*values, client_addresses, None, None]),)
 
 
 async def test_every_read_gives_an_old_row_the_default() -> None:

@@ -33,6 +33,7 @@ def row(
     last_action: str | None = "created",
     flush_error: str | None = None,
     clients: str | None = STORED_LOOPBACK,
+    planned_bytes: int | None = None,
 ) -> Mapping:
     return Mapping(
         id=1,
@@ -48,6 +49,7 @@ def row(
         last_action=last_action,
         flush_error=flush_error,
         client_addresses=clients,
+        planned_bytes=planned_bytes,
     )
 
 
@@ -65,6 +67,7 @@ class Case:
     path: str = VDB
     clients: tuple[str, ...] = LOOPBACK
     job_id: str = JOB
+    planned_bytes: int | None = None
     note: str = field(default="", compare=False)
 
 
@@ -120,10 +123,19 @@ CASES = {
     "same device, row right, authfile missing or wrong: reuse, rewrite it": Case(
         row(), {L: True, A: False}, [L, A], reuse(Repair.ALIGN_AUTHFILE)
     ),
+    "same device, the job plans another size: reuse, store it (progress)": Case(
+        row(), {L: True, A: True}, [L, A], reuse(Repair.STORE_PLANNED_BYTES), planned_bytes=2**30
+    ),
+    "same device, the job plans the row's size: plain reuse": Case(
+        row(planned_bytes=2**30), {L: True, A: True}, [L, A], reuse(), planned_bytes=2**30
+    ),
+    "same device, the job says no size: plain reuse, the row's plan stays": Case(
+        row(planned_bytes=2**30), {L: True, A: True}, [L, A], reuse()
+    ),
     "same device, everything wrong at once: reuse, every repair": Case(
         row(flush_error="UNFINISHED: a flush by job f at 2026-01-01T00:00:00Z did not finish"),
         {L: True, A: False}, [L, A],
-        reuse(*Repair, clients="10.0.0.7"), clients=TOOL,
+        reuse(*Repair, clients="10.0.0.7"), clients=TOOL, planned_bytes=512 * 2**20,
     ),
     "row from before access control (NULL, resolved by the repository): plain reuse": Case(
         OLD_ROW, {L: True, A: True}, [L, A], reuse()
@@ -174,6 +186,7 @@ def settle(case: Case) -> tuple[list[Fact], Plan]:
         disk_unit_number=0,
         device_path=case.path,
         client_addresses=None if case.clients == LOOPBACK else case.clients,
+        planned_bytes=case.planned_bytes,
     )
     facts, asked = Facts(clients=case.clients), list[Fact]()
     while isinstance(step := plan(case.mapping, request, device(case.path), facts), Ask):

@@ -6,6 +6,9 @@ the client); this handshake with TCP_NODELAY and TCP_QUICKACK takes ~1 ms, and G
 only way to know an export is servable (known is not servable: nbd-server-facts.md) and
 what it offers a copy tool (its transmission flags). Simple replies only: structured
 replies are never negotiated. All integers are big-endian; the constants are the protocol's.
+
+Over 400 lines (budget 440) on purpose: the client, the probes and the registry of this
+process's own probe connections (which the live view leaves out) share the session code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -187,6 +191,23 @@ async def _connected_from(host: str, port: int, source: str) -> socket.socket:
     return sock
 
 
+#: This process's probe connections by local port: open (None) or when they closed. The
+#: live view leaves them out (a probe's NBD_OPT_GO opens the device in its child, which may
+#: outlive the probe by a moment).
+_OWN_PORTS: dict[int, float | None] = {}
+#: How long after it closed a probe's port is still its own.
+OWN_PORT_AFTER_CLOSE_S = 10.0
+
+
+def own_ports() -> frozenset[int]:
+    """The local ports of this process's probes: open, or closed within the last seconds."""
+    now = time.monotonic()
+    for port, closed in list(_OWN_PORTS.items()):
+        if closed is not None and now - closed > OWN_PORT_AFTER_CLOSE_S:
+            del _OWN_PORTS[port]
+    return frozenset(_OWN_PORTS)
+
+
 async def _open(host: str, port: int, source: str | None) -> _Session:
     try:
         # `source`: the address authfiles admit the worker's probes from.
@@ -200,6 +221,7 @@ async def _open(host: str, port: int, source: str | None) -> _Session:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _OWN_PORTS[sock.getsockname()[1]] = None
     return _Session(reader, writer)
 
 
@@ -208,6 +230,9 @@ CLOSE_WAIT_S = 2.0
 
 
 async def _close(session: _Session) -> None:
+    sockname = session.writer.get_extra_info("sockname")
+    if sockname is not None:
+        _OWN_PORTS[sockname[1]] = time.monotonic()
     session.writer.close()
     # Bounded: a TLS shutdown waits for the peer's close_notify, which a hung server (or
     # one that busy-loops on our close) never sends. wait() neither raises nor cancels.

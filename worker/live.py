@@ -1,0 +1,457 @@
+"""The live view of every export: who is connected, how much was written and read through
+it, how long it has been idle. Built from samples of nbd-server's per-connection children
+(worker/nbd/connections.py): read-only, never on a job's path.
+
+What is counted, per connection: `bytes_written`, the data the copy tool wrote (the child's
+`write_bytes`: zeroes, which the project's build writes with fallocate, and trims add
+nothing); `bytes_read`, what it read (the child's reads less what it received from the
+socket: for a plain connection its `rchar` less its written data; the request headers, 28
+bytes a request, are counted as read). Per export: every connection's, plus those of the
+connections that ended, so totals never go back: when connections end between two samples,
+the bytes they moved after the last one are recovered from the main process, whose counters
+grow by a child's whole counters when it reaps it (split between the connections that ended
+in that interval in proportion to what each moved in the interval before, exact when one
+export's connections end). A connection that begins and ends between two samples is not
+seen; its bytes then go to `unattributed`.
+
+Over 400 lines (budget 520) on purpose: one sample's accounting (connections begun, ended
+with their tails, relinked devices, totals that never go back) is one algorithm whose parts
+must agree.
+
+Thread-safety: sample() runs in a worker thread (asyncio.to_thread), everything else on the
+event loop; they share nothing but immutable snapshots, swapped in one assignment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from worker.nbd.connections import (
+    CLOCK_TICKS,
+    ChildSample,
+    DeviceKey,
+    IoCounters,
+    boot_time,
+    children,
+    path_device_key,
+    read_io,
+    sample_child,
+    socket_peers,
+)
+
+
+def data_counts(io: IoCounters, tls: bool) -> tuple[int, int]:
+    """(written, read) from a child's counters: see the module's docstring."""
+    written = io.write_bytes
+    # A plain connection's socket reads are in rchar (read(2)); TLS reads go through
+    # recv(2), which rchar does not count.
+    read = io.rchar if tls else io.rchar - io.write_bytes
+    return written, max(read, 0)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """An active export the view follows, as its mapping says."""
+
+    export_name: str
+    vm_id: str
+    disk_unit_number: int
+    #: The export's link: the device it opens now.
+    link: Path
+    tls: bool
+    #: When the copy these counts belong to was prepared (a new create starts from zero).
+    prepared_at: datetime
+    planned_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the view keeps of an export across worker restarts (export_usage)."""
+
+    export_name: str
+    prepared_at: datetime
+    connections_total: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    ended_written: int = 0
+    ended_read: int = 0
+    last_io_at: datetime | None = None
+    event_seq: int = 0
+    #: The connections (pid, start ticks) open when it was kept: counted already.
+    open_connections: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectionView:
+    client_address: str
+    client_port: int
+    connected_at: datetime
+    tls: bool
+    #: False: opened before a relink, so it writes the export's previous device.
+    current_device: bool
+    bytes_written: int
+    bytes_read: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class ExportView:
+    export_name: str
+    connections: tuple[ConnectionView, ...]
+    connections_total: int
+    bytes_written: int
+    bytes_read: int
+    last_io_at: datetime | None
+    idle_seconds: float
+    device_size: int | None
+    planned_bytes: int | None
+    sampled_at: datetime
+
+    @property
+    def progress(self) -> float | None:
+        """Written over planned, at most 1.0; None without a plan (nothing is invented)."""
+        if not self.planned_bytes:
+            return None
+        return min(1.0, self.bytes_written / self.planned_bytes)
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """A connection of an export began or ended (published as an export-event)."""
+
+    kind: str  # "connected" | "disconnected"
+    seq: int
+    at: datetime
+    tracked: Tracked
+    connection: ConnectionView
+    export: ExportView
+
+
+@dataclass
+class _Connection:
+    key: tuple[int, int]
+    client: tuple[str, int]
+    connected_at: datetime
+    current_device: bool
+    #: The device it holds open.
+    device: DeviceKey | None
+    io: IoCounters
+    #: What it moved in the interval before the last sample (its share of a tail).
+    moved: int = 0
+    #: Counted already (open when the worker last kept the export's usage).
+    known: bool = False
+
+    def view(self, tls: bool) -> ConnectionView:
+        written, read = data_counts(self.io, tls)
+        return ConnectionView(
+            client_address=self.client[0],
+            client_port=self.client[1],
+            connected_at=self.connected_at,
+            tls=tls,
+            current_device=self.current_device,
+            bytes_written=written,
+            bytes_read=read,
+            pid=self.key[0],
+        )
+
+
+@dataclass
+class _Export:
+    tracked: Tracked
+    usage: Usage
+    device: DeviceKey | None = None
+    #: Devices the export opened before a relink, while connections still hold them.
+    previous: set[DeviceKey] = field(default_factory=set)
+    device_size: int | None = None
+    connections: dict[tuple[int, int], _Connection] = field(default_factory=dict)
+    #: The totals last shown: what is shown never goes back.
+    shown: tuple[int, int] = (0, 0)
+    #: Changed since it was last kept (export_usage).
+    dirty: bool = False
+    kept_at: float = 0.0
+
+
+def _device_size(link: Path) -> int | None:
+    """The size of what `link` opens: a regular file's length, a block device's size."""
+    try:
+        with open(link, "rb") as device:
+            return device.seek(0, 2)
+    except OSError:
+        return None
+
+
+class LiveView:
+    """Samples the server's connections and keeps, per tracked export, its live state."""
+
+    #: Totals that only grew are kept at most this often (connections beginning or ending
+    #: are kept at once).
+    KEEP_EVERY_S = 10.0
+
+    def __init__(
+        self,
+        main_pid: Callable[[], int],
+        *,
+        own_ports: Callable[[], Iterable[int]] = frozenset,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._main_pid = main_pid
+        self._own_ports = own_ports
+        self._clock = clock
+        self._exports: dict[str, _Export] = {}
+        self._views: dict[str, ExportView] = {}
+        self._main: int | None = None
+        self._main_io: IoCounters | None = None
+        self._boot = boot_time()
+        #: Bytes moved by connections no sample saw (begun and ended between two).
+        self.unattributed = 0
+
+    # -- what is tracked (event loop) -------------------------------------------------
+
+    def track(self, tracked: Iterable[Tracked], kept: dict[str, Usage]) -> None:
+        """Follows exactly these exports; one new to the view starts from what was kept of
+        it (when it belongs to the same copy) or from zero."""
+        wanted = {t.export_name: t for t in tracked}
+        exports = {}
+        for name, t in wanted.items():
+            state = self._exports.get(name)
+            if state is None or state.tracked.prepared_at != t.prepared_at:
+                usage = kept.get(name)
+                if usage is None or usage.prepared_at != t.prepared_at:
+                    usage = Usage(name, t.prepared_at)
+                state = _Export(t, usage, shown=(usage.bytes_written, usage.bytes_read))
+            else:
+                state.tracked = t
+            exports[name] = state
+        self._exports = exports
+        self._views = {n: v for n, v in self._views.items() if n in exports}
+
+    def view(self, name: str) -> ExportView | None:
+        return self._views.get(name)
+
+    def views(self) -> dict[str, ExportView]:
+        return dict(self._views)
+
+    def tracked(self, name: str) -> Tracked | None:
+        state = self._exports.get(name)
+        return state.tracked if state else None
+
+    def to_keep(self, *, everything: bool = False) -> list[Usage]:
+        """The usage to write to export_usage now (and marks it kept)."""
+        now = self._clock()
+        kept = []
+        for state in self._exports.values():
+            if (
+                everything
+                or state.dirty
+                or (
+                    now - state.kept_at >= self.KEEP_EVERY_S
+                    and state.shown != (state.usage.bytes_written, state.usage.bytes_read)
+                )
+            ):
+                state.usage = replace(
+                    state.usage,
+                    bytes_written=state.shown[0],
+                    bytes_read=state.shown[1],
+                    open_connections=tuple(sorted(state.connections)),
+                )
+                state.dirty = False
+                state.kept_at = now
+                kept.append(state.usage)
+        return kept
+
+    # -- sampling (a worker thread) -------------------------------------------------
+
+    def sample(self) -> list[ConnectionEvent]:
+        """One sample of the server's children; the connection events it found. Raises
+        what main_pid raises (the server is not running: nothing is sampled)."""
+        now = self._clock()
+        main = self._main_pid()
+        if main != self._main:
+            # Another server process: its children, and its counters, start afresh (the
+            # old ones died with their main process).
+            self._main, self._main_io = main, None
+        main_io = read_io(main)
+        by_device: dict[DeviceKey, _Export] = {}
+        for state in list(self._exports.values()):
+            now_opens = path_device_key(state.tracked.link)
+            if now_opens != state.device:
+                if state.device is not None:
+                    state.previous.add(state.device)
+                state.device = now_opens
+                state.device_size = _device_size(state.tracked.link) if now_opens else None
+            if now_opens is not None:
+                by_device[now_opens] = state
+            for old in state.previous:
+                by_device.setdefault(old, state)
+        own = set(self._own_ports())
+        seen: dict[tuple[int, int], tuple[_Export, ChildSample]] = {}
+        peers: dict[int, tuple[str, int]] | None = None
+        known = {key: state for state in self._exports.values() for key in state.connections}
+        for pid in children(main):
+            child = sample_child(pid, main, known)
+            if child is None:
+                continue
+            if child.key in known:
+                # A zombie (ended, not yet reaped) too: ended at the next sample, with its
+                # last counters.
+                seen[child.key] = (known[child.key], child)
+                continue
+            if child.zombie:
+                continue
+            serves = next((by_device[d] for d in child.devices if d in by_device), None)
+            if serves is None:
+                continue  # negotiating, refused, or another server's business
+            if child.key not in known and peers is None:
+                peers = socket_peers(main)
+            seen[child.key] = (serves, child)
+        events: list[ConnectionEvent] = []
+        at = datetime.fromtimestamp(now, UTC)
+        self._end_vanished(seen, main_io, at, events)
+        for key, (state, child) in seen.items():
+            conn = state.connections.get(key)
+            if conn is None:
+                client = next(
+                    ((peers or {})[s] for s in child.sockets if s in (peers or {})), ("", 0)
+                )
+                if client[1] in own:
+                    continue  # the worker's own probe
+                device = next((d for d in child.devices if d in by_device), None)
+                conn = _Connection(
+                    key,
+                    client,
+                    datetime.fromtimestamp(self._boot + child.start_ticks / CLOCK_TICKS, UTC),
+                    current_device=device == state.device,
+                    device=device,
+                    io=child.io,
+                    known=key in state.usage.open_connections,
+                )
+                state.connections[key] = conn
+                if not conn.known:
+                    self._count_connection(state, conn, at, events)
+                state.usage = replace(state.usage, last_io_at=at)
+                state.dirty = True
+                continue
+            moved = child.io - conn.io
+            conn.moved = moved.rchar + moved.wchar
+            if conn.moved:
+                state.usage = replace(state.usage, last_io_at=at)
+            conn.io = child.io
+            conn.current_device = conn.device == state.device
+        if main_io is not None:
+            self._main_io = main_io
+        for state in self._exports.values():
+            held = {c.device for c in state.connections.values()}
+            state.previous &= held
+            self._views[state.tracked.export_name] = self._export_view(state, now, at)
+        # Events carry the totals after this sample.
+        return [replace(e, export=self._views.get(e.tracked.export_name, e.export)) for e in events]
+
+    def _count_connection(
+        self, state: _Export, conn: _Connection, at: datetime, events: list[ConnectionEvent]
+    ) -> None:
+        usage = state.usage
+        state.usage = replace(
+            usage,
+            connections_total=usage.connections_total + 1,
+            event_seq=usage.event_seq + 1,
+        )
+        events.append(
+            ConnectionEvent(
+                "connected",
+                state.usage.event_seq,
+                at,
+                state.tracked,
+                conn.view(state.tracked.tls),
+                self._export_view(state, self._clock(), at),
+            )
+        )
+
+    def _end_vanished(
+        self,
+        seen: dict[tuple[int, int], tuple[_Export, ChildSample]],
+        main_io: IoCounters | None,
+        at: datetime,
+        events: list[ConnectionEvent],
+    ) -> None:
+        """Ends the connections no longer seen, with the bytes they moved since the last
+        sample recovered from the main process's counters."""
+        ended = [
+            (state, conn)
+            for state in self._exports.values()
+            for conn in state.connections.values()
+            if conn.key not in seen
+        ]
+        tail = IoCounters()
+        if main_io is not None and self._main_io is not None:
+            grown = main_io - self._main_io
+            last = IoCounters()
+            for _, conn in ended:
+                last = IoCounters(
+                    last.rchar + conn.io.rchar,
+                    last.wchar + conn.io.wchar,
+                    last.write_bytes + conn.io.write_bytes,
+                )
+            tail = IoCounters(
+                max(grown.rchar - last.rchar, 0),
+                max(grown.wchar - last.wchar, 0),
+                max(grown.write_bytes - last.write_bytes, 0),
+            )
+            if not ended:
+                self.unattributed += tail.write_bytes
+        weights = [conn.moved for _, conn in ended]
+        total = sum(weights)
+        for i, (state, conn) in enumerate(ended):
+            share = weights[i] / total if total else 1 / len(ended)
+            conn.io = IoCounters(
+                conn.io.rchar + round(tail.rchar * share),
+                conn.io.wchar + round(tail.wchar * share),
+                conn.io.write_bytes + round(tail.write_bytes * share),
+            )
+            written, read = data_counts(conn.io, state.tracked.tls)
+            usage = state.usage
+            state.usage = replace(
+                usage,
+                ended_written=usage.ended_written + written,
+                ended_read=usage.ended_read + read,
+                event_seq=usage.event_seq + 1,
+                last_io_at=at if tail.rchar or tail.write_bytes else usage.last_io_at,
+            )
+            del state.connections[conn.key]
+            state.dirty = True
+            view = conn.view(state.tracked.tls)
+            events.append(
+                ConnectionEvent(
+                    "disconnected",
+                    state.usage.event_seq,
+                    at,
+                    state.tracked,
+                    view,
+                    self._export_view(state, self._clock(), at),
+                )
+            )
+
+    def _export_view(self, state: _Export, now: float, at: datetime) -> ExportView:
+        tls = state.tracked.tls
+        conns = tuple(c.view(tls) for c in state.connections.values())
+        written = state.usage.ended_written + sum(c.bytes_written for c in conns)
+        read = state.usage.ended_read + sum(c.bytes_read for c in conns)
+        state.shown = (max(state.shown[0], written), max(state.shown[1], read))
+        last_io = state.usage.last_io_at
+        # Idle since its last I/O, or since it was prepared if it never had any.
+        since = last_io or state.tracked.prepared_at
+        return ExportView(
+            export_name=state.tracked.export_name,
+            connections=tuple(sorted(conns, key=lambda c: (c.connected_at, c.pid))),
+            connections_total=state.usage.connections_total,
+            bytes_written=state.shown[0],
+            bytes_read=state.shown[1],
+            last_io_at=last_io,
+            idle_seconds=max(0.0, now - since.timestamp()),
+            device_size=state.device_size,
+            planned_bytes=state.tracked.planned_bytes,
+            sampled_at=at,
+        )

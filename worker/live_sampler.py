@@ -1,0 +1,218 @@
+"""Runs the live view (worker/live.py) beside the jobs: samples the server's connections
+every EXPORT_WORKER_LIVE_SAMPLE_S in a thread, follows the active mappings, keeps the
+counts in export_usage, publishes the connection events, answers inspect-export from a
+fresh sample, and exposes per-export Prometheus series that exist only while the export
+is active (a released export leaves no series behind).
+
+Nothing here is on a job's path: prepare, release and flush never wait for a sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from worker.errors import ExportNotFound, WorkerError
+from worker.events import EventPublisher
+from worker.live import ConnectionEvent, ConnectionView, ExportView, LiveView, Tracked, Usage
+from worker.messages import ConnectionStatus, ExportEvent, ExportLiveState
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class UsageStore(Protocol):
+    async def tracked_exports(
+        self, link_for: Callable[[str], Path], tls: bool
+    ) -> list[Tracked]: ...
+    async def kept_usage(self) -> dict[str, Usage]: ...
+    async def keep_usage(self, usage: list[Usage]) -> None: ...
+
+
+def connection_status(view: ConnectionView) -> ConnectionStatus:
+    return ConnectionStatus(
+        client_address=view.client_address,
+        client_port=view.client_port,
+        connected_at=view.connected_at,
+        tls=view.tls,
+        device="current" if view.current_device else "previous",
+        bytes_written=view.bytes_written,
+        bytes_read=view.bytes_read,
+    )
+
+
+def live_state(view: ExportView) -> ExportLiveState:
+    return ExportLiveState(
+        connections=[connection_status(c) for c in view.connections],
+        connections_total=view.connections_total,
+        bytes_written=view.bytes_written,
+        bytes_read=view.bytes_read,
+        last_io_at=view.last_io_at,
+        idle_seconds=round(view.idle_seconds, 3),
+        device_size=view.device_size,
+        planned_bytes=view.planned_bytes,
+        progress=view.progress,
+        sampled_at=view.sampled_at,
+    )
+
+
+def export_event(event: ConnectionEvent, node_id: str) -> ExportEvent:
+    return ExportEvent(
+        kind="connected" if event.kind == "connected" else "disconnected",
+        seq=event.seq,
+        at=event.at,
+        node_id=node_id,
+        vm_id=event.tracked.vm_id,
+        disk_unit_number=event.tracked.disk_unit_number,
+        export_name=event.tracked.export_name,
+        connection=connection_status(event.connection),
+        connections=len(event.export.connections),
+        connections_total=event.export.connections_total,
+        bytes_written=event.export.bytes_written,
+        bytes_read=event.export.bytes_read,
+    )
+
+
+class LiveSampler:
+    #: How often the active mappings are read again (a new export is also followed as soon
+    #: as someone inspects it).
+    TRACK_EVERY_S = 5.0
+
+    def __init__(
+        self,
+        view: LiveView,
+        store: UsageStore,
+        *,
+        link_for: Callable[[str], Path],
+        tls: bool,
+        node_id: str,
+        metrics: Metrics,
+        events: EventPublisher | None = None,
+        keep: bool = True,
+    ) -> None:
+        self.view = view
+        self._keep = keep
+        self._store = store
+        self._link_for = link_for
+        self._tls = tls
+        self._node_id = node_id
+        self._metrics = metrics
+        self._events = events
+        self._tracked_at = float("-inf")
+        self._kept: dict[str, Usage] | None = None
+        self._sampling: asyncio.Task[None] | None = None
+
+    async def _track(self) -> None:
+        if self._kept is None:  # once: what earlier runs kept
+            self._kept = await self._store.kept_usage()
+        tracked = await self._store.tracked_exports(self._link_for, self._tls)
+        self.view.track(tracked, self._kept)
+        self._tracked_at = time.monotonic()
+
+    async def _sample(self) -> None:
+        started = time.monotonic()
+        if started - self._tracked_at >= self.TRACK_EVERY_S:
+            await self._track()
+        try:
+            found = await asyncio.to_thread(self.view.sample)
+        except WorkerError:
+            self._metrics.live_samples.labels("failed").inc()
+            raise
+        self._metrics.live_samples.labels("ok").inc()
+        self._metrics.live_sample_duration.observe(time.monotonic() - started)
+        for event in found:
+            log.info(
+                "Export connection %s export_name=%s client=%s:%d seq=%d",
+                event.kind,
+                event.tracked.export_name,
+                event.connection.client_address,
+                event.connection.client_port,
+                event.seq,
+            )
+            if self._events is not None:
+                self._events.emit(export_event(event, self._node_id))
+        usage = self.view.to_keep() if self._keep else []
+        if usage:
+            await self._store.keep_usage(usage)
+
+    async def sample(self) -> None:
+        """One sample; callers at the same time share it."""
+        if self._sampling is None or self._sampling.done():
+            self._sampling = asyncio.create_task(self._sample())
+        await asyncio.shield(self._sampling)
+
+    async def current(self, export_name: str) -> ExportLiveState:
+        """The export's live state from a sample taken now. Raises WorkerError."""
+        if self.view.tracked(export_name) is None:
+            await self._track()  # prepared since the last read of the mappings
+        if self._sampling is not None and not self._sampling.done():
+            await asyncio.shield(self._sampling)  # begun before the question: not fresh
+        await self.sample()
+        found = self.view.view(export_name)
+        if found is None:
+            raise ExportNotFound(f"export {export_name} is not active on this node")
+        return live_state(found)
+
+    async def run(self, interval_s: float) -> None:
+        """Samples every `interval_s` until cancelled; failures are logged, once per
+        reason, and sampling goes on."""
+        last_error = None
+        while True:
+            try:
+                await self.sample()
+                last_error = None
+            except (WorkerError, OSError) as exc:
+                if str(exc) != last_error:
+                    log.warning("Could not sample the server's connections: %s", exc)
+                    last_error = str(exc)
+            await asyncio.sleep(interval_s)
+
+    async def close(self) -> None:
+        """Keeps everything counted so far (a stopping worker)."""
+        if not self._keep:
+            return
+        try:
+            await self._store.keep_usage(self.view.to_keep(everything=True))
+        except WorkerError as exc:
+            log.warning("Could not keep the live view's counts: %s", exc)
+
+
+class LiveCollector(Collector):
+    """Per-export series, from the last sample, for the exports tracked now only."""
+
+    def __init__(self, view: LiveView) -> None:
+        self._view = view
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "nbd_export_connections", "Open connections of an export.", labels=["export"]
+        )
+        written = CounterMetricFamily(
+            "nbd_export_written_bytes",
+            "Data written through an export since it was prepared.",
+            labels=["export"],
+        )
+        read = CounterMetricFamily(
+            "nbd_export_read_bytes",
+            "Data read through an export since it was prepared.",
+            labels=["export"],
+        )
+        idle = GaugeMetricFamily(
+            "nbd_export_idle_seconds",
+            "Seconds since an export's last I/O (or since it was prepared).",
+            labels=["export"],
+        )
+        for name, view in sorted(self._view.views().items()):
+            connections.add_metric([name], len(view.connections))
+            written.add_metric([name], view.bytes_written)
+            read.add_metric([name], view.bytes_read)
+            idle.add_metric([name], view.idle_seconds)
+        yield from (connections, written, read, idle)
