@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "reconcile": lambda settings, args, _identity: exports.reconcile_exports(settings, args),
     "release": lambda settings, args, _identity: exports.release(settings, args),
     "flush": lambda settings, args, _identity: exports.flush(settings, args),
+    "inspect": lambda settings, args, _identity: exports.inspect(settings, args),
     "self-test": lambda settings, args, _identity: exports.self_test(settings, args),
     "check": lambda settings, _args, identity: check.check(settings, identity),
     "healthcheck": lambda settings, args, _identity: health.healthcheck(settings, args),
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flush.add_argument("--vm-id", required=True, type=_vm_id)
     flush.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    inspect = commands.add_parser(
+        "inspect",
+        help="an export's mapping and live state (connections, bytes written, idle), as an "
+        "inspect-export job answers (exit 1 when it is not active)",
+    )
+    inspect.add_argument("--vm-id", required=True, type=_vm_id)
+    inspect.add_argument("--disk", type=int, required=True, help="disk_unit_number")
     self_test = commands.add_parser(
         "self-test",
         help="the data-path self-test of the running nbd-server's binary, or of --binary",

@@ -380,3 +380,48 @@ async def test_dead_letters_are_listed_in_place_and_replayed(
     assert "0 dead letter(s) in" in empty.stdout
     with NbdConnection(nbd_server.port, scheduler.replies[corr]["export_name"]) as conn:
         assert conn.read(0, 4) == b"dead"
+
+
+async def test_status_and_inspect_show_who_is_connected(
+    worker: RunningWorker,
+    scheduler: Scheduler,
+    settings: Settings,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    """The live view from the command line: `status` gains connections, written and idle
+    (all of it in --json), `inspect` answers as an inspect-export job does; a disk never
+    prepared here is said to be unknown (exit 1)."""
+    a_job = job(device=make_disk(disks_dir, "a", b"AAAA"))
+    a = await scheduler.request(a_job)
+    with NbdConnection(nbd_server.port, a["export_name"]) as held:
+        assert held.read(0, 4) == b"AAAA"
+        proc = await asyncio.to_thread(cli, settings, "status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        (row,) = json.loads(proc.stdout)
+        live = row["live"]
+        assert [c["client_address"] for c in live["connections"]] == ["127.0.0.1"]
+        assert live["device_size"] == 16 * 1024 * 1024
+        assert live["bytes_written"] == 0
+        table = await asyncio.to_thread(cli, settings, "status")
+        header, line = table.stdout.splitlines()
+        assert header.split()[-3:] == ["connections", "written", "idle"]
+        assert line.split()[-3:-1] == ["1", "0"]
+
+        proc = await asyncio.to_thread(
+            cli, settings, "inspect", "--vm-id", a_job["vm_id"], "--disk", "0"
+        )
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(proc.stdout)
+        assert (status["status"], status["export_status"]) == ("inspected", "active")
+        assert status["device_path"] == a["device_path"]
+        assert status["client_addresses"] == a["client_addresses"]
+        assert len(status["live"]["connections"]) == 1
+        assert status["live"]["connections"][0]["device"] == "current"
+
+    unknown = await asyncio.to_thread(
+        cli, settings, "inspect", "--vm-id", job()["vm_id"], "--disk", "0"
+    )
+    assert unknown.returncode == 1
+    assert json.loads(unknown.stdout)["export_status"] == "unknown"
+    assert "unknown on this node" in unknown.stderr

@@ -1,5 +1,5 @@
 """Commands on exports, for when no worker runs or an operator must act now: `reconcile`,
-`release`, `flush` (each as the worker would run it) and `self-test`."""
+`release`, `flush`, `inspect` (each as the worker would run it) and `self-test`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from worker.assembly import adapters, build_server, run_in_flow
 from worker.commands import ExitCode
-from worker.messages import FlushExport, ReleaseExport
+from worker.messages import FlushExport, InspectExport, ReleaseExport
 from worker.metrics import build_metrics
 from worker.nbd.selftest import run_self_test
 from worker.reconcile import reconcile
@@ -38,6 +38,22 @@ async def flush(settings: Settings, args: argparse.Namespace) -> int:
     request = FlushExport(type="flush-export", **_disk_job(args))
     flushed = await run_in_flow(settings, lambda flow: flow.flush_export(request))
     print(flushed.model_dump_json(indent=2))
+    return ExitCode.OK
+
+
+async def inspect(settings: Settings, args: argparse.Namespace) -> int:
+    """The same answer as an inspect-export job: the mapping and its live state, sampled
+    now by this process (which keeps nothing: only the running worker counts into
+    export_usage). Exit 1 when the disk has no active export on this node."""
+    request = InspectExport(type="inspect-export", **_disk_job(args))
+    status = await run_in_flow(settings, lambda flow: flow.inspect_export(request))
+    print(status.model_dump_json(indent=2))
+    if status.export_status != "active":
+        print(
+            f"vm {args.vm_id} disk {args.disk}: {status.export_status} on this node",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILURE
     return ExitCode.OK
 
 

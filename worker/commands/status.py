@@ -8,12 +8,17 @@ import sys
 import time
 from typing import Any
 
-from worker.assembly import adapters
+from worker.assembly import adapters, build_live
 from worker.commands import ExitCode
 from worker.devices import device_present
-from worker.errors import ServerUnavailable
+from worker.errors import ServerUnavailable, WorkerError
+from worker.live import ExportView
+from worker.live_sampler import live_state
+from worker.metrics import build_metrics
 from worker.nbd.files import link_target
+from worker.nbd.server import NbdServer
 from worker.nbd.wire import UNKNOWN, ExportInfo
+from worker.repository import Repository
 from worker.settings import Settings
 
 
@@ -37,6 +42,27 @@ def _offers(flags: dict[str, bool] | None) -> str:
     return ",".join(offered) or "none"
 
 
+def _bytes(count: int | None) -> str:
+    """1536 -> 1.5K, for the status table."""
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{size:.0f}{unit}" if not unit else f"{size:.1f}{unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _idle(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for limit, per, unit in ((120, 1, "s"), (7200, 60, "m"), (172800, 3600, "h")):
+        if seconds < limit:
+            return f"{seconds / per:.0f}{unit}"
+    return f"{seconds / 86400:.0f}d"
+
+
 def _access(row: dict[str, Any]) -> str:
     """Who may connect, for the status table."""
     if row["protected"] is False:
@@ -48,6 +74,19 @@ def _access(row: dict[str, Any]) -> str:
     if row["status"] != "active":
         return "nobody"
     return ",".join(row["client_addresses"] or []) or "-"
+
+
+async def _live_views(
+    settings: Settings, repository: Repository, server: NbdServer
+) -> dict[str, ExportView]:
+    """One sample of the live view, by export (empty, with a warning, when it fails)."""
+    live = build_live(settings, repository, server, build_metrics(settings.node_id), keep=False)
+    try:
+        await live.sample()
+    except (WorkerError, OSError) as exc:
+        print(f"warning: could not sample the server's connections: {exc}", file=sys.stderr)
+        return {}
+    return live.view.views()
 
 
 async def status(settings: Settings, args: argparse.Namespace) -> int:
@@ -95,6 +134,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
             if server.tls
             else {}
         )
+        views = await _live_views(settings, repository, server) if answering else {}
         rows: list[dict[str, Any]] = []
         for m in mappings:
             here = m.node_id == settings.node_id
@@ -131,6 +171,10 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
                     "tls_only": None if plaintext.get(name) is None else not plaintext[name],
                     "flush_error": m.flush_error,
                     "updated_at": m.updated_at.isoformat() if m.updated_at else None,
+                    # The live view (inspect-export's): null for rows not active here.
+                    "live": live_state(views[name]).model_dump(mode="json")
+                    if here and name in views
+                    else None,
                 }
             )
     if args.json:
@@ -139,8 +183,12 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         for row in rows:
             row["offers"] = _offers(row["data_path"])
             row["access"] = _access(row)
+            live = row["live"] or {}
+            row["connections"] = len(live["connections"]) if live else "-"
+            row["written"] = _bytes(live.get("bytes_written"))
+            row["idle"] = _idle(live.get("idle_seconds"))
         columns = ["export_name", "status", "device_path", "device_present", "link_target"]
-        columns += ["known", "servable", "offers", "access"]
+        columns += ["known", "servable", "offers", "access", "connections", "written", "idle"]
         if args.node or args.all_nodes:
             columns.insert(0, "node_id")
         print(_table(rows, columns))
