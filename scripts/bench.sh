@@ -6,6 +6,8 @@
 #   ./scripts/bench.sh --small    a smoke run of well under a minute, for CI
 #   ./scripts/bench.sh --copy     copy throughput through an export against straight to the
 #                                 device (bench/copy.py; --copy --small for a smoke run)
+#   ./scripts/bench.sh --live     the live view's CPU cost with 100 exports and 50 connections
+#                                 (bench/live.py; --live --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,5 +17,9 @@ bash scripts/bootstrap.sh
 if [ "${1:-}" = "--copy" ]; then
   shift
   exec .venv/bin/python -m bench.copy "$@"
+fi
+if [ "${1:-}" = "--live" ]; then
+  shift
+  exec .venv/bin/python -m bench.live "$@"
 fi
 exec .venv/bin/python -m bench "$@"

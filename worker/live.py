@@ -263,6 +263,13 @@ class LiveView:
                 kept.append(state.usage)
         return kept
 
+    def not_kept(self, usage: Iterable[Usage]) -> None:
+        """What to_keep() returned could not be written: keep it at the next chance."""
+        for u in usage:
+            state = self._exports.get(u.export_name)
+            if state is not None:
+                state.dirty = True
+
     # -- sampling (a worker thread) -------------------------------------------------
 
     def sample(self) -> list[ConnectionEvent]:

@@ -120,7 +120,14 @@ class LiveSampler:
     async def _sample(self) -> None:
         started = time.monotonic()
         if started - self._tracked_at >= self.TRACK_EVERY_S:
-            await self._track()
+            try:
+                await self._track()
+            except WorkerError as exc:
+                if self._kept is None:
+                    raise  # never read: nothing to sample against
+                # The database away: go on with the exports as last read.
+                log.warning("Could not read the active exports; sampling those known: %s", exc)
+                self._tracked_at = started
         try:
             found = await asyncio.to_thread(self.view.sample)
         except WorkerError:
@@ -141,7 +148,11 @@ class LiveSampler:
                 self._events.emit(export_event(event, self._node_id))
         usage = self.view.to_keep() if self._keep else []
         if usage:
-            await self._store.keep_usage(usage)
+            try:
+                await self._store.keep_usage(usage)
+            except WorkerError:
+                self.view.not_kept(usage)  # tried again after the next sample
+                raise
 
     async def sample(self) -> None:
         """One sample; callers at the same time share it."""
