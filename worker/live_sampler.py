@@ -1,8 +1,8 @@
 """Runs the live view (worker/live.py) beside the jobs: samples the server's connections
 every EXPORT_WORKER_LIVE_SAMPLE_S in a thread, follows the active mappings, keeps the
 counts in export_usage, publishes the connection events, answers inspect-export from a
-fresh sample, and exposes per-export Prometheus series that exist only while the export
-is active (a released export leaves no series behind).
+fresh sample; its views are the per-export Prometheus series (worker/metrics.py's
+ExportSeries), which exist only while the export is active.
 
 Nothing here is on a job's path: prepare, release and flush never wait for a sample.
 """
@@ -12,13 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from worker.errors import ExportNotFound, WorkerError
 from worker.events import EventPublisher
@@ -194,36 +190,3 @@ class LiveSampler:
             await self._store.keep_usage(self.view.to_keep(everything=True))
         except WorkerError as exc:
             log.warning("Could not keep the live view's counts: %s", exc)
-
-
-class LiveCollector(Collector):
-    """Per-export series, from the last sample, for the exports tracked now only."""
-
-    def __init__(self, view: LiveView) -> None:
-        self._view = view
-
-    def collect(self) -> Iterator[Metric]:
-        connections = GaugeMetricFamily(
-            "nbd_export_connections", "Open connections of an export.", labels=["export"]
-        )
-        written = CounterMetricFamily(
-            "nbd_export_written_bytes",
-            "Data written through an export since it was prepared.",
-            labels=["export"],
-        )
-        read = CounterMetricFamily(
-            "nbd_export_read_bytes",
-            "Data read through an export since it was prepared.",
-            labels=["export"],
-        )
-        idle = GaugeMetricFamily(
-            "nbd_export_idle_seconds",
-            "Seconds since an export's last I/O (or since it was prepared).",
-            labels=["export"],
-        )
-        for name, view in sorted(self._view.views().items()):
-            connections.add_metric([name], len(view.connections))
-            written.add_metric([name], view.bytes_written)
-            read.add_metric([name], view.bytes_read)
-            idle.add_metric([name], view.idle_seconds)
-        yield from (connections, written, read, idle)

@@ -8,14 +8,53 @@ are labelled with the export and exist only while the export is active.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from worker.live import ExportView
 
 #: Jobs span ~1 ms (reuse) to seconds (a create on a busy server).
 JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ExportSeries(Collector):
+    """The live view's per-export series, from its last sample, for the exports it follows
+    now only: a released export's series are gone at the next scrape, so a long-lived
+    appliance does not grow stale ones. `views` is set by the running service."""
+
+    def __init__(self) -> None:
+        self.views: Callable[[], Mapping[str, ExportView]] = dict
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "nbd_export_connections", "Open connections of an export.", labels=["export"]
+        )
+        written = CounterMetricFamily(
+            "nbd_export_written_bytes",
+            "Data written through an export since it was prepared.",
+            labels=["export"],
+        )
+        read = CounterMetricFamily(
+            "nbd_export_read_bytes",
+            "Data read through an export since it was prepared.",
+            labels=["export"],
+        )
+        idle = GaugeMetricFamily(
+            "nbd_export_idle_seconds",
+            "Seconds since an export's last I/O (or since it was prepared).",
+            labels=["export"],
+        )
+        for name, view in sorted(self.views().items()):
+            connections.add_metric([name], len(view.connections))
+            written.add_metric([name], view.bytes_written)
+            read.add_metric([name], view.bytes_read)
+            idle.add_metric([name], view.idle_seconds)
+        yield from (connections, written, read, idle)
 
 
 @dataclass(frozen=True)
@@ -51,6 +90,7 @@ class Metrics:
     events_dropped: Counter
     live_samples: Counter
     live_sample_duration: Histogram
+    export_series: ExportSeries
 
 
 class NodeRegistry(CollectorRegistry):
@@ -78,7 +118,10 @@ def build_metrics(node_id: str) -> Metrics:
 
 
 def _build(r: NodeRegistry) -> Metrics:
+    export_series = ExportSeries()
+    r.register(export_series)
     return Metrics(
+        export_series=export_series,
         registry=r,
         jobs=Counter(
             "nbd_export_jobs",

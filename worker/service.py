@@ -29,7 +29,7 @@ from worker.errors import (
 )
 from worker.events import EventPublisher
 from worker.jobs import JobLedger
-from worker.live_sampler import LiveCollector, LiveSampler
+from worker.live_sampler import LiveSampler
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.files import make_worker_dir
 from worker.nbd.process import format_version
@@ -251,7 +251,6 @@ async def serve(
     housekeeping: asyncio.Task[None] | None = None
     ledger: JobLedger | None = None
     live: LiveSampler | None = None
-    collector: LiveCollector | None = None
     background: list[asyncio.Task[None]] = []
     try:
         if settings.reconcile_on_start:
@@ -266,8 +265,7 @@ async def serve(
         ledger = JobLedger(repository)
         events = EventPublisher(settings.exchange, settings.node_id, metrics)
         live = build_live(settings, repository, server, metrics, events=events)
-        collector = LiveCollector(live.view)
-        metrics.registry.register(collector)
+        metrics.export_series.views = live.view.views
         flow = build_flow(settings, repository, server, ledger, live)
         broker = build_broker(settings, flow, metrics, events)
         # Beside the jobs, never on their path: the live view's samples and its events.
@@ -307,8 +305,7 @@ async def serve(
                 await task
         if live is not None:
             await live.close()
-        if collector is not None:
-            metrics.registry.unregister(collector)
+        metrics.export_series.views = dict
         if ledger is not None:
             await ledger.close()
         if housekeeping is not None:
