@@ -662,3 +662,37 @@ async def test_a_broker_that_requires_a_client_certificate_gets_the_configured_o
             check = await asyncio.to_thread(run_worker_cli, "check", env=env)
             line = f"broker {url.replace('guest:guest', 'guest:***')} reachable"
             assert (f"ok   {line}" in check.stdout) is reachable, check.stdout
+
+
+async def test_a_tls_copy_is_counted_by_the_live_view(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """nbdcopy over nbds:// with 2 connections: each seen as TLS, the data written counted,
+    none of it as read (GnuTLS receives with recv(2), not in rchar), none left open after."""
+    from tests.integration.test_live_view import inspect, slow_source, sparse_image, start_copy
+
+    tls = _with_nbd_tls(settings, pki).model_copy(update={"live_sample_s": 0.2})
+    data = sparse_image(tmp_path / "source.img", DISK_SIZE, data_every=1 << 20)  # 8 MiB
+    async with running_worker(tls):
+        scheduler = await scheduler_for(amqp, tls)
+        ready = await scheduler.request(job(device=make_disk(disks_dir, "vdf")))
+        name, seen = ready["export_name"], []
+        uri = f"nbds://127.0.0.1:{ready['nbd_port']}/{name}?tls-certificates={pki.dir}"
+        # 2 MB/s after a first burst of 4 MB (nbdkit's rate filter): about 2 s.
+        with slow_source(tmp_path / "source.img", tmp_path / "src.sock", rate="16M") as source:
+            copy = await start_copy(source, uri, connections=2)
+            while copy.returncode is None:
+                seen += (await inspect(scheduler, ready))["live"]["connections"]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(copy.wait(), 0.2)
+            assert copy.returncode == 0, await copy.communicate()
+        for _ in range(50):  # the server's children end just after the copy does
+            after = (await inspect(scheduler, ready))["live"]
+            if not after["connections"]:
+                break
+        assert all(c["tls"] for c in seen), seen
+        assert len({c["client_port"] for c in seen}) == after["connections_total"] == 2, after
+        assert abs(after["bytes_written"] - data) <= 0.05 * data, (after, data)
+        assert after["bytes_read"] < 64 << 10, after  # the certificate files at STARTTLS
+        assert after["connections"] == []
+        await scheduler.channel.close()
