@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from worker.devices import Device
 from worker.errors import DeviceInUse, FlushFailed, TransientDatabaseError
-from worker.mappings import CommittedExport, CommittedLookup, JobRecord, Mapping
+from worker.mappings import Claimed, CommittedExport, CommittedLookup, JobRecord, Lease, Mapping
 from worker.messages import PrepareExport
 
 
@@ -106,8 +106,13 @@ class InMemoryMappings:
         return True
 
     async def claim(
-        self, request: PrepareExport, device: Device, action: str, client_addresses: str
-    ) -> None:
+        self,
+        request: PrepareExport,
+        device: Device,
+        action: str,
+        client_addresses: str,
+        lease: Lease | None = None,
+    ) -> Claimed:
         key = (request.vm_id, request.disk_unit_number)
         device_id = device.device_id
         holder = await self.find_active_by_device(device_id)
@@ -142,6 +147,48 @@ class InMemoryMappings:
             ),
         )
         self.claims += 1
+        lease = lease or Lease()
+        row = self.rows[key]
+        self.rows[key] = row.model_copy(
+            update={
+                "generation": (old.generation if old is not None else 0) + 1,
+                "lease_s": lease.lease_s,
+                "idle_timeout_s": lease.idle_timeout_s,
+                "lease_expires_at": _deadline(lease.lease_s),
+                "fenced_at": None,
+            }
+        )
+        return Claimed(self.rows[key].generation, self.rows[key].lease_expires_at)
+
+    async def renew(
+        self, vm_id: str, disk_unit_number: int, lease: Lease | None = None
+    ) -> Claimed | None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is None or not row.is_active or (lease is None and row.fenced):
+            return None
+        update: dict[str, object] = {"lease_expires_at": _deadline(row.lease_s)}
+        if lease is not None:
+            update = {
+                "generation": row.generation + 1,
+                "lease_s": lease.lease_s,
+                "idle_timeout_s": lease.idle_timeout_s,
+                "lease_expires_at": _deadline(lease.lease_s),
+            }
+        row = row.model_copy(update=update)
+        self.rows[(vm_id, disk_unit_number)] = row
+        return Claimed(row.generation, row.lease_expires_at)
+
+    async def fence(self, vm_id: str, disk_unit_number: int) -> None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is not None and row.is_active and not row.fenced:
+            self.rows[(vm_id, disk_unit_number)] = row.model_copy(
+                update={"fenced_at": datetime.now(UTC)}
+            )
+
+    async def unfence(self, vm_id: str, disk_unit_number: int) -> None:
+        row = self.rows.get((vm_id, disk_unit_number))
+        if row is not None:
+            self.rows[(vm_id, disk_unit_number)] = row.model_copy(update={"fenced_at": None})
 
 
 @dataclass(frozen=True)
@@ -251,3 +298,7 @@ class FakeExportServer:
 
     def device_present(self, device_path: str) -> bool:
         return device_path not in self.detached
+
+
+def _deadline(lease_s: int | None) -> datetime | None:
+    return None if lease_s is None else datetime.now(UTC) + timedelta(seconds=lease_s)

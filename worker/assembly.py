@@ -108,6 +108,7 @@ def build_flow(
         node_id=settings.node_id,
         client_addresses=settings.client_addresses,
         live=live,
+        lease_s=settings.lease_s,
     )
 
 

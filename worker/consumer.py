@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState
 
-from worker.errors import FlushFailed, WorkerError
+from worker.errors import ExportInUse, FlushFailed, WorkerError
 from worker.faults import crash_point
 from worker.flow import ExportFlow
 from worker.logs import bind_job
@@ -362,7 +362,7 @@ class JobConsumer:
         deliveries = delivery_count(message) + 1
         outcome = settle_for(exc, deliveries, self._config.delivery_limit)
         if isinstance(exc, WorkerError):
-            bind_job(outcome="failed", code=str(exc.code))
+            bind_job(outcome=outcome.label, code=str(exc.code))
             log.warning(
                 "Job failed job_id=%s vm_id=%s disk=%d code=%s retryable=%s error=%s",
                 *(request.job_id, request.vm_id, request.disk_unit_number),
@@ -393,5 +393,6 @@ class JobConsumer:
             request=request,
             errno=exc.errno_name if isinstance(exc, FlushFailed) else None,
             cause=outcome.cause,
+            connections=exc.connections if isinstance(exc, ExportInUse) else None,
         )
         return Answer(reply, outcome.settle, outcome.label)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from worker.messages import ErrorCode
+from worker.messages import ConnectionStatus, ErrorCode
 
 
 class WorkerError(Exception):
@@ -96,6 +96,28 @@ class ExportNotFound(WorkerError):
     """The job names a (VM, disk) this node has no active export for."""
 
     code = ErrorCode.EXPORT_NOT_FOUND
+
+
+class ExportInUse(WorkerError):
+    """A release found connections open and released nothing: an answer, not a failure."""
+
+    code = ErrorCode.EXPORT_IN_USE
+
+    def __init__(self, message: str, connections: list[ConnectionStatus]) -> None:
+        super().__init__(message)
+        self.connections = connections
+
+
+class StaleGeneration(WorkerError):
+    """The job names another generation than the export's current one."""
+
+    code = ErrorCode.STALE_GENERATION
+
+    def __init__(self, export_name: str, given: int, current: int) -> None:
+        super().__init__(
+            f"export {export_name} is at generation {current}, not {given}: a later "
+            "prepare-export took it over; nothing was changed"
+        )
 
 
 class ExportNotVisible(WorkerError):

@@ -5,8 +5,9 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines (budget 600) on purpose: the prepare, release, flush and inspect paths sit
-beside each other because they must agree; they share the per-key locks and epochs.
+Over 400 lines (budget 760) on purpose: the prepare, release (its modes), flush and inspect
+paths sit beside each other because they must agree; they share the per-key locks, epochs,
+generations and fences.
 """
 
 from __future__ import annotations
@@ -21,11 +22,27 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from worker.devices import Device, DevicePolicy
-from worker.errors import ExportNotFound, FlushFailed, InvalidRequest, Superseded, WorkerError
+from worker.errors import (
+    ExportInUse,
+    ExportNotFound,
+    FlushFailed,
+    InvalidRequest,
+    StaleGeneration,
+    Superseded,
+    WorkerError,
+)
 from worker.faults import crash_point
-from worker.mappings import CommittedExport, CommittedLookup, JobRecord, Mapping
+from worker.mappings import (
+    Claimed,
+    CommittedExport,
+    CommittedLookup,
+    JobRecord,
+    Lease,
+    Mapping,
+)
 from worker.messages import (
     AnyRequest,
+    ConnectionStatus,
     ExportFlushed,
     ExportLiveState,
     ExportReady,
@@ -50,6 +67,10 @@ UNFINISHED = "UNFINISHED"
 #: last_action of a release that fsynced the device first (older releases did not).
 RELEASED_FLUSHED = "released-flushed"
 RELEASED = "released"
+#: How often a drain looks at the export's connections, and how long a cut connection's
+#: process may take to end.
+DRAIN_POLL_S = 0.2
+CUT_WAIT_S = 5.0
 #: How a kept fsync failure names its job and time, after its errno (flush_error).
 _WHEN_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _WHEN_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -60,8 +81,18 @@ class Mappings(Protocol):
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> tuple[Mapping | None, JobRecord | None]: ...
     async def claim(
-        self, request: PrepareExport, device: Device, action: str, client_addresses: str
-    ) -> None: ...
+        self,
+        request: PrepareExport,
+        device: Device,
+        action: str,
+        client_addresses: str,
+        lease: Lease | None = None,
+    ) -> Claimed: ...
+    async def renew(
+        self, vm_id: str, disk_unit_number: int, lease: Lease | None = None
+    ) -> Claimed | None: ...
+    async def fence(self, vm_id: str, disk_unit_number: int) -> None: ...
+    async def unfence(self, vm_id: str, disk_unit_number: int) -> None: ...
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool: ...
     async def committed_export(self, export_name: str) -> CommittedExport | None: ...
     async def set_client_addresses(
@@ -83,6 +114,14 @@ class LiveStates(Protocol):
     async def current(self, export_name: str) -> ExportLiveState:
         """The export's live state from a sample taken now (or one under way). Raises
         WorkerError when the server cannot be sampled."""
+        ...
+
+    async def connections(self, export_name: str) -> list[ConnectionStatus]:
+        """The export's connections open now. Raises WorkerError."""
+        ...
+
+    async def cut(self, export_name: str) -> int:
+        """Ends the export's open connections and no others; how many. Raises WorkerError."""
         ...
 
 
@@ -125,6 +164,14 @@ def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
         disk_unit_number=reply.disk_unit_number,
         reply=reply.model_dump(mode="json"),
     )
+
+
+def _check_generation(
+    request: FlushExport | ReleaseExport | InspectExport, mapping: Mapping
+) -> None:
+    """Refuses a job that names another generation than the export's (none: no check)."""
+    if request.generation is not None and request.generation != mapping.generation:
+        raise StaleGeneration(mapping.export_name, request.generation, mapping.generation)
 
 
 def _kept_failure(job_id: str, when: str, exc: FlushFailed) -> str:
@@ -198,10 +245,13 @@ class ExportFlow:
         node_id: str,
         client_addresses: tuple[str, ...],
         live: LiveStates | None = None,
+        lease_s: int = 0,
     ) -> None:
         self._mappings = mappings
         #: The live view inspect-export answers from (None: not sampled in this process).
         self._live = live
+        #: The lease of a prepare-export that names none (0: none).
+        self._lease_s = lease_s
         self._server = server
         self._devices = devices
         self._ledger = ledger
@@ -219,7 +269,12 @@ class ExportFlow:
     def _admitted(self, request: PrepareExport) -> tuple[str, ...]:
         return request.client_addresses or self._client_addresses
 
-    def _ready(self, request: PrepareExport, device: Device, step: Plan) -> ExportReady:
+    def _lease(self, request: PrepareExport) -> Lease:
+        return Lease(request.lease_s or self._lease_s or None, request.idle_timeout_s)
+
+    def _ready(
+        self, request: PrepareExport, device: Device, step: Plan, claimed: Claimed
+    ) -> ExportReady:
         return ExportReady(
             job_id=request.job_id,
             vm_id=request.vm_id,
@@ -235,6 +290,8 @@ class ExportFlow:
             node_id=self._node_id,
             client_addresses=list(self._admitted(request)),
             tls=self._server.tls,
+            generation=claimed.generation,
+            lease_expires_at=claimed.lease_expires_at,
         )
 
     async def _plan(
@@ -302,7 +359,13 @@ class ExportFlow:
         )
         # A dict lookup once held: a later flush-export then sees every writeback error.
         await self._server.hold_device(request.export_name, device.path, device.device_id)
-        ready = self._ready(request, device, step)
+        # The next generation (this job fences off older ones) and the lease set anew.
+        claimed = await self._mappings.renew(
+            request.vm_id, request.disk_unit_number, self._lease(request)
+        )
+        if claimed is None:  # released meanwhile: plan again
+            raise Superseded(request.export_name)
+        ready = self._ready(request, device, step, claimed)
         crash_point("reuse_before_record")
         self._ledger.record_later(_record(ready))
         return ready
@@ -310,6 +373,9 @@ class ExportFlow:
     async def _repair(self, request: PrepareExport, step: Reuse) -> None:
         """Puts right what a reuse needs first; the caller holds the disk's lock."""
         name, key = request.export_name, (request.vm_id, request.disk_unit_number)
+        if Repair.UNFENCE in step.repairs:
+            # A drain or an expiry had it admit nobody: this job wants it served again.
+            await self._mappings.unfence(*key)
         if Repair.CLEAR_FLUSH_ERROR in step.repairs:
             await self._mappings.set_flush_error(*key, None)
         if Repair.STORE_CLIENTS in step.repairs:
@@ -319,7 +385,7 @@ class ExportFlow:
         if Repair.ALIGN_AUTHFILE in step.repairs:
             # Takes effect on the next connection: the server reads it every time.
             found = await self._server.align_export(name)
-            if found is None or found.client_addresses != step.clients:
+            if found is None or found.client_addresses != step.clients or found.fenced:
                 raise Superseded(name)
             log.info(
                 "Export admits other clients now, without SIGHUP job_id=%s "
@@ -344,7 +410,9 @@ class ExportFlow:
         # The database row first: its unique device index settles races with other jobs
         # and workers before anything on disk or in the server changes (DeviceInUse). The
         # answer goes with it, so that every delivery of this job says the same.
-        await self._mappings.claim(request, device, step.answer.recorded, step.clients)
+        claimed = await self._mappings.claim(
+            request, device, step.answer.recorded, step.clients, self._lease(request)
+        )
         crash_point("after_claim")
         try:
             ensured = await self._server.ensure_export(name, device.path)
@@ -362,7 +430,7 @@ class ExportFlow:
             await self._mappings.settle_answer(
                 request.vm_id, request.disk_unit_number, request.job_id, step.answer.recorded
             )
-        ready = self._ready(request, device, step)
+        ready = self._ready(request, device, step, claimed)
         await self._server.hold_device(name, device.path, device.device_id)
         crash_point("before_record")
         # Durable before the reply: a redelivery of this job must repeat this answer.
@@ -441,7 +509,10 @@ class ExportFlow:
                     f"no active export for vm {request.vm_id} disk {request.disk_unit_number} "
                     "on this node: nothing to flush"
                 )
+            _check_generation(request, mapping)
             await self._flush(mapping, request.job_id)
+            if mapping.lease_s is not None:
+                await self._mappings.renew(*key)  # a flush renews the lease
             log.info(
                 "Flushed export job_id=%s export_name=%s device_path=%s",
                 request.job_id,
@@ -466,6 +537,13 @@ class ExportFlow:
         the state then."""
         key = (request.vm_id, request.disk_unit_number)
         mapping, _ = await self._mappings.lookup(*key, request.job_id)
+        if mapping is not None and mapping.is_active:
+            _check_generation(request, mapping)
+        lease_expires_at = mapping.lease_expires_at if mapping is not None else None
+        if request.renew and mapping is not None and mapping.is_active:
+            renewed = await self._mappings.renew(*key)
+            if renewed is not None:
+                lease_expires_at = renewed.lease_expires_at
         status = ExportStatus(
             job_id=request.job_id,
             vm_id=request.vm_id,
@@ -492,6 +570,9 @@ class ExportFlow:
                 "flush_error": mapping.flush_error,
                 "live": live,
                 "live_error": live_error,
+                "generation": mapping.generation,
+                "lease_expires_at": lease_expires_at if mapping.is_active else None,
+                "fenced": mapping.is_active and mapping.fenced,
             }
         )
 
@@ -513,7 +594,12 @@ class ExportFlow:
             )
             was_active = earlier or (mapping is not None and mapping.is_active)
             flushed = earlier and mapping is not None and mapping.last_action == RELEASED_FLUSHED
+            cut = 0
             if mapping is not None and mapping.is_active:
+                _check_generation(request, mapping)
+                # Nobody connected any more before the final flush, so that it covers every
+                # write: fence, then drain or cut, then flush, then remove.
+                cut = await self._clear_connections(request, mapping)
                 # Durable before anything changes: a copy tool's last writes may still be in
                 # the page cache, and nbd-server never fsyncs on disconnect.
                 try:
@@ -551,10 +637,73 @@ class ExportFlow:
                 was_active=was_active,
                 flushed=flushed,
                 node_id=self._node_id,
+                mode=request.mode,
+                cut=cut,
             )
             crash_point("release_before_record")
             await self._ledger.record(_record(released))
             return released
+
+    async def _fence(self, mapping: Mapping) -> None:
+        """The export admits nobody from now on (its row first, then its authfile from it:
+        nbd-server reads the authfile at every connection). Established connections go on."""
+        await self._mappings.fence(mapping.vm_id, mapping.disk_unit_number)
+        found = await self._server.align_export(mapping.export_name)
+        if found is None or not found.fenced:
+            raise Superseded(mapping.export_name)
+
+    async def _unfence(self, mapping: Mapping) -> None:
+        await self._mappings.unfence(mapping.vm_id, mapping.disk_unit_number)
+        await self._server.align_export(mapping.export_name)
+
+    async def _closed(self, name: str, wait_s: float) -> list[ConnectionStatus]:
+        """The export's connections still open after waiting up to `wait_s` for them to
+        end ([] as soon as none is)."""
+        assert self._live is not None
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            still = await self._live.connections(name)
+            if not still or asyncio.get_running_loop().time() >= deadline:
+                return still
+            await asyncio.sleep(min(DRAIN_POLL_S, wait_s))
+
+    async def _clear_connections(self, request: ReleaseExport, mapping: Mapping) -> int:
+        """What the release's mode does about open connections; how many it cut. Raises
+        ExportInUse (safe: nothing changed; drain: still fenced) and WorkerError when the
+        server's connections cannot be seen (never a release on a guess)."""
+        name = request.export_name
+        if self._live is None:
+            return 0  # no live view in this process (the flow's unit tests)
+        if request.mode == "safe":
+            still = await self._live.connections(name)
+            if not still:
+                # Fenced, then looked at again: a client that connected in between is seen.
+                await self._fence(mapping)
+                still = await self._live.connections(name)
+                if still:
+                    await self._unfence(mapping)
+            if still:
+                raise ExportInUse(
+                    f"export {name} has {len(still)} connection(s) open: nothing was "
+                    "released; release again once the copy ended, or with mode drain or force",
+                    still,
+                )
+            return 0
+        await self._fence(mapping)
+        cut = 0
+        if request.mode == "force":
+            cut = await self._live.cut(name)
+            still = await self._closed(name, CUT_WAIT_S)
+        else:
+            still = await self._closed(name, request.wait_s)
+        if still:
+            raise ExportInUse(
+                f"export {name} still has {len(still)} connection(s) open after "
+                f"{CUT_WAIT_S if request.mode == 'force' else request.wait_s:g} s: it admits "
+                "no new connection now (fenced) but was not released; release again",
+                still,
+            )
+        return cut
 
     async def _undo_relink(self, previous: Mapping, claimed_device_id: str) -> None:
         """After a failed relink, makes the link and authfile agree with the row again, so

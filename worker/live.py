@@ -14,7 +14,7 @@ in that interval in proportion to what each moved in the interval before, exact 
 export's connections end). A connection that begins and ends between two samples is not
 seen; its bytes then go to `unattributed`.
 
-Over 400 lines (budget 520) on purpose: one sample's accounting (connections begun, ended
+Over 400 lines (budget 600) on purpose: one sample's accounting (connections begun, ended
 with their tails, relinked devices, totals that never go back) is one algorithm whose parts
 must agree.
 
@@ -81,8 +81,9 @@ class Usage:
     ended_read: int = 0
     last_io_at: datetime | None = None
     event_seq: int = 0
-    #: The connections (pid, start ticks) open when it was kept: counted already.
-    open_connections: tuple[tuple[int, int], ...] = ()
+    #: The connections open when it was kept, as (pid, start ticks, written, read): counted
+    #: already; one that ended while no worker ran is ended with these counts.
+    open_connections: tuple[tuple[int, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,9 @@ class _Export:
     #: Changed since it was last kept (export_usage).
     dirty: bool = False
     kept_at: float = 0.0
+    #: Connections that were open when a previous worker kept the usage, by (pid, start
+    #: ticks): their (written, read) then, until the first sample sees whether they live.
+    restored: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
 
 
 def _device_size(link: Path) -> int | None:
@@ -222,7 +226,12 @@ class LiveView:
                 usage = kept.get(name)
                 if usage is None or usage.prepared_at != t.prepared_at:
                     usage = Usage(name, t.prepared_at)
-                state = _Export(t, usage, shown=(usage.bytes_written, usage.bytes_read))
+                state = _Export(
+                    t,
+                    usage,
+                    shown=(usage.bytes_written, usage.bytes_read),
+                    restored={(c[0], c[1]): (c[2], c[3]) for c in usage.open_connections},
+                )
             else:
                 state.tracked = t
             exports[name] = state
@@ -239,6 +248,22 @@ class LiveView:
         state = self._exports.get(name)
         return state.tracked if state else None
 
+    @property
+    def main_pid(self) -> int | None:
+        """The server process the last sample read (its children are the connections)."""
+        return self._main
+
+    def held(self, name: str) -> list[tuple[int, int, DeviceKey]]:
+        """The export's open connections as (pid, start ticks, device held), for cutting."""
+        state = self._exports.get(name)
+        if state is None:
+            return []
+        return [
+            (c.key[0], c.key[1], c.device)
+            for c in state.connections.values()
+            if c.device is not None
+        ]
+
     def to_keep(self, *, everything: bool = False) -> list[Usage]:
         """The usage to write to export_usage now (and marks it kept)."""
         now = self._clock()
@@ -252,11 +277,16 @@ class LiveView:
                     and state.shown != (state.usage.bytes_written, state.usage.bytes_read)
                 )
             ):
+                tls = state.tracked.tls
                 state.usage = replace(
                     state.usage,
                     bytes_written=state.shown[0],
                     bytes_read=state.shown[1],
-                    open_connections=tuple(sorted(state.connections)),
+                    open_connections=tuple(
+                        sorted(
+                            (*key, *data_counts(c.io, tls)) for key, c in state.connections.items()
+                        )
+                    ),
                 )
                 state.dirty = False
                 state.kept_at = now
@@ -334,7 +364,10 @@ class LiveView:
                     current_device=device == state.device,
                     device=device,
                     io=child.io,
-                    known=key in state.usage.open_connections,
+                    known=state.restored.pop(key, None) is not None,
+                    # First seen: it began since the last sample, so this is what it
+                    # moved in the interval (its share of a tail, should it end now).
+                    moved=child.io.rchar + child.io.wchar,
                 )
                 state.connections[key] = conn
                 if not conn.known:
@@ -353,6 +386,7 @@ class LiveView:
         for state in self._exports.values():
             held = {c.device for c in state.connections.values()}
             state.previous &= held
+            self._end_restored(state, seen, at, events)
             self._views[state.tracked.export_name] = self._export_view(state, now, at)
         # Events carry the totals after this sample.
         return [replace(e, export=self._views.get(e.tracked.export_name, e.export)) for e in events]
@@ -440,6 +474,35 @@ class LiveView:
                     self._export_view(state, self._clock(), at),
                 )
             )
+
+    def _end_restored(
+        self,
+        state: _Export,
+        seen: dict[tuple[int, int], tuple[_Export, ChildSample]],
+        at: datetime,
+        events: list[ConnectionEvent],
+    ) -> None:
+        """Connections a previous worker kept as open that ended while no worker ran: ended
+        with what they had then (their tail since is not recoverable)."""
+        for key, (written, read) in list(state.restored.items()):
+            if key in seen:
+                continue
+            del state.restored[key]
+            usage = state.usage
+            state.usage = replace(
+                usage,
+                ended_written=usage.ended_written + written,
+                ended_read=usage.ended_read + read,
+                event_seq=usage.event_seq + 1,
+            )
+            state.dirty = True
+            gone = ConnectionView("", 0, at, state.tracked.tls, True, written, read, key[0])
+            events.append(
+                ConnectionEvent(
+                    "disconnected", state.usage.event_seq, at, state.tracked, gone,
+                    self._export_view(state, self._clock(), at),
+                )
+            )  # fmt: skip
 
     def _export_view(self, state: _Export, now: float, at: datetime) -> ExportView:
         tls = state.tracked.tls

@@ -21,6 +21,7 @@ from worker.events import EventPublisher
 from worker.live import ConnectionEvent, ConnectionView, ExportView, LiveView, Tracked, Usage
 from worker.messages import ConnectionStatus, ExportEvent, ExportLiveState
 from worker.metrics import Metrics
+from worker.nbd.cuts import end_connection
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ class LiveSampler:
             self._sampling = asyncio.create_task(self._sample())
         await asyncio.shield(self._sampling)
 
-    async def current(self, export_name: str) -> ExportLiveState:
-        """The export's live state from a sample taken now. Raises WorkerError."""
+    async def _fresh(self, export_name: str) -> ExportView:
+        """The export's view from a sample begun after the call. Raises WorkerError."""
         if self.view.tracked(export_name) is None:
             await self._track()  # prepared since the last read of the mappings
         if self._sampling is not None and not self._sampling.done():
@@ -166,7 +167,32 @@ class LiveSampler:
         found = self.view.view(export_name)
         if found is None:
             raise ExportNotFound(f"export {export_name} is not active on this node")
-        return live_state(found)
+        return found
+
+    async def current(self, export_name: str) -> ExportLiveState:
+        """The export's live state from a sample taken now. Raises WorkerError."""
+        return live_state(await self._fresh(export_name))
+
+    async def connections(self, export_name: str) -> list[ConnectionStatus]:
+        """The export's connections open now (a fresh sample). Raises WorkerError."""
+        return [connection_status(c) for c in (await self._fresh(export_name)).connections]
+
+    async def cut(self, export_name: str) -> int:
+        """Ends the export's open connections, and only those (worker/nbd/cuts.py); how
+        many were cut. Raises WorkerError when the server cannot be sampled."""
+        await self._fresh(export_name)
+        main = self.view.main_pid
+        if main is None:
+            return 0
+        held = self.view.held(export_name)
+        cut = 0
+        for pid, start_ticks, device in held:
+            if await asyncio.to_thread(end_connection, main, pid, start_ticks, device):
+                cut += 1
+                log.warning(
+                    "Cut a connection export_name=%s pid=%d (main pid=%d)", export_name, pid, main
+                )
+        return cut
 
     async def run(self, interval_s: float) -> None:
         """Samples every `interval_s` until cancelled; failures are logged, once per

@@ -6,6 +6,7 @@ Kept apart from repository.py so the flow can use it without importing the datab
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -47,6 +48,18 @@ class Mapping(BaseModel):
     planned_bytes: int | None = None
     #: When the copy was prepared: a create (not a recreate or relink). Not on the lookup.
     prepared_at: datetime | None = None
+    #: Grows with every successful prepare-export: jobs naming an older one are refused.
+    generation: int = 0
+    #: The lease: its length (renewals add it again), its deadline (the database's clock).
+    lease_s: int | None = None
+    lease_expires_at: datetime | None = None
+    idle_timeout_s: int | None = None
+    #: Set while a drain or an expiry has the export admit nobody.
+    fenced_at: datetime | None = None
+
+    @property
+    def fenced(self) -> bool:
+        return self.fenced_at is not None
 
     @property
     def is_active(self) -> bool:
@@ -81,6 +94,27 @@ def stored_addresses(addresses: tuple[str, ...]) -> str:
     return ",".join(addresses)
 
 
+@dataclass(frozen=True)
+class Lease:
+    """What a prepare-export asks of its export's lease (None: no lease, no idle timeout)."""
+
+    lease_s: int | None = None
+    idle_timeout_s: int | None = None
+
+    @property
+    def deadline(self) -> tuple[int | None, int | None]:
+        """The parameters of the repository's deadline expression."""
+        return (self.lease_s, self.lease_s)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed or renewed export's generation and lease deadline (the database's clock)."""
+
+    generation: int
+    lease_expires_at: datetime | None
+
+
 class CommittedExport(BaseModel):
     """What an active mapping commits its export to, read under the config lock."""
 
@@ -89,9 +123,16 @@ class CommittedExport(BaseModel):
     device_path: str
     #: As stored (see Mapping.client_addresses).
     client_addresses: str | None
+    #: A drain or an expiry is under way: nobody may open the export (its authfile is empty).
+    fenced: bool = False
 
     def admitted(self, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
         return admitted_addresses(self.client_addresses, default)
+
+    def doors(self) -> tuple[str, ...] | None:
+        """Who its authfile admits: its clients, or nobody (None) while it is fenced.
+        Raises ValueError on a corrupt client_addresses column."""
+        return None if self.fenced else self.admitted()
 
 
 #: Looks up, in the database, what an export (by name) is committed to (None: not active):

@@ -42,6 +42,12 @@ DEVICE_PATH_PATTERN = r"^/[A-Za-z0-9._:+@,=/-]{1,1023}$"
 MAX_DISK_UNIT_NUMBER = 255
 #: 1 EiB: far beyond any disk, well inside the BIGINT column and a JSON number's exact range.
 MAX_PLANNED_BYTES = 2**60
+#: A lease and an idle timeout: at least 5 s (the expiry runs every 2 s), at most 7 days.
+MIN_LEASE_S = 5
+MAX_LEASE_S = 7 * 24 * 3600
+#: How long a drain release may wait for the clients to leave (within a consumer timeout).
+MAX_DRAIN_WAIT_S = 600
+MAX_GENERATION = 2**62
 
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 VmId = Annotated[str, StringConstraints(pattern=VM_ID_PATTERN, to_lower=True)]
@@ -92,6 +98,13 @@ class ErrorCode(StrEnum):
     opened is not kept (send the job again once it is fixed)."""
     EXPORT_NOT_FOUND = "export_not_found"
     """No active export for this (VM, disk) on this node: nothing to flush."""
+    EXPORT_IN_USE = "export_in_use"
+    """release-export: connections are open (listed in `error.connections`); nothing was
+    released. A normal answer, not a failure: release again later, or with mode drain or
+    force. Acked."""
+    STALE_GENERATION = "stale_generation"
+    """The job's `generation` is not the export's current one: a later prepare-export took
+    the export over (a late message from a scheduler that gave it up). Nothing changed."""
     RESTART_REQUIRED = "restart_required"
     """The server serves the export otherwise than its config says; a reload cannot fix it."""
     SUPERSEDED = "superseded"
@@ -165,6 +178,25 @@ class PrepareExport(BaseModel):
         "without it no progress figure is given. A later prepare-export may change it.",
         examples=[536870912],
     )
+    lease_s: int | None = Field(
+        default=None,
+        ge=MIN_LEASE_S,
+        le=MAX_LEASE_S,
+        strict=True,
+        description=f"Seconds ({MIN_LEASE_S} to {MAX_LEASE_S}) the export stays without being "
+        "renewed (by prepare-export again, flush-export, or inspect-export with renew): then "
+        "it is fenced, flushed and released. Default: EXPORT_WORKER_LEASE_S (0: no lease).",
+        examples=[600],
+    )
+    idle_timeout_s: int | None = Field(
+        default=None,
+        ge=MIN_LEASE_S,
+        le=MAX_LEASE_S,
+        strict=True,
+        description="Also expire the export once it had no connection and no I/O for this "
+        "long. Off by default (warm migrations leave exports idle for hours between passes).",
+        examples=[3600],
+    )
 
     @field_validator("client_addresses", mode="before")
     @classmethod
@@ -214,6 +246,16 @@ class _DiskJob(BaseModel):
     job_id: JobId = Field(examples=["job-43"])
     vm_id: VmId = Field(examples=["4205784a-098a-40f1-1f1e-a5cd2597fd59"])
     disk_unit_number: DiskUnitNumber = Field(examples=[0])
+    generation: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_GENERATION,
+        strict=True,
+        description="Optional fence: the generation export-ready gave. Another than the "
+        "export's current one (a later prepare-export took it over) answers "
+        "stale_generation and changes nothing.",
+        examples=[7],
+    )
 
     @property
     def export_name(self) -> str:
@@ -225,6 +267,19 @@ class ReleaseExport(_DiskJob):
     prepare-export, told apart by `type`)."""
 
     type: Literal["release-export"]
+    mode: Literal["safe", "drain", "force"] = Field(
+        default="safe",
+        description="safe: with connections open, change nothing and answer export_in_use. "
+        "drain: admit no new connection, wait up to wait_s for the open ones to end, then "
+        "flush and release (or answer export_in_use, still admitting nobody). force: admit "
+        "no new connection, cut the open ones, flush, release.",
+    )
+    wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=MAX_DRAIN_WAIT_S,
+        description=f"drain: how long to wait for the clients to leave (0 to {MAX_DRAIN_WAIT_S}).",
+    )
 
 
 class FlushExport(_DiskJob):
@@ -239,6 +294,9 @@ class InspectExport(_DiskJob):
     idle time) and its mapping. Changes nothing; answered with export-status."""
 
     type: Literal["inspect-export"]
+    renew: bool = Field(
+        default=False, description="Also renew the export's lease (as prepare-export would)."
+    )
 
 
 def _request_type(value: object) -> object:
@@ -277,6 +335,8 @@ class ExportReleased(BaseModel):
         "nothing to release, or the device was gone (detached) and could not be flushed.",
     )
     node_id: str
+    mode: Literal["safe", "drain", "force"] = "safe"
+    cut: int = Field(default=0, description="force: connections cut before the flush.")
 
 
 class ExportFlushed(BaseModel):
@@ -329,6 +389,18 @@ class ExportReady(BaseModel):
         default=False,
         description="True: connect with TLS (nbds://) and a client certificate the "
         "appliance's CA signed; the export refuses plain clients.",
+    )
+    generation: int = Field(
+        # A default for records of replies made before generations.
+        default=0,
+        description="Grows with every successful prepare-export of this (node, VM, disk): "
+        "give it to flush-export, release-export and inspect-export to be refused "
+        "(stale_generation) once someone else prepared the disk since.",
+    )
+    lease_expires_at: datetime | None = Field(
+        default=None,
+        description="When the export expires unless renewed (the database's clock, UTC); "
+        "null without a lease.",
     )
 
 
@@ -400,6 +472,12 @@ class ExportStatus(BaseModel):
         "otherwise (`live_error` says why, when it is active).",
     )
     live_error: str | None = None
+    generation: int | None = None
+    lease_expires_at: datetime | None = None
+    fenced: bool = Field(
+        default=False,
+        description="The export admits no new connection: a drain or an expiry is under way.",
+    )
 
 
 class ExportEvent(BaseModel):
@@ -439,6 +517,9 @@ class ErrorDetail(BaseModel):
         default=None,
         description="With flush_failed: the error fsync gave, e.g. EIO or ENOSPC.",
         examples=["EIO"],
+    )
+    connections: list[ConnectionStatus] | None = Field(
+        default=None, description="With export_in_use: the connections open."
     )
 
 

@@ -93,6 +93,9 @@ REUSE_ANSWER = Answer(Action.REUSED, reused=True)
 class Repair(enum.Enum):
     """What a reuse must put right first (under the disk's lock), in this order."""
 
+    #: A drain or an expiry fenced the export (it admits nobody): a prepare-export lifts
+    #: it, before the authfile is written again from the row.
+    UNFENCE = "unfence"
     #: A new prepare-export starts a new copy: an earlier flush failure no longer speaks
     #: for what will be written (a claim clears it the same way).
     CLEAR_FLUSH_ERROR = "clear-flush-error"
@@ -177,6 +180,8 @@ def plan(
         if facts.authfile_admits is None:
             return Ask(Fact.AUTHFILE_ADMITS)
         repairs = set()
+        if mapping.fenced:
+            repairs |= {Repair.UNFENCE, Repair.ALIGN_AUTHFILE}
         if mapping.flush_error is not None:
             repairs.add(Repair.CLEAR_FLUSH_ERROR)
         if mapping.client_addresses != clients:

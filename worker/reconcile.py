@@ -156,7 +156,10 @@ async def reconcile(
     # Authfiles before anything that needs the server: they are the door.
     admitted: dict[str, tuple[str, ...]] = {}
     corrupt: list[str] = []
+    fenced = [name for name, mapping in active.items() if mapping.fenced]
     for name, mapping in sorted(active.items()):
+        if mapping.fenced:
+            continue  # a drain or an expiry under way: nobody may connect
         try:
             admitted[name] = mapping.admitted()
         except ValueError as exc:
@@ -164,7 +167,9 @@ async def reconcile(
             log.error("Mapping of %s has invalid client_addresses: %s", name, exc)  # noqa: TRY400
             corrupt.append(name)
     doors: dict[str, tuple[str, ...] | None] = dict.fromkeys(
-        name for name in released + report.orphan_snippets + corrupt if safe_export_name(name)
+        name
+        for name in released + report.orphan_snippets + corrupt + fenced
+        if safe_export_name(name)
     )
     doors.update(admitted)
     for name, addresses in doors.items():

@@ -13,7 +13,14 @@ import logging
 from aio_pika import DeliveryMode, Message
 from pydantic import ValidationError
 
-from worker.messages import AnyRequest, ErrorCode, ErrorDetail, ExportFailed, Reply
+from worker.messages import (
+    AnyRequest,
+    ConnectionStatus,
+    ErrorCode,
+    ErrorDetail,
+    ExportFailed,
+    Reply,
+)
 from worker.publisher import ConfirmedPublisher, Unroutable
 from worker.topology import MESSAGE_TYPES
 
@@ -44,12 +51,19 @@ def error_reply(
     request: AnyRequest | None = None,
     errno: str | None = None,
     cause: ErrorCode | None = None,
+    connections: list[ConnectionStatus] | None = None,
 ) -> ExportFailed:
     return ExportFailed(
         job_id=job_id,
         vm_id=request.vm_id if request else None,
         disk_unit_number=request.disk_unit_number if request else None,
-        error=ErrorDetail(code=code, message=message[:MAX_ERROR_MESSAGE], errno=errno, cause=cause),
+        error=ErrorDetail(
+            code=code,
+            message=message[:MAX_ERROR_MESSAGE],
+            errno=errno,
+            cause=cause,
+            connections=connections,
+        ),
         node_id=node_id,
     )
 

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     #: How long to wait, after a SIGHUP, for the server to know the new exports (a reload is
     #: asynchronous).
     reload_timeout_s: float = Field(default=10.0, gt=0)
+    #: The lease of a prepare-export that names no lease_s: the export expires unless renewed
+    #: within it (0: no lease, the exports stay until released).
+    lease_s: int = Field(default=0, ge=0, le=7 * 24 * 3600)
     #: How often the live view samples the server's connections (inspect-export, status,
     #: events, per-export metrics); 0 turns sampling off (inspect-export then samples once
     #: when asked, and no events are published). Costs about 0.1 ms a connection a sample.

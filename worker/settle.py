@@ -55,6 +55,11 @@ def is_last_delivery(deliveries: int, delivery_limit: int) -> bool:
     return deliveries > delivery_limit
 
 
+#: Answers that refuse a job without its failing, by their `jobs` metric label: a release
+#: with connections open (release again later, or drain), a fenced-off late message.
+REFUSALS = {ErrorCode.EXPORT_IN_USE: "in_use", ErrorCode.STALE_GENERATION: "stale"}
+
+
 def settle_for(error: BaseException, deliveries: int, delivery_limit: int) -> Outcome:
     """The outcome of a job whose run raised `error` on its `deliveries`-th delivery."""
     if not isinstance(error, WorkerError):
@@ -69,6 +74,9 @@ def settle_for(error: BaseException, deliveries: int, delivery_limit: int) -> Ou
     if error.code is ErrorCode.INVALID_REQUEST:
         # Breaks the contract: kept in the dead-letter queue for whoever sent it.
         return Outcome(Settle.DEAD_LETTER, error.code, "failed")
+    if error.code in REFUSALS:
+        # Not a failure: the job was understood and answered; the scheduler acts on it.
+        return Outcome(Settle.ACK, error.code, REFUSALS[error.code])
     # A refusal (bad device, device in use) is final: answered and acked.
     return Outcome(Settle.ACK, error.code, "failed")
 

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS export_usage (
     ended_read BIGINT UNSIGNED NOT NULL DEFAULT 0,
     last_io_at TIMESTAMP(6) NULL,
     event_seq BIGINT UNSIGNED NOT NULL DEFAULT 0,
-    -- JSON: [[pid, start ticks], ...]
+    -- JSON: [[pid, start ticks, bytes written, bytes read], ...]
     open_connections TEXT NOT NULL,
     updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     PRIMARY KEY (node_id, export_name)

@@ -133,16 +133,20 @@ async def test_a_tampered_authfile_is_put_right_by_the_next_job(
 async def test_release_refuses_new_connections_at_once_though_the_server_keeps_the_name(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
+    """A drain release fences at once (new connections refused, the established one keeps
+    its device), and releases when the last client has left."""
     request = job(device=make_disk(disks_dir, "r", b"still here"), client_addresses=[TOOL_A])
     name = (await scheduler.request(request))["export_name"]
     held = NbdConnection(nbd_server.port, name, source=TOOL_A)
     try:
-        released = await scheduler.request(
+        corr = await scheduler.publish(
             {"type": "release-export", "job_id": "rel", "vm_id": request["vm_id"],
-             "disk_unit_number": 0}
+             "disk_unit_number": 0, "mode": "drain", "wait_s": 30}
         )  # fmt: skip
-        assert released["was_active"] is True
-        assert nbd_server.knows(name)  # a reload never removes a name
+        for _ in range(200):  # fenced within moments: its authfile admits nobody
+            if go_reply(nbd_server.port, name, source=TOOL_A) == REP_ERR_POLICY:
+                break
+            await asyncio.sleep(0.05)
         assert go_reply(nbd_server.port, name, source=TOOL_A) == REP_ERR_POLICY
         assert go_reply(nbd_server.port, name) == REP_ERR_POLICY  # the probe address too
         # A real client nobody here wrote is refused too.
@@ -154,13 +158,21 @@ async def test_release_refuses_new_connections_at_once_though_the_server_keeps_t
             timeout=30,
         )
         assert info.returncode != 0
-        # Emptied, not deleted: a missing authfile would admit everyone.
-        lines = authfile(worker.settings, name).read_text().splitlines()
-        assert [line for line in lines if not line.startswith("#")] == []
-        # An established connection keeps its device.
+        # An established connection keeps its device, and the release waits for it.
         assert held.read(0, 10) == b"still here"
+        assert corr not in scheduler.replies
     finally:
         held.close()
+    released = await scheduler.reply(corr)
+    assert (released["status"], released["was_active"], released["mode"]) == (
+        "released",
+        True,
+        "drain",
+    )
+    assert nbd_server.knows(name)  # a reload never removes a name
+    # Emptied, not deleted: a missing authfile would admit everyone.
+    lines = authfile(worker.settings, name).read_text().splitlines()
+    assert [line for line in lines if not line.startswith("#")] == []
 
 
 async def test_a_deleted_authfile_is_reported_then_restored_by_reconciliation(

@@ -82,6 +82,8 @@ async def test_first_job_creates_then_reuses_without_sighup(
         "node_id": "test-node",
         "client_addresses": ["127.0.0.1", "::1"],
         "tls": False,
+        "generation": 1,
+        "lease_expires_at": None,
     }
     assert sighups(worker) == 1
     assert nbd_server.knows(name)
@@ -400,6 +402,8 @@ async def test_reply_without_reply_to_goes_to_the_reply_queue(
 async def test_release_export_job_stops_new_connections_until_prepared_again(
     worker: RunningWorker, scheduler: Scheduler, nbd_server: NbdServerProcess, disks_dir: Path
 ) -> None:
+    """A release (mode safe, the default) with a client still connected changes nothing and
+    says so; once the client left, it releases, and new connections fail at once."""
     request = job(device=make_disk(disks_dir, "released", b"RELEASE ME"))
     created = await scheduler.request(request)
     held = NbdConnection(nbd_server.port, created["export_name"])
@@ -409,12 +413,20 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
         "vm_id": request["vm_id"],
         "disk_unit_number": 0,
     }
-    # Routed by node on the exchange, as a scheduler of several appliances would.
+    in_use = await scheduler.request(release)
+    assert in_use["error"]["code"] == "export_in_use", in_use
+    assert [c["client_address"] for c in in_use["error"]["connections"]] == ["127.0.0.1"]
+    assert held.read(0, 10) == b"RELEASE ME", "nothing changed for the connected client"
+    with NbdConnection(nbd_server.port, created["export_name"]) as another:
+        assert another.read(0, 7) == b"RELEASE", "nor for a new one: it was not fenced"
+    held.close()
+
+    # Routed by node on the exchange, as a scheduler of several appliances would. The same
+    # job_id again: an export_in_use answer is not recorded, the job is simply sent again.
     corr = await scheduler.publish(
         release, exchange=worker.settings.exchange, routing_key="release-export.test-node"
     )
     released = await scheduler.reply(corr)
-
     assert released == {
         "job_id": "rel-1",
         "vm_id": request["vm_id"],
@@ -424,11 +436,11 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
         "was_active": True,
         "flushed": True,
         "node_id": "test-node",
+        "mode": "safe",
+        "cut": 0,
     }
     with pytest.raises(NbdError):
         NbdConnection(nbd_server.port, created["export_name"])
-    assert held.read(0, 10) == b"RELEASE ME", "an established connection keeps its device"
-    held.close()
     assert snippets(worker.settings) == []
     rows = await mapping_rows(worker.settings)
     assert [r[4] for r in rows] == ["inactive"]
@@ -438,6 +450,7 @@ async def test_release_export_job_stops_new_connections_until_prepared_again(
 
     back = await scheduler.request({**request, "job_id": "back"})
     assert back["status"] == "ready"
+    assert back["generation"] == created["generation"] + 1
     with NbdConnection(nbd_server.port, created["export_name"]) as conn:
         assert conn.read(0, 10) == b"RELEASE ME"
 

@@ -307,7 +307,7 @@ def kept(**fields: object) -> Usage:
     defaults: dict[str, object] = {
         "connections_total": 3, "bytes_written": 1_000, "bytes_read": 80,
         "ended_written": 600, "ended_read": 50, "event_seq": 5,
-        "open_connections": ((201, 2010),),
+        "open_connections": ((201, 2010, 400, 30),),
     }  # fmt: skip
     return Usage("e1", PREPARED, **{**defaults, **fields})  # type: ignore[arg-type]
 
@@ -351,7 +351,8 @@ def test_a_connection_that_ended_while_no_worker_ran_loses_only_its_tail(
     connection's bytes add to them."""
     view = view_of(proc, clock)
     view.track([export(proc, tmp_path, "e1", DEV1)], {"e1": kept()})  # 201 is gone
-    assert view.sample() == []
+    (gone,) = view.sample()  # ended, with what it had at the keep
+    assert (gone.kind, gone.seq, gone.connection.bytes_written) == ("disconnected", 6, 400)
     assert shown(view, "e1").bytes_written == 1_000
     proc.connect(202, DEV1, io=IoCounters(300, 300, 300))
     view.sample()
@@ -511,7 +512,7 @@ def test_to_keep_returns_what_changed_and_growth_every_keep_interval(
     view.sample()
     (usage,) = view.to_keep()  # a connection began: kept at once
     assert (usage.export_name, usage.connections_total, usage.event_seq) == ("e1", 1, 1)
-    assert (usage.bytes_written, usage.open_connections) == (100, ((201, 2010),))
+    assert (usage.bytes_written, usage.open_connections) == (100, ((201, 2010, 100, 0),))
     assert view.to_keep() == []
     proc.io(201, 600, 600, 600)
     clock.now += LiveView.KEEP_EVERY_S / 2

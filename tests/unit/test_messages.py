@@ -119,7 +119,13 @@ def test_error_reply_shape() -> None:
         "vm_id": None,
         "disk_unit_number": None,
         "status": "error",
-        "error": {"code": "invalid_request", "message": "m", "cause": None, "errno": None},
+        "error": {
+            "code": "invalid_request",
+            "message": "m",
+            "cause": None,
+            "errno": None,
+            "connections": None,
+        },
         "node_id": None,
     }
 

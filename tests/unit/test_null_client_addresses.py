@@ -52,7 +52,8 @@ def full_row(client_addresses: str | None) -> tuple[Any, ...]:
         "export_name": NAME, "device_path": "/dev/vdb", "device_id": "blk:252:16",
         "status": "active", "created_at": None, "updated_at": None, "last_job_id": "j",
         "last_action": "created", "flush_error": None, "client_addresses": client_addresses,
-        "planned_bytes": None, "prepared_at": None,
+        "planned_bytes": None, "prepared_at": None, "generation": 0, "lease_s": None,
+        "lease_expires_at": None, "idle_timeout_s": None, "fenced_at": None,
     }  # fmt: skip
     return tuple(values[name] for name in _FIELDS)
 
@@ -61,14 +62,15 @@ def lookup_row(client_addresses: str | None) -> tuple[Any, ...]:
     # id, vm_name, export_name, device_path, device_id, status, last_job_id, last_action,
     # flush_error, client_addresses, then the job's reply (none).
     values = [1, "vm", NAME, "/dev/vdb", "blk:252:16", "active", "j", "created", None]
-    return (json.dumps([*values, client_addresses, None, None]),)
+    # planned_bytes, generation, lease_s, lease_expires_at, idle_timeout_s, fenced_at; reply
+    return (json.dumps([*values, client_addresses, None, 0, None, None, None, None, None]),)
 
 
 async def test_every_read_gives_an_old_row_the_default() -> None:
     mapping, _ = await repository(lookup_row(None)).lookup(VM, 0, "job")
     assert mapping is not None
     assert mapping.client_addresses == "10.0.0.7,::1"
-    committed = await repository(("/dev/vdb", None)).committed_export(NAME)
+    committed = await repository(("/dev/vdb", None, 0)).committed_export(NAME)
     assert committed is not None
     assert committed.client_addresses == "10.0.0.7,::1"
     assert committed.admitted() == DEFAULT
@@ -84,7 +86,7 @@ async def test_a_stored_value_is_read_as_stored() -> None:
     mapping, _ = await repository(lookup_row("192.0.2.1")).lookup(VM, 0, "job")
     assert mapping is not None
     assert mapping.client_addresses == "192.0.2.1"
-    committed = await repository(("/dev/vdb", "192.0.2.1")).committed_export(NAME)
+    committed = await repository(("/dev/vdb", "192.0.2.1", 0)).committed_export(NAME)
     assert committed is not None
     assert committed.client_addresses == "192.0.2.1"
     (listed,) = await repository(full_row("192.0.2.1")).list_mappings()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ def row(
     flush_error: str | None = None,
     clients: str | None = STORED_LOOPBACK,
     planned_bytes: int | None = None,
+    fenced: bool = False,
 ) -> Mapping:
     return Mapping(
         id=1,
@@ -50,6 +52,7 @@ def row(
         flush_error=flush_error,
         client_addresses=clients,
         planned_bytes=planned_bytes,
+        fenced_at=datetime(2026, 1, 1, tzinfo=UTC) if fenced else None,
     )
 
 
@@ -132,8 +135,12 @@ CASES = {
     "same device, the job says no size: plain reuse, the row's plan stays": Case(
         row(planned_bytes=2**30), {L: True, A: True}, [L, A], reuse()
     ),
+    "same device, fenced by a drain or an expiry: reuse, unfence, rewrite the authfile": Case(
+        row(fenced=True), {L: True, A: False}, [L, A], reuse(Repair.UNFENCE, Repair.ALIGN_AUTHFILE)
+    ),
     "same device, everything wrong at once: reuse, every repair": Case(
-        row(flush_error="UNFINISHED: a flush by job f at 2026-01-01T00:00:00Z did not finish"),
+        row(flush_error="UNFINISHED: a flush by job f at 2026-01-01T00:00:00Z did not finish",
+            fenced=True),
         {L: True, A: False}, [L, A],
         reuse(*Repair, clients="10.0.0.7"), clients=TOOL, planned_bytes=512 * 2**20,
     ),

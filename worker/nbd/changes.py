@@ -63,7 +63,7 @@ class ConfigChanges:
                     await self._remove_files(name)
                     return None
                 spec = self._spec(name)
-                content = self._authfiles.content(name, found.admitted())
+                content = self._authfiles.content(name, found.doors())
                 assert spec.authfile is not None
                 await asyncio.to_thread(write_authfile, spec.authfile, content)
                 await asyncio.to_thread(point_link, spec.link_path, found.device_path)
@@ -113,7 +113,7 @@ class ConfigChanges:
             async with self._lock.hold(self._settings.lock_timeout_s):
                 found = await self._lookup()(name)
                 try:
-                    admitted = None if found is None else found.admitted()
+                    admitted = None if found is None else found.doors()
                 except ValueError:
                     admitted = None  # a corrupt column: nobody, never a guess
                 spec = self._spec(name)

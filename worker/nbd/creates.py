@@ -228,7 +228,7 @@ class CreateBatch:
                 results[name] = EnsuredExport(None, sighup_sent=False, changed=False)
             else:
                 try:
-                    authfiles[name] = self._authfiles.content(name, committed.admitted())
+                    authfiles[name] = self._authfiles.content(name, committed.doors())
                 except ValueError as exc:  # a corrupt column: never guess who may connect
                     results[name] = invalid_clients(name, exc)
                     continue
