@@ -72,6 +72,41 @@ class EventPublisher:
             event = await self._queue.get()
             await self._publish(event)
 
+    async def publish_now(self, event: ExportEvent) -> bool:
+        """Publishes one event at once (a lease event from the outbox); whether the broker
+        took it, or found nobody bound (nobody to tell: done too)."""
+        publisher = self._publisher
+        if publisher is None:
+            return False
+        try:
+            await publisher.publish(
+                self._message(event),
+                event_routing_key(self._node_id, event.kind),
+                exchange=self._exchange,
+            )
+        except Unroutable:
+            self._metrics.events_dropped.labels("unroutable").inc()
+            return True
+        except Exception as exc:
+            log.warning(
+                "Lease event not published; tried again export_name=%s kind=%s error=%s",
+                event.export_name,
+                event.kind,
+                exc,
+            )
+            return False
+        self._metrics.events.labels(event.kind).inc()
+        return True
+
+    @staticmethod
+    def _message(event: ExportEvent) -> aio_pika.Message:
+        return aio_pika.Message(
+            event.model_dump_json().encode(),
+            content_type="application/json",
+            type="export-event",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
     async def _publish(self, event: ExportEvent) -> None:
         if self._publisher is None:
             with contextlib.suppress(TimeoutError):
@@ -80,15 +115,11 @@ class EventPublisher:
         if publisher is None:
             self._dropped(event, "no_broker")
             return
-        message = aio_pika.Message(
-            event.model_dump_json().encode(),
-            content_type="application/json",
-            type="export-event",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
         try:
             await publisher.publish(
-                message, event_routing_key(self._node_id, event.kind), exchange=self._exchange
+                self._message(event),
+                event_routing_key(self._node_id, event.kind),
+                exchange=self._exchange,
             )
         except Unroutable as exc:
             self._dropped(event, "unroutable", exc)

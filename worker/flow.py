@@ -644,6 +644,18 @@ class ExportFlow:
             await self._ledger.record(_record(released))
             return released
 
+    async def fence_export(self, vm_id: str, disk_unit_number: int, generation: int) -> bool:
+        """Fences the (VM, disk)'s export (an expiry): whether it is fenced now; False when
+        it is no longer active at `generation` (released, or prepared again since)."""
+        key = (vm_id, disk_unit_number)
+        async with self._keys.hold(key):
+            mapping, _ = await self._mappings.lookup(*key, "")
+            if mapping is None or not mapping.is_active or mapping.generation != generation:
+                return False
+            if not mapping.fenced:
+                await self._fence(mapping)
+            return True
+
     async def _fence(self, mapping: Mapping) -> None:
         """The export admits nobody from now on (its row first, then its authfile from it:
         nbd-server reads the authfile at every connection). Established connections go on."""

@@ -293,6 +293,15 @@ class LiveView:
                 kept.append(state.usage)
         return kept
 
+    def next_seq(self, name: str) -> int:
+        """The export's next event sequence number (for an event the view did not make)."""
+        state = self._exports.get(name)
+        if state is None:
+            return 0
+        state.usage = replace(state.usage, event_seq=state.usage.event_seq + 1)
+        state.dirty = True
+        return state.usage.event_seq
+
     def not_kept(self, usage: Iterable[Usage]) -> None:
         """What to_keep() returned could not be written: keep it at the next chance."""
         for u in usage:

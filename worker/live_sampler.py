@@ -177,6 +177,17 @@ class LiveSampler:
         """The export's connections open now (a fresh sample). Raises WorkerError."""
         return [connection_status(c) for c in (await self._fresh(export_name)).connections]
 
+    async def next_seq(self, export_name: str) -> int:
+        """The export's next event sequence number, between two samples (a sample runs in a
+        thread and writes the same counter)."""
+        if self._sampling is not None and not self._sampling.done():
+            await asyncio.shield(self._sampling)
+        return self.view.next_seq(export_name)
+
+    def last_view(self, export_name: str) -> ExportView | None:
+        """The export's view from the last sample (None: not followed)."""
+        return self.view.view(export_name)
+
     async def cut(self, export_name: str) -> int:
         """Ends the export's open connections, and only those (worker/nbd/cuts.py); how
         many were cut. Raises WorkerError when the server cannot be sampled."""

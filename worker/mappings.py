@@ -108,6 +108,17 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class OutboxEvent:
+    """A lease event in the outbox (export_events): its body is the export-event's JSON."""
+
+    export_name: str
+    kind: str
+    ref: str
+    body: str
+    ready: bool
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A claimed or renewed export's generation and lease deadline (the database's clock)."""
 

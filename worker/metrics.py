@@ -91,6 +91,7 @@ class Metrics:
     live_samples: Counter
     live_sample_duration: Histogram
     export_series: ExportSeries
+    expiries: Counter
 
 
 class NodeRegistry(CollectorRegistry):
@@ -277,6 +278,13 @@ def _build(r: NodeRegistry) -> Metrics:
             "nbd_export_live_samples",
             "Samples of the server's connections, by result (ok, failed).",
             ["result"],
+            registry=r,
+        ),
+        expiries=Counter(
+            "nbd_export_expiries",
+            "Exports whose lease or idle timeout ran out, by outcome: expired (released), "
+            "forced (connections were cut first), flush_failed (left fenced, not released).",
+            ["outcome"],
             registry=r,
         ),
         live_sample_duration=Histogram(

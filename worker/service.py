@@ -28,6 +28,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.events import EventPublisher
+from worker.expiry import Expiry
 from worker.jobs import JobLedger
 from worker.live_sampler import LiveSampler
 from worker.metrics import Metrics, build_metrics
@@ -272,6 +273,17 @@ async def serve(
         background.append(asyncio.create_task(events.run()))
         if settings.live_sample_s > 0:
             background.append(asyncio.create_task(live.run(settings.live_sample_s)))
+        expiry = Expiry(
+            repository,
+            flow,
+            live,
+            events,
+            node_id=settings.node_id,
+            notice_s=settings.expiry_notice_s,
+            grace_s=settings.expiry_grace_s,
+            metrics=metrics,
+        )
+        background.append(asyncio.create_task(expiry.run(settings.expiry_check_s)))
         readiness = Readiness(settings, broker, repository, server, metrics)
         if settings.metrics_port:
             ops = OpsServer(

@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     #: The lease of a prepare-export that names no lease_s: the export expires unless renewed
     #: within it (0: no lease, the exports stay until released).
     lease_s: int = Field(default=0, ge=0, le=7 * 24 * 3600)
+    #: How often each node looks for its exports whose lease ran out (at most this late).
+    expiry_check_s: float = Field(default=2.0, gt=0, le=10)
+    #: How long before a lease ends its `expiring` event is published.
+    expiry_notice_s: float = Field(default=60.0, ge=0, le=86400)
+    #: How long an expired export's open connections may go on (fenced: nobody new) before
+    #: they are cut.
+    expiry_grace_s: float = Field(default=30.0, ge=0, le=86400)
     #: How often the live view samples the server's connections (inspect-export, status,
     #: events, per-export metrics); 0 turns sampling off (inspect-export then samples once
     #: when asked, and no events are published). Costs about 0.1 ms a connection a sample.

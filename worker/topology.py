@@ -17,7 +17,7 @@ from worker.errors import WorkerError
 #: The message types one request queue carries (the `type` field; prepare-export if none).
 MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export", "inspect-export")
 #: The kinds of export-event a node publishes.
-EVENT_KINDS = ("connected", "disconnected")
+EVENT_KINDS = ("connected", "disconnected", "expiring", "expired", "expiry_failed")
 
 #: Arguments of every queue the worker declares besides the request queue: replicated on
 #: a RabbitMQ cluster, and durable.
