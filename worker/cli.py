@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("--vm-id", required=True, type=_vm_id)
     release.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    release.add_argument(
+        "--mode",
+        choices=("safe", "drain", "force"),
+        default="safe",
+        help="with connections open: safe changes nothing (exit 1, export_in_use), drain "
+        "fences and waits --wait seconds for them to end, force cuts them (default: safe)",
+    )
+    release.add_argument(
+        "--wait", type=float, default=30.0, help="drain: seconds to wait (default 30)"
+    )
     flush = commands.add_parser(
         "flush", help="fsync an export's device, as a flush-export job does (exit 1 on failure)"
     )

@@ -428,3 +428,37 @@ async def test_status_and_inspect_show_who_is_connected(
     assert unknown.returncode == 1
     assert json.loads(unknown.stdout)["export_status"] == "unknown"
     assert "unknown on this node" in unknown.stderr
+
+
+async def test_release_command_modes(
+    worker: RunningWorker,
+    scheduler: Scheduler,
+    settings: Settings,
+    nbd_server: NbdServerProcess,
+    disks_dir: Path,
+) -> None:
+    """`release` with a client connected: safe (the default) changes nothing and exits 1
+    naming the connection; force cuts it (only it) and releases."""
+    a_job = job(device=make_disk(disks_dir, "a", b"AAAA"))
+    a = await scheduler.request(a_job)
+    b = await scheduler.request(job(device=make_disk(disks_dir, "b", b"BBBB")))
+    other = NbdConnection(nbd_server.port, b["export_name"])
+    held = NbdConnection(nbd_server.port, a["export_name"])
+    try:
+        args = ("release", "--vm-id", a_job["vm_id"], "--disk", "0")
+        safe = await asyncio.to_thread(cli, settings, *args)
+        assert safe.returncode == 1, safe.stderr
+        assert "export_in_use" in safe.stderr
+        assert [c["client_address"] for c in json.loads(safe.stdout)] == ["127.0.0.1"]
+        assert held.read(0, 4) == b"AAAA"
+
+        forced = await asyncio.to_thread(cli, settings, *args, "--mode", "force")
+        assert forced.returncode == 0, forced.stderr
+        released = json.loads(forced.stdout)
+        assert (released["status"], released["mode"], released["cut"]) == ("released", "force", 1)
+        with pytest.raises((NbdError, OSError)):
+            held.read(0, 4)
+        assert other.read(0, 4) == b"BBBB", "another export's client is untouched"
+    finally:
+        held.close()
+        other.close()

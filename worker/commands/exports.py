@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import uuid
 from typing import Any
 
 from worker.assembly import adapters, build_server, run_in_flow
 from worker.commands import ExitCode
+from worker.errors import ExportInUse
 from worker.messages import FlushExport, InspectExport, ReleaseExport
 from worker.metrics import build_metrics
 from worker.nbd.selftest import run_self_test
@@ -70,8 +72,17 @@ async def self_test(settings: Settings, args: argparse.Namespace) -> int:
 
 async def release(settings: Settings, args: argparse.Namespace) -> int:
     """The same release as a release-export job."""
-    request = ReleaseExport(type="release-export", **_disk_job(args))
-    released = await run_in_flow(settings, lambda flow: flow.release_export(request))
+    request = ReleaseExport(
+        type="release-export", mode=args.mode, wait_s=args.wait, **_disk_job(args)
+    )
+    try:
+        released = await run_in_flow(settings, lambda flow: flow.release_export(request))
+    except ExportInUse as exc:
+        print(
+            json.dumps([c.model_dump(mode="json") for c in exc.connections], indent=2),
+        )
+        print(f"export_in_use: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
     print(released.model_dump_json(indent=2))
     if not released.was_active:
         print(f"no active mapping for vm {args.vm_id} disk {args.disk}", file=sys.stderr)
