@@ -7,34 +7,67 @@ import json
 import sys
 import uuid
 
+import aio_pika
+from pydantic import BaseModel, ValidationError
+
+from worker.client import (
+    ClientError,
+    ExportError,
+    NotPublished,
+    ReplyTimeout,
+    SchedulerClient,
+)
 from worker.commands import ExitCode
 from worker.dead_letters import list_dead_letters, replay_dead_letters
+from worker.messages import ExportReady
 from worker.publisher import ConfirmedPublisher
-from worker.requester import connect_first, request_export
+from worker.replies import describe_validation_error
+from worker.requester import connect_first
 from worker.settings import Settings
 from worker.topology import dead_letter_queue
 
 
 async def request(settings: Settings, args: argparse.Namespace) -> int:
-    job = {
-        "job_id": args.job_id or f"cli-{uuid.uuid4().hex[:12]}",
-        "vm_id": args.vm_id,
-        "vm_name": args.vm_name,
-        "disk_unit_number": args.disk,
-    }
-    if args.device:
-        job["device_path"] = args.device
-    else:
-        job["volume_id"] = args.volume
+    """Prints the reply (an error reply too: exit 1); exit 4 when none comes in time."""
     try:
-        reply = await request_export(
-            settings.amqp_urls, settings.request_queue, job, timeout_s=args.timeout
+        client = await SchedulerClient.connect(
+            settings.amqp_urls,
+            exchange=settings.exchange,
+            request_queue=settings.request_queue,
+            timeout_s=args.timeout,
         )
-    except TimeoutError:
-        print(f"no reply within {args.timeout:g} s (is the worker running?)", file=sys.stderr)
-        return ExitCode.TIMEOUT
-    print(json.dumps(reply, indent=2))
-    return ExitCode.OK if reply.get("status") == "ready" else ExitCode.FAILURE
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        print(f"error: no broker answered: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    async with client:
+        try:
+            reply: BaseModel = await client.prepare(
+                args.vm_id,
+                args.disk,
+                vm_name=args.vm_name,
+                device_path=args.device,
+                volume_id=args.volume,
+                job_id=args.job_id or f"cli-{uuid.uuid4().hex[:12]}",
+            )
+        except ValidationError as exc:
+            # Refused before publishing, as the worker would have refused it.
+            print(f"invalid request: {describe_validation_error(exc)}", file=sys.stderr)
+            return ExitCode.FAILURE
+        except ReplyTimeout:
+            print(f"no reply within {args.timeout:g} s (is the worker running?)", file=sys.stderr)
+            return ExitCode.TIMEOUT
+        except NotPublished as exc:
+            # No reply will come: the exit code of a timeout, as before the client refused
+            # unroutable jobs at once.
+            print(f"not published: {exc} (is the worker running?)", file=sys.stderr)
+            return ExitCode.TIMEOUT
+        except ExportError as exc:
+            reply = exc.reply
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.FAILURE
+    print(json.dumps(reply.model_dump(mode="json"), indent=2))
+    return ExitCode.OK if isinstance(reply, ExportReady) else ExitCode.FAILURE
 
 
 async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
