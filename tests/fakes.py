@@ -112,6 +112,9 @@ class InMemoryMappings:
         action: str,
         client_addresses: str,
         lease: Lease | None = None,
+        *,
+        after: int = 0,
+        resumes: bool = False,
     ) -> Claimed:
         key = (request.vm_id, request.disk_unit_number)
         device_id = device.device_id
@@ -151,7 +154,8 @@ class InMemoryMappings:
         row = self.rows[key]
         self.rows[key] = row.model_copy(
             update={
-                "generation": (old.generation if old is not None else 0) + 1,
+                "generation": max(old.generation if old is not None else 0, after)
+                + (0 if resumes else 1),
                 "lease_s": lease.lease_s,
                 "idle_timeout_s": lease.idle_timeout_s,
                 "lease_expires_at": _deadline(lease.lease_s),

@@ -87,6 +87,9 @@ class Mappings(Protocol):
         action: str,
         client_addresses: str,
         lease: Lease | None = None,
+        *,
+        after: int = 0,
+        resumes: bool = False,
     ) -> Claimed: ...
     async def renew(
         self, vm_id: str, disk_unit_number: int, lease: Lease | None = None
@@ -167,11 +170,13 @@ def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
 
 
 def _check_generation(
-    request: FlushExport | ReleaseExport | InspectExport, mapping: Mapping
+    request: FlushExport | ReleaseExport | InspectExport, mapping: Mapping, issued: int
 ) -> None:
-    """Refuses a job that names another generation than the export's (none: no check)."""
-    if request.generation is not None and request.generation != mapping.generation:
-        raise StaleGeneration(mapping.export_name, request.generation, mapping.generation)
+    """Refuses a job that names an older generation than the export's (none: no check).
+    A newer one is not refused: a reuse's generation whose record a crash lost."""
+    current = max(mapping.generation, issued)
+    if request.generation is not None and request.generation < current:
+        raise StaleGeneration(mapping.export_name, request.generation, current)
 
 
 def _kept_failure(job_id: str, when: str, exc: FlushFailed) -> str:
@@ -252,6 +257,9 @@ class ExportFlow:
         self._live = live
         #: The lease of a prepare-export that names none (0: none).
         self._lease_s = lease_s
+        #: The last generation this process answered, by (vm, disk): a reuse's reaches the
+        #: database with its record, a moment after its reply.
+        self._issued: dict[tuple[str, int], int] = {}
         self._server = server
         self._devices = devices
         self._ledger = ledger
@@ -359,12 +367,20 @@ class ExportFlow:
         )
         # A dict lookup once held: a later flush-export then sees every writeback error.
         await self._server.hold_device(request.export_name, device.path, device.device_id)
-        # The next generation (this job fences off older ones) and the lease set anew.
-        claimed = await self._mappings.renew(
-            request.vm_id, request.disk_unit_number, self._lease(request)
-        )
-        if claimed is None:  # released meanwhile: plan again
-            raise Superseded(request.export_name)
+        # The next generation: this job fences off older ones.
+        key = (request.vm_id, request.disk_unit_number)
+        lease = self._lease(request)
+        if step.leased or lease != Lease():
+            # The lease set anew, from the database's clock, before the answer says it.
+            claimed = await self._mappings.renew(*key, lease)
+            if claimed is None:  # released meanwhile: plan again
+                raise Superseded(request.export_name)
+        else:
+            # No lease: the generation is written with the job's record, just after the
+            # reply, as the record is (an fsync per reuse would double its latency); this
+            # process answers from what it issued meanwhile (see _current_generation).
+            claimed = Claimed(max(step.generation, self._issued.get(key, 0)) + 1, None)
+        self._issued[key] = max(claimed.generation, self._issued.get(key, 0))
         ready = self._ready(request, device, step, claimed)
         crash_point("reuse_before_record")
         self._ledger.record_later(_record(ready))
@@ -410,9 +426,17 @@ class ExportFlow:
         # The database row first: its unique device index settles races with other jobs
         # and workers before anything on disk or in the server changes (DeviceInUse). The
         # answer goes with it, so that every delivery of this job says the same.
+        key = (request.vm_id, request.disk_unit_number)
         claimed = await self._mappings.claim(
-            request, device, step.answer.recorded, step.clients, self._lease(request)
+            request,
+            device,
+            step.answer.recorded,
+            step.clients,
+            self._lease(request),
+            after=self._issued.get(key, 0),
+            resumes=step.resumes,
         )
+        self._issued[key] = max(claimed.generation, self._issued.get(key, 0))
         crash_point("after_claim")
         try:
             ensured = await self._server.ensure_export(name, device.path)
@@ -509,7 +533,7 @@ class ExportFlow:
                     f"no active export for vm {request.vm_id} disk {request.disk_unit_number} "
                     "on this node: nothing to flush"
                 )
-            _check_generation(request, mapping)
+            _check_generation(request, mapping, self._issued.get(key, 0))
             await self._flush(mapping, request.job_id)
             if mapping.lease_s is not None:
                 await self._mappings.renew(*key)  # a flush renews the lease
@@ -538,7 +562,7 @@ class ExportFlow:
         key = (request.vm_id, request.disk_unit_number)
         mapping, _ = await self._mappings.lookup(*key, request.job_id)
         if mapping is not None and mapping.is_active:
-            _check_generation(request, mapping)
+            _check_generation(request, mapping, self._issued.get(key, 0))
         lease_expires_at = mapping.lease_expires_at if mapping is not None else None
         if request.renew and mapping is not None and mapping.is_active:
             renewed = await self._mappings.renew(*key)
@@ -570,7 +594,7 @@ class ExportFlow:
                 "flush_error": mapping.flush_error,
                 "live": live,
                 "live_error": live_error,
-                "generation": mapping.generation,
+                "generation": max(mapping.generation, self._issued.get(key, 0)),
                 "lease_expires_at": lease_expires_at if mapping.is_active else None,
                 "fenced": mapping.is_active and mapping.fenced,
             }
@@ -596,7 +620,7 @@ class ExportFlow:
             flushed = earlier and mapping is not None and mapping.last_action == RELEASED_FLUSHED
             cut = 0
             if mapping is not None and mapping.is_active:
-                _check_generation(request, mapping)
+                _check_generation(request, mapping, self._issued.get(key, 0))
                 # Nobody connected any more before the final flush, so that it covers every
                 # write: fence, then drain or cut, then flush, then remove.
                 cut = await self._clear_connections(request, mapping)
@@ -650,7 +674,8 @@ class ExportFlow:
         key = (vm_id, disk_unit_number)
         async with self._keys.hold(key):
             mapping, _ = await self._mappings.lookup(*key, "")
-            if mapping is None or not mapping.is_active or mapping.generation != generation:
+            current = max(mapping.generation, self._issued.get(key, 0)) if mapping else 0
+            if mapping is None or not mapping.is_active or current != generation:
                 return False
             if not mapping.fenced:
                 await self._fence(mapping)

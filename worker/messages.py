@@ -103,8 +103,9 @@ class ErrorCode(StrEnum):
     released. A normal answer, not a failure: release again later, or with mode drain or
     force. Acked."""
     STALE_GENERATION = "stale_generation"
-    """The job's `generation` is not the export's current one: a later prepare-export took
-    the export over (a late message from a scheduler that gave it up). Nothing changed."""
+    """The job's `generation` is older than the export's current one: a later prepare-export
+    took the export over (a late message from a scheduler that gave it up). Nothing
+    changed."""
     RESTART_REQUIRED = "restart_required"
     """The server serves the export otherwise than its config says; a reload cannot fix it."""
     SUPERSEDED = "superseded"
@@ -251,7 +252,7 @@ class _DiskJob(BaseModel):
         ge=1,
         le=MAX_GENERATION,
         strict=True,
-        description="Optional fence: the generation export-ready gave. Another than the "
+        description="Optional fence: the generation export-ready gave. One older than the "
         "export's current one (a later prepare-export took it over) answers "
         "stale_generation and changes nothing.",
         examples=[7],

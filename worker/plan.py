@@ -116,6 +116,11 @@ class Reuse:
     #: The row's client_addresses for this job (as stored).
     clients: str
     repairs: frozenset[Repair] = frozenset()
+    #: The row's generation: the reuse answers the next one.
+    generation: int = 0
+    #: The row has a lease or an idle timeout: the reuse sets them anew in the database
+    #: before it answers (without, the next generation is written after the reply).
+    leased: bool = False
 
     @property
     def plain(self) -> bool:
@@ -190,7 +195,8 @@ def plan(
             repairs.add(Repair.ALIGN_AUTHFILE)
         if request.planned_bytes is not None and request.planned_bytes != mapping.planned_bytes:
             repairs.add(Repair.STORE_PLANNED_BYTES)
-        return Reuse(clients, frozenset(repairs))
+        leased = mapping.lease_s is not None or mapping.idle_timeout_s is not None
+        return Reuse(clients, frozenset(repairs), mapping.generation, leased)
     # A claim: whether it will need a SIGHUP is its answer's `reused`, settled now, before
     # anything changes, and recorded with the claim.
     if facts.loaded is None:

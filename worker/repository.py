@@ -359,8 +359,16 @@ class Repository:
                 json.dumps(record.reply, separators=(",", ":")),
             ]
 
+        # A reuse's generation reaches its mapping with its record (flow.py's _reuse).
+        generations: dict[tuple[str, int], int] = {}
+        for record in records:
+            generation = record.reply.get("generation")
+            if record.reply.get("status") == "ready" and isinstance(generation, int):
+                key = (record.vm_id, record.disk_unit_number)
+                generations[key] = max(generation, generations.get(key, 0))
+
         async def insert() -> None:
-            async with self._cursor() as cur:
+            async with self._cursor(transaction=bool(generations)) as cur:
                 await cur.execute(
                     # Not INSERT IGNORE: that would also hide errors other than duplicates.
                     "INSERT INTO export_jobs "  # noqa: S608 - placeholders only
@@ -368,6 +376,12 @@ class Repository:
                     "ON DUPLICATE KEY UPDATE job_id = job_id",
                     params,
                 )
+                for (vm_id, disk), generation in sorted(generations.items()):
+                    await cur.execute(
+                        "UPDATE vm_export_mappings SET generation = GREATEST(generation, %s) "
+                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
+                        (generation, self._node, vm_id, disk),
+                    )
 
         await self._retrying(insert)
 
@@ -481,13 +495,18 @@ class Repository:
         action: str,
         client_addresses: str,
         lease: Lease | None = None,
+        *,
+        after: int = 0,
+        resumes: bool = False,
     ) -> Claimed:
         """Makes the request's mapping active with its device and who may connect to it,
         inserting or updating its row, and names the job and its `action` in it.
 
         The unique index on active devices is the arbiter between concurrent jobs and worker
         processes: raises DeviceInUse, with nothing changed, when another active mapping
-        holds the device. Returns the export's new generation and lease deadline.
+        holds the device. Returns the export's new generation (past `after` too: the last
+        one this process answered; the same one when the job `resumes` its own claim, so
+        that every delivery of a job answers alike) and lease deadline.
         """
         device_id = device.device_id
         lease = lease or Lease()
@@ -519,8 +538,8 @@ class Repository:
                         "node_id, vm_id, disk_unit_number, status, prepared_at, generation, "
                         f"lease_s, idle_timeout_s, lease_expires_at) "
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'active', "
-                        f"CURRENT_TIMESTAMP(6), 1, %s, %s, {_DEADLINE})",
-                        (*params, lease.lease_s, lease.idle_timeout_s, *lease.deadline),
+                        f"CURRENT_TIMESTAMP(6), %s, %s, %s, {_DEADLINE})",
+                        (*params, after + 1, lease.lease_s, lease.idle_timeout_s, *lease.deadline),
                     )
             except pymysql.err.IntegrityError as exc:
                 if not _is_duplicate(exc, "vm_disk"):
@@ -543,12 +562,15 @@ class Repository:
                         "prepared_at = IF(status = 'active' AND prepared_at IS NOT NULL, "
                         "prepared_at, CURRENT_TIMESTAMP(6)), "
                         "status = 'active', flush_error = NULL, "
-                        "generation = generation + 1, lease_s = %s, idle_timeout_s = %s, "
+                        "generation = GREATEST(generation, %s) + %s, lease_s = %s, "
+                        "idle_timeout_s = %s, "
                         f"lease_expires_at = {_DEADLINE}, fenced_at = NULL "
                         "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
                         (
                             *params[:8],
                             request.planned_bytes,
+                            after,
+                            0 if resumes else 1,
                             lease.lease_s,
                             lease.idle_timeout_s,
                             *lease.deadline,
