@@ -5,7 +5,7 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines (budget 760) on purpose: the prepare, release (its modes), flush and inspect
+Over 400 lines (budget 740) on purpose: the prepare, release (its modes), flush and inspect
 paths sit beside each other because they must agree; they share the per-key locks, epochs,
 generations and fences.
 """
@@ -13,10 +13,8 @@ generations and fences.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -32,6 +30,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.faults import crash_point
+from worker.keyed_locks import KeyedLocks
 from worker.mappings import (
     Claimed,
     CommittedExport,
@@ -127,6 +126,10 @@ class LiveStates(Protocol):
         """Ends the export's open connections and no others; how many. Raises WorkerError."""
         ...
 
+    def changed(self, export_name: str, previous_device: str | None = None) -> None:
+        """A claim made or moved the export (`previous_device`: what it opened before)."""
+        ...
+
 
 class Ledger(Protocol):
     async def record(self, record: JobRecord) -> None: ...
@@ -195,46 +198,6 @@ def _own_failure(flush_error: str, job_id: str) -> FlushFailed | None:
         return None
     errno_name = None if found[1] == "error" else found[1]
     return FlushFailed(found[2], errno_name, lost_writes=True)
-
-
-class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it; and an epoch
-    per key that moves on every release, so a lock-free reader can tell whether anyone held
-    the key's lock while it was not looking (the epochs share a fixed number of slots, so
-    memory stays bounded: another key's release may look like this key's, never the other
-    way round)."""
-
-    EPOCH_SLOTS = 4096
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}
-        self._epochs = [0] * self.EPOCH_SLOTS
-
-    def epoch(self, key: tuple[str, int]) -> int:
-        return self._epochs[hash(key) % self.EPOCH_SLOTS]
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: tuple[str, int]) -> AsyncIterator[None]:
-        """Holds the key's lock."""
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            self._epochs[hash(key) % self.EPOCH_SLOTS] += 1
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-    def __contains__(self, key: object) -> bool:
-        """Whether someone holds or waits for the key's lock now."""
-        return key in self._locks
 
 
 class ExportFlow:
@@ -437,6 +400,8 @@ class ExportFlow:
             resumes=step.resumes,
         )
         self._issued[key] = max(claimed.generation, self._issued.get(key, 0))
+        if self._live is not None:
+            self._live.changed(name, step.restore.device_path if step.restore else None)
         crash_point("after_claim")
         try:
             ensured = await self._server.ensure_export(name, device.path)

@@ -199,7 +199,7 @@ class LiveView:
         self,
         main_pid: Callable[[], int],
         *,
-        own_ports: Callable[[], Iterable[int]] = frozenset,
+        own_ports: Callable[[], Iterable[tuple[str, int]]] = frozenset,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._main_pid = main_pid
@@ -293,6 +293,18 @@ class LiveView:
                 kept.append(state.usage)
         return kept
 
+    def learn_previous(self, name: str, device_path: str) -> bool:
+        """The export opened `device_path` until a relink just now: a connection still on
+        it is the export's (shown as on its previous device). False when the export is not
+        followed yet."""
+        state = self._exports.get(name)
+        if state is None:
+            return False
+        key = path_device_key(device_path)
+        if key is not None and key != state.device:
+            state.previous.add(key)
+        return True
+
     def next_seq(self, name: str) -> int:
         """The export's next event sequence number (for an event the view did not make)."""
         state = self._exports.get(name)
@@ -311,6 +323,9 @@ class LiveView:
 
     # -- sampling (a worker thread) -------------------------------------------------
 
+    #: Scans of the children a sample tries when connections keep ending during them.
+    SCAN_TRIES = 5
+
     def sample(self) -> list[ConnectionEvent]:
         """One sample of the server's children; the connection events it found. Raises
         what main_pid raises (the server is not running: nothing is sampled)."""
@@ -320,7 +335,6 @@ class LiveView:
             # Another server process: its children, and its counters, start afresh (the
             # old ones died with their main process).
             self._main, self._main_io = main, None
-        main_io = read_io(main)
         by_device: dict[DeviceKey, _Export] = {}
         for state in list(self._exports.values()):
             now_opens = path_device_key(state.tracked.link)
@@ -334,26 +348,15 @@ class LiveView:
             for old in state.previous:
                 by_device.setdefault(old, state)
         own = set(self._own_ports())
-        seen: dict[tuple[int, int], tuple[_Export, ChildSample]] = {}
-        peers: dict[int, tuple[str, int]] | None = None
         known = {key: state for state in self._exports.values() for key in state.connections}
-        for pid in children(main):
-            child = sample_child(pid, main, known)
-            if child is None:
-                continue
-            if child.key in known:
-                # A zombie (ended, not yet reaped) too: ended at the next sample, with its
-                # last counters.
-                seen[child.key] = (known[child.key], child)
-                continue
-            if child.zombie:
-                continue
-            serves = next((by_device[d] for d in child.devices if d in by_device), None)
-            if serves is None:
-                continue  # negotiating, refused, or another server's business
-            if child.key not in known and peers is None:
-                peers = socket_peers(main)
-            seen[child.key] = (serves, child)
+        # The main process's counters grow by a child's when it reaps it: read before and
+        # after the scan, they must agree, or a connection ended during the scan and its
+        # bytes would be counted in one interval and its end in the next (scanned again).
+        for _ in range(self.SCAN_TRIES):
+            main_io = read_io(main)
+            seen, peers = self._scan(main, known, by_device)
+            if read_io(main) == main_io:
+                break
         events: list[ConnectionEvent] = []
         at = datetime.fromtimestamp(now, UTC)
         self._end_vanished(seen, main_io, at, events)
@@ -363,7 +366,7 @@ class LiveView:
                 client = next(
                     ((peers or {})[s] for s in child.sockets if s in (peers or {})), ("", 0)
                 )
-                if client[1] in own:
+                if client in own:
                     continue  # the worker's own probe
                 device = next((d for d in child.devices if d in by_device), None)
                 conn = _Connection(
@@ -399,6 +402,35 @@ class LiveView:
             self._views[state.tracked.export_name] = self._export_view(state, now, at)
         # Events carry the totals after this sample.
         return [replace(e, export=self._views.get(e.tracked.export_name, e.export)) for e in events]
+
+    def _scan(
+        self,
+        main: int,
+        known: dict[tuple[int, int], _Export],
+        by_device: dict[DeviceKey, _Export],
+    ) -> tuple[dict[tuple[int, int], tuple[_Export, ChildSample]], dict[int, tuple[str, int]]]:
+        """The server's children that are connections of followed exports, and the
+        client of each socket (read only when a new connection is among them)."""
+        seen: dict[tuple[int, int], tuple[_Export, ChildSample]] = {}
+        peers: dict[int, tuple[str, int]] | None = None
+        for pid in children(main):
+            child = sample_child(pid, main, known)
+            if child is None:
+                continue
+            if child.key in known:
+                # A zombie (ended, not yet reaped) too: ended at the next sample, with its
+                # last counters.
+                seen[child.key] = (known[child.key], child)
+                continue
+            if child.zombie:
+                continue
+            serves = next((by_device[d] for d in child.devices if d in by_device), None)
+            if serves is None:
+                continue  # negotiating, refused, or another server's business
+            if child.key not in known and peers is None:
+                peers = socket_peers(main)
+            seen[child.key] = (serves, child)
+        return seen, peers or {}
 
     def _count_connection(
         self, state: _Export, conn: _Connection, at: datetime, events: list[ConnectionEvent]

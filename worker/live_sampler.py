@@ -10,6 +10,7 @@ Nothing here is on a job's path: prepare, release and flush never wait for a sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -106,6 +107,8 @@ class LiveSampler:
         self._tracked_at = float("-inf")
         self._kept: dict[str, Usage] | None = None
         self._sampling: asyncio.Task[None] | None = None
+        #: Relinked exports not followed yet, with the device each opened before.
+        self._previous: dict[str, str] = {}
 
     async def _track(self) -> None:
         if self._kept is None:  # once: what earlier runs kept
@@ -113,6 +116,19 @@ class LiveSampler:
         tracked = await self._store.tracked_exports(self._link_for, self._tls)
         self.view.track(tracked, self._kept)
         self._tracked_at = time.monotonic()
+        for name, device_path in list(self._previous.items()):
+            if self.view.learn_previous(name, device_path) or self.view.tracked(name) is None:
+                del self._previous[name]
+
+    def changed(self, export_name: str, previous_device: str | None = None) -> None:
+        """A job created, recreated or relinked the export: follow it from the next sample
+        on (not only from the next read of the mappings), and, after a relink, keep
+        counting the connections still on the device it opened before."""
+        self._tracked_at = float("-inf")
+        if previous_device is not None and not self.view.learn_previous(
+            export_name, previous_device
+        ):
+            self._previous[export_name] = previous_device
 
     async def _sample(self) -> None:
         started = time.monotonic()
@@ -220,7 +236,12 @@ class LiveSampler:
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
-        """Keeps everything counted so far (a stopping worker)."""
+        """Waits for a sample under way (its store may close next), then keeps everything
+        counted so far (a stopping worker)."""
+        if self._sampling is not None and not self._sampling.done():
+            self._sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WorkerError, OSError):
+                await self._sampling
         if not self._keep:
             return
         try:

@@ -27,8 +27,9 @@ from worker.errors import (
     Superseded,
     TransientDatabaseError,
 )
-from worker.flow import ExportFlow, KeyedLocks, decide
+from worker.flow import ExportFlow, decide
 from worker.jobs import JobLedger
+from worker.keyed_locks import KeyedLocks
 from worker.mappings import Mapping
 from worker.messages import Action, ExportReleased, FlushExport, PrepareExport, ReleaseExport
 

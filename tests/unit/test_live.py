@@ -136,7 +136,7 @@ def export(
     return Tracked(name, f"vm-{name}", 0, link, tls, prepared_at, planned_bytes)
 
 
-def view_of(proc: FakeProc, clock: Clock, own_ports: Iterable[int] = ()) -> LiveView:
+def view_of(proc: FakeProc, clock: Clock, own_ports: Iterable[tuple[str, int]] = ()) -> LiveView:
     return LiveView(lambda: proc.main, own_ports=lambda: own_ports, clock=clock)
 
 
@@ -418,7 +418,8 @@ def test_the_socket_table_is_read_once_a_sample_and_only_for_new_children(
 def test_the_workers_own_probes_are_not_connections(
     proc: FakeProc, clock: Clock, tmp_path: Path
 ) -> None:
-    view = view_of(proc, clock, own_ports={40_001})
+    # A probe's local end is the child's peer; the same port from another address is not.
+    view = view_of(proc, clock, own_ports={("10.0.0.7", 40_001), ("127.0.0.9", 40_002)})
     view.track([export(proc, tmp_path, "e1", DEV1)], {})
     proc.connect(201, DEV1, port=40_001)
     proc.connect(202, DEV1, port=40_002)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import ssl
 import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from worker.errors import ProbeTimeout, ServerUnavailable
 
@@ -191,16 +192,17 @@ async def _connected_from(host: str, port: int, source: str) -> socket.socket:
     return sock
 
 
-#: This process's probe connections by local port: open (None) or when they closed. The
-#: live view leaves them out (a probe's NBD_OPT_GO opens the device in its child, which may
-#: outlive the probe by a moment).
-_OWN_PORTS: dict[int, float | None] = {}
+#: This process's probe connections by local (address, port): open (None) or when they
+#: closed. The live view leaves them out (a probe's NBD_OPT_GO opens the device in its
+#: child, which may outlive the probe by a moment).
+_OWN_PORTS: dict[tuple[str, int], float | None] = {}
 #: How long after it closed a probe's port is still its own.
 OWN_PORT_AFTER_CLOSE_S = 10.0
 
 
-def own_ports() -> frozenset[int]:
-    """The local ports of this process's probes: open, or closed within the last seconds."""
+def own_ports() -> frozenset[tuple[str, int]]:
+    """The local (address, port) of this process's probes: open, or closed within the last
+    seconds (an IPv4-mapped address as IPv4, as /proc/net/tcp6 is read)."""
     now = time.monotonic()
     for port, closed in list(_OWN_PORTS.items()):
         if closed is not None and now - closed > OWN_PORT_AFTER_CLOSE_S:
@@ -221,8 +223,15 @@ async def _open(host: str, port: int, source: str | None) -> _Session:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _OWN_PORTS[sock.getsockname()[1]] = None
+        _OWN_PORTS[_endpoint(sock.getsockname())] = None
     return _Session(reader, writer)
+
+
+def _endpoint(sockname: tuple[Any, ...]) -> tuple[str, int]:
+    address = ipaddress.ip_address(sockname[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), int(sockname[1])
 
 
 #: How long a close waits for the server's side of it (a TLS close_notify answered).
@@ -232,7 +241,7 @@ CLOSE_WAIT_S = 2.0
 async def _close(session: _Session) -> None:
     sockname = session.writer.get_extra_info("sockname")
     if sockname is not None:
-        _OWN_PORTS[sockname[1]] = time.monotonic()
+        _OWN_PORTS[_endpoint(sockname)] = time.monotonic()
     session.writer.close()
     # Bounded: a TLS shutdown waits for the peer's close_notify, which a hung server (or
     # one that busy-loops on our close) never sends. wait() neither raises nor cancels.
