@@ -87,12 +87,14 @@ class InMemoryMappings:
 
     async def settle_answer(
         self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
-    ) -> None:
+    ) -> str | None:
         row = self.rows.get((vm_id, disk_unit_number))
-        if row is not None and row.last_job_id == job_id:
-            self.rows[(vm_id, disk_unit_number)] = row.model_copy(
-                update={"last_action": last_action}
-            )
+        if row is None or row.last_job_id != job_id:
+            return None
+        if not (row.last_action or "").endswith("!"):
+            row = row.model_copy(update={"last_action": last_action + "!"})
+            self.rows[(vm_id, disk_unit_number)] = row
+        return row.last_action
 
     async def restore(self, mapping: Mapping, claimed_device_id: str) -> bool:
         key = (mapping.vm_id, mapping.disk_unit_number)

@@ -5,7 +5,7 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines (budget 740) on purpose: the prepare, release (its modes), flush and inspect
+Over 400 lines (budget 780) on purpose: the prepare, release (its modes), flush and inspect
 paths sit beside each other because they must agree; they share the per-key locks, epochs,
 generations and fences.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -52,7 +53,7 @@ from worker.messages import (
     PrepareExport,
     ReleaseExport,
 )
-from worker.plan import REUSE_ANSWER, Ask, Claim, Fact, Facts, Plan, Repair, Reuse, plan
+from worker.plan import REUSE_ANSWER, Answer, Ask, Claim, Fact, Facts, Plan, Repair, Reuse, plan
 from worker.plan import decide as decide  # re-exported: its table is in tests/unit/test_flow.py
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ UNFINISHED = "UNFINISHED"
 #: last_action of a release that fsynced the device first (older releases did not).
 RELEASED_FLUSHED = "released-flushed"
 RELEASED = "released"
+#: Reuse answers kept for duplicates until their records are surely written.
+ANSWERED_KEPT = 4096
 #: How often a drain looks at the export's connections, and how long a cut connection's
 #: process may take to end.
 DRAIN_POLL_S = 0.2
@@ -108,7 +111,7 @@ class Mappings(Protocol):
     ) -> None: ...
     async def settle_answer(
         self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
-    ) -> None: ...
+    ) -> str | None: ...
     async def set_planned_bytes(self, vm_id: str, disk_unit_number: int, planned: int) -> None: ...
 
 
@@ -223,6 +226,8 @@ class ExportFlow:
         #: The last generation this process answered, by (vm, disk): a reuse's reaches the
         #: database with its record, a moment after its reply.
         self._issued: dict[tuple[str, int], int] = {}
+        #: The last reuses' answers, by job_id: their records are written a moment later.
+        self._answered: OrderedDict[str, ExportReady] = OrderedDict()
         self._server = server
         self._devices = devices
         self._ledger = ledger
@@ -289,6 +294,8 @@ class ExportFlow:
         key = (request.vm_id, request.disk_unit_number)
         epoch = self._keys.epoch(key)
         mapping, recorded = await self._mappings.lookup(*key, request.job_id)
+        if recorded is None and (answered := self._answered.get(request.job_id)) is not None:
+            recorded = _record(answered)  # a reuse whose record is not written yet
         if recorded is not None:
             # Answered before (a redelivery, a duplicate): the same answer, whatever has
             # changed since, and nothing touched.
@@ -341,10 +348,18 @@ class ExportFlow:
         else:
             # No lease: the generation is written with the job's record, just after the
             # reply, as the record is (an fsync per reuse would double its latency); this
-            # process answers from what it issued meanwhile (see _current_generation).
+            # process answers from what it issued meanwhile (self._issued).
             claimed = Claimed(max(step.generation, self._issued.get(key, 0)) + 1, None)
+        if (answered := self._answered.get(request.job_id)) is not None:
+            # A duplicate of this job, served at the same time, answered first: the same.
+            return self._repeat(request, _record(answered), ExportReady)
         self._issued[key] = max(claimed.generation, self._issued.get(key, 0))
         ready = self._ready(request, device, step, claimed)
+        # A duplicate of this job arriving before its record is written answers the same
+        # (its generation included).
+        self._answered[request.job_id] = ready
+        while len(self._answered) > ANSWERED_KEPT:
+            self._answered.popitem(last=False)
         crash_point("reuse_before_record")
         self._ledger.record_later(_record(ready))
         return ready
@@ -411,14 +426,20 @@ class ExportFlow:
             if step.restore is not None:
                 await self._undo_relink(step.restore, device.device_id)
             raise
-        if not ensured.changed and not step.resumes and step.answer != REUSE_ANSWER:
+        proposed = step.answer
+        if not ensured.changed and not step.resumes:
             # Everything was in place already: a job for this disk on another worker made
             # it while this one planned (this worker's jobs for a disk take turns). Nothing
-            # was done for this job: a reuse, recorded so that a redelivery says so too.
-            step = replace(step, answer=REUSE_ANSWER)
-            await self._mappings.settle_answer(
-                request.vm_id, request.disk_unit_number, request.job_id, step.answer.recorded
-            )
+            # was done for this job: a reuse.
+            proposed = REUSE_ANSWER
+        # The answer is settled once, in the row: the same job delivered to two workers at
+        # once (a redelivery racing its first delivery) could otherwise answer twice,
+        # unalike (one "reused", found in place; one "created", resuming the claim).
+        settled = await self._mappings.settle_answer(
+            request.vm_id, request.disk_unit_number, request.job_id, proposed.recorded
+        )
+        if settled is not None:
+            step = replace(step, answer=Answer.of_recorded(settled))
         ready = self._ready(request, device, step, claimed)
         await self._server.hold_device(name, device.path, device.device_id)
         crash_point("before_record")

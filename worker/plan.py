@@ -20,6 +20,9 @@ from worker.devices import Device
 from worker.mappings import Mapping, stored_addresses
 from worker.messages import Action, PrepareExport
 
+#: Ends last_action once the claim's answer is settled (the first delivery of the job to
+#: settle it wins: every other answers the same).
+SETTLED_MARK = "!"
 #: Ends last_action when the claim's answer says `reused` (the server had the export
 #: loaded: no SIGHUP), e.g. "relinked+reused".
 REUSED_MARK = "+reused"
@@ -82,8 +85,9 @@ class Answer:
     def of_recorded(cls, last_action: str) -> Answer:
         """The answer a claim recorded; rows from before REUSED_MARK: not reused, as they
         were answered then."""
-        action = last_action.removesuffix(REUSED_MARK)
-        return cls(Action(action), reused=action != last_action)
+        recorded = last_action.removesuffix(SETTLED_MARK)
+        action = recorded.removesuffix(REUSED_MARK)
+        return cls(Action(action), reused=action != recorded)
 
 
 #: A reuse's answer: the export was in place.

@@ -55,6 +55,7 @@ from worker.mappings import (
     stored_addresses,
 )
 from worker.messages import PrepareExport
+from worker.plan import SETTLED_MARK
 from worker.retrying import call_with_retries
 
 log = logging.getLogger(__name__)
@@ -755,19 +756,29 @@ class Repository:
 
     async def settle_answer(
         self, vm_id: str, disk_unit_number: int, job_id: str, last_action: str
-    ) -> None:
-        """Replaces the answer job `job_id` recorded with its claim, while the row is still
-        that job's claim."""
+    ) -> str | None:
+        """Settles the answer of job `job_id`'s claim: `last_action` unless a delivery of
+        the same job settled it already; the settled answer (None: the row is no longer
+        that job's claim)."""
+        where = (self._node, vm_id, disk_unit_number, job_id)
 
-        async def update() -> None:
+        async def update() -> str | None:
             async with self._cursor() as cur:
                 await cur.execute(
-                    "UPDATE vm_export_mappings SET last_action = %s WHERE node_id = %s AND "
-                    "vm_id = %s AND disk_unit_number = %s AND last_job_id = %s",
-                    (last_action, self._node, vm_id, disk_unit_number, job_id),
+                    "UPDATE vm_export_mappings SET last_action = IF(last_action LIKE %s, "
+                    "last_action, %s) WHERE node_id = %s AND vm_id = %s AND "
+                    "disk_unit_number = %s AND last_job_id = %s",
+                    [f"%{SETTLED_MARK}", last_action + SETTLED_MARK, *where],
                 )
+                await cur.execute(
+                    "SELECT last_action FROM vm_export_mappings WHERE node_id = %s AND "
+                    "vm_id = %s AND disk_unit_number = %s AND last_job_id = %s",
+                    where,
+                )
+                row = await cur.fetchone()
+            return None if row is None or row[0] is None else str(row[0])
 
-        await self._retrying(update)
+        return await self._retrying(update)
 
     async def set_planned_bytes(self, vm_id: str, disk_unit_number: int, planned: int) -> None:
         """What the scheduler now plans to write through the export (progress)."""

@@ -6,7 +6,9 @@
 -- after `idle_timeout_s` without a connection or I/O. `fenced_at`: the export admits no new
 -- connection (an empty authfile) while a drain or an expiry is under way; a new
 -- prepare-export lifts it.
+-- last_action gains room for the mark of a settled answer ("recreated+reused!").
 ALTER TABLE vm_export_mappings
+    MODIFY COLUMN last_action VARCHAR(24) CHARACTER SET ascii NULL,
     ADD COLUMN IF NOT EXISTS generation BIGINT UNSIGNED NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS lease_s INT UNSIGNED NULL,
     ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMP(6) NULL,

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from harness.nbd import NbdConnection, NbdServerProcess
+from harness.nbd import NbdConnection, NbdError, NbdServerProcess
 from harness.tcp_proxy import TcpProxy
 from tests.conftest import AMQP_URL, NODE, RunningWorker, make_disk, unique
+from tests.integration.test_data_path import same_content
+from tests.integration.test_live_view import (
+    finished,
+    rate_for,
+    slow_source,
+    sparse_image,
+    start_copy,
+)
 from worker.client import (
     ExportInUse,
     NotPublished,
@@ -31,6 +40,8 @@ from worker.messages import (
 )
 
 pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -133,33 +144,86 @@ async def test_a_node_nobody_serves_is_not_published(worker: RunningWorker) -> N
             await client.inspect(str(uuid.uuid4()), 0)
 
 
-async def expiries(client: SchedulerClient, ready: ExportReady) -> datetime:
-    status = await client.inspect(ready.vm_id, 0)
-    assert status.export_status == "active"
-    assert status.lease_expires_at is not None
-    return status.lease_expires_at
-
-
 @pytest.mark.slow
 async def test_a_lease_is_renewed_while_held_and_released_on_exit(
-    client: SchedulerClient, disks_dir: Path
+    client: SchedulerClient, disks_dir: Path, tmp_path: Path
 ) -> None:
-    disk = make_disk(disks_dir, "leased")
+    """client.lease() around an nbdcopy that lasts three lease lengths: renewed all along
+    (never fenced, never lost), the copy byte-identical, released (drain) on exit."""
+    disk = disks_dir / "leased"
+    disk.write_bytes(b"\xee" * (32 * MIB))
+    image = tmp_path / "source.img"
+    data = sparse_image(image, 32 * MIB, data_every=4 * MIB)
     vm = str(uuid.uuid4())
     lease = client.lease(vm, 0, vm_name="pgtest2", device_path=str(disk), lease_s=5)
     async with lease as ready:
         assert ready.lease_expires_at is not None
         seen = [ready.lease_expires_at]
-        for _ in range(3):  # three lease lengths, looking at every one
-            await asyncio.sleep(5)
-            seen.append(await expiries(client, ready))
+        uri = f"nbd://{ready.nbd_host}:{ready.nbd_port}/{ready.export_name}"
+        with slow_source(image, tmp_path / "src.sock", rate_for(data, 15), 0.5) as source:
+            copy = await start_copy(source, uri, connections=2)
+            while copy.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(copy.wait(), 2.5)
+                status = await client.inspect(vm, 0)
+                assert (status.export_status, status.fenced) == ("active", False), status
+                assert status.lease_expires_at is not None
+                seen.append(status.lease_expires_at)
+            await finished(copy)
         assert not lease.lost.is_set()
+        assert same_content(image, disk)
+    assert seen[-1] > seen[0], "the lease must move forward"
     assert seen == sorted(seen)
-    assert len(set(seen)) == len(seen), "the lease must move forward every lease length"
-    assert lease.renewals >= 7  # every 5/3 s for 15 s
+    assert lease.renewals >= 7  # every 5/3 s for ~15 s
     assert lease.released is not None
     assert (lease.released.was_active, lease.released.mode) == (True, "drain")
     assert (await client.inspect(vm, 0)).export_status == "released"
+
+
+@pytest.mark.slow
+async def test_a_scheduler_killed_with_sigkill_lets_its_lease_expire(
+    worker: RunningWorker, disks_dir: Path
+) -> None:
+    """A scheduler process holding a lease (5 s) is SIGKILLed: nobody renews, so the
+    export expires (fenced, flushed, released) and no client can open it any more."""
+    disk = make_disk(disks_dir, "orphan")
+    vm = str(uuid.uuid4())
+    script = (
+        "import asyncio, sys\n"
+        "from worker.client import SchedulerClient\n"
+        "async def main():\n"
+        f"    client = await SchedulerClient.connect({AMQP_URL!r}, "
+        f"exchange={worker.settings.exchange!r}, node_id={NODE!r})\n"
+        f"    async with client.lease({vm!r}, 0, vm_name='x', device_path={str(disk)!r}, "
+        "lease_s=5):\n"
+        "        print('leased', flush=True)\n"
+        "        await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    scheduler = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert scheduler.stdout is not None
+        line = await asyncio.wait_for(scheduler.stdout.readline(), 30)
+        assert line.strip() == b"leased"
+        await asyncio.sleep(2)  # at least one renewal
+    finally:
+        scheduler.kill()  # SIGKILL: no release, no more renewals
+        await scheduler.wait()
+    async with await SchedulerClient.connect(
+        AMQP_URL, exchange=worker.settings.exchange, node_id=NODE, timeout_s=15
+    ) as client:
+        deadline = asyncio.get_running_loop().time() + 25
+        status = await client.inspect(vm, 0)
+        while status.export_status == "active":
+            assert asyncio.get_running_loop().time() < deadline, status
+            await asyncio.sleep(0.5)
+            status = await client.inspect(vm, 0)
+        assert status.export_status == "released"
+    ready_name = f"migration-vm-{vm}-disk0"
+    with pytest.raises(NbdError):
+        NbdConnection(worker.settings.nbd_port, ready_name)
 
 
 async def test_a_lease_taken_over_is_lost_and_left_to_its_new_holder(

@@ -561,7 +561,9 @@ async def test_a_refused_client_adds_nothing_and_an_admitted_one_is_counted(
             assert state["connections_total"] == 1
         after = await settled(scheduler, ready)
         assert after["connections_total"] == 1
-        assert after["bytes_written"] == 0
+        # At most the page its child dirtied in the harness's nbd-server log file, which it
+        # logs its disconnect to (deployed, nbd-server logs to syslog or a pipe: nothing).
+        assert after["bytes_written"] <= 4096
         assert after["bytes_read"] >= 23
         await asyncio.sleep(0.5)
         got = [e for e in await drain(events) if e["export_name"] == name]

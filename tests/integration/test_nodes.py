@@ -211,6 +211,8 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
             "0003_export_jobs.sql",
             "0004_flush_error.sql",
             "0005_client_addresses.sql",
+            "0006_export_usage.sql",
+            "0007_leases.sql",
         ]
         rows = await execute_sql(
             url,

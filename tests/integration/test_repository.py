@@ -3,6 +3,8 @@ whatever characters the stored text holds (the lookup returns it as one JSON arr
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import AnyUrl
 
 from harness.sql import execute_sql
@@ -67,5 +69,35 @@ async def test_lookup_returns_mapping_and_record_as_stored(database_url: AnyUrl)
         assert await repo.lookup(VM, 4, "job-B") == (None, None)
         # job_id is compared exactly (ascii_bin): job-a is not job-A.
         assert (await repo.lookup(VM, 4, "job-a"))[1] is None
+    finally:
+        await repo.close()
+
+
+async def test_a_claims_answer_is_settled_once_by_whichever_delivery_comes_first(
+    database_url: AnyUrl,
+) -> None:
+    """The same job delivered to two workers at once: one proposes "reused" (it found the
+    export in place), the other "created" (resuming the claim); both answer the first.
+    The soak once saw such a job answered twice, unalike, before answers were settled."""
+    await _insert_mapping(
+        database_url,
+        node_id=NODE, vm_id=VM, disk_unit_number=1, vm_name="vm",
+        export_name=f"migration-vm-{VM}-disk1", device_path="/dev/vdb", device_id="blk:8:16",
+        status="active", last_job_id="job-J", last_action="created+reused",
+    )  # fmt: skip
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=2, timeout_s=5)
+    try:
+        first, second = await asyncio.gather(
+            repo.settle_answer(VM, 1, "job-J", "reused+reused"),
+            repo.settle_answer(VM, 1, "job-J", "created+reused"),
+        )
+        assert first == second
+        assert first in ("reused+reused!", "created+reused!")
+        assert await repo.settle_answer(VM, 1, "job-J", "relinked") == first
+        # Another job's claim of the row is not this job's to settle.
+        assert await repo.settle_answer(VM, 1, "job-K", "reused+reused") is None
+        mapping, _ = await repo.lookup(VM, 1, "job-J")
+        assert mapping is not None
+        assert mapping.last_action == first
     finally:
         await repo.close()
