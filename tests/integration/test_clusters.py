@@ -185,7 +185,8 @@ async def test_migrate_from_three_galera_nodes_at_once(galera: GaleraCluster) ->
         versions = [
             galera_rows(galera, i, name, "SELECT version FROM schema_migrations") for i in (1, 2, 3)
         ]
-        assert versions[0] == versions[1] == versions[2] == [[str(v)] for v in range(1, 6)]
+        count = len(list(migrations_dir().glob("*.sql")))
+        assert versions[0] == versions[1] == versions[2] == [[str(v)] for v in range(1, count + 1)]
         again = await migrate(AnyUrl(galera.url(3, name)), node_id="node-3", timeout_s=10)
         assert again == []
     finally:

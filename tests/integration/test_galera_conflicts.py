@@ -41,7 +41,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: 1317 comes up in most runs.
 ROUNDS = 30
 MIGRATORS = 20
-TABLES = ("schema_migrations", "vm_export_mappings", "export_jobs")
+TABLES = (
+    "schema_migrations", "vm_export_mappings", "export_jobs", "export_usage", "export_events",
+)  # fmt: skip
 _RETRY_ERRNO = re.compile(r"database error (\d+)")
 
 
