@@ -377,11 +377,23 @@ class Repository:
                     "ON DUPLICATE KEY UPDATE job_id = job_id",
                     params,
                 )
-                for (vm_id, disk), generation in sorted(generations.items()):
+                if generations:
+                    # One statement for the batch (a statement per record cost the reuse
+                    # path a third of MariaDB's CPU in the benchmark).
+                    bumps = " UNION ALL ".join(
+                        ["SELECT %s AS vm_id, %s AS disk_unit_number, %s AS generation"]
+                        + ["SELECT %s, %s, %s"] * (len(generations) - 1)
+                    )
+                    values = [
+                        v for (vm, disk), g in sorted(generations.items()) for v in (vm, disk, g)
+                    ]
                     await cur.execute(
-                        "UPDATE vm_export_mappings SET generation = GREATEST(generation, %s) "
-                        "WHERE node_id = %s AND vm_id = %s AND disk_unit_number = %s",
-                        (generation, self._node, vm_id, disk),
+                        "UPDATE vm_export_mappings AS m JOIN "  # noqa: S608 - placeholders only
+                        f"({bumps}) AS b "
+                        "ON m.node_id = %s AND m.vm_id = b.vm_id "
+                        "AND m.disk_unit_number = b.disk_unit_number "
+                        "SET m.generation = GREATEST(m.generation, b.generation)",
+                        [*values, self._node],
                     )
 
         await self._retrying(insert)

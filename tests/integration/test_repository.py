@@ -101,3 +101,30 @@ async def test_a_claims_answer_is_settled_once_by_whichever_delivery_comes_first
         assert mapping.last_action == first
     finally:
         await repo.close()
+
+
+async def test_a_reuses_generation_reaches_its_row_with_its_record(database_url: AnyUrl) -> None:
+    """A reuse answers before its generation is written: the batch of records carries it
+    to the rows (never backwards), one statement for the batch."""
+    for disk in (5, 6):
+        await _insert_mapping(
+            database_url,
+            node_id=NODE, vm_id=VM, disk_unit_number=disk, vm_name="vm",
+            export_name=f"migration-vm-{VM}-disk{disk}", device_path=f"/dev/vd{disk}",
+            device_id=f"blk:8:{disk}", status="active", generation=4,
+        )  # fmt: skip
+
+    def ready(job_id: str, disk: int, generation: int) -> JobRecord:
+        reply = {"status": "ready", "vm_id": VM, "disk_unit_number": disk, "generation": generation}
+        return JobRecord(job_id=job_id, vm_id=VM, disk_unit_number=disk, reply=reply)
+
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=2, timeout_s=5)
+    try:
+        await repo.record_jobs([ready("r1", 5, 5), ready("r2", 5, 7), ready("r3", 6, 3)])
+        five, _ = await repo.lookup(VM, 5, "")
+        six, _ = await repo.lookup(VM, 6, "")
+        assert five is not None
+        assert six is not None
+        assert (five.generation, six.generation) == (7, 4)  # the highest; never backwards
+    finally:
+        await repo.close()
