@@ -493,28 +493,10 @@ class LiveView:
                 conn.io.wchar + round(tail.wchar * share),
                 conn.io.write_bytes + round(tail.write_bytes * share),
             )
-            written, read = data_counts(conn.io, state.tracked.tls)
-            usage = state.usage
-            state.usage = replace(
-                usage,
-                ended_written=usage.ended_written + written,
-                ended_read=usage.ended_read + read,
-                event_seq=usage.event_seq + 1,
-                last_io_at=at if tail.rchar or tail.write_bytes else usage.last_io_at,
-            )
+            if tail.rchar or tail.write_bytes:
+                state.usage = replace(state.usage, last_io_at=at)
             del state.connections[conn.key]
-            state.dirty = True
-            view = conn.view(state.tracked.tls)
-            events.append(
-                ConnectionEvent(
-                    "disconnected",
-                    state.usage.event_seq,
-                    at,
-                    state.tracked,
-                    view,
-                    self._export_view(state, self._clock(), at),
-                )
-            )
+            self._ended(state, conn.view(state.tracked.tls), at, events)
 
     def _end_restored(
         self,
@@ -529,21 +511,31 @@ class LiveView:
             if key in seen:
                 continue
             del state.restored[key]
-            usage = state.usage
-            state.usage = replace(
-                usage,
-                ended_written=usage.ended_written + written,
-                ended_read=usage.ended_read + read,
-                event_seq=usage.event_seq + 1,
-            )
-            state.dirty = True
             gone = ConnectionView("", 0, at, state.tracked.tls, True, written, read, key[0])
-            events.append(
-                ConnectionEvent(
-                    "disconnected", state.usage.event_seq, at, state.tracked, gone,
-                    self._export_view(state, self._clock(), at),
-                )
-            )  # fmt: skip
+            self._ended(state, gone, at, events)
+
+    def _ended(
+        self, state: _Export, view: ConnectionView, at: datetime, events: list[ConnectionEvent]
+    ) -> None:
+        """Counts an ended connection into its export's totals, with its event."""
+        usage = state.usage
+        state.usage = replace(
+            usage,
+            ended_written=usage.ended_written + view.bytes_written,
+            ended_read=usage.ended_read + view.bytes_read,
+            event_seq=usage.event_seq + 1,
+        )
+        state.dirty = True
+        events.append(
+            ConnectionEvent(
+                "disconnected",
+                state.usage.event_seq,
+                at,
+                state.tracked,
+                view,
+                self._export_view(state, self._clock(), at),
+            )
+        )
 
     def _export_view(self, state: _Export, now: float, at: datetime) -> ExportView:
         tls = state.tracked.tls
