@@ -564,16 +564,18 @@ async def test_a_refused_client_adds_nothing_and_an_admitted_one_is_counted(
 
         with NbdConnection(nbd_server.port, name, source=OTHER_HOST) as admitted:
             assert admitted.read(0, 23) == b"for the other host only"
+            assert len(admitted.read(0, MIB)) == MIB
             state = (await inspect(scheduler, ready))["live"]
             assert [c["client_address"] for c in state["connections"]] == [OTHER_HOST]
             assert state["connections"][0]["device"] == "current"
             assert state["connections_total"] == 1
         after = await settled(scheduler, ready)
         assert after["connections_total"] == 1
-        # At most the page its child dirtied in the harness's nbd-server log file, which it
-        # logs its disconnect to (deployed, nbd-server logs to syslog or a pipe: nothing).
+        # At most one page: the file's inode, which the read's atime update dirties, counts
+        # as written in the child's write_bytes (docs/architecture.md, The live view), and
+        # the reads are that much lower.
         assert after["bytes_written"] <= 4096
-        assert after["bytes_read"] >= 23
+        assert MIB + 23 - 4096 <= after["bytes_read"] <= MIB + 23 + 64 * 1024
         await asyncio.sleep(0.5)
         got = [e for e in await drain(events) if e["export_name"] == name]
         assert [(e["kind"], e["seq"]) for e in got] == [("connected", 1), ("disconnected", 2)]
