@@ -212,6 +212,8 @@ class LiveView:
         self._boot = boot_time()
         #: Bytes moved by connections no sample saw (begun and ended between two).
         self.unattributed = 0
+        #: Samples given up because connections ended during every scan of them.
+        self.skipped = 0
 
     # -- what is tracked (event loop) -------------------------------------------------
 
@@ -324,7 +326,7 @@ class LiveView:
     # -- sampling (a worker thread) -------------------------------------------------
 
     #: Scans of the children a sample tries when connections keep ending during them.
-    SCAN_TRIES = 5
+    SCAN_TRIES = 10
 
     def sample(self) -> list[ConnectionEvent]:
         """One sample of the server's children; the connection events it found. Raises
@@ -357,6 +359,11 @@ class LiveView:
             seen, peers = self._scan(main, known, by_device)
             if read_io(main) == main_io:
                 break
+        else:
+            # Connections kept ending during every scan: no sample this time (the next one
+            # tries again) rather than one whose ends and counters disagree.
+            self.skipped += 1
+            return []
         events: list[ConnectionEvent] = []
         at = datetime.fromtimestamp(now, UTC)
         self._end_vanished(seen, main_io, at, events)

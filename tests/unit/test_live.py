@@ -550,3 +550,22 @@ def test_sample_raises_what_main_pid_raises(proc: FakeProc, clock: Clock) -> Non
 
     with pytest.raises(ServerUnavailable):
         LiveView(gone, clock=clock).sample()
+
+
+def test_a_sample_whose_every_scan_a_connection_end_crossed_is_given_up(
+    proc: FakeProc, clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main process's counters differ before and after every scan (connections keep
+    being reaped): no sample rather than one whose ends and counters disagree (an end
+    counted in one interval and its bytes in the next, on another connection)."""
+    view = view_of(proc, clock)
+    view.track([export(proc, tmp_path, "e1", DEV1)], {})
+    proc.connect(201, DEV1, io=IoCounters(100, 100, 100))
+    (connected,) = view.sample()
+    assert connected.kind == "connected"
+    reaps = iter(range(10_000))
+    monkeypatch.setattr(live, "read_io", lambda pid: IoCounters(next(reaps), 0, 0))
+    proc.reap(201)
+    assert view.sample() == []
+    assert view.skipped == 1
+    assert [c.pid for c in shown(view, "e1").connections] == [201]  # nothing decided yet
