@@ -182,9 +182,24 @@ def test_a_new_connection_is_connected_with_seq_1_and_counted(
         (IoCounters(rchar=4_124, wchar=4_096, write_bytes=4_096), True, (4_096, 4_124)),
         (IoCounters(rchar=1_000_000, wchar=1_000_000, write_bytes=0), False, (0, 1_000_000)),
         # Never below zero (write_bytes counts page cache the socket's reads did not bring).
-        (IoCounters(rchar=100, wchar=0, write_bytes=8_192), False, (8_192, 0)),
+        (IoCounters(rchar=100, wchar=4_096, write_bytes=8_192), False, (4_096, 0)),
+        # Folios dirtied again after writeback count again in write_bytes, not in wchar
+        # (measured: 134,217,728 bytes copied, write_bytes 140,566,528, wchar 134,226,926).
+        (
+            IoCounters(rchar=134_232_570, wchar=134_226_926, write_bytes=140_566_528),
+            False,
+            (134_226_926, 5_644),
+        ),
+        (IoCounters(rchar=0, wchar=134_217_728, write_bytes=140_566_528), True, (134_217_728, 0)),
     ],
-    ids=["plain-write", "tls-write", "plain-read", "plain-never-negative"],
+    ids=[
+        "plain-write",
+        "tls-write",
+        "plain-read",
+        "plain-never-negative",
+        "plain-folios-recounted",
+        "tls-folios-recounted",
+    ],
 )
 def test_data_counts(io: IoCounters, tls: bool, counts: tuple[int, int]) -> None:
     assert data_counts(io, tls) == counts
