@@ -8,6 +8,8 @@
 #                                 device (bench/copy.py; --copy --small for a smoke run)
 #   ./scripts/bench.sh --live     the live view's CPU cost with 100 exports and 50 connections
 #                                 (bench/live.py; --live --small for a smoke run)
+#   ./scripts/bench.sh --profile  where the worker's CPU goes on the reuse path (py-spy;
+#                                 bench/profile.py; --profile --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +19,10 @@ bash scripts/bootstrap.sh
 if [ "${1:-}" = "--copy" ]; then
   shift
   exec .venv/bin/python -m bench.copy "$@"
+fi
+if [ "${1:-}" = "--profile" ]; then
+  shift
+  exec .venv/bin/python -m bench.profile "$@"
 fi
 if [ "${1:-}" = "--live" ]; then
   shift
