@@ -495,7 +495,8 @@ async def test_two_exports_copied_at_once_keep_their_counts_apart(
 ) -> None:
     """nbdcopy (4 connections) writes 128 MiB through one export while qemu-img convert (1
     connection) writes 48 MiB through another: each export counts its own copy, within 5 %,
-    and its own connections. qemu-img's copy ends well before nbdcopy's, in another sample:
+    and its own connections. qemu-img starts once nbdcopy's connections are seen and its
+    copy ends well before nbdcopy's, in another sample:
     when two exports' connections end between the same two samples, the bytes they wrote
     after the first are shared between them by an estimate (docs/architecture.md)."""
     image_a, image_b = tmp_path / "a.img", tmp_path / "b.img"
@@ -512,16 +513,21 @@ async def test_two_exports_copied_at_once_keep_their_counts_apart(
         assert a["status"] == b["status"] == "ready", (a, b)
         name_a, name_b = a["export_name"], b["export_name"]
         with (
-            slow_source(image_a, tmp_path / "a.sock", rate_for(data_a, 3.5), 0.5) as source_a,
+            slow_source(image_a, tmp_path / "a.sock", rate_for(data_a, 5), 0.5) as source_a,
             slow_source(image_b, tmp_path / "b.sock", rate_for(data_b, 1.5), 0.5) as source_b,
         ):
-            copies = [
-                await start_copy(source_a, nbd_uri(a)),
-                await start_tool(
-                    "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", source_b, nbd_uri(b)
-                ),
-            ]
-            rounds = await watch(scheduler, [a, b], copies)
+            # In turn, not left to timing on a loaded machine: qemu-img starts once nbdcopy's
+            # four connections are seen, and ends seconds before it.
+            copy_a = await start_copy(source_a, nbd_uri(a))
+            rounds = await watch(
+                scheduler, [a, b], [copy_a],
+                until=lambda r: len(r[name_a]["connections"]) == 4,
+            )  # fmt: skip
+            copy_b = await start_tool(
+                "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", source_b, nbd_uri(b)
+            )
+            copies = [copy_a, copy_b]
+            rounds += await watch(scheduler, [a, b], copies)
             for copy in copies:
                 await finished(copy)
         both = [
