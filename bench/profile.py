@@ -95,7 +95,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             assert stack.connection is not None
             driver = Driver(stack.connection)
             await driver.start()
-            proc, _ = await stack.start_worker("profile")
+            env = dict(item.split("=", 1) for item in args.env)
+            proc, _ = await stack.start_worker("profile", env)
             rng = random.Random(7)  # noqa: S311 - a fixed order, not secrecy
 
             def jobs(count: int, tag: str) -> list[dict[str, Any]]:
@@ -103,23 +104,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             await driver.closed_loop(stack.request_queue, jobs(500, "warm"), CONCURRENCY, 60)
             collapsed = Path(tmp) / "profile.txt"
-            spy = await asyncio.create_subprocess_exec(
-                py_spy, "record", "--pid", str(proc.pid), "--format", "raw",
-                "--output", str(collapsed), "--rate", "250", "--nonblocking",
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            await asyncio.sleep(1.0)  # py-spy attached
+            spy = None
+            if not args.cpu_only:
+                spy = await asyncio.create_subprocess_exec(
+                    py_spy, "record", "--pid", str(proc.pid), "--format", "raw",
+                    "--output", str(collapsed), "--rate", "250", "--nonblocking",
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(1.0)  # py-spy attached
             before = cpu_seconds(proc.pid)
             result = await driver.closed_loop(
                 stack.request_queue, jobs(jobs_count, "run"), CONCURRENCY, 120
             )
             after = cpu_seconds(proc.pid)
-            spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
-            await asyncio.wait_for(spy.wait(), 30)
+            if spy is not None:
+                spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+                await asyncio.wait_for(spy.wait(), 30)
             await driver.close()
             answered = len(result.results)
-            summary = summarize(collapsed.read_text())
-            if args.keep:
+            summary = summarize(collapsed.read_text() if spy is not None else "")
+            if args.keep and spy is not None:
                 args.keep.write_text(collapsed.read_text())
             if before is None or after is None:
                 raise StartFailed("the worker exited during the run")
@@ -157,6 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a smoke run (2,000 reuses)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
     parser.add_argument("--keep", type=Path, help="also write py-spy's collapsed stacks here")
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="no py-spy: the worker's CPU per job alone"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for the worker (EXPORT_WORKER_EVENT_LOOP=asyncio); repeatable",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
