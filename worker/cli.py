@@ -162,22 +162,6 @@ def _load_settings() -> Settings | str:
         return "invalid settings:\n" + "\n".join(problems)
 
 
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The loop factory for `choice` (settings.event_loop); None: asyncio's own. uvloop
-    is optional: "auto" falls back to asyncio's loop without it. Raises ImportError when
-    "uvloop" is asked for and missing."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop  # optional: imported only when asked for
-    except ImportError:
-        if choice == "uvloop":
-            raise
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _load_settings()
@@ -205,17 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(path)
         return ExitCode.OK
     command = COMMANDS[args.command]
-    try:
-        loop_factory = event_loop_factory(
-            settings.event_loop if args.command == "run" else "asyncio"
-        )
-    except ImportError as exc:
-        print(f"invalid settings: event_loop=uvloop, but {exc}", file=sys.stderr)
-        return ExitCode.USAGE
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                return runner.run(command(settings, args, identity))
+            return asyncio.run(command(settings, args, identity))
         except WorkerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return ExitCode.FAILURE

@@ -219,11 +219,6 @@ class Settings(BaseSettings):
     #: a create. Never set it on an appliance.
     crash_at: CrashPoint | None = None
 
-    #: The event loop `run` uses: "auto" is uvloop when it is installed (the `fast` extra;
-    #: measured in BENCHMARKS.md), else asyncio's own; "asyncio" or "uvloop" force one
-    #: ("uvloop" fails at start when it is missing).
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-
     # --- Logs ---
     #: "text" (human-readable) or "json" (one object per line).
     log_format: Literal["text", "json"] = "text"
