@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
-        help="a setting for the worker (EXPORT_WORKER_EVENT_LOOP=asyncio); repeatable",
+        help="a setting for the worker (EXPORT_WORKER_LIVE_SAMPLE_S=0); repeatable",
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
