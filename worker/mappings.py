@@ -119,6 +119,23 @@ class OutboxEvent:
 
 
 @dataclass(frozen=True)
+class ChecksumJob:
+    """A checksum-export accepted and not yet answered (export_checksums): what to hash,
+    where to reply, and the reply once hashed (JSON; None while it runs)."""
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    device_path: str
+    device_id: str
+    algorithm: str
+    block_size: int
+    reply_to: str | None
+    correlation_id: str | None
+    reply: str | None = None
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A claimed or renewed export's generation and lease deadline (the database's clock)."""
 
