@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 from worker.blkhash import HashResult, device_size, hash_fd
 from worker.devices import device_identity
 from worker.errors import ExportChanged, InvalidRequest, WorkerError
+from worker.faults import crash_point
 from worker.logs import bind_job
 from worker.mappings import ChecksumJob, CommittedExport, JobRecord, Mapping
 from worker.messages import (
@@ -358,6 +359,8 @@ class Checksums:
             running.size = device_size(fd)
 
             def on_block(done: int, length: int) -> None:
+                if running.done < running.size // 2 <= done:
+                    crash_point("checksum_half_hashed")  # for the restart test
                 running.done = done
                 self._metrics.checksum_bytes.inc(length)
                 if self._stopping.is_set():
