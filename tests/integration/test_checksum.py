@@ -20,8 +20,15 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from ovirt_imageio import client as imageio_client
 
-from harness.worker_process import WorkerProcess
-from tests.conftest import RunningWorker, Scheduler, job, running_worker, scheduler_for
+from harness.worker_process import WorkerProcess, env_for
+from tests.conftest import (
+    RunningWorker,
+    Scheduler,
+    job,
+    run_worker_cli,
+    running_worker,
+    scheduler_for,
+)
 from tests.integration.test_data_path import (
     image_with_long_zero_runs,
     nbd_uri,
@@ -138,9 +145,20 @@ async def test_checksum_after_a_copy_equals_ovirt_imageios(
     assert worker.sample("nbd_export_checksum_bytes_total") == size
     assert worker.sample("nbd_export_checksums_running") == 0
 
-    # Other parameters, ovirt-imageio's way too.
+    # Other parameters, ovirt-imageio's way too; from the command line (a process of its
+    # own) for nbdcopy's copy.
     params = {"algorithm": "sha256", "block_size": 1 * MIB}
-    other = await scheduler.request(checksum_job(ready, **params), timeout_s=60)
+    if tool == "nbdcopy":
+        cli = await asyncio.to_thread(
+            run_worker_cli,
+            *("checksum", "--vm-id", ready["vm_id"], "--disk", "0"),
+            *("--algorithm", "sha256", "--block-size", str(MIB)),
+            env=env_for(worker.settings),
+        )
+        assert cli.returncode == 0, cli.stderr
+        other = json.loads(cli.stdout)
+    else:
+        other = await scheduler.request(checksum_job(ready, **params), timeout_s=60)
     assert other["checksum"] == (await imageio_checksum(image, **params))["checksum"]
 
     # One byte of the device changed: another checksum, the changed volume's.
@@ -205,7 +223,9 @@ def slowed_hash(per_block_s: float) -> Callable[..., HashResult]:
     return hash_fd
 
 
-async def test_a_release_during_a_checksum_ends_it_with_export_changed(
+@pytest.mark.parametrize("change", ["release", "relink"])
+async def test_a_release_or_relink_during_a_checksum_ends_it_with_export_changed(
+    change: str,
     monkeypatch: pytest.MonkeyPatch,
     worker: RunningWorker,
     scheduler: Scheduler,
@@ -230,10 +250,15 @@ async def test_a_release_during_a_checksum_ends_it_with_export_changed(
     assert progress["bytes_hashed"] < progress["size"]
     assert worker.sample("nbd_export_checksums_running") == 1
 
-    release = {"type": "release-export", "job_id": uuid.uuid4().hex, "vm_id": ready["vm_id"]}
-    released = await scheduler.request({**release, "disk_unit_number": 0})
-    assert released["status"] == "released", released
-    assert (released["was_active"], released["flushed"]) == (True, True)
+    if change == "release":
+        release = {"type": "release-export", "job_id": uuid.uuid4().hex, "vm_id": ready["vm_id"]}
+        released = await scheduler.request({**release, "disk_unit_number": 0})
+        assert released["status"] == "released", released
+        assert (released["was_active"], released["flushed"]) == (True, True)
+    else:
+        other = prefilled_volume(disks_dir / "vol-other", 8 * MIB)
+        relinked = await scheduler.request({**job(device=other), "vm_id": ready["vm_id"]})
+        assert relinked["action"] == "relinked", relinked
 
     answer = await scheduler.reply(corr, timeout_s=10)
     assert answer["status"] == "error", answer
