@@ -303,6 +303,14 @@ class Checksums:
                 return self._failed(
                     job, ErrorCode.INTERNAL_ERROR, f"reading {job.device_path} failed: {exc}"
                 )
+            except _Stopped:
+                raise
+            except Exception:
+                # A bug: answered (once) rather than left to fail again at every start.
+                log.exception("Checksum failed job_id=%s", job.job_id)
+                return self._failed(
+                    job, ErrorCode.INTERNAL_ERROR, "unexpected internal error; see the worker log"
+                )
             finally:
                 self._metrics.checksums_running.dec()
                 if self._running.get(name) is running:

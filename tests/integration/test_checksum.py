@@ -30,6 +30,7 @@ from tests.conftest import (
     scheduler_for,
 )
 from tests.integration.test_data_path import (
+    _loop_device_on,
     image_with_long_zero_runs,
     nbd_uri,
     prefilled_volume,
@@ -170,6 +171,28 @@ async def test_checksum_after_a_copy_equals_ovirt_imageios(
     changed = await scheduler.request(checksum_job(ready), timeout_s=60)
     assert changed["checksum"] != expected["checksum"]
     assert changed["checksum"] == (await imageio_checksum(volume))["checksum"]
+
+
+async def test_checksum_of_a_block_device_equals_ovirt_imageios(
+    settings: Settings, amqp: AbstractConnection, disks_dir: Path, tmp_path: Path
+) -> None:
+    """A loop device, as a volume on an appliance: no holes to skip, every block read."""
+    backing = prefilled_volume(tmp_path / "backing.img")
+    image = image_with_long_zero_runs(tmp_path / "source.img")
+    expected = await imageio_checksum(image)
+    with _loop_device_on(backing) as device:
+        block_settings = settings.model_copy(update={"device_roots": (disks_dir, Path("/dev"))})
+        async with running_worker(block_settings):
+            scheduler = await scheduler_for(amqp, block_settings)
+            ready = await scheduler.request(job(device=device))
+            copy = await run_tool("nbdcopy", "--flush", str(image), nbd_uri(ready))
+            assert copy.returncode == 0, copy.stderr
+            reply = await scheduler.request(checksum_job(ready), timeout_s=60)
+            await scheduler.channel.close()
+    assert reply["status"] == "checksummed", reply
+    assert reply["checksum"] == expected["checksum"]
+    assert reply["size"] == backing.stat().st_size
+    assert reply["zero_bytes"] >= 256 * MIB  # found by reading: a device reports no holes
 
 
 async def test_a_worker_killed_mid_checksum_answers_it_once_after_its_restart(
