@@ -22,6 +22,8 @@ from ovirt_imageio import client as imageio_client
 
 from harness.worker_process import WorkerProcess, env_for
 from tests.conftest import (
+    AMQP_URL,
+    NODE,
     RunningWorker,
     Scheduler,
     job,
@@ -38,6 +40,7 @@ from tests.integration.test_data_path import (
 )
 from worker import blkhash
 from worker.blkhash import HashResult
+from worker.client import ExportNotFound, SchedulerClient
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -309,4 +312,16 @@ async def test_every_job_is_answered_while_a_checksum_runs(
     ]
     answers = [await scheduler.reply(corr, timeout_s=30) for corr in reuses]
     assert {a["action"] for a in answers} == {"reused"}, answers
-    assert (await scheduler.reply(checksum, timeout_s=60))["status"] == "checksummed"
+    first = await scheduler.reply(checksum, timeout_s=60)
+    assert first["status"] == "checksummed"
+
+    # The scheduler's client, by the node's routing key: the same value, typed; a disk the
+    # node does not serve raises the error's class.
+    async with await SchedulerClient.connect(
+        AMQP_URL, exchange=worker.settings.exchange, node_id=NODE, timeout_s=30
+    ) as client:
+        typed = await client.checksum(ready["vm_id"], 0)
+        assert typed.checksum == first["checksum"]
+        assert (typed.algorithm, typed.block_size) == ("blake2b", 4 * MIB)
+        with pytest.raises(ExportNotFound):
+            await client.checksum(ready["vm_id"], 1)
