@@ -134,6 +134,7 @@ class Checksums:
         self._attached = asyncio.Event()
         # Read by the hashing threads between blocks.
         self._stopping = threading.Event()
+        self._resuming: asyncio.Task[None] | None = None
 
     def attach(self, publisher: ConfirmedPublisher | None) -> None:
         """The broker session's publisher (None: no session now)."""
@@ -203,12 +204,29 @@ class Checksums:
 
     async def resume(self) -> int:
         """Takes up this node's checksums a stopped worker left: hashes again those not
-        finished, publishes the others' replies. How many."""
-        jobs = await self._persist(self._store.checksum_jobs)
+        finished, publishes the others' replies. How many. Raises WorkerError when the
+        database does not answer."""
+        jobs = await self._store.checksum_jobs()
         for job in jobs:
             log.info("Resuming a checksum job_id=%s hashed=%s", job.job_id, job.reply is not None)
             self._start(job)
         return len(jobs)
+
+    def start_resume(self) -> None:
+        """resume() in the background, tried again until it succeeds: a database away at
+        start-up delays the checksums left, not the worker's start."""
+
+        async def resume() -> None:
+            while True:
+                try:
+                    await self.resume()
+                except WorkerError as exc:
+                    log.warning("Could not resume checksums; trying again error=%s", exc)
+                else:
+                    return
+                await asyncio.sleep(self._retry_s)
+
+        self._resuming = asyncio.create_task(resume())
 
     def _start(self, job: ChecksumJob) -> None:
         if job.job_id in self._tasks:
@@ -222,6 +240,8 @@ class Checksums:
         """Stops hashing and publishing; unanswered jobs stay for the next start."""
         self._stopping.set()
         tasks = list(self._tasks.values())
+        if self._resuming is not None:
+            tasks.append(self._resuming)
         for task in tasks:
             task.cancel()
         if tasks:

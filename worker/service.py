@@ -280,11 +280,8 @@ async def serve(
             checksums=lambda name: checksums.progress(name) if checksums else None,
         )
         checksums = build_checksums(settings, repository, flow, metrics)
-        # Checksums a stopped worker left: hashed again or answered, before new jobs come.
-        try:
-            await checksums.resume()
-        except WorkerError as exc:
-            log.warning("Could not resume checksums: %s", exc)
+        # Checksums a stopped worker left: hashed again, or their answers published.
+        checksums.start_resume()
         broker = build_broker(settings, flow, metrics, events, checksums)
         # Beside the jobs, never on their path: the live view's samples and its events.
         background.append(asyncio.create_task(events.run()))
