@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -248,3 +249,29 @@ async def test_refusals(rig: Rig) -> None:
     with pytest.raises(InvalidRequest):
         await rig.checksums.accept(checksum_request("used"), reply_to=None, correlation_id=None)
     assert rig.store.checksums == {}
+
+
+async def test_no_more_hash_at_once_than_the_concurrency(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.prepare()
+    at_once, most = 0, 0
+    real = hash_fd
+
+    def counted(fd: int, **kwargs: Any) -> Any:
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        try:
+            time.sleep(0.05)  # long enough for the others to start, were they allowed to
+            return real(fd, **kwargs)
+        finally:
+            at_once -= 1
+
+    monkeypatch.setattr("worker.checksums.hash_fd", counted)
+    for n in range(3):
+        request = checksum_request(f"sum-{n}")
+        assert await rig.checksums.accept(request, reply_to="q", correlation_id=str(n)) is None
+    await rig.publisher.wait_for(3)
+    assert most == 1  # the default concurrency
+    assert {body["checksum"] for _, _, body in rig.publisher.sent} == {rig.expected()}
