@@ -83,22 +83,6 @@ class _Running:
     done: int = 0
 
 
-def _job(
-    request: ChecksumExport, mapping: Mapping, reply_to: str | None, correlation_id: str | None
-) -> ChecksumJob:
-    return ChecksumJob(
-        job_id=request.job_id,
-        vm_id=request.vm_id,
-        disk_unit_number=request.disk_unit_number,
-        device_path=mapping.device_path,
-        device_id=mapping.device_id,
-        algorithm=request.algorithm,
-        block_size=request.block_size,
-        reply_to=reply_to,
-        correlation_id=correlation_id,
-    )
-
-
 def _reply_of(body: dict[str, object]) -> Reply:
     if body.get("status") == "checksummed":
         return ExportChecksum.model_validate(body)
@@ -174,7 +158,7 @@ class Checksums:
             log.info("Checksum accepted before; not run again job_id=%s", request.job_id)
             return None
         mapping = await self._flow.flush_for_checksum(request)
-        job = _job(request, mapping, reply_to, correlation_id)
+        job = ChecksumJob.of(request, mapping, reply_to, correlation_id)
         if await self._store.add_checksum(job):
             log.info(
                 "Checksum accepted job_id=%s export_name=%s algorithm=%s block_size=%d",
@@ -187,7 +171,7 @@ class Checksums:
         """What a checksum-export answers, computed and returned here (the command line):
         flushed and hashed the same way, nothing recorded, nothing published."""
         mapping = await self._flow.flush_for_checksum(request)
-        return await self._hash(_job(request, mapping, None, None))
+        return await self._hash(ChecksumJob.of(request, mapping, None, None))
 
     def _repeat(self, request: ChecksumExport, recorded: JobRecord) -> Reply:
         status = recorded.reply.get("status")
