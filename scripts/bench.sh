@@ -10,6 +10,8 @@
 #                                 (bench/live.py; --live --small for a smoke run)
 #   ./scripts/bench.sh --checksum checksum-export's hashing against b2sum and ovirt-imageio's
 #                                 client on a 1 GiB image (bench/checksum.py; --small too)
+#   ./scripts/bench.sh --profile  where the worker's CPU goes on the reuse path (py-spy;
+#                                 bench/profile.py; --profile --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +21,10 @@ bash scripts/bootstrap.sh
 if [ "${1:-}" = "--copy" ]; then
   shift
   exec .venv/bin/python -m bench.copy "$@"
+fi
+if [ "${1:-}" = "--profile" ]; then
+  shift
+  exec .venv/bin/python -m bench.profile "$@"
 fi
 if [ "${1:-}" = "--live" ]; then
   shift

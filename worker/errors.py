@@ -205,5 +205,5 @@ class DatabaseError(WorkerError):
 
 
 class TransactionConflict(TransientDatabaseError):
-    """A deadlock, or a Galera certification failure or brute-force abort (1213, 1317:
+    """A deadlock, or a Galera certification failure or brute-force abort (1213, 1317, 1146:
     worker/db_errors.py): the statement is retried at once, on its own."""

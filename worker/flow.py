@@ -434,6 +434,8 @@ class ExportFlow:
             if step.restore is not None:
                 await self._undo_relink(step.restore, device.device_id)
             raise
+        if self._live is not None and ensured.changed:
+            self._live.changed(name)  # the link is written: the view reads it again
         proposed = step.answer
         if not ensured.changed and not step.resumes:
             # Everything was in place already: a job for this disk on another worker made

@@ -199,7 +199,8 @@ async def test_job_path_statements_outlast_another_nodes_ddl_on_their_tables(
                         await step()
                         calls += 1
                     except Exception as exc:
-                        errors.append(f"{node_id}: {exc!r}")
+                        what = getattr(getattr(step, "func", step), "__name__", "?")
+                        errors.append(f"{node_id}: {what}: {exc!r}")
         finally:
             await repo.close()
 

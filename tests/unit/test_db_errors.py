@@ -18,6 +18,8 @@ TABLE = [
     (1213, CONFLICT),  # ER_LOCK_DEADLOCK
     # ...and a statement BF-aborted over a metadata lock by another node's DDL (TOI).
     (1317, CONFLICT),  # ER_QUERY_INTERRUPTED
+    # ...and, beside another node's ALTER of the table, a table briefly not found.
+    (1146, CONFLICT),  # ER_NO_SUCH_TABLE
     (1205, TRANSIENT),  # ER_LOCK_WAIT_TIMEOUT
     (1047, TRANSIENT),  # ER_UNKNOWN_COM_ERROR: WSREP has not yet prepared node
     (2003, TRANSIENT),  # cannot connect
@@ -32,7 +34,6 @@ TABLE = [
     (4165, PERMANENT),  # ER_GALERA_REPLICATION_NOT_SUPPORTED
     # Not Galera's: answered by the worker's own logic, or plain errors.
     (1062, PERMANENT),  # ER_DUP_ENTRY: the claim's arbiter
-    (1146, PERMANENT),  # ER_NO_SUCH_TABLE
     (0, PERMANENT),  # a driver error without a number
 ]
 KINDS = {

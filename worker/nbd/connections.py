@@ -9,7 +9,8 @@ negotiating, or refused, has none.
 Read-only, and only what the kernel shows the same user: /proc/MAIN/task/MAIN/children,
 /proc/CHILD/{stat,fd,io}, /proc/MAIN/net/tcp{,6}. No signal, no ptrace attach, nothing
 written. Checked on the project's build (docs/architecture.md, "The live view"): a child's
-`write_bytes` is the data written through it (zeroes go by fallocate and add nothing), and
+`write_bytes`, capped by its `wchar`, is the data written through it (zeroes go by
+fallocate and add nothing), and
 the main process's counters grow by a child's whole counters when it reaps it.
 """
 

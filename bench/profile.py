@@ -1,0 +1,174 @@
+"""Where the worker's CPU goes on the reuse path: py-spy samples the worker while it answers
+reuse jobs at concurrency 16 over 1,000 mappings, and the functions with the most samples
+are printed, by their own time (the frame at the top of the stack) and by their total time
+(anywhere on it).
+
+    ./scripts/bench.sh --profile           20,000 reuses (about a minute)
+    ./scripts/bench.sh --profile --small   2,000 reuses: a smoke run
+
+py-spy (a dev extra) reads the process from outside, so the worker runs as it always does;
+`--nonblocking` leaves it running while a sample is read. Samples of an idle event loop
+(the selector's wait) are counted apart, so the shares are of the time the worker was busy.
+The worker's CPU per job is printed too (user + system, /proc/PID/stat), the figure the
+reuse target is set in. It never fails on a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.cpu import cpu_seconds
+from bench.driver import Driver
+from bench.stack import REPO_ROOT, Stack
+from harness.processes import StartFailed
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")
+MAPPINGS = 1000
+CONCURRENCY = 16
+TOP = 25
+#: The frame of an event loop with nothing to do: its wait for the next event.
+IDLE = "select (selectors.py)"
+
+
+def frame_name(frame: str) -> str:
+    """`function (path/to/module.py:line)` as `function (module.py)`: one entry a function,
+    whatever line of it was running, and short paths."""
+    name, _, where = frame.partition(" (")
+    path = where.rsplit(":", 1)[0].rstrip(")")
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{name} ({short})"
+
+
+def summarize(collapsed: str) -> dict[str, Any]:
+    """Own and total samples a function, from py-spy's collapsed stacks ("a;b;c COUNT")."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    busy = idle = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [frame_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        if frames[-1].endswith(IDLE):
+            idle += count
+            continue
+        busy += count
+        own[frames[-1]] += count
+        for name in set(frames):
+            inclusive[name] += count
+    return {
+        "busy_samples": busy,
+        "idle_samples": idle,
+        "own": own.most_common(TOP),
+        "total": inclusive.most_common(TOP),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        raise StartFailed("py-spy is not installed (pip install -e '.[dev]')")
+    jobs_count = 2000 if args.small else 20000
+    with tempfile.TemporaryDirectory(prefix="nbd-profile-") as tmp:
+        stack = Stack(Path(tmp), args.out / "logs", amqp_url=AMQP_URL, mysql_url=MYSQL_URL)
+        try:
+            await stack.setup()
+            pairs = await stack.prepopulate(MAPPINGS)
+            await stack.start_server()
+            assert stack.connection is not None
+            driver = Driver(stack.connection)
+            await driver.start()
+            proc, _ = await stack.start_worker("profile")
+            rng = random.Random(7)  # noqa: S311 - a fixed order, not secrecy
+
+            def jobs(count: int, tag: str) -> list[dict[str, Any]]:
+                return [rng.choice(pairs).job(f"profile-{tag}-{i}") for i in range(count)]
+
+            await driver.closed_loop(stack.request_queue, jobs(500, "warm"), CONCURRENCY, 60)
+            collapsed = Path(tmp) / "profile.txt"
+            spy = await asyncio.create_subprocess_exec(
+                py_spy, "record", "--pid", str(proc.pid), "--format", "raw",
+                "--output", str(collapsed), "--rate", "250", "--nonblocking",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            await asyncio.sleep(1.0)  # py-spy attached
+            before = cpu_seconds(proc.pid)
+            result = await driver.closed_loop(
+                stack.request_queue, jobs(jobs_count, "run"), CONCURRENCY, 120
+            )
+            after = cpu_seconds(proc.pid)
+            spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+            await asyncio.wait_for(spy.wait(), 30)
+            await driver.close()
+            answered = len(result.results)
+            summary = summarize(collapsed.read_text())
+            if args.keep:
+                args.keep.write_text(collapsed.read_text())
+            if before is None or after is None:
+                raise StartFailed("the worker exited during the run")
+            return {
+                "jobs": answered,
+                "concurrency": CONCURRENCY,
+                "worker_cpu_ms_per_job": (after - before) * 1000 / max(answered, 1),
+                **summary,
+            }
+        finally:
+            await stack.cleanup()
+
+
+def render(result: dict[str, Any]) -> str:
+    busy = max(result["busy_samples"], 1)
+    lines = [
+        f"reuse at concurrency {result['concurrency']}, {result['jobs']} jobs: worker CPU "
+        f"{result['worker_cpu_ms_per_job']:.3f} ms per job; {result['busy_samples']} busy "
+        f"samples, {result['idle_samples']} idle",
+        "",
+        "| own % | function | | total % | function |",
+        "|---:|---|---|---:|---|",
+    ]
+    for (own_name, own_n), (total_name, total_n) in zip(
+        result["own"], result["total"], strict=False
+    ):
+        lines.append(
+            f"| {own_n / busy:.1%} | `{own_name}` | | {total_n / busy:.1%} | `{total_name}` |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./scripts/bench.sh --profile", description=__doc__)
+    parser.add_argument("--small", action="store_true", help="a smoke run (2,000 reuses)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
+    parser.add_argument("--keep", type=Path, help="also write py-spy's collapsed stacks here")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        result = asyncio.run(run(args))
+    except StartFailed as exc:
+        print(f"the stack could not start: {exc}", file=sys.stderr)
+        return 1
+    (args.out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
