@@ -9,7 +9,8 @@
 #   ./scripts/bench.sh --live     the live view's CPU cost with 100 exports and 50 connections
 #                                 (bench/live.py; --live --small for a smoke run)
 #   ./scripts/bench.sh --checksum checksum-export's hashing against b2sum and ovirt-imageio's
-#                                 client on a 1 GiB image (bench/checksum.py; --small too)
+#                                 client on a 1 GiB image, and reuses beside a checksum
+#                                 (bench/checksum.py; --small, --beside)
 #   ./scripts/bench.sh --profile  where the worker's CPU goes on the reuse path (py-spy;
 #                                 bench/profile.py; --profile --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
