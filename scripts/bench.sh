@@ -8,6 +8,9 @@
 #                                 device (bench/copy.py; --copy --small for a smoke run)
 #   ./scripts/bench.sh --live     the live view's CPU cost with 100 exports and 50 connections
 #                                 (bench/live.py; --live --small for a smoke run)
+#   ./scripts/bench.sh --checksum checksum-export's hashing against b2sum and ovirt-imageio's
+#                                 client on a 1 GiB image, and reuses beside a checksum
+#                                 (bench/checksum.py; --small, --beside)
 #   ./scripts/bench.sh --profile  where the worker's CPU goes on the reuse path (py-spy;
 #                                 bench/profile.py; --profile --small for a smoke run)
 # It never fails on a timing: exit 0 when it ran, 1 when the stack could not start.
@@ -27,5 +30,9 @@ fi
 if [ "${1:-}" = "--live" ]; then
   shift
   exec .venv/bin/python -m bench.live "$@"
+fi
+if [ "${1:-}" = "--checksum" ]; then
+  shift
+  exec .venv/bin/python -m bench.checksum "$@"
 fi
 exec .venv/bin/python -m bench "$@"

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from worker.broker import BrokerSession
+from worker.checksums import Checksums
 from worker.consumer import JobConsumer, QueueConfig
 from worker.devices import DevicePolicy
 from worker.events import EventPublisher
@@ -19,10 +20,12 @@ from worker.flow import ExportFlow
 from worker.jobs import JobLedger
 from worker.live import LiveView
 from worker.live_sampler import LiveSampler
+from worker.messages import ChecksumProgress
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.baseline import BaselineNbdServer
 from worker.nbd.server import NbdServer
 from worker.nbd.wire import own_ports
+from worker.publisher import ConfirmedPublisher
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -92,6 +95,7 @@ def build_flow(
     server: NbdServer,
     ledger: JobLedger,
     live: LiveSampler | None = None,
+    checksums: Callable[[str], ChecksumProgress | None] | None = None,
 ) -> ExportFlow:
     return ExportFlow(
         repository,
@@ -109,6 +113,21 @@ def build_flow(
         client_addresses=settings.client_addresses,
         live=live,
         lease_s=settings.lease_s,
+        checksums=checksums,
+    )
+
+
+def build_checksums(
+    settings: Settings, repository: Repository, flow: ExportFlow, metrics: Metrics
+) -> Checksums:
+    return Checksums(
+        repository,
+        flow,
+        link_for=lambda name: settings.link_dir / name,
+        node_id=settings.node_id,
+        reply_queue=settings.reply_queue,
+        metrics=metrics,
+        concurrency=settings.checksum_concurrency,
     )
 
 
@@ -117,18 +136,28 @@ def build_broker(
     flow: ExportFlow,
     metrics: Metrics,
     events: EventPublisher | None = None,
+    checksums: Checksums | None = None,
 ) -> BrokerSession:
     """The broker session, with a JobConsumer on every channel it opens."""
     queues = queue_config(settings)
+
+    def on_publisher(publisher: ConfirmedPublisher | None) -> None:
+        if events is not None:
+            events.attach(publisher)
+        if checksums is not None:
+            checksums.attach(publisher)
+
     return BrokerSession(
         settings.amqp_urls,
-        lambda channel, publisher: JobConsumer(channel, publisher, flow, metrics, queues),
+        lambda channel, publisher: JobConsumer(
+            channel, publisher, flow, metrics, queues, checksums
+        ),
         metrics,
         connect_timeout_s=settings.amqp_connect_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
         publish_retry_s=settings.publish_retry_s,
         shutdown_grace_s=settings.shutdown_grace_s,
-        on_publisher=events.attach if events is not None else None,
+        on_publisher=on_publisher,
     )
 
 

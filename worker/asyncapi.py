@@ -29,6 +29,8 @@ from pydantic import BaseModel
 from worker.assembly import queue_config
 from worker.messages import (
     SCHEMA_FILES,
+    ChecksumExport,
+    ExportChecksum,
     ExportEvent,
     ExportFailed,
     ExportFlushed,
@@ -57,6 +59,7 @@ SUCCESS_REPLIES: dict[type[BaseModel], type[BaseModel]] = {
     ReleaseExport: ExportReleased,
     FlushExport: ExportFlushed,
     InspectExport: ExportStatus,
+    ChecksumExport: ExportChecksum,
 }
 #: Operation ids, one per request: the worker receives them all from one queue.
 OPERATIONS: dict[type[BaseModel], str] = {
@@ -64,6 +67,7 @@ OPERATIONS: dict[type[BaseModel], str] = {
     ReleaseExport: "releaseExport",
     FlushExport: "flushExport",
     InspectExport: "inspectExport",
+    ChecksumExport: "checksumExport",
 }
 
 _HEADER = (
@@ -380,9 +384,10 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
             "title": "nbd-export-worker",
             "version": version("nbd-export-worker"),
             "description": "Serves VM disks as NBD exports for migration jobs: schedulers "
-            "send prepare-export, release-export, flush-export and inspect-export jobs; the "
-            "worker answers each with export-ready, export-released, export-flushed or "
-            "export-status, or export-failed, to the job's reply_to with its correlation_id. "
+            "send prepare-export, release-export, flush-export, inspect-export and "
+            "checksum-export jobs; the worker answers each with export-ready, "
+            "export-released, export-flushed, export-status or export-checksum, or "
+            "export-failed, to the job's reply_to with its correlation_id. "
             "It publishes an export-event when a connection of an export begins or ends.",
             "license": {"name": "Apache-2.0"},
         },

@@ -25,7 +25,13 @@ from worker.asyncapi import write_asyncapi
 from worker.commands import ExitCode, check, exports, health, queue, run, status
 from worker.errors import WorkerError
 from worker.logs import setup_logging
-from worker.messages import VM_ID_PATTERN, write_schemas
+from worker.messages import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUM_ALGORITHMS,
+    CHECKSUM_BLOCK_SIZE,
+    VM_ID_PATTERN,
+    write_schemas,
+)
 from worker.node_identity import NodeIdentity, NodeIdError, settle_node_id
 from worker.settings import Settings
 
@@ -42,6 +48,7 @@ COMMANDS: dict[str, Command] = {
     "release": lambda settings, args, _identity: exports.release(settings, args),
     "flush": lambda settings, args, _identity: exports.flush(settings, args),
     "inspect": lambda settings, args, _identity: exports.inspect(settings, args),
+    "checksum": lambda settings, args, _identity: exports.checksum(settings, args),
     "self-test": lambda settings, args, _identity: exports.self_test(settings, args),
     "check": lambda settings, _args, identity: check.check(settings, identity),
     "healthcheck": lambda settings, args, _identity: health.healthcheck(settings, args),
@@ -109,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flush.add_argument("--vm-id", required=True, type=_vm_id)
     flush.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    checksum = commands.add_parser(
+        "checksum",
+        help="flush an export's device and print its checksum, as a checksum-export job "
+        "answers (ovirt-imageio's; exit 1 on failure)",
+    )
+    checksum.add_argument("--vm-id", required=True, type=_vm_id)
+    checksum.add_argument("--disk", type=int, required=True, help="disk_unit_number")
+    checksum.add_argument("--algorithm", default=CHECKSUM_ALGORITHM, choices=CHECKSUM_ALGORITHMS)
+    checksum.add_argument("--block-size", type=int, default=CHECKSUM_BLOCK_SIZE)
     inspect = commands.add_parser(
         "inspect",
         help="an export's mapping and live state (connections, bytes written, idle), as an "

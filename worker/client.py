@@ -15,8 +15,8 @@ identically, so such a request may be answered twice: the first reply wins.
 `lease()` holds an export for the length of a block: prepared with a lease, renewed at a
 third of it, released (drain, generation-fenced) on the way out.
 
-Over 400 lines (budget 760): the scheduler's whole side in one module, as messages.py is
-the whole contract: one exception class per error code, the four jobs, the connection that
+Over 400 lines (budget 800): the scheduler's whole side in one module, as messages.py is
+the whole contract: one exception class per error code, the five jobs, the connection that
 comes back, and the lease.
 """
 
@@ -37,9 +37,14 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from worker.messages import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUM_BLOCK_SIZE,
     AnyRequest,
+    ChecksumAlgorithm,
+    ChecksumExport,
     ConnectionStatus,
     ErrorCode,
+    ExportChecksum,
     ExportFailed,
     ExportFlushed,
     ExportReady,
@@ -65,7 +70,7 @@ RECONNECT_MAX_S = 10.0
 CONFIRM_TIMEOUT_S = 10.0
 
 Mode = Literal["safe", "drain", "force"]
-R = TypeVar("R", ExportReady, ExportStatus, ExportFlushed, ExportReleased)
+R = TypeVar("R", ExportReady, ExportStatus, ExportFlushed, ExportReleased, ExportChecksum)
 
 
 class ClientError(Exception):
@@ -157,6 +162,12 @@ class FlushFailed(ExportError):
 
 class ExportNotFound(ExportError):
     CODE = ErrorCode.EXPORT_NOT_FOUND
+
+
+class ExportChanged(ExportError):
+    """checksum-export: the export was released or relinked while it was hashed."""
+
+    CODE = ErrorCode.EXPORT_CHANGED
 
 
 class ExportInUse(ExportError):
@@ -426,6 +437,32 @@ class SchedulerClient:
             generation=generation,
         )
         return await self._call(request, ExportFlushed, timeout_s)
+
+    async def checksum(
+        self,
+        vm_id: str,
+        disk: int,
+        *,
+        algorithm: ChecksumAlgorithm = CHECKSUM_ALGORITHM,
+        block_size: int = CHECKSUM_BLOCK_SIZE,
+        generation: int | None = None,
+        job_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ExportChecksum:
+        """The checksum of what the export serves, after a flush; equal to
+        `ovirt_imageio.client.checksum()` of the source image with the same parameters.
+        It reads the whole device: give a `timeout_s` fit for its size (about 1 s per GiB
+        of data on the appliance's disks)."""
+        request = ChecksumExport(
+            type="checksum-export",
+            job_id=job_id or new_job_id(),
+            vm_id=vm_id,
+            disk_unit_number=disk,
+            algorithm=algorithm,
+            block_size=block_size,
+            generation=generation,
+        )
+        return await self._call(request, ExportChecksum, timeout_s)
 
     async def release(
         self,

@@ -98,6 +98,13 @@ class ExportNotFound(WorkerError):
     code = ErrorCode.EXPORT_NOT_FOUND
 
 
+class ExportChanged(WorkerError):
+    """checksum-export: the export was released or relinked while its device was hashed;
+    no checksum of what it serves can be given."""
+
+    code = ErrorCode.EXPORT_CHANGED
+
+
 class ExportInUse(WorkerError):
     """A release found connections open and released nothing: an answer, not a failure."""
 

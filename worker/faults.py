@@ -24,9 +24,14 @@ CreateStep = Literal[
 ]
 #: The other jobs' steps once their work is done, before their reply: a reuse (its record
 #: not yet written), a flush and a release (not yet recorded), and a failed fsync (its
-#: failure kept on the mapping, the error not yet answered).
+#: failure kept on the mapping, the error not yet answered); a checksum half hashed (its
+#: request acked, its row recorded).
 OtherStep = Literal[
-    "reuse_before_record", "flush_before_record", "release_before_record", "flush_failure_kept"
+    "reuse_before_record",
+    "flush_before_record",
+    "release_before_record",
+    "flush_failure_kept",
+    "checksum_half_hashed",
 ]
 CrashPoint = CreateStep | OtherStep
 #: The steps of a create: the fault suite kills a worker at each.

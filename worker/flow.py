@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -42,6 +43,8 @@ from worker.mappings import (
 )
 from worker.messages import (
     AnyRequest,
+    ChecksumExport,
+    ChecksumProgress,
     ConnectionStatus,
     ExportFlushed,
     ExportLiveState,
@@ -176,7 +179,9 @@ def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
 
 
 def _check_generation(
-    request: FlushExport | ReleaseExport | InspectExport, mapping: Mapping, issued: int
+    request: FlushExport | ReleaseExport | InspectExport | ChecksumExport,
+    mapping: Mapping,
+    issued: int,
 ) -> None:
     """Refuses a job that names an older generation than the export's (none: no check).
     A newer one is not refused: a reuse's generation whose record a crash lost."""
@@ -217,8 +222,11 @@ class ExportFlow:
         client_addresses: tuple[str, ...],
         live: LiveStates | None = None,
         lease_s: int = 0,
+        checksums: Callable[[str], ChecksumProgress | None] | None = None,
     ) -> None:
         self._mappings = mappings
+        #: The checksum running on an export, for inspect-export (worker/checksums.py).
+        self._checksums = checksums
         #: The live view inspect-export answers from (None: not sampled in this process).
         self._live = live
         #: The lease of a prepare-export that names none (0: none).
@@ -543,6 +551,21 @@ class ExportFlow:
             await self._ledger.record(_record(flushed))
             return flushed
 
+    async def flush_for_checksum(self, request: ChecksumExport) -> Mapping:
+        """flush-export's path without its reply or record, for a job that reads the device
+        once it is flushed: the active mapping. Raises as flush_export does."""
+        key = (request.vm_id, request.disk_unit_number)
+        async with self._keys.hold(key):
+            mapping, _ = await self._mappings.lookup(*key, request.job_id)
+            if mapping is None or not mapping.is_active:
+                raise ExportNotFound(
+                    f"no active export for vm {request.vm_id} disk {request.disk_unit_number} "
+                    "on this node: nothing to hash"
+                )
+            _check_generation(request, mapping, self._issued.get(key, 0))
+            await self._flush(mapping, request.job_id)
+            return mapping
+
     async def inspect_export(self, request: InspectExport) -> ExportStatus:
         """The (VM, disk)'s mapping and, while its export is active, its live state from a
         fresh sample. Changes nothing, takes no lock, records nothing: asking again gives
@@ -585,6 +608,7 @@ class ExportFlow:
                 "generation": max(mapping.generation, self._issued.get(key, 0)),
                 "lease_expires_at": lease_expires_at if mapping.is_active else None,
                 "fenced": mapping.is_active and mapping.fenced,
+                "checksum": self._checksums(request.export_name) if self._checksums else None,
             }
         )
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from worker.access import normalize_client_addresses
+
+if TYPE_CHECKING:
+    from worker.messages import ChecksumExport
 
 
 class Mapping(BaseModel):
@@ -116,6 +119,44 @@ class OutboxEvent:
     ref: str
     body: str
     ready: bool
+
+
+@dataclass(frozen=True)
+class ChecksumJob:
+    """A checksum-export accepted and not yet answered (export_checksums): what to hash,
+    where to reply, and the reply once hashed (JSON; None while it runs)."""
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    device_path: str
+    device_id: str
+    algorithm: str
+    block_size: int
+    reply_to: str | None
+    correlation_id: str | None
+    reply: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        request: ChecksumExport,
+        mapping: Mapping,
+        reply_to: str | None,
+        correlation_id: str | None,
+    ) -> ChecksumJob:
+        """The job accepted for `request` on the active `mapping`: its device, as found."""
+        return cls(
+            job_id=request.job_id,
+            vm_id=request.vm_id,
+            disk_unit_number=request.disk_unit_number,
+            device_path=mapping.device_path,
+            device_id=mapping.device_id,
+            algorithm=request.algorithm,
+            block_size=request.block_size,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""The message contract: the jobs (prepare, release, flush, inspect), their replies, and the
-export events.
+"""The message contract: the jobs (prepare, release, flush, inspect, checksum), their
+replies, and the export events.
 
 Field names are the contract with the schedulers (and the SQL columns): never rename them.
 Everything here is pure; these models are the only gate between a message and the worker.
 
-Over 400 lines (budget 680) on purpose: the whole contract in one file, from which every
+Over 400 lines (budget 760) on purpose: the whole contract in one file, from which every
 JSON Schema in schema/messages/ is generated.
 """
 
@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -114,6 +114,10 @@ class ErrorCode(StrEnum):
     """A snippet, link or authfile could not be written (retried; a `cause`)."""
     DATABASE_ERROR = "database_error"
     """The database refused a statement, or a session that TLS requires is plaintext."""
+    EXPORT_CHANGED = "export_changed"
+    """checksum-export: the export was released or relinked while its checksum ran, so no
+    checksum of what it serves could be given. Not retried; send the job again (a new
+    job_id) if the export still matters."""
     RETRIES_EXHAUSTED = "retries_exhausted"
     """A transient failure outlasted every retry and delivery; `cause` says which. The
     job is kept, intact, in the dead-letter queue."""
@@ -300,6 +304,55 @@ class InspectExport(_DiskJob):
     )
 
 
+#: ovirt-imageio's blkhash defaults (ovirt_imageio/_internal/blkhash.py): the same here, so
+#: that a scheduler comparing with `ovirt_imageio.client.checksum()` needs no parameters.
+CHECKSUM_ALGORITHM: Final = "blake2b"
+CHECKSUM_BLOCK_SIZE = 4 * 1024**2
+#: ovirt-imageio's limits (ovirt_imageio/_internal/handlers/checksum.py): a quarter to four
+#: times the default block, aligned to 4096.
+MIN_CHECKSUM_BLOCK_SIZE = CHECKSUM_BLOCK_SIZE // 4
+MAX_CHECKSUM_BLOCK_SIZE = CHECKSUM_BLOCK_SIZE * 4
+#: hashlib's algorithms every Python has, but the shake ones, whose digest has no fixed
+#: length (ovirt-imageio's hexdigest() would fail on them).
+ChecksumAlgorithm = Literal[
+    "blake2b",
+    "blake2s",
+    "md5",
+    "sha1",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha3_224",
+    "sha3_256",
+    "sha3_384",
+    "sha3_512",
+    "sha512",
+]
+CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
+
+
+class ChecksumExport(_DiskJob):
+    """A scheduler's request: the checksum of what a new connection to the export would
+    read, after a flush, as ovirt-imageio computes it (answered with export-checksum once
+    hashed, maybe long after the request was acked)."""
+
+    type: Literal["checksum-export"]
+    algorithm: ChecksumAlgorithm = Field(
+        default=CHECKSUM_ALGORITHM,
+        description="A hashlib algorithm, as ovirt-imageio's checksum takes it (blake2b "
+        "and blake2s with a 32-byte digest).",
+    )
+    block_size: int = Field(
+        default=CHECKSUM_BLOCK_SIZE,
+        ge=MIN_CHECKSUM_BLOCK_SIZE,
+        le=MAX_CHECKSUM_BLOCK_SIZE,
+        multiple_of=4096,
+        strict=True,
+        description="Bytes per block (1 MiB to 16 MiB, a multiple of 4096); must match the "
+        "source side's to compare.",
+    )
+
+
 def _request_type(value: object) -> object:
     # `type` is optional for prepare-export, the original (and most common) message.
     if isinstance(value, dict):
@@ -311,7 +364,8 @@ Request = Annotated[
     Annotated[PrepareExport, Tag("prepare-export")]
     | Annotated[ReleaseExport, Tag("release-export")]
     | Annotated[FlushExport, Tag("flush-export")]
-    | Annotated[InspectExport, Tag("inspect-export")],
+    | Annotated[InspectExport, Tag("inspect-export")]
+    | Annotated[ChecksumExport, Tag("checksum-export")],
     Discriminator(_request_type),
 ]
 
@@ -353,6 +407,38 @@ class ExportFlushed(BaseModel):
     export_name: str
     device_path: str = Field(description="The device the export serves, as its mapping names it.")
     node_id: str
+
+
+class ExportChecksum(BaseModel):
+    """Checksum reply: `algorithm`, `block_size` and `checksum` are what
+    `ovirt_imageio.client.checksum()` returns for an image with the same content."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    vm_id: str
+    disk_unit_number: int
+    status: Literal["checksummed"] = "checksummed"
+    export_name: str
+    device_path: str = Field(description="The device hashed, as its mapping names it.")
+    node_id: str
+    algorithm: str = Field(examples=["blake2b"])
+    block_size: int = Field(examples=[4194304])
+    checksum: str = Field(description="Hex digest of the block digests.")
+    size: int = Field(description="Bytes hashed: the whole device.")
+    zero_bytes: int = Field(description="Of them, in blocks that were all zeros (or holes).")
+    elapsed_s: float = Field(description="Hashing time (the last run, after a restart).")
+
+
+class ChecksumProgress(BaseModel):
+    """A checksum running on the export, in inspect-export."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    bytes_hashed: int
+    size: int
+    started_at: datetime
 
 
 class ExportReady(BaseModel):
@@ -479,6 +565,9 @@ class ExportStatus(BaseModel):
         default=False,
         description="The export admits no new connection: a drain or an expiry is under way.",
     )
+    checksum: ChecksumProgress | None = Field(
+        default=None, description="A checksum-export running on the export now."
+    )
 
 
 class ExportEvent(BaseModel):
@@ -555,14 +644,14 @@ class ExportFailed(BaseModel):
 ExportEvent.model_rebuild()
 
 #: What a job the flow ran answers; a failure is answered with an ExportFailed instead.
-JobReply = ExportReady | ExportReleased | ExportFlushed | ExportStatus
+JobReply = ExportReady | ExportReleased | ExportFlushed | ExportStatus | ExportChecksum
 Reply = JobReply | ExportFailed
-AnyRequest = PrepareExport | ReleaseExport | FlushExport | InspectExport
+AnyRequest = PrepareExport | ReleaseExport | FlushExport | InspectExport | ChecksumExport
 
 
 def parse_request(body: bytes) -> AnyRequest:
-    """A prepare-export (the default), a release-export, a flush-export or an
-    inspect-export. Raises ValidationError."""
+    """A prepare-export (the default), a release-export, a flush-export, an inspect-export
+    or a checksum-export. Raises ValidationError."""
     return _REQUEST.validate_json(body)
 
 
@@ -575,10 +664,12 @@ SCHEMA_FILES: dict[str, type[BaseModel]] = {
     "release-export.json": ReleaseExport,
     "flush-export.json": FlushExport,
     "inspect-export.json": InspectExport,
+    "checksum-export.json": ChecksumExport,
     "export-ready.json": ExportReady,
     "export-released.json": ExportReleased,
     "export-flushed.json": ExportFlushed,
     "export-status.json": ExportStatus,
+    "export-checksum.json": ExportChecksum,
     "export-failed.json": ExportFailed,
     "export-event.json": ExportEvent,
 }
@@ -589,7 +680,7 @@ def message_schemas() -> dict[str, str]:
     schemas = {}
     for name, model in SCHEMA_FILES.items():
         # Requests are described as the worker reads them, replies as it writes them.
-        requests = (PrepareExport, ReleaseExport, FlushExport, InspectExport)
+        requests = (PrepareExport, ReleaseExport, FlushExport, InspectExport, ChecksumExport)
         mode: JsonSchemaMode = "validation" if model in requests else "serialization"
         schema = model.model_json_schema(mode=mode)
         schemas[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

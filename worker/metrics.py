@@ -92,6 +92,9 @@ class Metrics:
     live_sample_duration: Histogram
     export_series: ExportSeries
     expiries: Counter
+    checksum_bytes: Counter
+    checksums_running: Gauge
+    checksums: Counter
 
 
 class NodeRegistry(CollectorRegistry):
@@ -284,6 +287,23 @@ def _build(r: NodeRegistry) -> Metrics:
             "nbd_export_expiries",
             "Exports whose lease or idle timeout ran out, by outcome: expired (released), "
             "forced (connections were cut first), flush_failed (left fenced, not released).",
+            ["outcome"],
+            registry=r,
+        ),
+        checksum_bytes=Counter(
+            "nbd_export_checksum_bytes",
+            "Bytes checksum-exports covered, zero blocks and holes included (a restarted "
+            "checksum counts again).",
+            registry=r,
+        ),
+        checksums_running=Gauge(
+            "nbd_export_checksums_running",
+            "checksum-exports hashing now (at most EXPORT_WORKER_CHECKSUM_CONCURRENCY; more wait).",
+            registry=r,
+        ),
+        checksums=Counter(
+            "nbd_export_checksums",
+            "checksum-exports answered, by outcome: checksummed, or the error code.",
             ["outcome"],
             registry=r,
         ),

@@ -3,7 +3,7 @@ deadlock retry, and the schema migrations.
 
 Returns frozen Mapping models and raises the worker's errors, never driver errors.
 
-Over 400 lines (budget 1120) on purpose: every SQL statement is here, so that the queries, their
+Over 400 lines (budget 1220) on purpose: every SQL statement is here, so that the queries, their
 transactions and their locking order are reviewed in one file.
 """
 
@@ -45,6 +45,7 @@ from worker.errors import (
 )
 from worker.live import Tracked, Usage
 from worker.mappings import (
+    ChecksumJob,
     Claimed,
     CommittedExport,
     JobRecord,
@@ -966,6 +967,96 @@ class Repository:
                 )
 
         await self._retrying(update)
+
+    async def add_checksum(self, job: ChecksumJob) -> bool:
+        """Records an accepted checksum-export; False when its job_id was recorded before
+        (a redelivery or a duplicate: it runs already). Then, while it runs, its reply goes
+        to this delivery's reply_to and correlation_id: a client that reconnected asks
+        again from a new reply queue, and the old one is gone."""
+
+        async def insert() -> bool:
+            async with self._cursor() as cur:
+                try:
+                    await cur.execute(
+                        "INSERT INTO export_checksums (node_id, job_id, vm_id, "
+                        "disk_unit_number, device_path, device_id, algorithm, block_size, "
+                        "reply_to, correlation_id) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (
+                            *(self._node, job.job_id, job.vm_id, job.disk_unit_number),
+                            *(job.device_path, job.device_id, job.algorithm, job.block_size),
+                            *(job.reply_to, job.correlation_id),
+                        ),
+                    )
+                except pymysql.err.IntegrityError as exc:
+                    if not _is_duplicate(exc, "PRIMARY"):
+                        raise translate_error(exc) from exc
+                else:
+                    return True
+                await cur.execute(
+                    "UPDATE export_checksums SET reply_to = %s, correlation_id = %s "
+                    "WHERE node_id = %s AND job_id = %s AND reply IS NULL",
+                    (job.reply_to, job.correlation_id, self._node, job.job_id),
+                )
+                return False
+
+        return await self._retrying(insert)
+
+    async def checksum_jobs(self, job_id: str | None = None) -> list[ChecksumJob]:
+        """This node's checksum-exports not yet answered (or only `job_id`'s), oldest
+        first."""
+
+        async def query() -> list[ChecksumJob]:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "SELECT job_id, vm_id, disk_unit_number, device_path, device_id, algorithm, "
+                    "block_size, reply_to, correlation_id, reply FROM export_checksums "
+                    "WHERE node_id = %s AND (%s IS NULL OR job_id = %s) ORDER BY created_at",
+                    (self._node, job_id, job_id),
+                )
+                rows = await cur.fetchall()
+            return [
+                ChecksumJob(str(j), str(v), int(d), str(p), str(i), str(a), int(b), t, c, r)
+                for j, v, d, p, i, a, b, t, c, r in rows
+            ]
+
+        return await self._retrying(query)
+
+    async def finish_checksum(self, job: ChecksumJob, record: JobRecord) -> bool:
+        """Keeps a checksum's reply (on its row, and as its job's record), in one
+        transaction; False when the row has a reply already (another run finished first,
+        and its reply is the one published)."""
+        reply = json.dumps(record.reply, separators=(",", ":"))
+
+        async def transaction() -> bool:
+            async with self._cursor(transaction=True) as cur:
+                await cur.execute(
+                    "UPDATE export_checksums SET reply = %s "
+                    "WHERE node_id = %s AND job_id = %s AND reply IS NULL",
+                    (reply, self._node, job.job_id),
+                )
+                if int(cur.rowcount) != 1:
+                    return False
+                await cur.execute(
+                    "INSERT INTO export_jobs (node_id, job_id, vm_id, disk_unit_number, reply) "
+                    "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE job_id = job_id",
+                    (self._node, job.job_id, job.vm_id, job.disk_unit_number, reply),
+                )
+                return True
+
+        return await self._retrying(transaction)
+
+    async def drop_checksum(self, job_id: str) -> None:
+        """A checksum whose reply the broker confirmed: its record answers from now on."""
+
+        async def delete() -> None:
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "DELETE FROM export_checksums WHERE node_id = %s AND job_id = %s",
+                    (self._node, job_id),
+                )
+
+        await self._retrying(delete)
 
     async def ping(self) -> None:
         """Raises TransientDatabaseError/DatabaseError unless a trivial query answers."""

@@ -14,12 +14,14 @@ import resource
 from worker import faults
 from worker.assembly import (
     build_broker,
+    build_checksums,
     build_flow,
     build_live,
     build_server,
     connect_repository,
 )
 from worker.broker import BrokerSession
+from worker.checksums import Checksums
 from worker.errors import (
     ServerMisconfigured,
     ServerUnavailable,
@@ -252,6 +254,7 @@ async def serve(
     housekeeping: asyncio.Task[None] | None = None
     ledger: JobLedger | None = None
     live: LiveSampler | None = None
+    checksums: Checksums | None = None
     background: list[asyncio.Task[None]] = []
     try:
         if settings.reconcile_on_start:
@@ -267,8 +270,19 @@ async def serve(
         events = EventPublisher(settings.exchange, settings.node_id, metrics)
         live = build_live(settings, repository, server, metrics, events=events)
         metrics.export_series.views = live.view.views
-        flow = build_flow(settings, repository, server, ledger, live)
-        broker = build_broker(settings, flow, metrics, events)
+        # Late-bound: the checksums run through the flow, and inspect-export shows them.
+        flow = build_flow(
+            settings,
+            repository,
+            server,
+            ledger,
+            live,
+            checksums=lambda name: checksums.progress(name) if checksums else None,
+        )
+        checksums = build_checksums(settings, repository, flow, metrics)
+        # Checksums a stopped worker left: hashed again, or their answers published.
+        checksums.start_resume()
+        broker = build_broker(settings, flow, metrics, events, checksums)
         # Beside the jobs, never on their path: the live view's samples and its events.
         background.append(asyncio.create_task(events.run()))
         if settings.live_sample_s > 0:
@@ -315,6 +329,8 @@ async def serve(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if checksums is not None:
+            await checksums.close()
         if live is not None:
             await live.close()
         metrics.export_series.views = dict

@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     #: How long an expired export's open connections may go on (fenced: nobody new) before
     #: they are cut.
     expiry_grace_s: float = Field(default=30.0, ge=0, le=86400)
+    #: checksum-exports hashing at once; more wait their turn (each reads its whole device:
+    #: one at a time leaves the disks' bandwidth to the copies).
+    checksum_concurrency: int = Field(default=1, ge=1, le=64)
     #: How often the live view samples the server's connections (inspect-export, status,
     #: events, per-export metrics); 0 turns sampling off (inspect-export then samples once
     #: when asked, and no events are published). Costs about 0.1 ms a connection a sample.

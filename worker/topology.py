@@ -15,7 +15,13 @@ from aiormq.exceptions import ChannelPreconditionFailed
 from worker.errors import WorkerError
 
 #: The message types one request queue carries (the `type` field; prepare-export if none).
-MESSAGE_TYPES = ("prepare-export", "release-export", "flush-export", "inspect-export")
+MESSAGE_TYPES = (
+    "prepare-export",
+    "release-export",
+    "flush-export",
+    "inspect-export",
+    "checksum-export",
+)
 #: The kinds of export-event a node publishes.
 EVENT_KINDS = ("connected", "disconnected", "expiring", "expired", "expiry_failed")
 

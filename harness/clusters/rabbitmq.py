@@ -52,6 +52,11 @@ class RabbitCluster:
     epmd_pid: int = 0
     epmd_started: int = 0
     nodes: list[RabbitNode] = field(default_factory=list)
+    #: Lines added to every node's rabbitmq.conf (`consumer_timeout = 10000`).
+    extra_conf: str = ""
+    #: Every node's advanced.config, an Erlang term (settings rabbitmq.conf has no key
+    #: for, such as `channel_tick_interval`); none when empty.
+    advanced_config: str = ""
 
     @property
     def urls(self) -> list[str]:
@@ -119,7 +124,10 @@ class RabbitCluster:
                 f"{peers}"
                 "log.console = false\n"
                 "log.file.level = info\n"
+                f"{self.extra_conf}"
             )
+            if self.advanced_config:
+                (base / "advanced.config").write_text(self.advanced_config)
         self.save()
         # The first node alone forms the cluster; the others join it as they boot.
         self.start_node(1)
@@ -274,8 +282,12 @@ def amqp_answers(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def rabbit_cluster(root: Path, size: int = 3) -> Iterator[RabbitCluster]:
-    cluster = RabbitCluster(root / "rabbitmq", size)
+def rabbit_cluster(
+    root: Path, size: int = 3, *, extra_conf: str = "", advanced_config: str = ""
+) -> Iterator[RabbitCluster]:
+    cluster = RabbitCluster(
+        root / "rabbitmq", size, extra_conf=extra_conf, advanced_config=advanced_config
+    )
     try:
         cluster.start()
         yield cluster

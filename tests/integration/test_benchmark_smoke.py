@@ -78,3 +78,15 @@ def test_small_copy_benchmark_measures_both_copies_byte_exact(tmp_path: Path) ->
     assert results["identical"] == [True, True]
     assert results["ratio"] > 0
     assert "Ratio (export / direct)" in (tmp_path / "copy.md").read_text()
+
+
+@pytest.mark.slow  # two 128 MiB images hashed three ways, then a worker of its own
+def test_small_checksum_benchmark_hashes_alike_and_answers_every_reuse(tmp_path: Path) -> None:
+    out = run_small("bench.checksum", tmp_path).stdout
+    print(out)
+    assert "MISMATCH" not in out
+    assert "| sparse (zero runs are holes) | worker" in out
+    rounds = [line for line in out.splitlines() if line.startswith("| 1 |")]
+    assert len(rounds) == 1, out
+    assert rounds[0].endswith("| 0 |"), rounds  # every reuse answered `reused`
+    assert "median ratio" in out

@@ -43,6 +43,7 @@ ROUNDS = 30
 MIGRATORS = 20
 TABLES = (
     "schema_migrations", "vm_export_mappings", "export_jobs", "export_usage", "export_events",
+    "export_checksums",
 )  # fmt: skip
 _RETRY_ERRNO = re.compile(r"database error (\d+)")
 

@@ -213,6 +213,7 @@ async def test_a_single_node_database_is_upgraded_with_its_mappings(tmp_path: Pa
             "0005_client_addresses.sql",
             "0006_export_usage.sql",
             "0007_leases.sql",
+            "0008_export_checksums.sql",
         ]
         rows = await execute_sql(
             url,

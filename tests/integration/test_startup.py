@@ -120,6 +120,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
             "0005_client_addresses.sql",
             "0006_export_usage.sql",
             "0007_leases.sql",
+            "0008_export_checksums.sql",
         ]
         assert await migrate(url, node_id=NODE, timeout_s=5) == []
         conn = await aiomysql.connect(host=url.host, port=url.port or 3306, user="root", db=name)
@@ -157,7 +158,7 @@ def test_migrate_command_exit_code_and_output() -> None:
     try:
         first = run_worker_cli("migrate", env=env)
         assert first.returncode == 0, first.stderr
-        assert "applied 7 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
+        assert "applied 8 migration(s): 0001_vm_export_mappings.sql, 0002_node_id.sql, " in (
             first.stdout
         )
         again = run_worker_cli("migrate", env=env)

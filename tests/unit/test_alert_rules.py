@@ -217,3 +217,31 @@ def test_the_dashboard_names_only_alerts_that_exist() -> None:
         name for p in panels for name in re.findall(r"\b(Nbd[A-Za-z]+)\b", p.get("description", ""))
     }
     assert named <= alerts, f"panels name alerts that do not exist: {named - alerts}"
+
+
+#: Metric families no panel shows (yet): a new family goes on the dashboard or here.
+NOT_ON_THE_DASHBOARD = {
+    "nbd_export_read_bytes",
+    "nbd_export_idle_seconds",
+    "nbd_export_settle_failures",
+    "nbd_export_publish_retries",
+    "nbd_server_self_tests",
+    "nbd_export_events_published",
+    "nbd_export_events_dropped",
+    "nbd_export_live_samples",
+    "nbd_export_live_sample_duration_seconds",
+}
+
+
+def test_the_dashboard_shows_every_metric_family_but_those_listed() -> None:
+    """The checksum metrics among them: what checksum-export did (by outcome), its hashing
+    speed and how many run."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    shown = set().union(*(metric_names(t["expr"]) for p in panels for t in p["targets"]))
+    families = {f.name for f in build_metrics("n").registry.collect()}
+    suffixes = ("", "_total", "_bucket", "_count", "_sum", "_info")
+    missing = {f for f in families if not {f + s for s in suffixes} & shown} - NOT_ON_THE_DASHBOARD
+    assert not missing, f"no panel shows {sorted(missing)}"
+    listed_but_shown = {f for f in NOT_ON_THE_DASHBOARD if {f + s for s in suffixes} & shown}
+    assert not listed_but_shown, f"shown, so no longer to list: {sorted(listed_but_shown)}"
+    assert families >= NOT_ON_THE_DASHBOARD, NOT_ON_THE_DASHBOARD - families

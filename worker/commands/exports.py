@@ -1,5 +1,6 @@
 """Commands on exports, for when no worker runs or an operator must act now: `reconcile`,
-`release`, `flush`, `inspect` (each as the worker would run it) and `self-test`."""
+`release`, `flush`, `inspect`, `checksum` (each as the worker would run it) and
+`self-test`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,24 @@ import sys
 import uuid
 from typing import Any
 
-from worker.assembly import adapters, build_server, run_in_flow
+from pydantic import ValidationError
+
+from worker.assembly import (
+    adapters,
+    build_checksums,
+    build_flow,
+    build_live,
+    build_server,
+    run_in_flow,
+)
 from worker.commands import ExitCode
 from worker.errors import ExportInUse
-from worker.messages import FlushExport, InspectExport, ReleaseExport
+from worker.jobs import JobLedger
+from worker.messages import ChecksumExport, ExportFailed, FlushExport, InspectExport, ReleaseExport
 from worker.metrics import build_metrics
 from worker.nbd.selftest import run_self_test
 from worker.reconcile import reconcile
+from worker.replies import describe_validation_error
 from worker.settings import Settings
 
 
@@ -40,6 +52,31 @@ async def flush(settings: Settings, args: argparse.Namespace) -> int:
     request = FlushExport(type="flush-export", **_disk_job(args))
     flushed = await run_in_flow(settings, lambda flow: flow.flush_export(request))
     print(flushed.model_dump_json(indent=2))
+    return ExitCode.OK
+
+
+async def checksum(settings: Settings, args: argparse.Namespace) -> int:
+    """The same checksum as a checksum-export job (flushed, then hashed through the
+    export's link), computed by this process. Exit 1 when it fails."""
+    try:
+        request = ChecksumExport(
+            type="checksum-export",
+            algorithm=args.algorithm,
+            block_size=args.block_size,
+            **_disk_job(args),
+        )
+    except ValidationError as exc:
+        print(f"invalid_request: {describe_validation_error(exc)}", file=sys.stderr)
+        return ExitCode.USAGE
+    metrics = build_metrics(settings.node_id)
+    async with adapters(settings) as (repository, server):
+        live = build_live(settings, repository, server, metrics, keep=False)
+        flow = build_flow(settings, repository, server, JobLedger(repository), live)
+        reply = await build_checksums(settings, repository, flow, metrics).run_now(request)
+    print(reply.model_dump_json(indent=2))
+    if isinstance(reply, ExportFailed):
+        print(f"{reply.error.code}: {reply.error.message}", file=sys.stderr)
+        return ExitCode.FAILURE
     return ExitCode.OK
 
 
