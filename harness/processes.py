@@ -56,9 +56,13 @@ def group_alive(pgid: int) -> bool:
     """Whether a live (not zombie) process is still in process group `pgid`."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)  # our own child's zombie leaves the group
-    for stat_file in _PROC.glob("[0-9]*/stat"):
+    # Not Path.glob: a process that ends while /proc is listed makes its stat() fail with
+    # ESRCH, which glob does not ignore (it failed a test's teardown once).
+    for entry in os.listdir(_PROC):
+        if not entry.isdigit():
+            continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = parse_stat(stat_file.read_text())
+            stat = parse_stat((_PROC / entry / "stat").read_text())
             if stat.pgrp == pgid and stat.state not in ("Z", "X"):
                 return True
     return False

@@ -76,6 +76,9 @@ ANSWERED_KEPT = 4096
 #: process may take to end.
 DRAIN_POLL_S = 0.2
 CUT_WAIT_S = 5.0
+#: How long a safe release waits for connections that are ending (their client gone)
+#: before it refuses; nothing changes meanwhile.
+SAFE_SETTLE_S = 1.0
 #: How a kept fsync failure names its job and time, after its errno (flush_error).
 _WHEN_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _WHEN_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -724,7 +727,9 @@ class ExportFlow:
         if self._live is None:
             return 0  # no live view in this process (the flow's unit tests)
         if request.mode == "safe":
-            still = await self._live.connections(name)
+            # A copy tool that exited just before the release: its connection's server
+            # process ends moments after it, so a release sent at once would be refused.
+            still = await self._closed(name, SAFE_SETTLE_S)
             if not still:
                 # Fenced, then looked at again: a client that connected in between is seen.
                 await self._fence(mapping)
