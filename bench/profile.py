@@ -39,8 +39,18 @@ MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 MAPPINGS = 1000
 CONCURRENCY = 16
 TOP = 25
-#: The frame of an event loop with nothing to do: its wait for the next event.
-IDLE = "select (selectors.py)"
+#: The frames of threads with nothing to do: an event loop's wait for the next event, a
+#: pool thread's wait for work.
+IDLE = ("select (selectors.py)", "_worker (futures/thread.py)")
+#: Frames on every stack of a thread (how it was started, the event loop's dispatch): their
+#: total says nothing, so the total column leaves them out.
+PLUMBING = (
+    "(<frozen runpy>)", "(worker/__main__.py)", "main (worker/cli.py)",
+    "(asyncio/runners.py)", "run_forever (asyncio/base_events.py)",
+    "run_until_complete (asyncio/base_events.py)", "_run_once (asyncio/base_events.py)",
+    "Handle._run (asyncio/events.py)", "(threading.py)", "_worker (futures/thread.py)",
+    "_WorkItem.run (futures/thread.py)",
+)  # fmt: skip
 
 
 def frame_name(frame: str) -> str:
@@ -72,7 +82,8 @@ def summarize(collapsed: str) -> dict[str, Any]:
         busy += count
         own[frames[-1]] += count
         for name in set(frames):
-            inclusive[name] += count
+            if not name.endswith(PLUMBING):
+                inclusive[name] += count
     return {
         "busy_samples": busy,
         "idle_samples": idle,
@@ -168,7 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="a setting for the worker (EXPORT_WORKER_LIVE_SAMPLE_S=0); repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--summarize", type=Path, metavar="FILE",
+        help="print the table of collapsed stacks kept earlier (--keep), running nothing",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize:
+        kept = summarize(args.summarize.read_text())
+        print(render({"jobs": "?", "concurrency": CONCURRENCY, "worker_cpu_ms_per_job": 0.0,
+                      **kept}))  # fmt: skip
+        return 0
     args.out = args.out.resolve()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     try:

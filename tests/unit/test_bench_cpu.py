@@ -4,6 +4,7 @@ import os
 import time
 
 from bench.cpu import CpuMeter, cpu_seconds, pid_of
+from bench.report import Results, Row, evaluate_targets
 
 
 def _spin(seconds: float) -> None:
@@ -36,3 +37,32 @@ def test_pid_of_finds_the_oldest_process_by_name() -> None:
     with open("/proc/1/comm") as f:
         init = f.read().strip()
     assert pid_of(init) == 1
+
+
+def _paired(run: str, jobs_per_s: float, consumer_ms: float) -> Row:
+    return Row(
+        "paired", run, 3000, 16, 5.0, jobs_per_s, 20.0, None, None, None,
+        extra={"cpu_ms_per_job": {"consumer": consumer_ms, "rabbitmq": 0.5}},
+    )  # fmt: skip
+
+
+def test_the_worker_cpu_target_is_judged_against_the_floor_of_each_round() -> None:
+    results = Results(command="bench", mode="full", started_at="now")
+    results.rows = [
+        _paired("floor, round 1", 700, 1.00), _paired("reuse, round 1", 600, 1.05),
+        _paired("floor, round 2", 650, 1.20), _paired("reuse, round 2", 560, 1.50),
+        _paired("floor, round 3", 720, 0.90), _paired("reuse, round 3", 640, 0.98),
+    ]  # fmt: skip
+    (cpu,) = [
+        t for t in evaluate_targets(results, burst_size=200, small=False)
+        if t.name == "worker CPU per reuse, concurrency 16"
+    ]  # fmt: skip
+    # Ratios 1.05, 1.25 and 1.09: the median 1.09 meets <= 1.1.
+    assert cpu.met is True
+    assert cpu.measured.startswith("median 1.09 x over 3 alternated rounds")
+    results.rows[5] = _paired("reuse, round 3", 640, 1.08)  # 1.20: the median now misses
+    (cpu,) = [
+        t for t in evaluate_targets(results, burst_size=200, small=False)
+        if t.name == "worker CPU per reuse, concurrency 16"
+    ]  # fmt: skip
+    assert cpu.met is False
