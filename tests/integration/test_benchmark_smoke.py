@@ -61,8 +61,12 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
         "burst of 200 creates",
         "create p99 with 5,000 exports",
         "reuse throughput vs baseline, concurrency 16",
+        "worker CPU per reuse, concurrency 16",
         "worker peak RSS",
     }
+    # The worker's CPU per reuse is judged on the paired rounds, against the floor's.
+    (cpu,) = [t for t in results["targets"] if t["name"] == "worker CPU per reuse, concurrency 16"]
+    assert cpu["measured"].startswith("median"), cpu
     assert "## CPU per job" in markdown
     # The reuse target is judged on floor and reuse runs alternated.
     paired = [r["run"] for r in rows if r["section"] == "paired"]

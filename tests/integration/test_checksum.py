@@ -177,12 +177,27 @@ async def test_checksum_after_a_copy_equals_ovirt_imageios(
     assert changed["checksum"] == (await imageio_checksum(volume))["checksum"]
 
 
+def gib_image_with_long_runs(path: Path) -> Path:
+    """A sparse raw 1 GiB image whose data and zero runs are longer than nbdcopy's 128 MiB
+    requests: 160 MiB of data, 300 MiB of zeros, 144 MiB of data, zeros to the end."""
+    with path.open("wb") as f:
+        f.truncate(1024 * MIB)
+        for offset, length in ((0, 160 * MIB), (460 * MIB, 144 * MIB)):
+            f.seek(offset)
+            for _ in range(length // (16 * MIB)):
+                f.write(os.urandom(16 * MIB))
+    return path
+
+
+@pytest.mark.slow  # a 1 GiB device written, copied onto and read three times: 10-16 s
 async def test_checksum_of_a_block_device_equals_ovirt_imageios(
     settings: Settings, amqp: AbstractConnection, disks_dir: Path, tmp_path: Path
 ) -> None:
-    """A loop device, as a volume on an appliance: no holes to skip, every block read."""
-    backing = prefilled_volume(tmp_path / "backing.img")
-    image = image_with_long_zero_runs(tmp_path / "source.img")
+    """A used loop device, as a volume on an appliance (no holes to skip, every block read),
+    after nbdcopy --flush of a 1 GiB image: the checksum equals ovirt-imageio's of the
+    image; one byte of the device changed, it differs (and equals the changed device's)."""
+    backing = prefilled_volume(tmp_path / "backing.img", 1024 * MIB)
+    image = gib_image_with_long_runs(tmp_path / "source.img")
     expected = await imageio_checksum(image)
     with _loop_device_on(backing) as device:
         block_settings = settings.model_copy(update={"device_roots": (disks_dir, Path("/dev"))})
@@ -192,11 +207,21 @@ async def test_checksum_of_a_block_device_equals_ovirt_imageios(
             copy = await run_tool("nbdcopy", "--flush", str(image), nbd_uri(ready))
             assert copy.returncode == 0, copy.stderr
             reply = await scheduler.request(checksum_job(ready), timeout_s=60)
+            fd = os.open(device, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x01", 300 * MIB + 7)  # inside the 300 MiB zero run
+                os.fsync(fd)  # through the loop device to its backing file
+            finally:
+                os.close(fd)
+            changed = await scheduler.request(checksum_job(ready), timeout_s=60)
             await scheduler.channel.close()
     assert reply["status"] == "checksummed", reply
     assert reply["checksum"] == expected["checksum"]
-    assert reply["size"] == backing.stat().st_size
-    assert reply["zero_bytes"] >= 256 * MIB  # found by reading: a device reports no holes
+    assert reply["size"] == 1024 * MIB
+    assert reply["zero_bytes"] >= 720 * MIB  # found by reading: a device reports no holes
+    assert changed["status"] == "checksummed", changed
+    assert changed["checksum"] != expected["checksum"]
+    assert changed["checksum"] == (await imageio_checksum(backing))["checksum"]
 
 
 async def test_a_worker_killed_mid_checksum_answers_it_once_after_its_restart(
