@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bench.driver import Driver
 from bench.stack import REPO_ROOT, Pair, Stack, scrape, total
@@ -53,20 +53,26 @@ MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 TARGET = 1.3
 
 
-def write_image(path: Path, size: int, *, sparse: bool) -> None:
+def _write_runs(f: BinaryIO, size: int, *, sparse: bool) -> None:
+    """`size` bytes of 64 MiB data runs and 64 MiB zero runs (holes when `sparse`), written
+    to the disk before anything is measured."""
     chunk = os.urandom(4 * MIB)
     zeros = bytes(4 * MIB)
+    f.truncate(size)
+    for start in range(0, size, 2 * RUN):
+        f.seek(start)
+        for _ in range(RUN // len(chunk)):
+            f.write(chunk)
+        if not sparse:
+            for _ in range(RUN // len(zeros)):
+                f.write(zeros)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_image(path: Path, size: int, *, sparse: bool) -> None:
     with path.open("wb") as f:
-        f.truncate(size)
-        for start in range(0, size, 2 * RUN):
-            f.seek(start)
-            for _ in range(RUN // len(chunk)):
-                f.write(chunk)
-            if not sparse:
-                for _ in range(RUN // len(zeros)):
-                    f.write(zeros)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_runs(f, size, sparse=sparse)
 
 
 def worker_hash(path: Path) -> str:
@@ -110,16 +116,9 @@ def best_rate(fn: Callable[[Path], str], path: Path, runs: int) -> tuple[float, 
 
 def fill_device(path: Path, size: int) -> None:
     """`path` (kept: its inode is the mapping's device_id) as a `size` device of 64 MiB data
-    runs and 64 MiB holes, written to the disk before anything is measured."""
-    chunk = os.urandom(4 * MIB)
+    runs and 64 MiB holes."""
     with path.open("r+b") as f:
-        f.truncate(size)
-        for start in range(0, size, 2 * RUN):
-            f.seek(start)
-            for _ in range(RUN // len(chunk)):
-                f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_runs(f, size, sparse=True)
 
 
 def p50_ms(latencies: list[float]) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.cpu import cpu_seconds
+from bench.entry import run_and_report
 from bench.stack import REPO_ROOT, Stack, scrape, total
 from harness.nbd import NbdConnection
 from harness.processes import StartFailed
@@ -123,16 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a smoke run (5 s windows)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
     args = parser.parse_args(argv)
-    args.out = args.out.resolve()
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    try:
-        result = asyncio.run(run(args))
-    except StartFailed as exc:
-        print(f"the stack could not start: {exc}", file=sys.stderr)
-        return 1
-    (args.out / "live.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
-    return 0
+    return run_and_report(args, run, render, "live.json")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 from bench.cpu import cpu_seconds
 from bench.driver import Driver
+from bench.entry import run_and_report
 from bench.stack import REPO_ROOT, Stack
 from harness.processes import StartFailed
 
@@ -189,16 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render({"jobs": "?", "concurrency": CONCURRENCY, "worker_cpu_ms_per_job": 0.0,
                       **kept}))  # fmt: skip
         return 0
-    args.out = args.out.resolve()
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    try:
-        result = asyncio.run(run(args))
-    except StartFailed as exc:
-        print(f"the stack could not start: {exc}", file=sys.stderr)
-        return 1
-    (args.out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
-    return 0
+    return run_and_report(args, run, render, "profile.json")
 
 
 if __name__ == "__main__":
