@@ -33,6 +33,7 @@ from tenacity import (
 )
 
 from worker.access import DEFAULT_CLIENT_ADDRESSES
+from worker.coalesce import Coalescer
 from worker.db_errors import ErrnoKind, classify_errno
 from worker.db_tls import refuse_plaintext_logins, session_cipher
 from worker.devices import Device
@@ -89,7 +90,11 @@ _LOOKUP_FIELDS = (
 )  # fmt: skip
 #: Lookup fields that JSON_ARRAY gives as text: "2026-12-07 10:00:00.000000" (UTC).
 _LOOKUP_TIMES = ("lease_expires_at", "fenced_at")
-_LOOKUP_ROW = f"JSON_ARRAY({', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply)"
+#: Mapping lookups in flight at once; those asked meanwhile share the next statement, up
+#: to LOOKUP_BATCH of them (the prefetch's default).
+LOOKUP_STATEMENTS = 1
+LOOKUP_BATCH = 64
+_LOOKUP_COLUMNS = f"{', '.join(f'm.{field}' for field in _LOOKUP_FIELDS)}, j.reply"
 
 
 _USAGE_FIELDS = (
@@ -213,6 +218,10 @@ class Repository:
         #: What a NULL client_addresses (a row from before access control) reads as: the
         #: worker's default, resolved here once, so nothing above this module sees NULL.
         self._default_stored = stored_addresses(client_addresses)
+        self._lookups: Coalescer[tuple[str, int, str], tuple[Mapping | None, JobRecord | None]]
+        self._lookups = Coalescer(
+            self._lookup_many, limit=LOOKUP_STATEMENTS, max_batch=LOOKUP_BATCH
+        )
 
     def _row_to_mapping(self, row: tuple[Any, ...]) -> Mapping:
         # The columns' SQL types already are the fields' types: no validation on the hot path.
@@ -298,52 +307,82 @@ class Repository:
         self, vm_id: str, disk_unit_number: int, job_id: str
     ) -> tuple[Mapping | None, JobRecord | None]:
         """The (vm, disk)'s mapping and the job's record, if any: one round trip, two
-        point lookups, so checking for a redelivered job costs the reuse path nothing."""
+        point lookups, so checking for a redelivered job costs the reuse path nothing.
+        Lookups asked while others are in flight share the next statement (coalesce.py)."""
+        return await self._lookups.get((vm_id, disk_unit_number, job_id))
 
-        async def query() -> tuple[Mapping | None, JobRecord | None]:
+    async def _lookup_many(
+        self, keys: list[tuple[str, int, str]]
+    ) -> list[tuple[Mapping | None, JobRecord | None]]:
+        """lookup() for each of `keys`, in one statement: a row per key, found by the index
+        of its key in `keys` (the derived table's `i`)."""
+        if len(keys) == 1:
+            source = "(SELECT 0 AS i, %s AS vm_id, %s AS disk, %s AS job_id) AS q"
+        else:
+            source = (
+                "(SELECT 0 AS i, %s AS vm_id, %s AS disk, %s AS job_id"
+                + "".join(f" UNION ALL SELECT {i}, %s, %s, %s" for i in range(1, len(keys)))
+                + ") AS q"
+            )
+        params: list[Any] = [value for key in keys for value in key]
+        params += [self._node, self._node]
+
+        async def query() -> list[tuple[Mapping | None, JobRecord | None]]:
             async with self._cursor() as cur:
                 await cur.execute(
-                    f"SELECT {_LOOKUP_ROW} "  # noqa: S608 - fixed columns
-                    "FROM (SELECT 1 AS one) AS q "
-                    "LEFT JOIN vm_export_mappings AS m "
-                    "ON m.node_id = %s AND m.vm_id = %s AND m.disk_unit_number = %s "
-                    "LEFT JOIN export_jobs AS j ON j.node_id = %s AND j.job_id = %s",
-                    (self._node, vm_id, disk_unit_number, self._node, job_id),
+                    f"SELECT JSON_ARRAY(q.i, {_LOOKUP_COLUMNS}) FROM {source} "  # noqa: S608
+                    "LEFT JOIN vm_export_mappings AS m ON m.node_id = %s "
+                    "AND m.vm_id = q.vm_id AND m.disk_unit_number = q.disk "
+                    "LEFT JOIN export_jobs AS j ON j.node_id = %s AND j.job_id = q.job_id",
+                    params,
                 )
-                result = await cur.fetchone()
-            if result is None or result[0] is None:
-                # JSON_ARRAY gives NULL only past max_allowed_packet: never for our rows.
-                raise DatabaseError("the mapping lookup returned no row")
-            values = json.loads(result[0])
-            mapping = None
-            if values[0] is not None:  # the primary key: NULL only when no row joined
-                fields = dict(zip(_LOOKUP_FIELDS, values[:-1], strict=True))
-                fields["client_addresses"] = resolve_stored(
-                    fields["client_addresses"], self._default_stored
-                )
-                for name in _LOOKUP_TIMES:
-                    if fields[name] is not None:
-                        fields[name] = datetime.fromisoformat(fields[name]).replace(tzinfo=UTC)
-                mapping = Mapping.model_construct(
-                    node_id=self._node,
-                    vm_id=vm_id,
-                    disk_unit_number=disk_unit_number,
-                    **fields,
-                )
-            record = None
-            if values[-1] is not None:
-                # TEXT arrives as a JSON string; a JSON-typed column would arrive embedded.
-                stored = values[-1]
-                reply = json.loads(stored) if isinstance(stored, str) else stored
-                record = JobRecord(
-                    job_id=job_id,
-                    vm_id=reply["vm_id"],
-                    disk_unit_number=reply["disk_unit_number"],
-                    reply=reply,
-                )
-            return mapping, record
+                rows = await cur.fetchall()
+            found: list[tuple[Mapping | None, JobRecord | None] | None] = [None] * len(keys)
+            for (row,) in rows:
+                if row is None:
+                    # JSON_ARRAY gives NULL only past max_allowed_packet: never for our rows.
+                    raise DatabaseError("the mapping lookup returned no row")
+                values = json.loads(row)
+                index = values[0]
+                found[index] = self._looked_up(keys[index], values[1:])
+            if any(result is None for result in found):
+                raise DatabaseError("the mapping lookup returned no row for a key")
+            return found  # type: ignore[return-value]  # every entry set, checked above
 
         return await self._retrying(query)
+
+    def _looked_up(
+        self, key: tuple[str, int, str], values: list[Any]
+    ) -> tuple[Mapping | None, JobRecord | None]:
+        """One key's mapping and job record from its row's JSON array."""
+        vm_id, disk_unit_number, job_id = key
+        mapping = None
+        if values[0] is not None:  # the primary key: NULL only when no row joined
+            fields = dict(zip(_LOOKUP_FIELDS, values[:-1], strict=True))
+            fields["client_addresses"] = resolve_stored(
+                fields["client_addresses"], self._default_stored
+            )
+            for name in _LOOKUP_TIMES:
+                if fields[name] is not None:
+                    fields[name] = datetime.fromisoformat(fields[name]).replace(tzinfo=UTC)
+            mapping = Mapping.model_construct(
+                node_id=self._node,
+                vm_id=vm_id,
+                disk_unit_number=disk_unit_number,
+                **fields,
+            )
+        record = None
+        if values[-1] is not None:
+            # TEXT arrives as a JSON string; a JSON-typed column would arrive embedded.
+            stored = values[-1]
+            reply = json.loads(stored) if isinstance(stored, str) else stored
+            record = JobRecord(
+                job_id=job_id,
+                vm_id=reply["vm_id"],
+                disk_unit_number=reply["disk_unit_number"],
+                reply=reply,
+            )
+        return mapping, record
 
     async def record_jobs(self, records: list[JobRecord]) -> None:
         """Stores answered jobs (one statement for many). A record already there wins: the

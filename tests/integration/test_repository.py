@@ -4,6 +4,7 @@ whatever characters the stored text holds (the lookup returns it as one JSON arr
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from pydantic import AnyUrl
 
@@ -126,5 +127,57 @@ async def test_a_reuses_generation_reaches_its_row_with_its_record(database_url:
         assert five is not None
         assert six is not None
         assert (five.generation, six.generation) == (7, 4)  # the highest; never backwards
+    finally:
+        await repo.close()
+
+
+async def test_concurrent_lookups_share_statements_and_each_gets_its_own_row(
+    database_url: AnyUrl,
+) -> None:
+    """Lookups asked while one is in flight go together in the next statement: each still
+    gets its own (vm, disk)'s mapping and its own job's record, the same as asked alone."""
+    for disk in range(10, 16):
+        await _insert_mapping(
+            database_url,
+            node_id=NODE, vm_id=VM, disk_unit_number=disk, vm_name=f"vm {disk}",
+            export_name=f"migration-vm-{VM}-disk{disk}", device_path=f"/dev/vd{disk}",
+            device_id=f"blk:8:{disk}", status="active", generation=disk,
+        )  # fmt: skip
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=4, timeout_s=5)
+    batches: list[int] = []
+    run_many = repo._lookups._run_many
+
+    async def counted(keys: list[tuple[str, int, str]]) -> list[Any]:
+        batches.append(len(keys))
+        return await run_many(keys)
+
+    repo._lookups._run_many = counted
+    try:
+        records = [
+            JobRecord(
+                job_id=f"job-{disk}",
+                vm_id=VM,
+                disk_unit_number=disk,
+                reply={"vm_id": VM, "disk_unit_number": disk, "generation": disk},
+            )
+            for disk in range(10, 13)
+        ]
+        await repo.record_jobs(records)
+        # Disks with and without a mapping, jobs with and without a record, one key twice.
+        keys = [(VM, disk, f"job-{disk % 14}") for disk in range(8, 18)] + [(VM, 11, "job-11")]
+        alone = [await repo.lookup(*key) for key in keys]
+        batches.clear()
+        together = await asyncio.gather(*(repo.lookup(*key) for key in keys))
+        assert together == alone
+        assert max(batches) > 1, f"no statement was shared: {batches}"
+        assert sum(batches) == len(keys)
+        for (_, disk, job_id), (mapping, record) in zip(keys, together, strict=True):
+            assert (mapping is not None) == (10 <= disk < 16)
+            assert mapping is None or (mapping.disk_unit_number, mapping.vm_name) == (
+                disk,
+                f"vm {disk}",
+            )
+            assert (record is not None) == (job_id in {"job-10", "job-11", "job-12"})
+            assert record is None or record.reply["disk_unit_number"] == int(job_id[4:])
     finally:
         await repo.close()

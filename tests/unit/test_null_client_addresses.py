@@ -59,9 +59,10 @@ def full_row(client_addresses: str | None) -> tuple[Any, ...]:
 
 
 def lookup_row(client_addresses: str | None) -> tuple[Any, ...]:
-    # id, vm_name, export_name, device_path, device_id, status, last_job_id, last_action,
-    # flush_error, client_addresses, then the job's reply (none).
-    values = [1, "vm", NAME, "/dev/vdb", "blk:252:16", "active", "j", "created", None]
+    # The key's index in its statement (the only key: 0), then id, vm_name, export_name,
+    # device_path, device_id, status, last_job_id, last_action, flush_error,
+    # client_addresses, then the job's reply (none).
+    values = [0, 1, "vm", NAME, "/dev/vdb", "blk:252:16", "active", "j", "created", None]
     # planned_bytes, generation, lease_s, lease_expires_at, idle_timeout_s, fenced_at; reply
     return (json.dumps([*values, client_addresses, None, 0, None, None, None, None, None]),)
 
