@@ -59,6 +59,50 @@ def test_device_policy(tmp_path: Path) -> None:
         lenient.check(str(roots / "absent"))
 
 
+def test_a_checked_path_sees_its_link_re_pointed_at_the_next_check(tmp_path: Path) -> None:
+    """What a path resolved to is remembered by the inodes it was seen through: a link
+    re-pointed (a new inode, as udev and ln -sf make it), a chain's last link re-pointed,
+    or a file replaced under the same name all resolve afresh."""
+    roots = tmp_path / "dev"
+    roots.mkdir()
+    first, second = roots / "vdb", roots / "vdc"
+    first.write_bytes(b"a")
+    second.write_bytes(b"bb")
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"")
+    link, chain = roots / "by-id-disk", roots / "chain"
+    link.symlink_to(first)
+    chain.symlink_to(link)
+    policy = DevicePolicy((roots,), allow_regular_files=True)
+
+    def repoint(path: Path, target: Path) -> None:
+        path.with_name("tmp-link").symlink_to(target)
+        os.replace(path.with_name("tmp-link"), path)
+
+    assert policy.check(str(link)).resolved == str(first)
+    assert policy.check(str(chain)).resolved == str(first)
+    assert policy.check(str(link)).resolved == str(first)  # remembered: the same again
+    repoint(link, second)
+    found = policy.check(str(chain))
+    assert (found.resolved, found.size_bytes) == (str(second), 2)
+    assert found.device_id == device_identity(second.stat())
+    assert policy.check(str(link)).resolved == str(second)
+    repoint(link, outside)
+    with pytest.raises(InvalidRequest, match="resolves outside"):
+        policy.check(str(link))
+    with pytest.raises(InvalidRequest, match="resolves outside"):
+        policy.check(str(chain))
+    second.unlink()
+    second.write_bytes(b"ccc")  # the same name, another file
+    repoint(link, second)
+    found = policy.check(str(link))
+    assert found.device_id == device_identity(second.stat())
+    assert found.size_bytes == 3
+    link.unlink()
+    with pytest.raises(DeviceNotFound):
+        policy.check(str(link))
+
+
 def test_device_policy_accepts_block_devices() -> None:
     candidates = (f"/dev/{name}" for name in sorted(os.listdir("/dev")))
     block = next((p for p in candidates if stat.S_ISBLK(os.stat(p).st_mode)), None)

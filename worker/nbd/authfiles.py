@@ -72,7 +72,7 @@ class AuthfileState(Enum):
     WRONG = "wrong"
 
 
-def authfile_state(path: Path, expected: bytes) -> AuthfileState:
+def authfile_state(path: str | Path, expected: bytes) -> AuthfileState:
     """Whether the authfile is in place with `expected` content, and readable by the server
     (nbd-server admits everyone when it cannot read it)."""
     try:
@@ -165,6 +165,8 @@ class Authfiles:
         self._source = source
         #: name -> (the authfile's identity when last found right, its content then).
         self._doors: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
+        #: name -> its authfile's path, built once (a Path a job cost more than the lstat).
+        self._paths: dict[str, str] = {}
 
     def content(self, name: str, client_addresses: tuple[str, ...] | None) -> bytes:
         """The authfile `name` must have: `client_addresses` and the probes' own address
@@ -186,7 +188,12 @@ class Authfiles:
         (a change moves its ctime, which no one can set; on kernels without fine-grained
         timestamps a change within the same clock tick, a few ms, could go unseen until
         the next), else a small read."""
-        path = authfile_path(self._auth_dir, name)
+        path = self._paths.get(name)
+        if path is None:
+            path = str(authfile_path(self._auth_dir, name))  # checks the name
+            if len(self._paths) >= MAX_REMEMBERED_DOORS:
+                self._paths.clear()
+            self._paths[name] = path
         expected = self.content(name, client_addresses)
         try:
             st = os.lstat(path)

@@ -246,7 +246,7 @@ def point_link(link_path: Path, device_path: str, *, sync_dir: bool = True) -> b
     return True
 
 
-def link_target(link_path: Path) -> str | None:
+def link_target(link_path: str | Path) -> str | None:
     try:
         return os.readlink(link_path)
     except OSError:

@@ -19,6 +19,7 @@ disk and what the probes remember.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,13 +29,22 @@ from worker.metrics import Metrics
 from worker.nbd.authfiles import Authfiles, AuthfileState, auth_dir_problem, authfile_path
 from worker.nbd.changes import ConfigChanges
 from worker.nbd.creates import CreateBatch, EnsuredExport, EnsuredExports
-from worker.nbd.files import DataPathOptions, ExportSpec, has_snippet, link_target
+from worker.nbd.files import (
+    DataPathOptions,
+    ExportSpec,
+    has_snippet,
+    link_target,
+    snippet_path,
+)
 from worker.nbd.flush import Flushes
 from worker.nbd.probes import ProbeRoute, Probes
 from worker.nbd.process import MainProcess, ReloadLock
 from worker.nbd.selftest import SelfTestResult, run_self_test
 from worker.nbd.wire import UNKNOWN, DataPathFlags, ExportState, NbdTls
 from worker.settings import Settings
+
+#: Names whose paths the reuse path remembers; past this many, forgotten all at once.
+MAX_REMEMBERED_PATHS = 20_000
 
 LOCK_FILE_NAME = ".nbd-export-worker.lock"
 
@@ -60,6 +70,9 @@ class NbdServer:
         self._authfiles = Authfiles(settings.auth_dir, lambda: self.route().source)
         self._flushes = Flushes(metrics, self.spec)
         self._committed: CommittedLookup | None = None
+        #: name -> its link and its snippet, as strings: the reuse path checks both on every
+        #: job, and building them as Paths each time cost more than the two syscalls.
+        self._reuse_paths: dict[str, tuple[str, str]] = {}
         # In the config directory, not /run: every worker writing this includedir must
         # see the same lock, whatever its own runtime directory is.
         lock = ReloadLock(settings.nbd_conf_dir / LOCK_FILE_NAME)
@@ -206,10 +219,17 @@ class NbdServer:
         pointing at `device_path` (so new connections open that device). `fresh=False`
         trusts what is remembered while the server answers (the reuse fast path)."""
         pid = await self.gated_existing_pid()
-        spec = self.spec(name)
-        if link_target(spec.link_path) != device_path:
+        paths = self._reuse_paths.get(name)
+        if paths is None:
+            spec = self.spec(name)  # checks the name
+            paths = (str(spec.link_path), str(snippet_path(self._settings.nbd_conf_dir, name)))
+            if len(self._reuse_paths) >= MAX_REMEMBERED_PATHS:
+                self._reuse_paths.clear()
+            self._reuse_paths[name] = paths
+        link, snippet = paths
+        if link_target(link) != device_path:
             return False
-        if not has_snippet(self._settings.nbd_conf_dir, name):
+        if not os.path.isfile(snippet):  # noqa: ASYNC240 - one stat, as has_snippet
             return False
         return await self._server_knows(name, pid, fresh=fresh)
 
