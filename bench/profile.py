@@ -21,14 +21,15 @@ import collections
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import cpu_seconds
+from bench.cpu import cpu_seconds, pid_of
 from bench.driver import Driver
 from bench.entry import run_and_report
 from bench.stack import REPO_ROOT, Stack
@@ -39,6 +40,7 @@ MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 MAPPINGS = 1000
 CONCURRENCY = 16
 TOP = 25
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 #: The frames of threads with nothing to do: an event loop's wait for the next event, a
 #: pool thread's wait for work.
 IDLE = ("select (selectors.py)", "_worker (futures/thread.py)")
@@ -114,6 +116,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 return [rng.choice(pairs).job(f"profile-{tag}-{i}") for i in range(count)]
 
             await driver.closed_loop(stack.request_queue, jobs(500, "warm"), CONCURRENCY, 60)
+            if args.rounds:
+                return await _alternate(args.rounds, stack, driver, proc.pid, jobs)
             collapsed = Path(tmp) / "profile.txt"
             spy = None
             if not args.cpu_only:
@@ -148,7 +152,63 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await stack.cleanup()
 
 
+async def _alternate(
+    rounds: int,
+    stack: Stack,
+    driver: Driver,
+    worker_pid: int,
+    jobs: Callable[[int, str], list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """The floor's consumer and the worker in turn, `rounds` times, 5,000 reuses each: CPU
+    per job of each, seconds apart, so the ratio holds while the machine drifts."""
+    floor = await stack.start_floor()
+    await driver.closed_loop(stack.floor_queue, jobs(500, "floor-warm"), CONCURRENCY, 60)
+    pairs: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
+    for round_ in range(rounds):
+        measured = []
+        for queue, pid in ((stack.floor_queue, floor.pid), (stack.request_queue, worker_pid)):
+            others = [p for p in (pid_of("mariadbd"), pid_of("beam.smp")) if p is not None]
+            before = _user_system(pid) + tuple(cpu_seconds(p) or 0.0 for p in others)
+            result = await driver.closed_loop(queue, jobs(5000, f"r{round_}"), CONCURRENCY, 120)
+            after = _user_system(pid) + tuple(cpu_seconds(p) or 0.0 for p in others)
+            n = max(len(result.results), 1)
+            measured.append(tuple((a - b) * 1000 / n for a, b in zip(after, before, strict=True)))
+        pairs.append((measured[0], measured[1]))
+    await floor.stop()
+    await driver.close()
+    return {"concurrency": CONCURRENCY, "rounds": pairs}
+
+
+def _user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of `pid`, all threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError as exc:
+        raise StartFailed(f"a consumer exited during the run: {exc}") from exc
+    return int(fields[11]) * TICK_S, int(fields[12]) * TICK_S
+
+
+def render_rounds(result: dict[str, Any]) -> str:
+    lines = [
+        f"CPU ms per reuse at concurrency {result['concurrency']}, floor then worker "
+        "(user + system):"
+    ]
+    ratios = []
+    for floor_ms, worker_ms in result["rounds"]:
+        ratios.append(sum(worker_ms[:2]) / sum(floor_ms[:2]))
+        lines.append(
+            f"  floor {sum(floor_ms[:2]):.3f} ({floor_ms[0]:.3f} + {floor_ms[1]:.3f})"
+            f"  worker {sum(worker_ms[:2]):.3f} ({worker_ms[0]:.3f} + {worker_ms[1]:.3f})"
+            f"  {ratios[-1]:.2f} x; mariadb {floor_ms[2]:.3f} / {worker_ms[2]:.3f},"
+            f" rabbitmq {floor_ms[3]:.3f} / {worker_ms[3]:.3f}"
+        )
+    lines.append(f"median {statistics.median(ratios):.2f} x the floor's CPU per job")
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
+    if "rounds" in result:
+        return render_rounds(result)
     busy = max(result["busy_samples"], 1)
     lines = [
         f"reuse at concurrency {result['concurrency']}, {result['jobs']} jobs: worker CPU "
@@ -175,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-only", action="store_true", help="no py-spy: the worker's CPU per job alone"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=0, metavar="N",
+        help="no py-spy: the floor and the worker alternated N times, CPU per job of each",
+    )  # fmt: skip
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="a setting for the worker (EXPORT_WORKER_LIVE_SAMPLE_S=0); repeatable",
