@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from aio_pika import DeliveryMode, Message
+from aio_pika import DeliveryMode
 from pydantic import ValidationError
 
 from worker.messages import (
@@ -21,7 +21,7 @@ from worker.messages import (
     ExportFailed,
     Reply,
 )
-from worker.publisher import ConfirmedPublisher, Unroutable
+from worker.publisher import BasicProperties, ConfirmedPublisher, Unroutable
 from worker.topology import MESSAGE_TYPES
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,15 @@ class ReplyPublisher:
     ) -> None:
         """Raises when the broker did not confirm it in time; the job must then not be
         acked."""
-        message = Message(
-            reply.model_dump_json().encode(),
+        body = reply.model_dump_json().encode()
+        properties = BasicProperties(
             content_type="application/json",
             correlation_id=correlation_id,
-            delivery_mode=DeliveryMode.PERSISTENT,
+            delivery_mode=DeliveryMode.PERSISTENT.value,
         )
         if reply_to:
             try:
-                await self._publisher.publish(message, reply_to)
+                await self._publisher.publish_body(body, properties, reply_to)
             except Unroutable:
                 # The requester's queue is gone. The reply still goes somewhere an operator
                 # can see it rather than vanishing.
@@ -99,4 +99,4 @@ class ReplyPublisher:
                 )
             else:
                 return
-        await self._publisher.publish(message, self._default_queue)
+        await self._publisher.publish_body(body, properties, self._default_queue)
