@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from aio_pika.abc import AbstractMessage
 
 from tests.fakes import FakeExportServer, InMemoryMappings
 from worker.blkhash import hash_fd
@@ -31,7 +30,7 @@ from worker.messages import (
     export_name,
 )
 from worker.metrics import build_metrics
-from worker.publisher import ConfirmedPublisher
+from worker.publisher import BasicProperties, ConfirmedPublisher
 
 VM = "4205784a-098a-40f1-1f1e-a5cd2597fd59"
 MIB = 1 << 20
@@ -77,8 +76,10 @@ class Publisher:
         self.sent: list[tuple[str, str | None, dict[str, Any]]] = []
         self.arrived = asyncio.Event()
 
-    async def publish(self, message: AbstractMessage, routing_key: str, **_: Any) -> None:
-        self.sent.append((routing_key, message.correlation_id, json.loads(message.body)))
+    async def publish_body(
+        self, body: bytes, properties: BasicProperties, routing_key: str, **_: Any
+    ) -> None:
+        self.sent.append((routing_key, properties.correlation_id, json.loads(body)))
         self.arrived.set()
 
     async def wait_for(self, count: int) -> None:
