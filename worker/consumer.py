@@ -24,11 +24,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState
 
 from worker.checksums import Checksums
+from worker.delivery import Delivery
 from worker.errors import ExportInUse, FlushFailed, WorkerError
 from worker.faults import crash_point
 from worker.flow import ExportFlow
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
-def delivery_count(message: AbstractIncomingMessage) -> int:
+def delivery_count(message: Delivery) -> int:
     """How many times the broker delivered this message before (quorum queues count)."""
     count = (message.headers or {}).get("x-delivery-count", 0)
     return count if isinstance(count, int) and count >= 0 else 0
@@ -136,7 +138,10 @@ class JobConsumer:
 
     async def start(self) -> None:
         queue = self._queue or await self.declare()
-        self._consumer_tag = await queue.consume(self.handle)
+        # On aiormq's channel, not through aio-pika's queue.consume: see worker/delivery.py.
+        underlay = await self._channel.get_underlay_channel()
+        consuming = await underlay.basic_consume(queue.name, self._deliver)
+        self._consumer_tag = consuming.consumer_tag
         log.info(
             "Consuming queue=%s routing_key=%s prefetch=%d",
             self._config.request_queue,
@@ -177,7 +182,7 @@ class JobConsumer:
         return self._consumer_tag is not None and not self._channel.is_closed
 
     async def _settle(
-        self, message: AbstractIncomingMessage, how: str, settle: Callable[[], Awaitable[None]]
+        self, message: Delivery, how: str, settle: Callable[[], Awaitable[None]]
     ) -> bool:
         """Acks, rejects or nacks; False when the channel is gone. Its delivery tag then
         means nothing, and the broker redelivers the job, which is safe to handle again."""
@@ -195,7 +200,10 @@ class JobConsumer:
             return False
         return True
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
+    async def _deliver(self, message: DeliveredMessage) -> None:
+        await self.handle(Delivery(message))
+
+    async def handle(self, message: Delivery) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
@@ -226,7 +234,7 @@ class JobConsumer:
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _finish(self, message: AbstractIncomingMessage, answer: Answer) -> bool:
+    async def _finish(self, message: Delivery, answer: Answer) -> bool:
         """Publishes the answer's reply, then settles the message as the answer says;
         False when the reply could not be published (the job is not counted as done)."""
         reply = answer.reply
@@ -260,10 +268,10 @@ class JobConsumer:
             self._metrics.dead_lettered.labels(code=code).inc()
         return True
 
-    def _is_last_delivery(self, message: AbstractIncomingMessage) -> bool:
+    def _is_last_delivery(self, message: Delivery) -> bool:
         return is_last_delivery(delivery_count(message) + 1, self._config.delivery_limit)
 
-    async def _publish_reply(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
+    async def _publish_reply(self, message: Delivery, reply: Reply) -> bool:
         """Publishes the reply; whether the broker confirmed it (the publisher has already
         tried fresh channels for its whole budget when it says no)."""
         try:
@@ -297,7 +305,7 @@ class JobConsumer:
             config.job_attempts, config.retry_backoff_s, config.retry_backoff_max_s, count_retry
         )
 
-    async def _run(self, request: AnyRequest, message: AbstractIncomingMessage) -> Reply | None:
+    async def _run(self, request: AnyRequest, message: Delivery) -> Reply | None:
         """Runs the flow, retrying transient failures with backoff and jitter. None: a
         checksum accepted, to be answered later."""
 
@@ -324,7 +332,7 @@ class JobConsumer:
         reply = error_reply(code, message, job_id=job_id, node_id=self._config.node_id)
         return Answer(reply, Settle.DEAD_LETTER, "failed")
 
-    async def _answer(self, message: AbstractIncomingMessage) -> Answer:
+    async def _answer(self, message: Delivery) -> Answer:
         """Turns a message into its answer: decodes it, runs the job, and asks the settle
         policy what a failure means."""
         body = message.body
@@ -380,9 +388,7 @@ class JobConsumer:
         )
         return Answer(result, Settle.ACK, str(result.action))
 
-    def _failed(
-        self, message: AbstractIncomingMessage, request: AnyRequest, exc: Exception
-    ) -> Answer:
+    def _failed(self, message: Delivery, request: AnyRequest, exc: Exception) -> Answer:
         """The answer to a job whose run raised `exc`, as the settle policy decides."""
         deliveries = delivery_count(message) + 1
         outcome = settle_for(exc, deliveries, self._config.delivery_limit)
