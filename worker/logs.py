@@ -10,6 +10,7 @@ import contextvars
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -21,9 +22,12 @@ job_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 
 def bind_job(**fields: Any) -> None:
     """Adds fields to this task's job context (None values are left out)."""
-    current = dict(job_fields.get() or {})
-    current.update({k: v for k, v in fields.items() if v is not None})
-    job_fields.set(current)
+    current = job_fields.get()
+    merged = dict(current) if current else {}
+    for key, value in fields.items():
+        if value is not None:
+            merged[key] = value
+    job_fields.set(merged)
 
 
 class JobContextFilter(logging.Filter):
@@ -49,6 +53,18 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's own format, its strftime made once a second (each reuse logs a line)."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"  # default_msec_format's
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
