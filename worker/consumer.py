@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState
 
 from worker.checksums import Checksums
-from worker.delivery import Delivery
+from worker.delivery import Delivery, Settler
 from worker.errors import ExportInUse, FlushFailed, WorkerError
 from worker.faults import crash_point
 from worker.flow import ExportFlow
@@ -120,6 +120,7 @@ class JobConsumer:
         self._replies = ReplyPublisher(publisher, config.reply_queue)
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._settler: Settler | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
 
     async def declare(self) -> AbstractQueue:
@@ -140,6 +141,7 @@ class JobConsumer:
         queue = self._queue or await self.declare()
         # On aiormq's channel, not through aio-pika's queue.consume: see worker/delivery.py.
         underlay = await self._channel.get_underlay_channel()
+        self._settler = Settler(underlay)
         consuming = await underlay.basic_consume(queue.name, self._deliver)
         self._consumer_tag = consuming.consumer_tag
         log.info(
@@ -201,7 +203,8 @@ class JobConsumer:
         return True
 
     async def _deliver(self, message: DeliveredMessage) -> None:
-        await self.handle(Delivery(message))
+        assert self._settler is not None  # set before consuming starts
+        await self.handle(self._settler.delivery(message))
 
     async def handle(self, message: Delivery) -> None:
         task = asyncio.current_task()
