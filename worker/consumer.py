@@ -292,7 +292,9 @@ class JobConsumer:
             return False
         return True
 
-    def _retry_policy(self, request: AnyRequest) -> Callable[[], AsyncRetrying]:
+    def _retry_policy(self, request: AnyRequest) -> AsyncRetrying:
+        """The policy of a job whose first try failed retryably (built only then)."""
+
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             self._metrics.retries.labels(operation="job").inc()
@@ -304,7 +306,7 @@ class JobConsumer:
             )
 
         config = self._config
-        return lambda: job_retry_policy(
+        return job_retry_policy(
             config.job_attempts, config.retry_backoff_s, config.retry_backoff_max_s, count_retry
         )
 
@@ -327,7 +329,7 @@ class JobConsumer:
                 return await self._flow.inspect_export(request)
             return await self._flow.prepare_export(request)
 
-        return await call_with_retries(serve, self._retry_policy(request), is_retryable)
+        return await call_with_retries(serve, lambda: self._retry_policy(request), is_retryable)
 
     def _refused(self, code: ErrorCode, message: str, job_id: str | None) -> Answer:
         """A message that is not a job the worker can run: answered, kept as a dead letter."""

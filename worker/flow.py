@@ -173,7 +173,8 @@ class ExportServer(Protocol):
 
 
 def _record(reply: ExportReady | ExportReleased | ExportFlushed) -> JobRecord:
-    return JobRecord(
+    # Built from a validated reply: nothing to validate again (a reuse makes one per job).
+    return JobRecord.model_construct(
         job_id=reply.job_id,
         vm_id=reply.vm_id,
         disk_unit_number=reply.disk_unit_number,
