@@ -117,7 +117,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             await driver.closed_loop(stack.request_queue, jobs(500, "warm"), CONCURRENCY, 60)
             if args.rounds:
-                return await _alternate(args.rounds, stack, driver, proc.pid, jobs)
+                return await _alternate(
+                    args.rounds, args.concurrency, stack, driver, proc.pid, jobs
+                )
             collapsed = Path(tmp) / "profile.txt"
             spy = None
             if not args.cpu_only:
@@ -154,29 +156,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _alternate(
     rounds: int,
+    concurrency: int,
     stack: Stack,
     driver: Driver,
     worker_pid: int,
     jobs: Callable[[int, str], list[dict[str, Any]]],
 ) -> dict[str, Any]:
-    """The floor's consumer and the worker in turn, `rounds` times, 5,000 reuses each: CPU
-    per job of each, seconds apart, so the ratio holds while the machine drifts."""
+    """The floor's consumer and the worker in turn, `rounds` times, 5,000 reuses each (1,500
+    at concurrency 1): CPU per job of each and the p50, seconds apart, so the ratio holds
+    while the machine drifts."""
     floor = await stack.start_floor()
     await driver.closed_loop(stack.floor_queue, jobs(500, "floor-warm"), CONCURRENCY, 60)
+    count = 5000 if concurrency > 1 else 1500
     pairs: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
     for round_ in range(rounds):
         measured = []
         for queue, pid in ((stack.floor_queue, floor.pid), (stack.request_queue, worker_pid)):
             others = [p for p in (pid_of("mariadbd"), pid_of("beam.smp")) if p is not None]
             before = _user_system(pid) + tuple(cpu_seconds(p) or 0.0 for p in others)
-            result = await driver.closed_loop(queue, jobs(5000, f"r{round_}"), CONCURRENCY, 120)
+            result = await driver.closed_loop(queue, jobs(count, f"r{round_}"), concurrency, 120)
             after = _user_system(pid) + tuple(cpu_seconds(p) or 0.0 for p in others)
             n = max(len(result.results), 1)
-            measured.append(tuple((a - b) * 1000 / n for a, b in zip(after, before, strict=True)))
+            cpu = tuple((a - b) * 1000 / n for a, b in zip(after, before, strict=True))
+            measured.append((*cpu, statistics.median(result.latencies_s or [0.0]) * 1000))
         pairs.append((measured[0], measured[1]))
     await floor.stop()
     await driver.close()
-    return {"concurrency": CONCURRENCY, "rounds": pairs}
+    return {"concurrency": concurrency, "rounds": pairs}
 
 
 def _user_system(pid: int) -> tuple[float, float]:
@@ -200,7 +206,8 @@ def render_rounds(result: dict[str, Any]) -> str:
             f"  floor {sum(floor_ms[:2]):.3f} ({floor_ms[0]:.3f} + {floor_ms[1]:.3f})"
             f"  worker {sum(worker_ms[:2]):.3f} ({worker_ms[0]:.3f} + {worker_ms[1]:.3f})"
             f"  {ratios[-1]:.2f} x; mariadb {floor_ms[2]:.3f} / {worker_ms[2]:.3f},"
-            f" rabbitmq {floor_ms[3]:.3f} / {worker_ms[3]:.3f}"
+            f" rabbitmq {floor_ms[3]:.3f} / {worker_ms[3]:.3f}; p50 {floor_ms[4]:.2f} /"
+            f" {worker_ms[4]:.2f} ms"
         )
     lines.append(f"median {statistics.median(ratios):.2f} x the floor's CPU per job")
     return "\n".join(lines)
@@ -239,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=0, metavar="N",
         help="no py-spy: the floor and the worker alternated N times, CPU per job of each",
     )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help="jobs outstanding (--rounds)"
+    )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="a setting for the worker (EXPORT_WORKER_LIVE_SAMPLE_S=0); repeatable",
