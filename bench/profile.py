@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise StartFailed("py-spy is not installed (pip install -e '.[dev]')")
-    jobs_count = 2000 if args.small else 20000
+    jobs_count = (2000 if args.small else 20000) // (1 if args.concurrency > 1 else 4)
     with tempfile.TemporaryDirectory(prefix="nbd-profile-") as tmp:
         stack = Stack(Path(tmp), args.out / "logs", amqp_url=AMQP_URL, mysql_url=MYSQL_URL)
         try:
@@ -131,7 +131,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(1.0)  # py-spy attached
             before = cpu_seconds(proc.pid)
             result = await driver.closed_loop(
-                stack.request_queue, jobs(jobs_count, "run"), CONCURRENCY, 120
+                stack.request_queue, jobs(jobs_count, "run"), args.concurrency, 240
             )
             after = cpu_seconds(proc.pid)
             if spy is not None:
@@ -146,7 +146,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise StartFailed("the worker exited during the run")
             return {
                 "jobs": answered,
-                "concurrency": CONCURRENCY,
+                "concurrency": args.concurrency,
                 "worker_cpu_ms_per_job": (after - before) * 1000 / max(answered, 1),
                 **summary,
             }
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="no py-spy: the floor and the worker alternated N times, CPU per job of each",
     )  # fmt: skip
     parser.add_argument(
-        "--concurrency", type=int, default=CONCURRENCY, help="jobs outstanding (--rounds)"
+        "--concurrency", type=int, default=CONCURRENCY, help="jobs outstanding"
     )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",

@@ -39,25 +39,37 @@ class Coalescer(Generic[K, V]):
         self._limit = limit
         self._max_batch = max_batch
         self._waiting: list[tuple[K, asyncio.Future[V]]] = []
+        #: Calls of run_many running: in their callers' tasks or in these.
+        self._busy = 0
         self._running: set[asyncio.Task[None]] = set()
 
     async def get(self, key: K) -> V:
+        if self._busy < self._limit and not self._waiting:
+            # Nothing to wait for or to join: the call runs in this task, with no task or
+            # future of its own (a lone job's lookup, every time at concurrency 1).
+            self._busy += 1
+            try:
+                (value,) = await self._answers([key])
+            finally:
+                self._ended()
+            return value
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._waiting.append((key, future))
-        if len(self._running) < self._limit:
+        if self._busy < self._limit:
             self._start()
         return await future
 
     def _start(self) -> None:
         batch = self._waiting[: self._max_batch]
         del self._waiting[: self._max_batch]
+        self._busy += 1
         task = asyncio.ensure_future(self._run(batch))
         self._running.add(task)
-        task.add_done_callback(self._ended)
+        task.add_done_callback(self._running.discard)
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if self._waiting and len(self._running) < self._limit:
+    def _ended(self) -> None:
+        self._busy -= 1
+        if self._waiting and self._busy < self._limit:
             self._start()
 
     async def _answers(self, keys: list[K]) -> list[V]:
@@ -70,6 +82,7 @@ class Coalescer(Generic[K, V]):
         try:
             values = await self._answers([key for key, _ in batch])
         except BaseException as exc:
+            self._ended()
             for _, future in batch:
                 if not future.done():
                     if isinstance(exc, asyncio.CancelledError):
@@ -79,6 +92,7 @@ class Coalescer(Generic[K, V]):
             if not isinstance(exc, Exception):
                 raise
             return
+        self._ended()
         for (_, future), value in zip(batch, values, strict=True):
             if not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(value)

@@ -100,11 +100,48 @@ async def test_a_cancelled_caller_leaves_the_others_answered() -> None:
 
 
 async def test_a_wrong_number_of_answers_is_an_error_not_a_hang() -> None:
+    release = asyncio.Event()
+
     async def short(keys: list[int]) -> list[str]:
+        await release.wait()
         return ["one"]
 
     coalescer = Coalescer(short, limit=1, max_batch=64)
     tasks = [asyncio.create_task(coalescer.get(key)) for key in (1, 2, 3)]
+    await turns()
+    release.set()
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-    assert results[0] == "one"
+    assert results[0] == "one"  # alone in its call: one answer for one key
     assert all(isinstance(result, RuntimeError) for result in results[1:])
+
+
+async def test_a_lone_call_runs_in_its_callers_task() -> None:
+    """With nothing running, a call makes no task of its own: what it raises, and its
+    cancellation, are its caller's, and the next keys still run."""
+    seen: list[asyncio.Task[object] | None] = []
+    never = asyncio.Event()
+
+    async def run_many(keys: list[int]) -> list[int]:
+        seen.append(asyncio.current_task())
+        if keys == [0]:
+            raise OSError("lost the database")
+        if keys == [6]:
+            await never.wait()  # until its caller is cancelled
+        await asyncio.sleep(0)
+        return keys
+
+    coalescer = Coalescer(run_many, limit=1, max_batch=64)
+    caller = asyncio.create_task(coalescer.get(5))
+    assert await caller == 5
+    assert seen == [caller]
+    with pytest.raises(OSError):
+        await coalescer.get(0)
+    cancelled = asyncio.create_task(coalescer.get(6))
+    await turns()
+    queued = asyncio.create_task(coalescer.get(7))  # waits for the running call
+    await turns()
+    assert not queued.done()
+    cancelled.cancel()
+    assert await queued == 7  # started once the cancelled call ended
+    assert cancelled.cancelled()
+    assert await coalescer.get(8) == 8
