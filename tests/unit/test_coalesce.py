@@ -134,7 +134,7 @@ async def test_a_lone_call_runs_in_its_callers_task() -> None:
     caller = asyncio.create_task(coalescer.get(5))
     assert await caller == 5
     assert seen == [caller]
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="lost the database"):
         await coalescer.get(0)
     cancelled = asyncio.create_task(coalescer.get(6))
     await turns()
