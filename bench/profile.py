@@ -246,9 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=0, metavar="N",
         help="no py-spy: the floor and the worker alternated N times, CPU per job of each",
     )  # fmt: skip
-    parser.add_argument(
-        "--concurrency", type=int, default=CONCURRENCY, help="jobs outstanding"
-    )
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="jobs outstanding")
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="a setting for the worker (EXPORT_WORKER_LIVE_SAMPLE_S=0); repeatable",
