@@ -40,7 +40,7 @@ COPY worker ./worker
 COPY schema ./schema
 RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
-    && pip install --no-cache-dir --disable-pip-version-check . && rm -rf /src
+    && pip install --no-cache-dir --disable-pip-version-check '.[fast]' && rm -rf /src
 
 # Installed only once the worker's data-path self-test passed on it (a private instance on
 # a loopback port and a scratch file: write, WRITE_ZEROES over 64 MiB, FLUSH, TRIM, read back).

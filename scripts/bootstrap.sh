@@ -55,7 +55,7 @@ print(sys.version, sysconfig.get_platform(), json.dumps(
     "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
   # --no-compile: half of the install's CPU was byte-compiling every module, most of which
   # no command here imports; Python compiles what is imported on first use.
-  offline=("${pip[@]}" install --no-compile --no-index --find-links "$wheels" -e "$ROOT[dev]")
+  offline=("${pip[@]}" install --no-compile --no-index --find-links "$wheels" -e "$ROOT[dev,fast]")
   from_wheels() {  # quiet: a failure here only means the wheelhouse is made again
     [ -f "$wheels/.complete" ] && "${offline[@]}" >"$VENV/.wheelhouse.log" 2>&1
   }
@@ -70,7 +70,7 @@ print(*tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"], sep="\
           "$ROOT/pyproject.toml")
         tmp=$(mktemp -d "$wheels.tmp.XXXXXX")
         # With what the build backend asks for an editable install (hatchling: editables).
-        "${pip[@]}" wheel -w "$tmp" "$ROOT[dev]" "${build_requires[@]}" editables
+        "${pip[@]}" wheel -w "$tmp" "$ROOT[dev,fast]" "${build_requires[@]}" editables
         rm -f "$tmp"/nbd_export_worker-*.whl  # the project itself is installed editable
         touch "$tmp/.complete"
         rm -rf "$wheels" && mv "$tmp" "$wheels"

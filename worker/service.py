@@ -314,11 +314,12 @@ async def serve(
 
         def on_ready() -> None:
             log.info(
-                "Worker ready node=%s queue=%s routing_key=%s metrics_port=%d",
+                "Worker ready node=%s queue=%s routing_key=%s metrics_port=%d loop=%s",
                 settings.node_id,
                 settings.request_queue,
                 settings.routing_key,
                 settings.metrics_port,
+                type(asyncio.get_running_loop()).__module__.partition(".")[0],
             )
             if started is not None:
                 started.set()

@@ -225,6 +225,8 @@ class Settings(BaseSettings):
     # --- Logs ---
     #: "text" (human-readable) or "json" (one object per line).
     log_format: Literal["text", "json"] = "text"
+    #: The event loop: uvloop when it is installed (the `fast` extra), else asyncio's own.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property

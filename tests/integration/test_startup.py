@@ -76,16 +76,19 @@ async def test_server_older_than_3_25_is_refused_with_the_reason(
         old_server.stop()
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 async def test_run_as_a_process_serves_jobs_and_exits_cleanly_on_sigterm(
-    settings: Settings, amqp: AbstractConnection, disks_dir: Path, nbd_server: NbdServerProcess
+    settings: Settings,
+    amqp: AbstractConnection,
+    disks_dir: Path,
+    nbd_server: NbdServerProcess,
+    event_loop: str,
 ) -> None:
+    """On the loop EXPORT_WORKER_EVENT_LOOP asks for: uvloop by default (the set-up installs
+    the `fast` extra), asyncio's own when told, a create and a reuse each."""
+    env = {**env_for(settings), "EXPORT_WORKER_EVENT_LOOP": event_loop}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        env=env_for(settings),
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "worker", "run", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stderr is not None
@@ -94,12 +97,16 @@ async def test_run_as_a_process_serves_jobs_and_exits_cleanly_on_sigterm(
             assert line, "worker exited before it was ready"
             if b"Worker ready" in line:
                 break
+        assert line.rstrip().endswith(b"loop=uvloop" if event_loop == "auto" else b"loop=asyncio")
         channel = await amqp.channel()
         scheduler = Scheduler(channel, settings.request_queue)
         await scheduler.start()
-        reply = await scheduler.request(job(device=make_disk(disks_dir, "proc")))
+        first = job(device=make_disk(disks_dir, f"proc-{event_loop}"))
+        reply = await scheduler.request(first)
         assert reply["action"] == "created"
         assert nbd_server.knows(reply["export_name"])
+        again = await scheduler.request({**first, "job_id": unique("job")})
+        assert (again["action"], again["export_name"]) == ("reused", reply["export_name"])
         await channel.close()
     finally:
         if proc.returncode is None:
