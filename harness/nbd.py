@@ -236,6 +236,8 @@ class NbdConnection:
         self._sock = socket.create_connection(
             ("127.0.0.1", port), timeout=timeout_s, source_address=(source, 0) if source else None
         )
+        #: The client's end (address, port), as the server's side sees it.
+        self.local: tuple[str, int] = self._sock.getsockname()[:2]
         self._handle = 0
         self.size = self._go(name)
 

@@ -24,7 +24,7 @@ from worker.messages import ChecksumProgress
 from worker.metrics import Metrics, build_metrics
 from worker.nbd.baseline import BaselineNbdServer
 from worker.nbd.server import NbdServer
-from worker.nbd.wire import own_ports
+from worker.nbd.wire import own_probes
 from worker.publisher import ConfirmedPublisher
 from worker.repository import Repository
 from worker.settings import Settings
@@ -78,7 +78,7 @@ def build_live(
     """The live view of the exports. `keep=False` (an operator command): counts nothing
     into export_usage, which only the running worker writes."""
     return LiveSampler(
-        LiveView(server.main_pid, own_ports=own_ports),
+        LiveView(server.main_pid, own_probes=own_probes),
         repository,
         link_for=lambda name: settings.link_dir / name,
         tls=server.tls,

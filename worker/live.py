@@ -35,6 +35,7 @@ from worker.nbd.connections import (
     ChildSample,
     DeviceKey,
     IoCounters,
+    SocketEnds,
     boot_time,
     children,
     path_device_key,
@@ -203,11 +204,11 @@ class LiveView:
         self,
         main_pid: Callable[[], int],
         *,
-        own_ports: Callable[[], Iterable[tuple[str, int]]] = frozenset,
+        own_probes: Callable[[], Iterable[SocketEnds]] = frozenset,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._main_pid = main_pid
-        self._own_ports = own_ports
+        self._own_probes = own_probes
         self._clock = clock
         self._exports: dict[str, _Export] = {}
         self._views: dict[str, ExportView] = {}
@@ -373,7 +374,7 @@ class LiveView:
                 by_device[state.device] = state
             for old in state.previous:
                 by_device.setdefault(old, state)
-        own = set(self._own_ports())
+        own = set(self._own_probes())
         known = {key: state for state in self._exports.values() for key in state.connections}
         # The main process's counters grow by a child's when it reaps it: read before and
         # after the scan, they must agree, or a connection ended during the scan and its
@@ -394,11 +395,10 @@ class LiveView:
         for key, (state, child) in seen.items():
             conn = state.connections.get(key)
             if conn is None:
-                client = next(
-                    ((peers or {})[s] for s in child.sockets if s in (peers or {})), ("", 0)
-                )
-                if client in own:
+                ends = next((peers[s] for s in child.sockets if s in peers), None)
+                if ends in own:
                     continue  # the worker's own probe
+                client = ends.client if ends is not None else ("", 0)
                 device = next((d for d in child.devices if d in by_device), None)
                 conn = _Connection(
                     key,
@@ -439,11 +439,11 @@ class LiveView:
         main: int,
         known: dict[tuple[int, int], _Export],
         by_device: dict[DeviceKey, _Export],
-    ) -> tuple[dict[tuple[int, int], tuple[_Export, ChildSample]], dict[int, tuple[str, int]]]:
+    ) -> tuple[dict[tuple[int, int], tuple[_Export, ChildSample]], dict[int, SocketEnds]]:
         """The server's children that are connections of followed exports, and the
-        client of each socket (read only when a new connection is among them)."""
+        ends of each socket (read only when a new connection is among them)."""
         seen: dict[tuple[int, int], tuple[_Export, ChildSample]] = {}
-        peers: dict[int, tuple[str, int]] | None = None
+        peers: dict[int, SocketEnds] | None = None
         for pid in children(main):
             child = sample_child(pid, main, known)
             if child is None:

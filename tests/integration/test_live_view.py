@@ -38,6 +38,8 @@ from harness.nbd import (
 from harness.services import make_disk
 from tests.conftest import RunningWorker, Scheduler, job, running_worker, scheduler_for
 from tests.integration.test_data_path import _loop_device_on, nbd_uri, run_tool, tool
+from worker.nbd.connections import socket_peers
+from worker.nbd.wire import open_export, own_probes
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -777,4 +779,33 @@ async def test_connections_that_end_while_a_sample_is_taken_keep_their_bytes(
                 before = after["bytes_read"]
         assert totals == list(range(2, 22, 2))
         assert all(near(delta, 8 * MIB) for delta in deltas), deltas
+        await scheduler.channel.close()
+
+
+async def test_the_workers_probe_is_known_by_both_ends_as_the_server_names_them(
+    settings: Settings, amqp: AbstractConnection, nbd_server: NbdServerProcess, disks_dir: Path
+) -> None:
+    """The live view leaves the worker's own probes out by both ends of the server's socket,
+    which must be what the probe recorded: a probe held open is not a connection, a client
+    beside it is. (A port alone mistook clients for probes: the kernel draws each
+    destination's ports from its own sequence, so a client of one server often gets a port
+    a probe to another server closed a moment ago, and that client was not counted.)"""
+    live = live_settings(settings, disks_dir)
+    async with running_worker(live):
+        scheduler = await scheduler_for(amqp, live)
+        ready = await scheduler.request(job(device=make_disk(disks_dir, "probed")))
+        assert ready["status"] == "ready", ready
+        name = ready["export_name"]
+        before = own_probes()
+        async with open_export("127.0.0.1", nbd_server.port, name, 10):
+            (probe,) = own_probes() - before
+            assert probe.server == ("127.0.0.1", nbd_server.port)
+            tables = socket_peers(nbd_server.pid).values()
+            assert probe in {ends for ends in tables if ends.server == probe.server}
+            with NbdConnection(nbd_server.port, name) as client:
+                assert client.local != probe.client
+                seen = (await inspect(scheduler, ready))["live"]
+                ports = [c["client_port"] for c in seen["connections"]]
+                assert ports == [client.local[1]], seen
+                assert seen["connections_total"] == 1, seen
         await scheduler.channel.close()

@@ -17,6 +17,7 @@ import pytest
 
 from worker.nbd.connections import (
     IoCounters,
+    SocketEnds,
     boot_time,
     children,
     device_key,
@@ -45,40 +46,43 @@ def tcp_line(local: str, remote: str, inode: int, state: str = "01") -> str:
     )
 
 
-# (what, the table's text, socket inode -> (client address, client port))
-TCP_TABLES: list[tuple[str, str, dict[int, tuple[str, int]]]] = [
+#: The server's end in the tables below: 127.0.0.1:11111, or [::1]:11111.
+V4, V6 = ("127.0.0.1", 0x2B67), ("::1", 0x2B67)
+
+# (what, the table's text, socket inode -> (client's end, server's end))
+TCP_TABLES: list[tuple[str, str, dict[int, SocketEnds]]] = [
     ("IPv4: 127.0.0.1:41234 (each word in host order, little-endian here)",
      TCP_HEADER + "\n" + tcp_line("0100007F:2B67", "0100007F:A112", 81234),
-     {81234: ("127.0.0.1", 0xA112)}),
+     {81234: SocketEnds(("127.0.0.1", 0xA112), V4)}),
     ("IPv4: another host, another port",
      TCP_HEADER + "\n" + tcp_line("0100007F:2B67", "0700000A:C350", 7),
-     {7: ("10.0.0.7", 50000)}),
+     {7: SocketEnds(("10.0.0.7", 50000), V4)}),
     ("IPv6: ::1",
      TCP6_HEADER + "\n" + tcp_line(
          "00000000000000000000000001000000:2B67", "00000000000000000000000001000000:D431", 99),
-     {99: ("::1", 0xD431)}),
+     {99: SocketEnds(("::1", 0xD431), V6)}),
     ("IPv4-mapped IPv6 (a dual-stack listener): shown as the IPv4 address",
      TCP6_HEADER + "\n" + tcp_line(
          "0000000000000000FFFF00000100007F:2B67", "0000000000000000FFFF00000200007F:9C40", 5),
-     {5: ("127.0.0.2", 40000)}),
+     {5: SocketEnds(("127.0.0.2", 40000), V4)}),
     ("IPv6: a global address",
      TCP6_HEADER + "\n" + tcp_line(
          "00000000000000000000000001000000:2B67", "B80D0120000000000000000001000000:0050", 6),
-     {6: ("2001:db8::1", 80)}),
+     {6: SocketEnds(("2001:db8::1", 80), V6)}),
     ("inode 0 (TIME_WAIT: no socket any more) is skipped; the others are kept",
      TCP_HEADER + "\n" + tcp_line("0100007F:2B67", "0100007F:A112", 0, state="06") + "\n"
      + tcp_line("0100007F:2B67", "0100007F:A113", 42),
-     {42: ("127.0.0.1", 0xA113)}),
+     {42: SocketEnds(("127.0.0.1", 0xA113), V4)}),
     ("only the header", TCP_HEADER, {}),
     ("nothing", "", {}),
     ("a short line is skipped",
      TCP_HEADER + "\n   0: 0100007F:2B67 0100007F:A112 01\n" + tcp_line(
-         "0100007F:2B67", "0100007F:A112", 3), {3: ("127.0.0.1", 0xA112)}),
+         "0100007F:2B67", "0100007F:A112", 3), {3: SocketEnds(("127.0.0.1", 0xA112), V4)}),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("what", "text", "peers"), TCP_TABLES, ids=[t[0] for t in TCP_TABLES])
-def test_parse_tcp_table(what: str, text: str, peers: dict[int, tuple[str, int]]) -> None:
+def test_parse_tcp_table(what: str, text: str, peers: dict[int, SocketEnds]) -> None:
     assert parse_tcp_table(text) == peers
 
 
@@ -229,8 +233,8 @@ def test_a_pid_that_is_no_process_has_no_children_counters_or_sample() -> None:
 
 
 def _peer_of_accepted(family: int, listen: str, source: str) -> tuple[str, int, int]:
-    """A connection from `source` to a listener on `listen`: the accepted socket's inode
-    and the client's address and port as this process sees them."""
+    """A connection from `source` to a listener on `listen`: the client's address and port
+    as this process sees them, and the accepted socket's inode."""
     with socket.socket(family) as listener:
         if family == socket.AF_INET6:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -246,9 +250,12 @@ def _peer_of_accepted(family: int, listen: str, source: str) -> tuple[str, int, 
             with accepted:
                 inode = os.fstat(accepted.fileno()).st_ino
                 peers = socket_peers(os.getpid())
-                address, client_port = peers[inode]
-                assert client_port == client.getsockname()[1]
-                return address, client_port, inode
+                ends = peers[inode]
+                assert ends.client[1] == client.getsockname()[1]
+                # The server's end as the client names its peer (what a probe records).
+                peer = client.getpeername()
+                assert ends.server == (target, port) == (peer[0], peer[1])
+                return ends.client[0], ends.client[1], inode
 
 
 @pytest.mark.parametrize(

@@ -27,12 +27,14 @@ from worker.live import (
     data_counts,
 )
 from worker.live_sampler import export_event
-from worker.nbd.connections import CLOCK_TICKS, ChildSample, DeviceKey, IoCounters
+from worker.nbd.connections import CLOCK_TICKS, ChildSample, DeviceKey, IoCounters, SocketEnds
 
 BOOT = 1_700_000_000.0
 T0 = 1_800_000_000.0
 PREPARED = datetime.fromtimestamp(T0 - 100, UTC)
 MAIN = 100
+#: The server's end of every connection (its listening address and port).
+SERVER = ("127.0.0.1", 10_809)
 DEV1: DeviceKey = ("b", os.makedev(7, 1))
 DEV2: DeviceKey = ("b", os.makedev(7, 2))
 OTHER: DeviceKey = ("f", 2049, 1234)
@@ -57,7 +59,7 @@ class FakeProc:
     main: int = MAIN
     main_io: IoCounters = field(default_factory=lambda: IoCounters(50_000, 40_000, 30_000))
     kids: dict[int, ChildSample] = field(default_factory=dict)
-    peers: dict[int, tuple[str, int]] = field(default_factory=dict)
+    peers: dict[int, SocketEnds] = field(default_factory=dict)
     links: dict[Path, DeviceKey | None] = field(default_factory=dict)
     peer_reads: int = 0
 
@@ -75,7 +77,7 @@ class FakeProc:
             return replace(child, devices=frozenset(), sockets=frozenset())
         return child
 
-    def socket_peers(self, main: int) -> dict[int, tuple[str, int]]:
+    def socket_peers(self, main: int) -> dict[int, SocketEnds]:
         self.peer_reads += 1
         return dict(self.peers) if main == self.main else {}
 
@@ -87,14 +89,16 @@ class FakeProc:
 
     # -- what the tests do
     def connect(
-        self, pid: int, device: DeviceKey | None, port: int = 0, io: IoCounters | None = None
-    ) -> None:
-        """A new child of the main process, holding `device` (None: still negotiating)."""
+        self, pid: int, device: DeviceKey | None, port: int = 0, io: IoCounters | None = None,
+        server: tuple[str, int] = SERVER,
+    ) -> None:  # fmt: skip
+        """A new child of the main process, holding `device` (None: still negotiating), for
+        a client from port `port` of 10.0.0.7 to `server`."""
         self.kids[pid] = ChildSample(
             pid, pid * 10, frozenset({device} if device else ()), frozenset({pid + 9000}),
             io or IoCounters(),
         )  # fmt: skip
-        self.peers[pid + 9000] = ("10.0.0.7", port or 40_000 + pid)
+        self.peers[pid + 9000] = SocketEnds(("10.0.0.7", port or 40_000 + pid), server)
 
     def io(self, pid: int, rchar: int, wchar: int, write_bytes: int) -> None:
         self.kids[pid] = replace(self.kids[pid], io=IoCounters(rchar, wchar, write_bytes))
@@ -136,8 +140,8 @@ def export(
     return Tracked(name, f"vm-{name}", 0, link, tls, prepared_at, planned_bytes)
 
 
-def view_of(proc: FakeProc, clock: Clock, own_ports: Iterable[tuple[str, int]] = ()) -> LiveView:
-    return LiveView(lambda: proc.main, own_ports=lambda: own_ports, clock=clock)
+def view_of(proc: FakeProc, clock: Clock, own_probes: Iterable[SocketEnds] = ()) -> LiveView:
+    return LiveView(lambda: proc.main, own_probes=lambda: own_probes, clock=clock)
 
 
 def shown(view: LiveView, name: str) -> ExportView:
@@ -433,15 +437,25 @@ def test_the_socket_table_is_read_once_a_sample_and_only_for_new_children(
 def test_the_workers_own_probes_are_not_connections(
     proc: FakeProc, clock: Clock, tmp_path: Path
 ) -> None:
-    # A probe's local end is the child's peer; the same port from another address is not.
-    view = view_of(proc, clock, own_ports={("10.0.0.7", 40_001), ("127.0.0.9", 40_002)})
+    # A probe is known by both ends of the child's socket: the same port from another
+    # address is a client, and so is a client on the port a probe to another server used.
+    view = view_of(
+        proc,
+        clock,
+        own_probes={
+            SocketEnds(("10.0.0.7", 40_001), SERVER),
+            SocketEnds(("127.0.0.9", 40_002), SERVER),
+            SocketEnds(("10.0.0.7", 40_003), ("127.0.0.1", 10_810)),
+        },
+    )
     view.track([export(proc, tmp_path, "e1", DEV1)], {})
     proc.connect(201, DEV1, port=40_001)
     proc.connect(202, DEV1, port=40_002)
-    (event,) = view.sample()
-    assert event.connection.client_port == 40_002
-    assert [c.pid for c in shown(view, "e1").connections] == [202]
-    assert shown(view, "e1").connections_total == 1
+    proc.connect(203, DEV1, port=40_003)
+    events = view.sample()
+    assert [e.connection.client_port for e in events] == [40_002, 40_003]
+    assert [c.pid for c in shown(view, "e1").connections] == [202, 203]
+    assert shown(view, "e1").connections_total == 2
 
 
 def test_a_relinked_export_keeps_its_old_connections_on_the_previous_device(

@@ -23,6 +23,7 @@ import stat
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: A device as the kernel names it: ("b", rdev) for a block device, ("f", dev, inode) for
 #: a regular file. Path strings would not do: the child's descriptor names the link's
@@ -169,23 +170,33 @@ def _address(hex_address: str) -> tuple[str, int]:
     return str(address), int(port, 16)
 
 
-def parse_tcp_table(text: str) -> dict[int, tuple[str, int]]:
-    """/proc/net/tcp or tcp6: socket inode -> the remote end (address, port)."""
-    peers = {}
+class SocketEnds(NamedTuple):
+    """A server-side TCP socket's two ends, each (address, port)."""
+
+    #: The remote end: the client.
+    client: tuple[str, int]
+    #: The local end: the address and port the client connected to.
+    server: tuple[str, int]
+
+
+def parse_tcp_table(text: str) -> dict[int, SocketEnds]:
+    """/proc/net/tcp or tcp6: socket inode -> its two ends."""
+    ends = {}
     for line in text.splitlines()[1:]:
         fields = line.split()
         if len(fields) > 9 and fields[9] != "0":
-            peers[int(fields[9])] = _address(fields[2])
-    return peers
+            ends[int(fields[9])] = SocketEnds(_address(fields[2]), _address(fields[1]))
+    return ends
 
 
-def socket_peers(main_pid: int) -> dict[int, tuple[str, int]]:
-    """The TCP sockets of the server's network namespace: inode -> client address, port."""
-    peers: dict[int, tuple[str, int]] = {}
+def socket_peers(main_pid: int) -> dict[int, SocketEnds]:
+    """The TCP sockets of the server's network namespace: inode -> its client and server
+    ends."""
+    ends: dict[int, SocketEnds] = {}
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
-            peers.update(parse_tcp_table((PROC / str(main_pid) / "net" / table).read_text()))
-    return peers
+            ends.update(parse_tcp_table((PROC / str(main_pid) / "net" / table).read_text()))
+    return ends
 
 
 def boot_time() -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from worker.errors import ProbeTimeout, ServerUnavailable
+from worker.nbd.connections import SocketEnds
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -117,9 +118,16 @@ class NbdTls:
 
 
 class _Session:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ends: SocketEnds | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        #: The probe's socket as the server's side names it (client: this end).
+        self.ends = ends
         self._sock = writer.get_extra_info("socket")
 
     def quickack(self) -> None:
@@ -192,22 +200,25 @@ async def _connected_from(host: str, port: int, source: str) -> socket.socket:
     return sock
 
 
-#: This process's probe connections by local (address, port): open (None) or when they
-#: closed. The live view leaves them out (a probe's NBD_OPT_GO opens the device in its
-#: child, which may outlive the probe by a moment).
-_OWN_PORTS: dict[tuple[str, int], float | None] = {}
-#: How long after it closed a probe's port is still its own.
-OWN_PORT_AFTER_CLOSE_S = 10.0
+#: This process's probe connections by both their ends: open (None) or when they closed.
+#: The live view leaves them out (a probe's NBD_OPT_GO opens the device in its child, which
+#: may outlive the probe by a moment). Both ends, not the local port alone: the kernel
+#: draws ports for each destination from its own sequence, so a client of one server
+#: often gets the port a probe to another server (another test's, in one test process)
+#: closed a moment ago, and was then not counted.
+_OWN_PROBES: dict[SocketEnds, float | None] = {}
+#: How long after it closed a probe is still recognised as its own.
+OWN_PROBE_AFTER_CLOSE_S = 10.0
 
 
-def own_ports() -> frozenset[tuple[str, int]]:
-    """The local (address, port) of this process's probes: open, or closed within the last
-    seconds (an IPv4-mapped address as IPv4, as /proc/net/tcp6 is read)."""
+def own_probes() -> frozenset[SocketEnds]:
+    """The ends of this process's probes, open or closed within the last seconds, as the
+    server's side names them (an IPv4-mapped address as IPv4, as /proc/net/tcp6 is read)."""
     now = time.monotonic()
-    for port, closed in list(_OWN_PORTS.items()):
-        if closed is not None and now - closed > OWN_PORT_AFTER_CLOSE_S:
-            del _OWN_PORTS[port]
-    return frozenset(_OWN_PORTS)
+    for ends, closed in list(_OWN_PROBES.items()):
+        if closed is not None and now - closed > OWN_PROBE_AFTER_CLOSE_S:
+            del _OWN_PROBES[ends]
+    return frozenset(_OWN_PROBES)
 
 
 async def _open(host: str, port: int, source: str | None) -> _Session:
@@ -221,10 +232,12 @@ async def _open(host: str, port: int, source: str | None) -> _Session:
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to nbd-server at {host}:{port}: {exc}") from exc
     sock = writer.get_extra_info("socket")
+    ends = None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _OWN_PORTS[_endpoint(sock.getsockname())] = None
-    return _Session(reader, writer)
+        ends = SocketEnds(_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
+        _OWN_PROBES[ends] = None
+    return _Session(reader, writer, ends)
 
 
 def _endpoint(sockname: tuple[Any, ...]) -> tuple[str, int]:
@@ -239,9 +252,8 @@ CLOSE_WAIT_S = 2.0
 
 
 async def _close(session: _Session) -> None:
-    sockname = session.writer.get_extra_info("sockname")
-    if sockname is not None:
-        _OWN_PORTS[_endpoint(sockname)] = time.monotonic()
+    if session.ends is not None:
+        _OWN_PROBES[session.ends] = time.monotonic()
     session.writer.close()
     # Bounded: a TLS shutdown waits for the peer's close_notify, which a hung server (or
     # one that busy-loops on our close) never sends. wait() neither raises nor cancels.
