@@ -2,7 +2,7 @@
 nbdcopy from a source that nbdkit's rate filter serves slowly, so that samples land while
 the copy is under way; inspect-export, export-events and the per-export metrics.
 
-Over 400 lines (budget 800) as one capability's acceptance: block devices and files, two
+Over 400 lines (budget 840) as one capability's acceptance: block devices and files, two
 exports at once, refused clients, restarts and relinks share the copy helpers.
 """
 
