@@ -301,7 +301,8 @@ class Repository:
     @contextlib.asynccontextmanager
     async def _cursor(self, *, transaction: bool = False) -> AsyncIterator[Any]:
         try:
-            async with self._pool.acquire() as conn:
+            conn = await self._pool.acquire()
+            try:
                 if transaction:
                     await conn.begin()
                 try:
@@ -314,6 +315,11 @@ class Repository:
                         with contextlib.suppress(Exception):
                             await conn.rollback()
                     raise
+            finally:
+                # Not awaited: release() returns a task that wakes whoever waits for a
+                # connection, and awaiting it would cost every statement a turn of the
+                # event loop (the loop runs the task by itself).
+                self._pool.release(conn)
         except pymysql.err.IntegrityError:
             raise
         except pymysql.MySQLError as exc:

@@ -23,9 +23,11 @@ class OneRowPool:
     def __init__(self, row: tuple[Any, ...]) -> None:
         self.row = row
 
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[OneRowPool]:
-        yield self
+    async def acquire(self) -> OneRowPool:
+        return self
+
+    def release(self, _: object) -> None:
+        pass
 
     @asynccontextmanager
     async def cursor(self) -> AsyncIterator[OneRowPool]:
