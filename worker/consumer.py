@@ -11,7 +11,7 @@ the whole publish retry budget (worker/publisher.py; counted as reply_unconfirme
 reply retried after a lost confirm may reach its scheduler twice, identical. A
 checksum-export is acked once accepted, without a reply: worker/checksums.py answers it.
 
-Over 400 lines (budget 440) on purpose: decoding, running, answering and settling a job
+Over 400 lines (budget 450) on purpose: decoding, running, answering and settling a job
 are one path, read top to bottom.
 """
 
@@ -29,6 +29,7 @@ from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState
 
+from worker.after_reply import Deferred, reply_scope, run_deferred
 from worker.checksums import Checksums
 from worker.delivery import Delivery, Settler
 from worker.errors import ExportInUse, FlushFailed, WorkerError
@@ -213,9 +214,11 @@ class JobConsumer:
         self._metrics.in_flight.inc()
         bind_job(correlation_id=message.correlation_id)
         started = time.monotonic()
+        deferred: list[Deferred] = []
         try:
             try:
-                answer = await self._answer(message)
+                with reply_scope() as deferred:
+                    answer = await self._answer(message)
             except Exception:
                 # _answer answers every failure it knows; this is a bug, and the message
                 # must still be answered and kept (an unsettled one would hold its
@@ -228,18 +231,20 @@ class JobConsumer:
                     node_id=self._config.node_id,
                 )
                 answer = Answer(reply, Settle.DEAD_LETTER, "failed")
-            if await self._finish(message, answer):
+            if await self._finish(message, answer, deferred):
                 self._metrics.jobs.labels(outcome=answer.label).inc()
                 if answer.reply is not None:
                     self._metrics.job_duration.observe(time.monotonic() - started)
         finally:
+            run_deferred(deferred)  # when the job had no reply to wait for
             self._metrics.in_flight.dec()
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _finish(self, message: Delivery, answer: Answer) -> bool:
-        """Publishes the answer's reply, then settles the message as the answer says;
-        False when the reply could not be published (the job is not counted as done)."""
+    async def _finish(self, message: Delivery, answer: Answer, deferred: list[Deferred]) -> bool:
+        """Publishes the answer's reply, runs what the job deferred until then, then
+        settles the message as the answer says; False when the reply could not be published
+        (the job is not counted as done)."""
         reply = answer.reply
         if reply is None and answer.settle is Settle.ACK:
             # An accepted checksum: recorded, answered once hashed (worker/checksums.py).
@@ -252,7 +257,9 @@ class JobConsumer:
             return True
         if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
             crash_point("before_reply")  # a create's reply, for the fault suite
-        if not await self._publish_reply(message, reply):
+        published = await self._publish_reply(message, reply)
+        run_deferred(deferred)
+        if not published:
             if self._is_last_delivery(message):
                 # Requeued, it would be dead-lettered by the queue anyway: do it here,
                 # counted, so the dead letter is explained.

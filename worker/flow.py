@@ -5,7 +5,7 @@ out the facts it asks for and carries the plan out, through two Protocols. It im
 broker, database driver, subprocess or signal code (a unit test checks), so it runs the
 same on fakes and real adapters.
 
-Over 400 lines (budget 780) on purpose: the prepare, release (its modes), flush and inspect
+Over 400 lines (budget 790) on purpose: the prepare, release (its modes), flush and inspect
 paths sit beside each other because they must agree; they share the per-key locks, epochs,
 generations and fences.
 """
@@ -21,6 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
+from worker.after_reply import after_reply
 from worker.devices import Device, DevicePolicy
 from worker.errors import (
     ExportInUse,
@@ -342,11 +343,6 @@ class ExportFlow:
             return await self._claim(request, device, step)
 
     async def _reuse(self, request: PrepareExport, device: Device, step: Reuse) -> ExportReady:
-        log.info(
-            "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
-            request.job_id,
-            request.export_name,
-        )
         # A dict lookup once held: a later flush-export then sees every writeback error.
         await self._server.hold_device(request.export_name, device.path, device.device_id)
         # The next generation: this job fences off older ones.
@@ -373,7 +369,17 @@ class ExportFlow:
         while len(self._answered) > ANSWERED_KEPT:
             self._answered.popitem(last=False)
         crash_point("reuse_before_record")
-        self._ledger.record_later(_record(ready))
+
+        def log_and_record() -> None:
+            log.info(
+                "Found existing VM export mapping - reuse without SIGHUP job_id=%s export_name=%s",
+                request.job_id,
+                request.export_name,
+            )
+            self._ledger.record_later(_record(ready))
+
+        # Neither needs to delay the reply: a reuse changed nothing (worker/after_reply.py).
+        after_reply(log_and_record)
         return ready
 
     async def _repair(self, request: PrepareExport, step: Reuse) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 import worker.flow
 from tests.fakes import FakeExportServer, InMemoryMappings
+from worker.after_reply import reply_scope, run_deferred
 from worker.devices import DevicePolicy
 from worker.errors import (
     DeviceInUse,
@@ -128,6 +129,31 @@ async def test_create_then_reuse(tmp_path: Path, disk: Path) -> None:
     assert (second.action, second.reused) == (Action.REUSED, True)
     assert server.sighups == 1
     assert mappings.claims == 1
+
+
+async def test_a_reuse_logs_and_records_only_once_its_reply_is_out(
+    tmp_path: Path, disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside a job's scope (the consumer's), a reuse's log line and record wait for the
+    reply; a duplicate meanwhile still answers the same, from memory."""
+    flow, mappings, _ = make_flow(tmp_path)
+    await flow.prepare_export(request(disk))
+    caplog.set_level("INFO", logger="worker.flow")
+    reuse = request(disk, job="job-reuse")
+    with reply_scope() as deferred:
+        ready = await flow.prepare_export(reuse)
+    assert ready.action is Action.REUSED
+    assert len(deferred) == 1
+    again = await flow.prepare_export(reuse)  # a duplicate before the record is written
+    assert again == ready
+    await asyncio.sleep(0.1)  # past the ledger's batching delay
+    assert "job-reuse" not in mappings.jobs
+    assert "Found existing VM export mapping" not in caplog.text
+    run_deferred(deferred)
+    assert deferred == []
+    assert "Found existing VM export mapping - reuse without SIGHUP job_id=job-reuse" in caplog.text
+    await asyncio.sleep(0.1)
+    assert mappings.jobs["job-reuse"].reply["generation"] == ready.generation
 
 
 async def test_concurrent_jobs_for_one_disk_make_one_create(tmp_path: Path, disk: Path) -> None:
