@@ -231,20 +231,19 @@ class JobConsumer:
                     node_id=self._config.node_id,
                 )
                 answer = Answer(reply, Settle.DEAD_LETTER, "failed")
-            if await self._finish(message, answer, deferred):
+            if await self._finish(message, answer):
                 self._metrics.jobs.labels(outcome=answer.label).inc()
                 if answer.reply is not None:
                     self._metrics.job_duration.observe(time.monotonic() - started)
         finally:
-            run_deferred(deferred)  # when the job had no reply to wait for
+            run_deferred(deferred)  # its reply is out (or it had none)
             self._metrics.in_flight.dec()
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _finish(self, message: Delivery, answer: Answer, deferred: list[Deferred]) -> bool:
-        """Publishes the answer's reply, runs what the job deferred until then, then
-        settles the message as the answer says; False when the reply could not be published
-        (the job is not counted as done)."""
+    async def _finish(self, message: Delivery, answer: Answer) -> bool:
+        """Publishes the answer's reply, then settles the message as the answer says;
+        False when the reply could not be published (the job is not counted as done)."""
         reply = answer.reply
         if reply is None and answer.settle is Settle.ACK:
             # An accepted checksum: recorded, answered once hashed (worker/checksums.py).
@@ -257,9 +256,7 @@ class JobConsumer:
             return True
         if isinstance(reply, ExportReady) and reply.action is not Action.REUSED:
             crash_point("before_reply")  # a create's reply, for the fault suite
-        published = await self._publish_reply(message, reply)
-        run_deferred(deferred)
-        if not published:
+        if not await self._publish_reply(message, reply):
             if self._is_last_delivery(message):
                 # Requeued, it would be dead-lettered by the queue anyway: do it here,
                 # counted, so the dead letter is explained.

@@ -1,6 +1,6 @@
 """The prepare-export path end to end: real RabbitMQ, MariaDB and nbd-server.
 
-Over 400 lines (budget 520) as one capability's tests, with the helpers they share.
+Over 400 lines (budget 540) as one capability's tests, with the helpers they share.
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ async def node_of_rows(settings: Settings) -> set[str]:
         settings.database_url, "SELECT DISTINCT node_id FROM vm_export_mappings"
     )
     return {row[0] for row in rows}
+
+
+async def job_record(settings: Settings, job_id: str, timeout_s: float = 5.0) -> object:
+    """The reply recorded for `job_id`, once written (a reuse's is written in the
+    background)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        rows = await execute_sql(
+            settings.database_url, "SELECT reply FROM export_jobs WHERE job_id = %s", (job_id,)
+        )
+        if rows:
+            return json.loads(rows[0][0])
+        assert loop.time() < deadline, f"no record of {job_id}"
+        await asyncio.sleep(0.05)
 
 
 def snippets(settings: Settings) -> list[str]:
@@ -102,6 +117,8 @@ async def test_first_job_creates_then_reuses_without_sighup(
     rows = await mapping_rows(worker.settings)
     assert rows == [("4205784a-098a-40f1-1f1e-a5cd2597fd59", 0, name, str(disk), "active")]
     assert await node_of_rows(worker.settings) == {"test-node"}
+    # The reuse's record, made once its reply was out (worker/after_reply.py), is written.
+    assert await job_record(worker.settings, "job-2") == second
 
 
 async def test_disks_of_one_vm_and_twenty_vms_at_once(
