@@ -181,3 +181,62 @@ async def test_concurrent_lookups_share_statements_and_each_gets_its_own_row(
             assert record is None or record.reply["disk_unit_number"] == int(job_id[4:])
     finally:
         await repo.close()
+
+
+async def _connection_id(repo: Repository) -> int:
+    """The server's id of the connection lookups run on (the one the repository holds)."""
+    held = repo._held
+    assert held is not None, "no connection held after a lookup"
+    return int(held.thread_id())
+
+
+async def test_lookups_keep_one_connection_and_replace_it_once_the_server_drops_it(
+    database_url: AnyUrl,
+) -> None:
+    """Lookups run on a connection kept between them; one the server has closed meanwhile
+    (killed, timed out, restarted) is replaced before the next lookup, which does not fail."""
+    await _insert_mapping(
+        database_url, node_id=NODE, vm_id=VM, disk_unit_number=20, vm_name="held",
+        export_name=f"migration-vm-{VM}-disk20", device_path="/dev/vdc",
+        device_id="blk:252:32", status="active",
+    )  # fmt: skip
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=4, timeout_s=5)
+    try:
+        first, _ = await repo.lookup(VM, 20, "job-1")
+        held = await _connection_id(repo)
+        await repo.lookup(VM, 20, "job-2")
+        assert await _connection_id(repo) == held  # kept, not taken from the pool anew
+
+        await execute_sql(database_url, f"KILL CONNECTION {held}")
+        for _ in range(100):  # the server closes it a moment after KILL returns
+            if not await execute_sql(
+                database_url, "SELECT id FROM information_schema.processlist WHERE id = %s", [held]
+            ):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # and the client reads its end of the socket
+        again, record = await repo.lookup(VM, 20, "job-3")
+        assert again == first
+        assert record is None
+        assert await _connection_id(repo) != held
+        # Other statements still have connections of their own meanwhile.
+        await repo.record_jobs([JobRecord(job_id="job-3", vm_id=VM, disk_unit_number=20,
+                                          reply={"vm_id": VM, "disk_unit_number": 20})])  # fmt: skip
+        assert (await repo.lookup(VM, 20, "job-3"))[1] is not None
+    finally:
+        await asyncio.wait_for(repo.close(), 10)  # the held connection does not hold it up
+
+
+async def test_with_a_pool_of_one_lookups_hold_no_connection(database_url: AnyUrl) -> None:
+    """A pool of one connection is every statement's: a lookup gives it back, so the
+    statements that follow (here a job's record) are not left waiting for it."""
+    repo = await Repository.connect(database_url, node_id=NODE, pool_size=1, timeout_s=5)
+    try:
+        assert await repo.lookup(VM, 21, "job-1") == (None, None)
+        assert repo._held is None
+        record = JobRecord(job_id="job-1", vm_id=VM, disk_unit_number=21,
+                           reply={"vm_id": VM, "disk_unit_number": 21})  # fmt: skip
+        await asyncio.wait_for(repo.record_jobs([record]), 10)
+        assert (await repo.lookup(VM, 21, "job-1"))[1] == record
+    finally:
+        await asyncio.wait_for(repo.close(), 10)

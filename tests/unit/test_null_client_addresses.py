@@ -20,6 +20,8 @@ DEFAULT = ("10.0.0.7", "::1")
 class OneRowPool:
     """Stands in for aiomysql's pool: every query returns `row`."""
 
+    maxsize = 1  # lookups take a connection from the pool each time, as the rest
+
     def __init__(self, row: tuple[Any, ...]) -> None:
         self.row = row
 
