@@ -72,6 +72,28 @@ class Mapping(BaseModel):
         return admitted_addresses(self.client_addresses, default)
 
 
+#: Every Mapping field in declaration order, at its default (None where it has none).
+_MAPPING_TEMPLATE = {
+    name: None if field.is_required() else field.default
+    for name, field in Mapping.model_fields.items()
+}
+
+
+def mapping_of_row(fields: dict[str, Any]) -> Mapping:
+    """Mapping.model_construct(**fields) (no validation: the columns' SQL types already
+    are the fields' types) at a quarter of its cost, which walks every field's default and
+    alias on each of a reuse's lookups. It sets what model_construct sets (a unit test
+    compares the two); `fields` must hold every required field."""
+    mapping = Mapping.__new__(Mapping)
+    values = _MAPPING_TEMPLATE.copy()
+    values.update(fields)
+    object.__setattr__(mapping, "__dict__", values)
+    object.__setattr__(mapping, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(mapping, "__pydantic_extra__", None)
+    object.__setattr__(mapping, "__pydantic_private__", None)
+    return mapping
+
+
 def admitted_addresses(
     stored: str | None, default: tuple[str, ...] | None = None
 ) -> tuple[str, ...]:
