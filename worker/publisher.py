@@ -68,6 +68,9 @@ class ConfirmedPublisher:
 
     async def _current(self) -> AbstractChannel:
         """The channel to publish on: the current one, or a fresh one if it was retired."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel  # every publish but a channel's first: no lock to take
         async with self._opening:  # one fresh channel for every publish waiting on it
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel(

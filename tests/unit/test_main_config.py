@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ServerMisconfigured, ServerUnavailable
+from worker.errors import ServerMisconfigured, ServerUnavailable, UnsafeServer
 from worker.metrics import build_metrics
 from worker.nbd import authfiles as authfiles_module
 from worker.nbd import process as process_module
@@ -117,6 +117,38 @@ async def test_the_job_path_reads_the_config_once_per_pid(
     process._versions[4343] = (3, 26, 1)  # a restart: another pid, read again
     await process.pass_gates(4343)
     assert checks == ["config /cfg", "config /cfg"]
+
+
+async def test_a_pid_through_its_gates_passes_until_its_config_is_in_doubt(
+    tmp_path: Path, checks: list[str]
+) -> None:
+    async def self_test(binary: str) -> SelfTestResult:
+        checks.append("self-test")
+        return SelfTestResult(binary, ())
+
+    process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1, self_test=self_test)
+    process._versions = {4242: (3, 26, 1)}
+    for _ in range(3):
+        await process.pass_gates(4242)
+    assert checks == ["config /cfg", "self-test"]
+    process._config_ok = None  # as after a fresh read (before a SIGHUP) that failed
+    await process.pass_gates(4242)
+    assert checks == ["config /cfg", "self-test", "config /cfg"]
+
+
+async def test_a_pid_that_failed_its_self_test_is_refused_at_every_job(
+    tmp_path: Path, checks: list[str]
+) -> None:
+    async def failing(binary: str) -> SelfTestResult:
+        checks.append("self-test")
+        return SelfTestResult(binary, ("a WRITE_ZEROES left old data",))
+
+    process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1, self_test=failing)
+    process._versions = {4242: (3, 26, 1)}
+    for _ in range(3):
+        with pytest.raises(UnsafeServer, match="WRITE_ZEROES"):
+            await process.pass_gates(4242)
+    assert checks == ["config /cfg", "self-test"]  # tested once, refused every time
 
 
 async def test_every_sighup_reads_the_config_afresh_after_the_self_test(
