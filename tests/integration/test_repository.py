@@ -220,8 +220,10 @@ async def test_lookups_keep_one_connection_and_replace_it_once_the_server_drops_
         assert record is None
         assert await _connection_id(repo) != held
         # Other statements still have connections of their own meanwhile.
-        await repo.record_jobs([JobRecord(job_id="job-3", vm_id=VM, disk_unit_number=20,
-                                          reply={"vm_id": VM, "disk_unit_number": 20})])  # fmt: skip
+        reply = {"vm_id": VM, "disk_unit_number": 20}
+        await repo.record_jobs(
+            [JobRecord(job_id="job-3", vm_id=VM, disk_unit_number=20, reply=reply)]
+        )
         assert (await repo.lookup(VM, 20, "job-3"))[1] is not None
     finally:
         await asyncio.wait_for(repo.close(), 10)  # the held connection does not hold it up
