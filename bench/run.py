@@ -4,7 +4,7 @@
             (first: the later sections leave it a thousand and more);
 1. floor    a bare loop of the same shape (bench.floor) at concurrency 1, 16 (and 64);
 2. reuse    jobs over pre-existing mappings at concurrency 1, 16 (and 64); then floor and
-            reuse at concurrency 16 alternated a few times ("paired");
+            reuse alternated a few times at concurrency 16, then at 1 ("paired");
 3. create   new exports one at a time, and a burst published at once (SIGHUPs counted);
 5. baseline reuse at concurrency 16 and the burst with EXPORT_WORKER_BASELINE=true (the
             original system lists exports: its server alone runs with allowlist = true);
@@ -80,6 +80,9 @@ class Plan:
     #: Floor and reuse at concurrency 16, alternated: rounds, and jobs per run.
     paired_rounds: int
     paired_jobs: int
+    #: Floor and reuse at concurrency 1, alternated: rounds, and jobs per run.
+    paired_c1_rounds: int
+    paired_c1_jobs: int
 
     @classmethod
     def for_mode(cls, small: bool) -> Plan:
@@ -99,6 +102,8 @@ class Plan:
                 few_exports=20,
                 paired_rounds=2,
                 paired_jobs=200,
+                paired_c1_rounds=2,
+                paired_c1_jobs=100,
             )
         return cls(
             small=False,
@@ -115,6 +120,8 @@ class Plan:
             few_exports=50,
             paired_rounds=3,
             paired_jobs=3000,
+            paired_c1_rounds=5,
+            paired_c1_jobs=1500,
         )
 
 
@@ -315,21 +322,27 @@ class Bench:
                 )
 
     async def _paired(self, worker_pid: int) -> None:
-        """The floor and reuse at concurrency 16 in alternation, both consumers running:
-        this machine's speed drifts over minutes, and a ratio of runs seconds apart is
-        steadier than one of runs minutes apart."""
+        """The floor and reuse at concurrency 16, then at concurrency 1, in alternation,
+        both consumers running: this machine's speed drifts over minutes, and a ratio of
+        runs seconds apart is steadier than one of runs minutes apart."""
         plan = self.plan
         floor = await self.stack.start_floor()
         try:
             await self._warm_up(self.stack.floor_queue)
-            for i in range(1, plan.paired_rounds + 1):
-                for label, queue, pid in (
-                    ("floor", self.stack.floor_queue, floor.pid),
-                    ("reuse", self.stack.request_queue, worker_pid),
-                ):
-                    self.consumer_pid = pid
-                    jobs = self._reuse_jobs(plan.paired_jobs, f"paired-{label}", seed=300 + i)
-                    await self._closed(queue, jobs, 16, "paired", f"{label}, round {i}", REUSED)
+            for concurrency, rounds, count in (
+                (16, plan.paired_rounds, plan.paired_jobs),
+                (1, plan.paired_c1_rounds, plan.paired_c1_jobs),
+            ):
+                for i in range(1, rounds + 1):
+                    for label, queue, pid in (
+                        ("floor", self.stack.floor_queue, floor.pid),
+                        ("reuse", self.stack.request_queue, worker_pid),
+                    ):
+                        self.consumer_pid = pid
+                        tag = f"paired-{label}-c{concurrency}"
+                        jobs = self._reuse_jobs(count, tag, seed=300 + 10 * concurrency + i)
+                        run = f"{label}, round {i}"
+                        await self._closed(queue, jobs, concurrency, "paired", run, REUSED)
         finally:
             self.consumer_pid = worker_pid
             await floor.stop()

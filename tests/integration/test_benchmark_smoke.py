@@ -69,8 +69,14 @@ def test_small_benchmark_runs_and_sees_no_errors(tmp_path: Path) -> None:
     assert cpu["measured"].startswith("median"), cpu
     assert "## CPU per job" in markdown
     # The reuse target is judged on floor and reuse runs alternated.
-    paired = [r["run"] for r in rows if r["section"] == "paired"]
-    assert paired == ["floor, round 1", "reuse, round 1", "floor, round 2", "reuse, round 2"]
+    alternated = ["floor, round 1", "reuse, round 1", "floor, round 2", "reuse, round 2"]
+    for concurrency in (16, 1):
+        paired = [
+            r["run"] for r in rows if r["section"] == "paired" and r["concurrency"] == concurrency
+        ]
+        assert paired == alternated, concurrency
+    (p50,) = [t for t in results["targets"] if t["name"] == "reuse p50, concurrency 1"]
+    assert p50["measured"].startswith("median"), p50
     assert "alternated rounds" in markdown
     print(proc.stdout)
 
