@@ -267,9 +267,10 @@ class Repository:
         #: The connection lookups run on, kept between them: the coalescer runs one lookup
         #: statement at a time, and the pool's acquire and release (a condition, a scan of
         #: every free connection) cost a lone reuse ~25 µs on its critical path. Only with
-        #: a pool of two or more: the other statements need a connection of their own.
+        #: a pool of two or more (the other statements need a connection of their own),
+        #: and while lookups run one statement at a time (two would share the connection).
         self._held: aiomysql.Connection | None = None
-        self._hold_lookups = pool.maxsize >= 2
+        self._hold_lookups = pool.maxsize >= 2 and LOOKUP_STATEMENTS == 1
 
     def _row_to_mapping(self, row: tuple[Any, ...]) -> Mapping:
         # The columns' SQL types already are the fields' types: no validation on the hot path.
