@@ -70,6 +70,15 @@ async def test_lookup_returns_mapping_and_record_as_stored(database_url: AnyUrl)
         assert await repo.lookup(VM, 4, "job-B") == (None, None)
         # job_id is compared exactly (ascii_bin): job-a is not job-A.
         assert (await repo.lookup(VM, 4, "job-a"))[1] is None
+        # A record with no mapping (a job for a disk never prepared, answered): found too.
+        released = {"status": "released", "vm_id": VM, "disk_unit_number": 4, "note": AWKWARD_NAME}
+        await repo.record_jobs(
+            [JobRecord(job_id="job-C", vm_id=VM, disk_unit_number=4, reply=released)]
+        )
+        mapping, record = await repo.lookup(VM, 4, "job-C")
+        assert mapping is None
+        assert record is not None
+        assert record.reply == released
     finally:
         await repo.close()
 
