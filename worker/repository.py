@@ -436,6 +436,7 @@ class Repository:
     async def _lookup_one(
         self, key: tuple[str, int, str]
     ) -> tuple[Mapping | None, JobRecord | None]:
+        """lookup() of one key, asked alone (_LOOKUP_ONE)."""
         (vm_id, disk, job_id), node = key, self._node
         async with self._lookup_cursor() as cur:
             await cur.execute(_LOOKUP_ONE, (node, job_id, node, vm_id, disk))
