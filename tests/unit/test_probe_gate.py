@@ -17,6 +17,7 @@ import pytest
 from harness.nbd import REP_ERR_POLICY
 from worker.errors import ServerUnavailable
 from worker.metrics import build_metrics
+from worker.nbd.connections import SocketEnds
 from worker.nbd.probes import CANARY_ADDRESS_V4, PROBES_AT_ONCE
 from worker.nbd.server import NbdServer
 from worker.nbd.wire import (
@@ -30,7 +31,8 @@ from worker.nbd.wire import (
     REP_INFO,
     UNKNOWN,
     ExportInfo,
-    _connected_from,
+    _connect,
+    own_probes,
 )
 from worker.settings import Settings
 
@@ -153,8 +155,45 @@ async def test_a_probe_from_a_source_address_leaves_its_port_to_connect(loopback
     listener = await asyncio.start_server(lambda r, w: w.close(), loopback, 0)
     async with listener:
         port = listener.sockets[0].getsockname()[1]
-        sock = await _connected_from(loopback, port, loopback)
+        sock, ends = await _connect(loopback, port, loopback)
         with sock:
+            assert ends.client == (loopback, sock.getsockname()[1])
+            assert ends.server == (loopback, port)
             assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
             host, local_port = sock.getsockname()[:2]
             assert (host, local_port != 0) == (loopback, True)
+
+
+@pytest.mark.parametrize("source", [None, "127.0.0.1"])
+async def test_a_probe_is_known_as_this_process_s_own_before_the_server_accepts_it(
+    source: str | None,
+) -> None:
+    """The live view samples the server's connections in a thread: a probe must be among
+    this process's own (by both ends) from the moment the server can accept it, not only
+    once this process has seen its connect() end (then a sample in between counted it as
+    a client's connection, one more in connections_total)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    opening = asyncio.ensure_future(_connect("127.0.0.1", port, source))
+    try:
+        for _ in range(1000):  # the connect's steps, one turn of the loop at a time
+            await asyncio.sleep(0)
+            try:
+                accepted, peer = listener.accept()
+            except BlockingIOError:
+                continue
+            break
+        else:
+            raise AssertionError("the probe never reached the server")
+        with accepted:
+            # Its client end as the server sees it, at once, whether or not connect() ended.
+            probe = SocketEnds(peer[:2], ("127.0.0.1", port))
+            assert probe in own_probes()
+        sock, ends = await opening
+        sock.close()
+        assert ends == probe
+    finally:
+        listener.close()
+        if not opening.done():
+            opening.cancel()

@@ -7,7 +7,7 @@ only way to know an export is servable (known is not servable: nbd-server-facts.
 what it offers a copy tool (its transmission flags). Simple replies only: structured
 replies are never negotiated. All integers are big-endian; the constants are the protocol's.
 
-Over 400 lines (budget 460) on purpose: the client, the probes and the registry of this
+Over 400 lines (budget 510) on purpose: the client, the probes and the registry of this
 process's own probe connections (which the live view leaves out) share the session code.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 import ssl
 import struct
@@ -180,26 +181,6 @@ class _Session:
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
-async def _connected_from(host: str, port: int, source: str) -> socket.socket:
-    """A socket connected to host:port from the local address `source`, its local port
-    chosen by connect() for the whole address pair: bind() with port 0 would pick it
-    alone, and never reuse one still in TIME_WAIT from an earlier probe, so a few
-    thousand probes a minute (status with 2,000 exports) would run out of ports."""
-    # `source` is an address (a setting checked to be one, or the kernel's choice): its
-    # family is the connection's; sock_connect() resolves `host` in it.
-    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
-    try:
-        with contextlib.suppress(OSError):  # not Linux: bind() picks the port, as before
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((source, 0))
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 #: This process's probe connections by both their ends: open (None) or when they closed.
 #: The live view leaves them out (a probe's NBD_OPT_GO opens the device in its child, which
 #: may outlive the probe by a moment). Both ends, not the local port alone: the kernel
@@ -221,22 +202,100 @@ def own_probes() -> frozenset[SocketEnds]:
     return frozenset(_OWN_PROBES)
 
 
-async def _open(host: str, port: int, source: str | None) -> _Session:
+async def _connect(host: str, port: int, source: str | None) -> tuple[socket.socket, SocketEnds]:
+    """A socket connected to host:port (from the local address `source`, if given), its ends
+    recorded among this process's probes as soon as connect() has chosen its local port,
+    before the server can accept it: the live view samples in a thread, and a probe recorded
+    only once connected was seen in that gap as a client's connection. With a `source`, the
+    local port is left to connect(), chosen for the whole address pair: bind() with port 0
+    would pick it alone, never reusing one still in TIME_WAIT from an earlier probe, so a
+    few thousand probes a minute (status with 2,000 exports) would run out of ports."""
+    loop = asyncio.get_running_loop()
+    try:  # an address needs no resolver (and no thread for one)
+        addresses: list[tuple[int, tuple[Any, ...]]] = [(_family(host), (host, port))]
+    except ValueError:
+        wanted = socket.AF_UNSPEC if source is None else _family(source)
+        infos = await loop.getaddrinfo(host, port, family=wanted, type=socket.SOCK_STREAM)
+        addresses = [(info[0], info[4]) for info in infos]
+    error = OSError(f"no address for {host}")
+    for family, address in addresses:
+        try:
+            return await _connect_to(loop, family, address, source)
+        except OSError as exc:
+            error = exc
+    raise error
+
+
+async def _connect_to(
+    loop: asyncio.AbstractEventLoop, family: int, address: tuple[Any, ...], source: str | None
+) -> tuple[socket.socket, SocketEnds]:
+    """_connect() to one address. Raises OSError."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    ends: SocketEnds | None = None
     try:
-        # `source`: the address authfiles admit the worker's probes from.
-        if source:
-            sock = await _connected_from(host, port, source)
-            reader, writer = await asyncio.open_connection(sock=sock)
-        else:
-            reader, writer = await asyncio.open_connection(host, port)
+        if source is not None:
+            with contextlib.suppress(OSError):  # not Linux: bind() picks the port
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+            pending = False
+        except BlockingIOError:  # in progress: its local port is chosen already
+            pending = True
+        ends = SocketEnds(_endpoint(sock.getsockname()), _endpoint(address))
+        _OWN_PROBES[ends] = None
+        if pending:
+            await _writable(loop, sock)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except BaseException:
+        sock.close()
+        if ends is not None:
+            _OWN_PROBES[ends] = time.monotonic()
+        raise
+    if pending and code:
+        sock.close()
+        _OWN_PROBES[ends] = time.monotonic()
+        raise OSError(code, os.strerror(code))
+    return sock, ends
+
+
+def _family(address: str) -> socket.AddressFamily:
+    """The family of a numeric address; ValueError for a name."""
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Returns once `sock` is writable: its connect() has ended, one way or the other."""
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(sock.fileno(), ended)
+    try:
+        await done
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+async def _open(host: str, port: int, source: str | None) -> _Session:
+    # `source`: the address authfiles admit the worker's probes from.
+    try:
+        sock, ends = await _connect(host, port, source)
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to nbd-server at {host}:{port}: {exc}") from exc
-    sock = writer.get_extra_info("socket")
-    ends = None
-    if sock is not None:
+    try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ends = SocketEnds(_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
-        _OWN_PROBES[ends] = None
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException as exc:
+        sock.close()
+        _OWN_PROBES[ends] = time.monotonic()
+        if isinstance(exc, OSError):
+            message = f"cannot connect to nbd-server at {host}:{port}: {exc}"
+            raise ServerUnavailable(message) from exc
+        raise
     return _Session(reader, writer, ends)
 
 
