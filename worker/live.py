@@ -374,7 +374,6 @@ class LiveView:
                 by_device[state.device] = state
             for old in state.previous:
                 by_device.setdefault(old, state)
-        own = set(self._own_probes())
         known = {key: state for state in self._exports.values() for key in state.connections}
         # The main process's counters grow by a child's when it reaps it: read before and
         # after the scan, they must agree, or a connection ended during the scan and its
@@ -389,6 +388,11 @@ class LiveView:
             # tries again) rather than one whose ends and counters disagree.
             self.skipped += 1
             return []
+        # This process's probes, read once the scan is over: a probe is recorded before its
+        # connect() (worker/nbd/wire.py), so one whose child the scan saw is among them; read
+        # before the scan, a probe made during it (tens of ms with many connections) would
+        # have counted as a client's connection.
+        own = set(self._own_probes())
         events: list[ConnectionEvent] = []
         at = datetime.fromtimestamp(now, UTC)
         self._end_vanished(seen, main_io, at, events)

@@ -3,7 +3,7 @@ imports are replaced by a FakeProc whose children, counters, sockets and links e
 sets, and the clock is a fake one. What the kernel does is played by FakeProc: a reaped
 child's whole counters are added to the main process's.
 
-Over 400 lines (budget 660) as one algorithm's tests (worker/live.py's sample), with the fake
+Over 400 lines (budget 680) as one algorithm's tests (worker/live.py's sample), with the fake
 /proc they share."""
 
 from __future__ import annotations
@@ -456,6 +456,28 @@ def test_the_workers_own_probes_are_not_connections(
     assert [e.connection.client_port for e in events] == [40_002, 40_003]
     assert [c.pid for c in shown(view, "e1").connections] == [202, 203]
     assert shown(view, "e1").connections_total == 2
+
+
+def test_a_probe_made_while_a_sample_scans_is_not_a_connection(
+    proc: FakeProc, clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan takes tens of milliseconds with many connections: a probe that connects
+    meanwhile (recorded before its connect(), so before its child can be seen) is left out
+    too, not only those recorded when the sample began."""
+    probes: set[SocketEnds] = set()
+    view = LiveView(lambda: proc.main, own_probes=lambda: probes, clock=clock)
+    view.track([export(proc, tmp_path, "e1", DEV1)], {})
+    proc.connect(201, DEV1, port=40_001)
+    scan = proc.socket_peers
+
+    def the_probe_connected_as_the_scan_began(main: int) -> dict[int, SocketEnds]:
+        probes.add(SocketEnds(("10.0.0.7", 40_001), SERVER))
+        return scan(main)
+
+    monkeypatch.setattr(live, "socket_peers", the_probe_connected_as_the_scan_began)
+    assert view.sample() == []
+    assert shown(view, "e1").connections == ()
+    assert shown(view, "e1").connections_total == 0
 
 
 def test_a_relinked_export_keeps_its_old_connections_on_the_previous_device(
