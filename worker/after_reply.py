@@ -4,8 +4,7 @@ A reuse's log line and its background record cost about 40 µs of the event loop
 done before the reply, they add that to every reuse's latency. The consumer opens a scope
 around each job and runs what was deferred once the job is answered and settled (its reply
 confirmed or not, as before: the record of a reply that was not confirmed repeats the same
-answer). Outside
-a scope (a flow called directly, a test) deferred work runs at once.
+answer). Outside a scope (a flow called directly, a test) deferred work runs at once.
 
 Defer only at the end of a step that can no longer fail: a job retried after deferring
 would defer its work twice.

@@ -18,7 +18,7 @@ import logging
 import re
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -147,6 +147,18 @@ def _utc(value: datetime) -> datetime:
     """A TIMESTAMP as the driver returns it (naive, in the session's time zone: UTC, set
     at connect) as an aware datetime."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Driver errors raised inside as the worker's (translate_error); an IntegrityError
+    passes as it is, for the statement that expects a duplicate key to tell which."""
+    try:
+        yield
+    except pymysql.err.IntegrityError:
+        raise
+    except pymysql.MySQLError as exc:
+        raise translate_error(exc) from exc
 
 
 def _reusable(conn: aiomysql.Connection) -> bool:
@@ -332,7 +344,7 @@ class Repository:
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, transaction: bool = False) -> AsyncIterator[Any]:
-        try:
+        with _translated():
             conn = await self._pool.acquire()
             try:
                 if transaction:
@@ -352,10 +364,6 @@ class Repository:
                 # connection, and awaiting it would cost every statement a turn of the
                 # event loop (the loop runs the task by itself).
                 self._pool.release(conn)
-        except pymysql.err.IntegrityError:
-            raise
-        except pymysql.MySQLError as exc:
-            raise translate_error(exc) from exc
 
     @contextlib.asynccontextmanager
     async def _lookup_cursor(self) -> AsyncIterator[Any]:
@@ -369,20 +377,17 @@ class Repository:
         if conn is not None and not _reusable(conn):
             self._drop_held()
             conn = None
-        try:
-            if conn is None:
-                conn = self._held = await self._pool.acquire()
-            async with conn.cursor() as cur:
-                yield cur
-        except BaseException as exc:
-            # A failed or cancelled statement may leave the connection mid-reply: a new one
-            # for the next lookup.
-            self._drop_held()
-            if isinstance(exc, pymysql.MySQLError) and not isinstance(
-                exc, pymysql.err.IntegrityError
-            ):
-                raise translate_error(exc) from exc
-            raise
+        with _translated():
+            try:
+                if conn is None:
+                    conn = self._held = await self._pool.acquire()
+                async with conn.cursor() as cur:
+                    yield cur
+            except BaseException:
+                # A failed or cancelled statement may leave the connection mid-reply: a
+                # new one for the next lookup.
+                self._drop_held()
+                raise
 
     def _drop_held(self) -> None:
         conn, self._held = self._held, None

@@ -24,7 +24,7 @@ from worker.nbd.main_config import (
     read_server_config,
     resolve_in_root,
 )
-from worker.nbd.process import MainProcess
+from worker.nbd.process import MainProcess, SelfTest
 from worker.nbd.selftest import SelfTestResult
 from worker.nbd.server import NbdServer
 from worker.settings import Settings
@@ -119,13 +119,20 @@ async def test_the_job_path_reads_the_config_once_per_pid(
     assert checks == ["config /cfg", "config /cfg"]
 
 
+def counted_self_test(checks: list[str], *problems: str) -> SelfTest:
+    """A self-test that notes each run in `checks` and finds `problems`."""
+
+    async def self_test(binary: str) -> SelfTestResult:
+        checks.append("self-test")
+        return SelfTestResult(binary, problems)
+
+    return self_test
+
+
 async def test_a_pid_through_its_gates_passes_until_its_config_is_in_doubt(
     tmp_path: Path, checks: list[str]
 ) -> None:
-    async def self_test(binary: str) -> SelfTestResult:
-        checks.append("self-test")
-        return SelfTestResult(binary, ())
-
+    self_test = counted_self_test(checks)
     process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1, self_test=self_test)
     process._versions = {4242: (3, 26, 1)}
     for _ in range(3):
@@ -139,10 +146,7 @@ async def test_a_pid_through_its_gates_passes_until_its_config_is_in_doubt(
 async def test_a_pid_that_failed_its_self_test_is_refused_at_every_job(
     tmp_path: Path, checks: list[str]
 ) -> None:
-    async def failing(binary: str) -> SelfTestResult:
-        checks.append("self-test")
-        return SelfTestResult(binary, ("a WRITE_ZEROES left old data",))
-
+    failing = counted_self_test(checks, "a WRITE_ZEROES left old data")
     process = MainProcess(tmp_path / "pid", CONF_DIR, version_timeout_s=1, self_test=failing)
     process._versions = {4242: (3, 26, 1)}
     for _ in range(3):
@@ -154,10 +158,7 @@ async def test_a_pid_that_failed_its_self_test_is_refused_at_every_job(
 async def test_every_sighup_reads_the_config_afresh_after_the_self_test(
     tmp_path: Path, checks: list[str]
 ) -> None:
-    async def self_test(binary: str) -> SelfTestResult:
-        checks.append("self-test")
-        return SelfTestResult(binary, ())
-
+    self_test = counted_self_test(checks)
     # A process that ignores SIGHUP stands in for the server's main process.
     child = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, "

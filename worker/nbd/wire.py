@@ -247,17 +247,19 @@ async def _connect_to(
         _OWN_PROBES[ends] = None
         if pending:
             await _writable(loop, sock)
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            _raise_connect_error(sock)
     except BaseException:
         sock.close()
         if ends is not None:
-            _OWN_PROBES[ends] = time.monotonic()
+            _OWN_PROBES[ends] = time.monotonic()  # closed
         raise
-    if pending and code:
-        sock.close()
-        _OWN_PROBES[ends] = time.monotonic()
-        raise OSError(code, os.strerror(code))
     return sock, ends
+
+
+def _raise_connect_error(sock: socket.socket) -> None:
+    """Raises how a non-blocking connect() of `sock` ended, if it failed."""
+    if code := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        raise OSError(code, os.strerror(code))
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -284,18 +286,15 @@ async def _open(host: str, port: int, source: str | None) -> _Session:
     # `source`: the address authfiles admit the worker's probes from.
     try:
         sock, ends = await _connect(host, port, source)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            _OWN_PROBES[ends] = time.monotonic()  # closed
+            raise
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to nbd-server at {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader, writer = await asyncio.open_connection(sock=sock)
-    except BaseException as exc:
-        sock.close()
-        _OWN_PROBES[ends] = time.monotonic()
-        if isinstance(exc, OSError):
-            message = f"cannot connect to nbd-server at {host}:{port}: {exc}"
-            raise ServerUnavailable(message) from exc
-        raise
     return _Session(reader, writer, ends)
 
 
